@@ -11,3 +11,28 @@ os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 _ros_home = tempfile.mkdtemp(prefix='worldvla-ros-home-')
 os.environ.setdefault('ROS_HOME', _ros_home)
 os.environ.setdefault('ROS_LOG_DIR', os.path.join(_ros_home, 'log'))
+
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random checkpoint in the published layout (config.json, shards, tokenizer/)."""
+    from worldvla_ros.model import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp('ckpt') / 'tiny')
+
+
+@pytest.fixture(scope='session')
+def tiny_policy(tiny_checkpoint):
+    from worldvla_ros.model import load_policy
+
+    return load_policy(tiny_checkpoint, device='cpu')
+
+
+@pytest.fixture
+def frames() -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(2)]

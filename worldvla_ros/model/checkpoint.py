@@ -1,0 +1,231 @@
+"""Loading released (HF ``save_pretrained``) WorldVLA checkpoints, failing early and clearly.
+
+Layout of the release::
+
+    model_256/libero_goal/config.json, model-0000x-of-0000n.safetensors, model.safetensors.index.json
+    chameleon/tokenizer/text_tokenizer.json, vqgan.yaml, vqgan.ckpt
+
+The tokenizer directory is found beside the checkpoint (``tokenizer/``) or as
+``chameleon/tokenizer`` in the checkpoint directory or one of its ancestors.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
+
+from .config import VQGANConfig, WorldVLAConfig
+from .vqgan import VQGAN
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be loaded; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    root: Path
+    config: Path
+    weights: tuple[Path, ...]
+    text_tokenizer: Path
+    vqgan_yaml: Path
+    vqgan_ckpt: Path
+
+
+TEXT_TOKENIZER_NAMES = ('text_tokenizer.json', 'tokenizer.json')
+
+
+def _tokenizer_dir_candidates(root: Path) -> list[Path]:
+    out = [root / 'tokenizer', root / 'chameleon' / 'tokenizer']
+    out += [parent / 'chameleon' / 'tokenizer' for parent in list(root.parents)[:3]]
+    return out
+
+
+def find_checkpoint_files(checkpoint_dir: str | Path, tokenizer_dir: str | Path | None = None) -> CheckpointFiles:
+    root = Path(checkpoint_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise CheckpointError(f'checkpoint directory {root} does not exist')
+    config = root / 'config.json'
+    if not config.is_file():
+        raise CheckpointError(f'{root}: no config.json (expected a HF save_pretrained directory)')
+
+    index = root / 'model.safetensors.index.json'
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())['weight_map']
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f'{index}: not a safetensors index ({exc})') from exc
+        weights = tuple(root / name for name in sorted(set(weight_map.values())))
+        missing = [w.name for w in weights if not w.is_file()]
+        if missing:
+            raise CheckpointError(f'{root}: shards named in the index are missing: {missing}')
+    else:
+        weights = tuple(sorted(root.glob('*.safetensors')))
+        if not weights:
+            raise CheckpointError(f'{root}: no *.safetensors weights (.bin/.pt checkpoints are not loaded)')
+
+    candidates = [Path(tokenizer_dir).expanduser().resolve()] if tokenizer_dir else _tokenizer_dir_candidates(root)
+    for tok_dir in candidates:
+        if (tok_dir / 'vqgan.ckpt').is_file() or (tok_dir / 'vqgan.yaml').is_file():
+            break
+    else:
+        where = ', '.join(str(c) for c in candidates)
+        raise CheckpointError(f'no tokenizer directory with vqgan.yaml/vqgan.ckpt found (looked in {where})')
+    text = next((tok_dir / n for n in TEXT_TOKENIZER_NAMES if (tok_dir / n).is_file()), None)
+    if text is None:
+        raise CheckpointError(f'{tok_dir}: no text tokenizer ({" or ".join(TEXT_TOKENIZER_NAMES)})')
+    for name in ('vqgan.yaml', 'vqgan.ckpt'):
+        if not (tok_dir / name).is_file():
+            raise CheckpointError(f'{tok_dir}: {name} is missing')
+    return CheckpointFiles(root, config, weights, text, tok_dir / 'vqgan.yaml', tok_dir / 'vqgan.ckpt')
+
+
+def read_config(files: CheckpointFiles) -> dict[str, Any]:
+    try:
+        cfg = json.loads(files.config.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f'{files.config}: invalid JSON ({exc})') from exc
+    if cfg.get('model_type') != 'chameleon':
+        raise CheckpointError(f"{files.config}: model_type is {cfg.get('model_type')!r}, expected 'chameleon'")
+    return cfg
+
+
+def worldvla_settings(cfg: dict[str, Any], root: Path, overrides: dict[str, Any] | None = None) -> WorldVLAConfig:
+    """Our ``worldvla`` key when present, else the release's values read off the directory names."""
+    if 'worldvla' in cfg:
+        base = WorldVLAConfig.from_dict(cfg['worldvla'])
+    else:
+        m = re.search(r'model_(256|512)', str(root))
+        base = WorldVLAConfig.for_release(resolution=int(m.group(1)) if m else 256, suite=root.name)
+    try:
+        return base.replace(**(overrides or {}))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f'invalid WorldVLA setting: {exc}') from exc
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == 'auto':
+        return torch.bfloat16 if device.type == 'cuda' else torch.float32
+    table = {'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16, 'float16': torch.float16,
+             'fp16': torch.float16, 'float32': torch.float32, 'fp32': torch.float32}
+    if dtype not in table:
+        raise ValueError(f'unknown dtype {dtype!r}: use auto, bfloat16, float16 or float32')
+    return table[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if device == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    dev = torch.device(device)
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise CheckpointError(f'device {device!r} requested but CUDA is not available (use device:=cpu)')
+    return dev
+
+
+def _open_shard(path: Path, device: torch.device):
+    try:
+        return safe_open(str(path), framework='pt', device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f'{path}: unreadable or truncated safetensors file ({exc})') from exc
+
+
+def load_backbone(
+    files: CheckpointFiles, cfg: dict[str, Any], vocab: dict[str, int], device: torch.device, dtype: torch.dtype
+) -> ChameleonForConditionalGeneration:
+    """Build on the meta device, check every tensor's name and shape, then assign the weights."""
+    cfg = {k: v for k, v in cfg.items() if k != 'worldvla'}
+    cfg['vocabulary_map'] = vocab
+    try:
+        hf_config = ChameleonConfig.from_dict(cfg)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f'{files.config}: not a valid Chameleon config ({exc})') from exc
+    with torch.device('meta'):
+        lm = ChameleonForConditionalGeneration._from_config(hf_config, attn_implementation='sdpa')
+    del lm.model.vqmodel  # the VQGAN ships separately (vqgan.ckpt); the LM never runs it
+    expected = {k: v.shape for k, v in lm.state_dict().items()}
+
+    state: dict[str, torch.Tensor] = {}
+    for shard in files.weights:
+        with _open_shard(shard, device) as f:
+            for name in f.keys():
+                if name.startswith('model.vqmodel.'):
+                    continue
+                if name not in expected:
+                    raise CheckpointError(f'{shard.name}: unexpected tensor {name}')
+                try:
+                    tensor = f.get_tensor(name)
+                except (SafetensorError, OSError) as exc:
+                    raise CheckpointError(f'{shard.name}: tensor {name} unreadable ({exc})') from exc
+                want = expected[name]
+                if re.search(r'\.(q|k)_norm\.(weight|bias)$', name) and tensor.shape != want:
+                    # the release stores one LayerNorm row shared by all heads: [1, head_dim]
+                    if tensor.ndim == 2 and tensor.shape[0] == 1 and tensor.shape[1] == want[1]:
+                        tensor = tensor.expand(want[0], -1)
+                if tensor.shape != want:
+                    raise CheckpointError(
+                        f'{shard.name}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(want)}'
+                    )
+                if not torch.is_floating_point(tensor):
+                    raise CheckpointError(f'{shard.name}: {name} is {tensor.dtype}, expected a float tensor')
+                state[name] = tensor.to(device=device, dtype=dtype).contiguous()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ', '.join(missing[:5]) + (' …' if len(missing) > 5 else '')
+        raise CheckpointError(f'{files.root}: {len(missing)} tensors missing from the weights: {shown}')
+    lm.load_state_dict(state, strict=True, assign=True)
+    lm.model.rotary_emb = ChameleonRotaryEmbedding(config=hf_config).to(device)  # buffers were meta
+    return lm.eval().requires_grad_(False)
+
+
+def load_vqgan(files: CheckpointFiles, device: torch.device) -> VQGAN:
+    """The VQGAN in float32: it is small, and fp32 keeps its codes identical on every device."""
+    try:
+        vq_cfg = VQGANConfig.from_yaml_dict(yaml.safe_load(files.vqgan_yaml.read_text()))
+    except (yaml.YAMLError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f'{files.vqgan_yaml}: {exc}') from exc
+    try:
+        ckpt = torch.load(files.vqgan_ckpt, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f'{files.vqgan_ckpt}: holds Python objects beyond tensors; refusing to unpickle arbitrary code '
+            f'(re-save it as {{"state_dict": model.state_dict()}}): {exc}'
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f'{files.vqgan_ckpt}: unreadable or truncated ({exc})') from exc
+    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f'{files.vqgan_ckpt}: no state_dict inside')
+    vqgan = VQGAN(vq_cfg)
+    wanted = vqgan.state_dict()
+    state = {k: v for k, v in state.items() if k in wanted or not k.startswith('loss.')}
+    missing = sorted(set(wanted) - set(state))
+    unexpected = sorted(set(state) - set(wanted))
+    if missing or unexpected:
+        raise CheckpointError(
+            f'{files.vqgan_ckpt}: does not match vqgan.yaml (missing {missing[:4]}, unexpected {unexpected[:4]})'
+        )
+    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(wanted[k].shape)]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(
+            f'{files.vqgan_ckpt}: {k} has shape {tuple(state[k].shape)}, vqgan.yaml implies {tuple(wanted[k].shape)}'
+        )
+    vqgan.load_state_dict(state, strict=True)
+    return vqgan.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+
+
+def model_id_of(files: CheckpointFiles) -> str:
+    digest = hashlib.sha256(files.config.read_bytes()).hexdigest()[:8]
+    return f'{files.root.name}@{digest}'

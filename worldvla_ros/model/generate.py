@@ -1,0 +1,228 @@
+"""Decoding loops: action chunks (sequential and batched) and world-model image blocks.
+
+The backbone is transformers' Chameleon. Its ``forward`` sets image-token logits to -inf; the
+world model must produce image tokens, so these loops call the decoder and ``lm_head``
+themselves and never go through ``ChameleonForConditionalGeneration.forward``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import ChameleonForConditionalGeneration, DynamicCache
+
+from . import tokens as T
+from .attention_mask import action_attention_mask_rows, additive_mask
+
+_BIN_IDS = torch.arange(T.ACTION_BIN_FIRST, T.ACTION_BIN_LAST + 1)
+
+
+class DecodeSession:
+    """One sequence (B=1) being extended token by token over a KV cache, with the action mask."""
+
+    def __init__(self, lm: ChameleonForConditionalGeneration, prompt: Sequence[int]) -> None:
+        self.lm = lm
+        self.device = lm.lm_head.weight.device
+        self.dtype = lm.lm_head.weight.dtype
+        self.cache = DynamicCache(config=lm.config)
+        self.ids = torch.empty((1, 0), dtype=torch.long, device=self.device)
+        self.last_logits = self.feed(prompt)
+
+    def feed(self, new_ids: Sequence[int]) -> torch.Tensor:
+        """Append tokens; return the (V,) float32 logits after the last one."""
+        start = self.ids.shape[1]
+        new = torch.as_tensor(list(new_ids), dtype=torch.long, device=self.device)[None]
+        self.ids = torch.cat([self.ids, new], dim=1)
+        mask = additive_mask(action_attention_mask_rows(self.ids, start), self.dtype)
+        positions = torch.arange(start, self.ids.shape[1], device=self.device)[None]
+        self.last_logits = forward_logits(self.lm, new, positions, mask, self.cache)[0]
+        return self.last_logits
+
+
+@torch.inference_mode()
+def forward_logits(
+    lm: ChameleonForConditionalGeneration,
+    ids: torch.Tensor,  # (B, Q)
+    positions: torch.Tensor,  # (B, Q) RoPE positions
+    mask: torch.Tensor,  # (B, 1, Q, KV) additive
+    cache: DynamicCache,
+) -> torch.Tensor:
+    """Logits of the last query position only, (B, V) float32; image tokens are not blocked."""
+    out = lm.model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+    )
+    return lm.lm_head(out.last_hidden_state[:, -1]).float()
+
+
+def _pick(logits: torch.Tensor, allowed: torch.Tensor | None) -> int:
+    if allowed is None:
+        return int(torch.argmax(logits))
+    return int(allowed[torch.argmax(logits[allowed])])
+
+
+@dataclass
+class ChunkResult:
+    tokens: list[int]  # generated ids: K action blocks, then 8710 when the model stopped
+    forward_passes: int
+
+
+def _allowed_after(
+    generated: Sequence[int], n_actions_done: int, min_actions: int, max_actions: int, device: torch.device
+) -> torch.Tensor:
+    """The action grammar: 10004, 7 value bins, 15004, then 10004 again or 8710."""
+    in_block = len(generated) % T.TOKENS_PER_ACTION
+    if in_block == 0:
+        if n_actions_done < min_actions:
+            return torch.tensor([T.ACTION_START], device=device)
+        if n_actions_done >= max_actions:
+            return torch.tensor([T.END_OF_TURN], device=device)
+        return torch.tensor([T.ACTION_START, T.END_OF_TURN], device=device)
+    if in_block <= T.ACTION_DIMS:
+        return _BIN_IDS.to(device)
+    return torch.tensor([T.ACTION_END], device=device)
+
+
+@torch.inference_mode()
+def generate_chunk_sequential(
+    lm: ChameleonForConditionalGeneration,
+    prompt: Sequence[int],
+    max_actions: int,
+    max_tokens_per_action: int = 12,
+    constrain: bool = True,
+    min_actions: int = 1,
+) -> ChunkResult:
+    """The release's decoding: greedy, one token at a time, action mask, stop at 8710.
+
+    ``constrain`` keeps every token inside the action grammar (an untrained or off-distribution
+    model then still yields decodable actions) and lets the model stop only after
+    ``min_actions``; with it off this is the release loop verbatim.
+    """
+    session = DecodeSession(lm, prompt)
+    logits = session.last_logits
+    generated: list[int] = []
+    passes = 1
+    for _ in range(max_actions * max_tokens_per_action):
+        n_done = len(generated) // T.TOKENS_PER_ACTION
+        allowed = (
+            _allowed_after(generated, n_done, min_actions, max_actions, session.device) if constrain else None
+        )
+        token = _pick(logits, allowed)
+        generated.append(token)
+        if token == T.END_OF_TURN:
+            break
+        logits = session.feed([token])
+        passes += 1
+    return ChunkResult(generated, passes)
+
+
+@torch.inference_mode()
+def generate_chunk_batched(
+    lm: ChameleonForConditionalGeneration, prompt: Sequence[int], max_actions: int, min_actions: int = 1
+) -> ChunkResult:
+    """All K actions at once: the prompt's KV cache is shared, one row per action.
+
+    Under the action mask, action k depends only on the prompt and on its own tokens at
+    positions ``P + 9k …``, so row k keeps its own RoPE positions while its cache holds the
+    prompt and its own tokens only: 9 forward passes instead of 9K, same greedy tokens as
+    ``generate_chunk_sequential(constrain=True)``. Whether the chunk goes on after action k is
+    read from row k's prediction after its 15004 (10004 vs 8710).
+    """
+    session = DecodeSession(lm, prompt)
+    device, p, k = session.device, len(prompt), max_actions
+    cache = session.cache
+    cache.batch_repeat_interleave(k)
+    bins = _BIN_IDS.to(device)
+    rows = torch.arange(k, device=device)
+    values = torch.empty((k, T.ACTION_DIMS), dtype=torch.long, device=device)
+    inputs = torch.full((k, 1), T.ACTION_START, dtype=torch.long, device=device)
+    passes = 1
+    for j in range(T.TOKENS_PER_ACTION):
+        positions = (p + T.TOKENS_PER_ACTION * rows + j)[:, None]
+        # each row's cache is exactly prompt + its own tokens: nothing to mask
+        mask = torch.zeros((k, 1, 1, p + j + 1), dtype=session.dtype, device=device)
+        logits = forward_logits(lm, inputs, positions, mask, cache)
+        passes += 1
+        if j < T.ACTION_DIMS:
+            values[:, j] = bins[torch.argmax(logits[:, bins], dim=1)]
+            inputs = values[:, j : j + 1]
+        elif j == T.ACTION_DIMS:
+            inputs = torch.full((k, 1), T.ACTION_END, dtype=torch.long, device=device)
+        else:
+            go_on = logits[:, T.ACTION_START] >= logits[:, T.END_OF_TURN]  # ties: argmax takes 10004
+    n = k
+    for i in range(max(min_actions, 1) - 1, k - 1):  # the last action always ends the chunk
+        if not bool(go_on[i]):
+            n = i + 1
+            break
+    tokens: list[int] = []
+    for row in values[:n].tolist():
+        tokens.extend([T.ACTION_START, *row, T.ACTION_END])
+    tokens.append(T.END_OF_TURN)
+    return ChunkResult(tokens, passes)
+
+
+@dataclass
+class ImageSampling:
+    temperature: float = 0.0  # 0: greedy, as the release
+    top_k: int = 0  # 0: no top-k
+    cfg_scale: float = 1.0  # 1: no classifier-free guidance
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or self.cfg_scale < 0:
+            raise ValueError('temperature, top_k and cfg_scale must be non-negative')
+
+
+@torch.inference_mode()
+def generate_image_block(
+    lm: ChameleonForConditionalGeneration,
+    prompt: Sequence[int],
+    grid: int,
+    grid_token: int,
+    image_token_ids: torch.Tensor,
+    sampling: ImageSampling | None = None,
+) -> list[int]:
+    """One image block after ``prompt``: ``8197, g, g, rows of codes + 8803, 8196``.
+
+    Structure tokens are placed, not sampled (as Lumina-mGPT's image decoding does); codes are
+    chosen among the 8192 image tokens only. With ``cfg_scale`` ≠ 1 the unconditional stream
+    sees only the image being generated (Lumina-mGPT's image-start-triggered guidance).
+    """
+    sampling = sampling or ImageSampling()
+    header = [T.IMAGE_START, grid_token, grid_token]
+    cond = DecodeSession(lm, [*prompt, *header])
+    uncond = DecodeSession(lm, [T.BOS, *header]) if sampling.cfg_scale != 1.0 else None
+    allowed = image_token_ids.to(cond.device)
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=cond.device).manual_seed(sampling.seed)
+    block = list(header)
+    for r in range(grid):
+        for c in range(grid):
+            logits = cond.last_logits[allowed]
+            if uncond is not None:
+                logits = uncond.last_logits[allowed] + sampling.cfg_scale * (logits - uncond.last_logits[allowed])
+            token = int(allowed[_sample(logits, sampling, generator)])
+            block.append(token)
+            last = r == grid - 1 and c == grid - 1
+            if last:
+                break
+            feed = [token, T.IMAGE_NEWLINE] if c == grid - 1 else [token]
+            cond.feed(feed)
+            if uncond is not None:
+                uncond.feed(feed)
+        block.append(T.IMAGE_NEWLINE)
+    block.append(T.IMAGE_END)
+    return block
+
+
+def _sample(logits: torch.Tensor, s: ImageSampling, generator: torch.Generator | None) -> int:
+    if s.temperature == 0.0:
+        return int(torch.argmax(logits))
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
+        logits = torch.where(logits < kth, torch.full_like(logits, float('-inf')), logits)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

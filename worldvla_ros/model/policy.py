@@ -1,0 +1,224 @@
+"""The object the nodes, the bag evaluation and the benchmarks share: frames in, actions out."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import tokens as T
+from .action_tokenizer import ActionTokenizer
+from .checkpoint import (
+    CheckpointError,
+    find_checkpoint_files,
+    load_backbone,
+    load_vqgan,
+    model_id_of,
+    read_config,
+    resolve_device,
+    resolve_dtype,
+    worldvla_settings,
+)
+from .config import WorldVLAConfig
+from .generate import ImageSampling, generate_chunk_batched, generate_chunk_sequential, generate_image_block
+from .image_tokenizer import ImageTokenizer
+from .prompts import action_prompt, world_model_prompt
+from .text_tokenizer import TextTokenizer
+
+
+@dataclass
+class Timing:
+    """Wall time of the last call, seconds."""
+
+    tokenize_s: float = 0.0
+    generate_s: float = 0.0
+    decode_s: float = 0.0
+    forward_passes: int = 0
+    prompt_tokens: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return self.tokenize_s + self.generate_s + self.decode_s
+
+
+@dataclass
+class ActionPrediction:
+    actions: np.ndarray  # (K, 7) un-normalized
+    tokens: list[int]
+    timing: Timing = field(default_factory=Timing)
+
+
+class WorldVLAPolicy:
+    """One loaded checkpoint: ``predict_actions`` (action model) and ``imagine`` (world model).
+
+    Calls are serialized by a lock, so one policy may serve several threads.
+    """
+
+    def __init__(
+        self,
+        lm: Any,
+        image_tokenizer: ImageTokenizer,
+        text_tokenizer: TextTokenizer,
+        config: WorldVLAConfig,
+        model_id: str,
+    ) -> None:
+        self.lm = lm
+        self.images = image_tokenizer
+        self.text = text_tokenizer
+        self.actions = ActionTokenizer(config.action_min, config.action_max)
+        self.config = config
+        self.model_id = model_id
+        self.device = lm.lm_head.weight.device
+        self.dtype = lm.lm_head.weight.dtype
+        self.last_timing = Timing()
+        self._lock = threading.Lock()
+        self._image_ids = torch.as_tensor(image_tokenizer.image_token_ids, device=self.device)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
+
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution
+
+    def check_instruction(self, instruction: str) -> str:
+        text = ' '.join(str(instruction).split())
+        if not text:
+            raise ValueError('instruction is empty')
+        if len(text) > self.config.max_instruction_chars:
+            raise ValueError(f'instruction has {len(text)} characters, at most {self.config.max_instruction_chars}')
+        return text
+
+    def predict(
+        self,
+        frames: Sequence[np.ndarray],
+        instruction: str,
+        *,
+        batched: bool = True,
+        constrain: bool = True,
+    ) -> ActionPrediction:
+        """Frames (H×W×3 uint8 RGB, oldest first; the last ``history_frames`` are used)."""
+        instruction = self.check_instruction(instruction)
+        c = self.config
+        if len(frames) == 0:
+            raise ValueError('at least one frame is needed')
+        frames = list(frames)[-self.config.history_frames :]
+        with self._lock:
+            t0 = time.perf_counter()
+            blocks = self.images.encode(frames)
+            prompt = action_prompt(self.text, blocks, instruction, self.config.action_prompt)
+            t1 = time.perf_counter()
+            if batched:
+                result = generate_chunk_batched(self.lm, prompt, c.chunk_size, c.min_actions)
+            else:
+                result = generate_chunk_sequential(
+                    self.lm, prompt, c.chunk_size, c.max_tokens_per_action, constrain, c.min_actions
+                )
+            self._sync()
+            t2 = time.perf_counter()
+            actions = self.actions.decode(result.tokens)
+            t3 = time.perf_counter()
+        timing = Timing(t1 - t0, t2 - t1, t3 - t2, result.forward_passes, len(prompt))
+        self.last_timing = timing
+        return ActionPrediction(actions, result.tokens, timing)
+
+    def predict_actions(self, frames: Sequence[np.ndarray], instruction: str, **kwargs: Any) -> np.ndarray:
+        """(K, 7) un-normalized actions for the newest frame(s) and the instruction."""
+        return self.predict(frames, instruction, **kwargs).actions
+
+    def imagine_block(
+        self, frame: np.ndarray, action: np.ndarray, sampling: ImageSampling | None = None
+    ) -> list[int]:
+        """The world model's next image block for ``frame`` after ``action`` ((7,) or (1, 7))."""
+        action = np.asarray(action, dtype=np.float64).reshape(-1, T.ACTION_DIMS)
+        if action.shape[0] != 1:
+            raise ValueError('imagine takes one action; use imagine_rollout for several')
+        with self._lock:
+            t0 = time.perf_counter()
+            block = self.images.encode([frame])[0]
+            prompt = world_model_prompt(self.text, block, self.actions.encode(action), self.config.world_model_prompt)
+            t1 = time.perf_counter()
+            out = generate_image_block(
+                self.lm, prompt, self.images.grid, T.grid_token(self.resolution), self._image_ids, sampling
+            )
+            self._sync()
+            t2 = time.perf_counter()
+        self.last_timing = Timing(t1 - t0, t2 - t1, 0.0, self.images.grid**2, len(prompt))
+        return out
+
+    def imagine(self, frame: np.ndarray, action: np.ndarray, sampling: ImageSampling | None = None) -> np.ndarray:
+        """The imagined next frame, R×R×3 uint8 RGB (R = the model's resolution)."""
+        block = self.imagine_block(frame, action, sampling)
+        t0 = time.perf_counter()
+        with self._lock:
+            image = self.images.decode(block)
+        timing = self.last_timing
+        timing.decode_s = time.perf_counter() - t0
+        return image
+
+    def imagine_rollout(
+        self, frame: np.ndarray, actions: np.ndarray, sampling: ImageSampling | None = None
+    ) -> list[np.ndarray]:
+        """Frames after each of ``actions`` (H, 7), each imagined from the previous imagined one."""
+        out, current = [], frame
+        for action in np.asarray(actions).reshape(-1, T.ACTION_DIMS):
+            current = self.imagine(current, action, sampling)
+            out.append(current)
+        return out
+
+    def warmup(self) -> None:
+        """One small call so that the first real request does not pay for lazy initialization."""
+        frame = np.zeros((self.resolution, self.resolution, 3), dtype=np.uint8)
+        self.predict([frame], 'warm up')
+
+    def _sync(self) -> None:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+
+
+def load_policy(
+    checkpoint_dir: str | Path,
+    device: str | torch.device = 'auto',
+    dtype: str | torch.dtype = 'auto',
+    tokenizer_dir: str | Path | None = None,
+    **settings: Any,
+) -> WorldVLAPolicy:
+    """Load a checkpoint directory (released or tiny) into a ready policy.
+
+    ``settings`` override the checkpoint's WorldVLA settings (``chunk_size``, ``resolution``,
+    ``history_frames``, ``rotate_180``, prompts …). Every problem raises ``CheckpointError``.
+    """
+    files = find_checkpoint_files(checkpoint_dir, tokenizer_dir)
+    cfg = read_config(files)
+    wv = worldvla_settings(cfg, files.root, settings)
+    dev = resolve_device(device)
+    try:
+        dt = resolve_dtype(dtype, dev)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+    try:
+        text = TextTokenizer(files.text_tokenizer)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+    vocab = text.vocab()
+    vqgan = load_vqgan(files, dev)
+    if wv.resolution % vqgan.cfg.downsample:
+        raise CheckpointError(f'resolution {wv.resolution} is not a multiple of the VQGAN stride')
+    try:
+        images = ImageTokenizer(vqgan, vocab, wv.resolution, wv.rotate_180)
+    except ValueError as exc:
+        raise CheckpointError(f'{files.text_tokenizer}: {exc}') from exc
+    lm = load_backbone(files, cfg, vocab, dev, dt)
+    needed = 1 + 64 + wv.history_frames * images.block_length + wv.chunk_size * wv.max_tokens_per_action
+    if needed > lm.config.max_position_embeddings * 2:
+        raise CheckpointError(
+            f'resolution {wv.resolution} needs ~{needed} positions, the model was trained with '
+            f'{lm.config.max_position_embeddings}'
+        )
+    return WorldVLAPolicy(lm, images, text, wv, model_id_of(files))
