@@ -17,6 +17,7 @@ setup(
         'pyyaml>=6',
         'rosbags>=0.10',
         'tqdm>=4.60',
+        'scikit-image>=0.21',
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-timeout>=2', 'ruff>=0.6', 'psutil>=5'],

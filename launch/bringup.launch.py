@@ -1,0 +1,48 @@
+"""ros2 launch worldvla bringup.launch.py checkpoint:=/path/to/model_256/libero_goal.
+
+Starts the action node and (by default) the world-model node in their own processes,
+parameters from config/worldvla.yaml, and optionally rviz2 with config/worldvla.rviz.
+"""
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch.actions import DeclareLaunchArgument, GroupAction
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node, PushRosNamespace
+
+from launch import LaunchDescription
+
+
+def generate_launch_description() -> LaunchDescription:
+    share = get_package_share_directory('worldvla')
+    checkpoint = LaunchConfiguration('checkpoint')
+    device = LaunchConfiguration('device')
+    config = LaunchConfiguration('config')
+    overrides = {'checkpoint': checkpoint, 'device': device}
+    camera_remap = ('camera/image_raw', LaunchConfiguration('camera_topic'))
+    instruction_remap = ('instruction', LaunchConfiguration('instruction_topic'))
+
+    args = [
+        DeclareLaunchArgument('checkpoint', description='WorldVLA checkpoint directory'),
+        DeclareLaunchArgument('device', default_value='auto', description='auto, cpu, cuda, cuda:N'),
+        DeclareLaunchArgument('config', default_value=os.path.join(share, 'config', 'worldvla.yaml'),
+                              description='parameter file'),
+        DeclareLaunchArgument('namespace', default_value='', description='namespace of both nodes'),
+        DeclareLaunchArgument('camera_topic', default_value='camera/image_raw'),
+        DeclareLaunchArgument('instruction_topic', default_value='instruction'),
+        DeclareLaunchArgument('use_world_model', default_value='true'),
+        DeclareLaunchArgument('use_rviz', default_value='false'),
+    ]
+    nodes = GroupAction([
+        PushRosNamespace(LaunchConfiguration('namespace')),
+        Node(package='worldvla', executable='action_node', name='worldvla_action', output='screen',
+             parameters=[config, overrides], remappings=[camera_remap, instruction_remap]),
+        Node(package='worldvla', executable='world_model_node', name='worldvla_world_model', output='screen',
+             parameters=[config, overrides], remappings=[camera_remap],
+             condition=IfCondition(LaunchConfiguration('use_world_model'))),
+        Node(package='rviz2', executable='rviz2', name='rviz2',
+             arguments=['-d', os.path.join(share, 'config', 'worldvla.rviz')],
+             condition=IfCondition(LaunchConfiguration('use_rviz'))),
+    ])
+    return LaunchDescription([*args, nodes])

@@ -1,0 +1,346 @@
+"""Action node: camera + instruction in → ActionChunk and 7-DoF end-effector commands out.
+
+Subscriptions only validate and store (newest frame wins); inference runs in a worker thread;
+a control timer publishes the chunk's commands at ``control_rate_hz`` and a hold command when
+no fresh chunk is there (watchdog) or the e-stop is latched.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+from builtin_interfaces.msg import Time as TimeMsg
+from geometry_msgs.msg import Point
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from rclpy.time import Time
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Bool, String
+from std_srvs.srv import Trigger
+from visualization_msgs.msg import Marker, MarkerArray
+from worldvla.msg import ActionChunk, EndEffectorCommand
+
+from worldvla_ros.image_conversion import ImageRejected, compressed_msg_to_rgb, image_msg_to_rgb
+from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
+from worldvla_ros.nodes.common import (
+    Param,
+    StartupError,
+    Stats,
+    declare_all,
+    diagnostics_msg,
+    image_qos,
+    latched_qos,
+    reject_changes_of,
+    reliable_qos,
+    spin_node,
+)
+from worldvla_ros.safety import SafetyFilter, SafetyLimits, UnsafeChunk, hold_action
+
+PARAMETERS: dict[str, Param] = {
+    'checkpoint': Param('', 'WorldVLA checkpoint directory (config.json + safetensors)', read_only=True),
+    'tokenizer_dir': Param('', 'text_tokenizer.json + vqgan.yaml/.ckpt; empty: found beside the checkpoint',
+                           read_only=True),
+    'device': Param('auto', 'torch device: auto, cpu, cuda, cuda:1 …', read_only=True),
+    'dtype': Param('auto', 'auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32', read_only=True),
+    'chunk_size': Param(0, 'actions per chunk; 0 = the checkpoint’s (5, or 10 for LIBERO-10)', 0, 64,
+                        read_only=True),
+    'history_frames': Param(0, 'camera frames per prompt; 0 = the checkpoint’s (2)', 0, 2, read_only=True),
+    'batched_decoding': Param(True, 'decode the K actions together over the shared prompt (same tokens, faster)'),
+    'control_rate_hz': Param(10.0, 'rate at which chunk commands are published', 0.5, 500.0, read_only=True),
+    'max_obs_age': Param(0.5, 'seconds; older camera frames (by header stamp) are rejected', 0.0, 600.0),
+    'watchdog_timeout': Param(1.0, 'seconds without a fresh chunk before hold commands are sent', 0.01, 600.0),
+    'enabled': Param(False, 'false: commands carry dry_run=true and must not be executed'),
+    'command_frame_id': Param('ee_delta', 'frame_id of published commands and the planned path'),
+    'action_min': Param(list(LIBERO_ACTION_MIN), 'per-dimension lower clamp of commands (7 values)'),
+    'action_max': Param(list(LIBERO_ACTION_MAX), 'per-dimension upper clamp of commands (7 values)'),
+    'max_step': Param([0.0] * 7, 'largest change of each dimension between consecutive commands; 0 = none'),
+    'use_compressed': Param(False, 'subscribe to sensor_msgs/CompressedImage on <camera>/compressed',
+                            read_only=True),
+    'warmup': Param(True, 'run one inference before going active', read_only=True),
+}
+
+
+class ActionNode(Node):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__('worldvla_action', **kwargs)
+        p = declare_all(self, PARAMETERS)
+        self.stats = Stats()
+        try:
+            self.limits = SafetyLimits(tuple(p['action_min']), tuple(p['action_max']), tuple(p['max_step']))
+        except ValueError as exc:
+            raise StartupError(f'invalid safety limits: {exc}') from exc
+        self.safety = SafetyFilter(self.limits)
+        self.policy = self._load_policy(p)
+        self.rate = float(p['control_rate_hz'])
+        self.add_on_set_parameters_callback(reject_changes_of(
+            {n for n, q in PARAMETERS.items() if q.read_only},
+            {'action_min': self._check_limits('action_min'), 'action_max': self._check_limits('action_max'),
+             'max_step': self._check_limits('max_step')},
+        ))
+
+        self._lock = threading.Lock()
+        self._history: deque[tuple[np.ndarray, TimeMsg]] = deque(maxlen=self.policy.config.history_frames)
+        self._fresh = False  # a frame arrived that no inference has used yet
+        self._frame_event = threading.Event()
+        self._instruction: str | None = None
+        self._instruction_version = 0
+        self._estop = False
+        self._queue: deque[EndEffectorCommand] = deque()
+        self._queue_time = 0.0  # monotonic time the current chunk arrived
+        self._last_action: np.ndarray | None = None
+        self._last_gripper = 0.0
+        self._active = False
+        self._sequence = 0
+        self._running = True
+
+        sensors = MutuallyExclusiveCallbackGroup()
+        control = MutuallyExclusiveCallbackGroup()
+        self.chunk_pub = self.create_publisher(ActionChunk, 'worldvla/action_chunk', reliable_qos())
+        self.command_pub = self.create_publisher(EndEffectorCommand, 'worldvla/ee_command', reliable_qos(50))
+        self.path_pub = self.create_publisher(MarkerArray, 'worldvla/planned_path', reliable_qos(1))
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', reliable_qos())
+        if p['use_compressed']:
+            self.create_subscription(CompressedImage, 'camera/image_raw/compressed', self._on_compressed,
+                                     image_qos(), callback_group=sensors)
+        else:
+            self.create_subscription(Image, 'camera/image_raw', self._on_image, image_qos(), callback_group=sensors)
+        self.create_subscription(String, 'instruction', self._on_instruction, latched_qos(), callback_group=sensors)
+        self.create_subscription(Bool, 'worldvla/estop', self._on_estop, latched_qos(), callback_group=control)
+        self.create_service(Trigger, 'worldvla/reset_estop', self._on_reset_estop, callback_group=control)
+        self.create_timer(1.0 / self.rate, self._on_control_tick, callback_group=control)
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
+        self._worker = threading.Thread(target=self._inference_loop, name='worldvla-inference', daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f'ready: model {self.policy.model_id} on {self.policy.device}, K={self.policy.chunk_size}, '
+            f'{self.rate:g} Hz, {"ENABLED" if self._param("enabled") else "dry run (enabled:=false)"}'
+        )
+
+    # -- start-up ---------------------------------------------------------------------------
+    def _load_policy(self, p: dict[str, Any]):
+        from worldvla_ros.model import CheckpointError, load_policy
+
+        if not p['checkpoint']:
+            raise StartupError('parameter checkpoint is empty: give a WorldVLA checkpoint directory')
+        overrides = {k: p[k] for k in ('chunk_size', 'history_frames') if p[k]}
+        t0 = time.perf_counter()
+        try:
+            policy = load_policy(p['checkpoint'], device=p['device'], dtype=p['dtype'],
+                                 tokenizer_dir=p['tokenizer_dir'] or None, **overrides)
+        except CheckpointError as exc:
+            raise StartupError(f'cannot load checkpoint: {exc}') from exc
+        if p['warmup']:
+            policy.warmup()
+        self.get_logger().info(f'loaded {policy.model_id} in {time.perf_counter() - t0:.1f} s')
+        return policy
+
+    @staticmethod
+    def _check_limits(name: str):
+        def check(value: Any) -> str | None:
+            if len(value) != 7 or not all(np.isfinite(value)):
+                return f'{name} needs 7 finite values'
+            return None
+
+        return check
+
+    def _param(self, name: str) -> Any:
+        return self.get_parameter(name).value
+
+    # -- inputs (fast: validate, store, return) ---------------------------------------------
+    def _store_frame(self, rgb: np.ndarray, stamp: TimeMsg) -> None:
+        with self._lock:
+            if self._fresh:
+                self.stats.count('frames_dropped')  # the worker never saw the previous one
+            self._history.append((rgb.copy(), stamp))
+            self._fresh = True
+        self._frame_event.set()
+
+    def _on_image(self, msg: Image) -> None:
+        self.stats.count('frames_received')
+        try:
+            rgb = image_msg_to_rgb(msg)
+        except ImageRejected as exc:
+            self._reject(exc.reason, str(exc))
+            return
+        self._store_frame(rgb, msg.header.stamp)
+
+    def _on_compressed(self, msg: CompressedImage) -> None:
+        self.stats.count('frames_received')
+        try:
+            rgb = compressed_msg_to_rgb(msg)
+        except ImageRejected as exc:
+            self._reject(exc.reason, str(exc))
+            return
+        self._store_frame(rgb, msg.header.stamp)
+
+    def _on_instruction(self, msg: String) -> None:
+        try:
+            text = self.policy.check_instruction(msg.data)
+        except ValueError as exc:
+            self._reject('instruction', str(exc))
+            return
+        with self._lock:
+            if text == self._instruction:
+                return
+            self._instruction = text
+            self._instruction_version += 1
+            self._queue.clear()  # commands of the old task must not run
+        self.get_logger().info(f'instruction: "{text}"')
+        self._frame_event.set()
+
+    def _on_estop(self, msg: Bool) -> None:
+        if not msg.data:
+            return
+        with self._lock:
+            newly = not self._estop
+            self._estop = True
+            self._queue.clear()
+        if newly:
+            self.stats.count('estops')
+            self.get_logger().warn('E-STOP latched: holding until /worldvla/reset_estop is called')
+
+    def _on_reset_estop(self, _req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        with self._lock:
+            was = self._estop
+            self._estop = False
+        resp.success = True
+        resp.message = 'e-stop reset' if was else 'e-stop was not latched'
+        self.get_logger().warn(resp.message)
+        return resp
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.stats.count(f'rejected_{reason}')
+        self.get_logger().warn(f'rejected ({reason}): {detail}', throttle_duration_sec=2.0)
+
+    # -- inference (worker thread) ----------------------------------------------------------
+    def _inference_loop(self) -> None:
+        while self._running:
+            if not self._frame_event.wait(timeout=0.1):
+                continue
+            self._frame_event.clear()
+            with self._lock:
+                if not self._fresh or self._instruction is None or self._estop:
+                    continue
+                self._fresh = False
+                history = list(self._history)
+                instruction, version = self._instruction, self._instruction_version
+            newest_stamp = history[-1][1]
+            age = (self.get_clock().now() - Time.from_msg(newest_stamp)).nanoseconds * 1e-9
+            if age > self._param('max_obs_age'):
+                self._reject('stale', f'newest frame is {age:.3f} s old (max_obs_age {self._param("max_obs_age")})')
+                continue
+            try:
+                self._infer(history, instruction, version)
+            except Exception as exc:  # never let one bad inference kill the worker
+                if not self.context.ok():
+                    return  # shutting down
+                self.stats.count('inference_errors')
+                self.get_logger().error(f'inference failed: {exc!r}', throttle_duration_sec=2.0)
+
+    def _infer(self, history: list[tuple[np.ndarray, TimeMsg]], instruction: str, version: int) -> None:
+        t0 = time.perf_counter()
+        pred = self.policy.predict([f for f, _ in history], instruction, batched=self._param('batched_decoding'))
+        latency = time.perf_counter() - t0
+        self.stats.latency(latency)
+        with self._lock:
+            previous = self._last_action
+        try:
+            safe, changed = self.safety.apply(pred.actions, previous)
+        except UnsafeChunk as exc:
+            self._reject('unsafe_chunk', str(exc))
+            return
+        if changed:
+            self.stats.count('values_limited', changed)
+        stamp = history[-1][1]
+        chunk = ActionChunk()
+        chunk.header.stamp = stamp
+        chunk.header.frame_id = self._param('command_frame_id')
+        chunk.observation_stamps = [s for _, s in history]
+        chunk.instruction = instruction
+        chunk.raw_actions = pred.actions.reshape(-1).astype(float).tolist()
+        chunk.inference_latency = latency
+        chunk.model_id = self.policy.model_id
+        dry = not self._param('enabled')
+        with self._lock:
+            if version != self._instruction_version or self._estop:
+                self.stats.count('chunks_discarded')  # the task changed while we were thinking
+                return
+            chunk.sequence = self._sequence
+            self._sequence += 1
+            chunk.commands = [self._command(a, i, len(safe), chunk, dry) for i, a in enumerate(safe)]
+            self._queue = deque(chunk.commands)
+            self._queue_time = time.monotonic()
+            self._active = True
+        self.chunk_pub.publish(chunk)
+        self.path_pub.publish(self._planned_path(chunk, safe))
+        self.stats.count('chunks')
+
+    @staticmethod
+    def _command(action: np.ndarray, index: int, size: int, chunk: ActionChunk, dry: bool) -> EndEffectorCommand:
+        cmd = EndEffectorCommand(index=index, chunk_size=size, chunk_sequence=chunk.sequence, dry_run=dry)
+        cmd.header = chunk.header
+        cmd.action = np.asarray(action, dtype=np.float64)
+        return cmd
+
+    def _planned_path(self, chunk: ActionChunk, actions: np.ndarray) -> MarkerArray:
+        points = np.vstack([np.zeros(3), np.cumsum(actions[:, :3], axis=0)])
+        line = Marker(ns='worldvla_plan', id=0, type=Marker.LINE_STRIP, action=Marker.ADD)
+        line.header = chunk.header
+        line.scale.x = 0.01
+        line.color.r, line.color.g, line.color.a = 0.1, 0.9, 1.0
+        line.points = [Point(x=float(x), y=float(y), z=float(z)) for x, y, z in points]
+        dots = Marker(ns='worldvla_plan', id=1, type=Marker.SPHERE_LIST, action=Marker.ADD)
+        dots.header = chunk.header
+        dots.scale.x = dots.scale.y = dots.scale.z = 0.03
+        dots.color.r, dots.color.b, dots.color.a = 1.0, 0.2, 1.0
+        dots.points = line.points[1:]
+        return MarkerArray(markers=[line, dots])
+
+    # -- control (timer) --------------------------------------------------------------------
+    def _on_control_tick(self) -> None:
+        with self._lock:
+            fresh = time.monotonic() - self._queue_time <= self._param('watchdog_timeout')
+            if self._estop:
+                cmd, reason = None, 'estop'
+            elif self._queue and fresh:
+                cmd, reason = self._queue.popleft(), ''
+            elif self._active:
+                self._queue.clear()
+                cmd, reason = None, 'watchdog'
+            else:
+                return  # nothing commanded yet: stay silent
+            if cmd is None:
+                cmd = EndEffectorCommand(hold=True, dry_run=not self._param('enabled'), chunk_sequence=self._sequence)
+                cmd.header.stamp = self.get_clock().now().to_msg()
+                cmd.header.frame_id = self._param('command_frame_id')
+                cmd.action = hold_action(self._last_gripper)
+            else:
+                self._last_action = np.asarray(cmd.action, dtype=np.float64)
+                self._last_gripper = float(cmd.action[6])
+        if reason:
+            self.stats.count(f'holds_{reason}')
+        self.command_pub.publish(cmd)
+
+    def _publish_diagnostics(self) -> None:
+        values = {'model': self.policy.model_id, 'device': str(self.policy.device),
+                  'enabled': str(self._param('enabled')), 'estop': str(self._estop), **self.stats.snapshot()}
+        level, message = (1, 'e-stop latched') if self._estop else (0, 'running')
+        self.diag_pub.publish(diagnostics_msg(self, 'worldvla: action node', level, message, values))
+
+    def close(self) -> None:
+        self._running = False
+        self._frame_event.set()
+        self._worker.join(timeout=5.0)
+
+
+def main(args: list[str] | None = None) -> int:
+    return spin_node(ActionNode, args)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
