@@ -202,7 +202,7 @@ class ActionNode(Node):
             self._queue.clear()
         if newly:
             self.stats.count('estops')
-            self.get_logger().warn('E-STOP latched: holding until /worldvla/reset_estop is called')
+            self.get_logger().warning('E-STOP latched: holding until /worldvla/reset_estop is called')
 
     def _on_reset_estop(self, _req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
         with self._lock:
@@ -210,12 +210,12 @@ class ActionNode(Node):
             self._estop = False
         resp.success = True
         resp.message = 'e-stop reset' if was else 'e-stop was not latched'
-        self.get_logger().warn(resp.message)
+        self.get_logger().warning(resp.message)
         return resp
 
     def _reject(self, reason: str, detail: str) -> None:
         self.stats.count(f'rejected_{reason}')
-        self.get_logger().warn(f'rejected ({reason}): {detail}', throttle_duration_sec=2.0)
+        self.get_logger().warning(f'rejected ({reason}): {detail}', throttle_duration_sec=2.0)
 
     # -- inference (worker thread) ----------------------------------------------------------
     def _inference_loop(self) -> None:

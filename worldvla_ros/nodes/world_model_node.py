@@ -100,7 +100,7 @@ class WorldModelNode(Node):
             rgb = image_msg_to_rgb(msg)
         except ImageRejected as exc:
             self.stats.count(f'rejected_{exc.reason}')
-            self.get_logger().warn(f'rejected frame: {exc}', throttle_duration_sec=2.0)
+            self.get_logger().warning(f'rejected frame: {exc}', throttle_duration_sec=2.0)
             return
         stamp = Time.from_msg(msg.header.stamp).nanoseconds
         with self._lock:
@@ -147,7 +147,7 @@ class WorldModelNode(Node):
                 start = self._frame_at(t0)
             if start is None:
                 self.stats.count('chunks_without_frame')
-                self.get_logger().warn('no camera frame with the chunk’s stamp; skipping', throttle_duration_sec=2.0)
+                self.get_logger().warning('no camera frame with the chunk’s stamp; skipping', throttle_duration_sec=2.0)
                 continue
             g = self.get_parameter
             sampling = ImageSampling(g('temperature').value, g('top_k').value, g('cfg_scale').value)

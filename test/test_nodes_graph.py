@@ -1,0 +1,244 @@
+"""Real ROS 2 graphs: the nodes in their own processes, a test node publishing and listening."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.qos import qos_profile_sensor_data
+from rclpy.time import Time
+from sensor_msgs.msg import Image
+from std_msgs.msg import Bool, Float64MultiArray, String
+from std_srvs.srv import Trigger
+from worldvla.msg import ActionChunk, EndEffectorCommand
+
+from worldvla_ros.bringup import default_config, start_nodes, stop_nodes
+from worldvla_ros.image_conversion import fill_image_msg
+from worldvla_ros.nodes.common import latched_qos, reliable_qos
+from worldvla_ros.synthetic import SyntheticCamera
+
+pytestmark = pytest.mark.ros
+RATE = 20.0
+
+
+class Harness:
+    """A test node: publishes camera/instruction/e-stop, records everything the nodes publish."""
+
+    def __init__(self) -> None:
+        self.node = rclpy.create_node('worldvla_test_harness')
+        n = self.node
+        self.image_pub = n.create_publisher(Image, 'camera/image_raw', qos_profile_sensor_data)
+        self.instruction_pub = n.create_publisher(String, 'instruction', latched_qos())
+        self.estop_pub = n.create_publisher(Bool, 'worldvla/estop', latched_qos())
+        self.reset_client = n.create_client(Trigger, 'worldvla/reset_estop')
+        self.lock = threading.Lock()
+        self.chunks: list[ActionChunk] = []
+        self.commands: list[tuple[float, EndEffectorCommand]] = []
+        self.imagined: list[Image] = []
+        self.surprise: list[list[float]] = []
+        self.diag: dict[str, dict[str, str]] = {}
+        self.sent_stamps: list[int] = []
+        rec = self._recorder
+        n.create_subscription(ActionChunk, 'worldvla/action_chunk', rec(self.chunks), reliable_qos())
+        n.create_subscription(EndEffectorCommand, 'worldvla/ee_command',
+                              lambda m: self._add(self.commands, (time.monotonic(), m)), reliable_qos(100))
+        n.create_subscription(Image, 'worldvla/imagined_image', rec(self.imagined), reliable_qos())
+        n.create_subscription(Float64MultiArray, 'worldvla/surprise',
+                              lambda m: self._add(self.surprise, list(m.data)), reliable_qos())
+        n.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, reliable_qos())
+        self.executor = SingleThreadedExecutor()
+        self.executor.add_node(n)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        self.camera = SyntheticCamera(seed=3)
+
+    def _add(self, store: list, item) -> None:
+        with self.lock:
+            store.append(item)
+
+    def _recorder(self, store: list) -> Callable:
+        return lambda m: self._add(store, m)
+
+    def _on_diag(self, m: DiagnosticArray) -> None:
+        for s in m.status:
+            with self.lock:
+                self.diag[s.hardware_id] = {kv.key: kv.value for kv in s.values}
+
+    def frame_msg(self, stamp_offset: float = 0.0) -> Image:
+        msg = fill_image_msg(Image(), self.camera.step(np.zeros(7)))
+        now = self.node.get_clock().now()
+        msg.header.stamp = Time(nanoseconds=now.nanoseconds + int(stamp_offset * 1e9)).to_msg()
+        return msg
+
+    def send_frame(self, stamp_offset: float = 0.0) -> int:
+        msg = self.frame_msg(stamp_offset)
+        self.image_pub.publish(msg)
+        stamp = Time.from_msg(msg.header.stamp).nanoseconds
+        self.sent_stamps.append(stamp)
+        return stamp
+
+    def stream(self, seconds: float, hz: float = 10.0) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.send_frame()
+            time.sleep(1.0 / hz)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float, hz: float = 10.0) -> bool:
+        """Stream camera frames until the predicate holds."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self.lock:
+                if predicate():
+                    return True
+            self.send_frame()
+            time.sleep(1.0 / hz)
+        return False
+
+    def counter(self, node: str, key: str) -> int:
+        with self.lock:
+            return int(self.diag.get(node, {}).get(key, 0))
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.thread.join(timeout=5)
+        self.node.destroy_node()
+
+
+@pytest.fixture(scope='module')
+def graph(tiny_checkpoint: Path):
+    procs = start_nodes(str(tiny_checkpoint), default_config(), device='cpu', extra={
+        'enabled': 'true', 'control_rate_hz': str(RATE), 'max_obs_age': '1.0', 'watchdog_timeout': '0.5',
+        'horizon': '2'})
+    rclpy.init()
+    harness = Harness()
+    harness.instruction_pub.publish(String(data='put the red block in the bowl'))
+    ok = harness.wait_for(lambda: len(harness.chunks) > 0, timeout=90)
+    if not ok:
+        stop_nodes(procs)
+        pytest.fail('no ActionChunk within 90 s of starting the nodes')
+    yield harness, procs
+    harness.close()
+    rclpy.shutdown()
+    codes = stop_nodes(procs)
+    assert all(c in (0, -2) for c in codes), codes
+
+
+def test_chunks_and_commands_flow_at_the_configured_rate(graph) -> None:
+    h, procs = graph
+    assert all(p.poll() is None for p in procs)
+    h.stream(3.0)
+    with h.lock:
+        chunks, commands = list(h.chunks), list(h.commands)
+    chunk = chunks[-1]
+    assert Time.from_msg(chunk.header.stamp).nanoseconds in h.sent_stamps  # stamped with its observation
+    assert 1 <= len(chunk.commands) <= 5 and len(chunk.raw_actions) == 7 * len(chunk.commands)
+    assert chunk.instruction == 'put the red block in the bowl' and chunk.inference_latency > 0
+    assert len(chunk.observation_stamps) == 2 and chunk.model_id.startswith('tiny@')
+    assert [c.sequence for c in chunks] == sorted(c.sequence for c in chunks)
+    motion = [m for _, m in commands if not m.hold]
+    assert motion and all(Time.from_msg(m.header.stamp).nanoseconds in h.sent_stamps for m in motion)
+    assert all(not m.dry_run for _, m in commands)
+    times = np.array([t for t, _ in commands[-40:]])
+    period = float(np.median(np.diff(times)))
+    assert period == pytest.approx(1.0 / RATE, rel=0.3)
+
+
+def test_imagined_frames_and_surprise(graph) -> None:
+    h, _ = graph
+    assert h.wait_for(lambda: len(h.imagined) >= 2 and len(h.surprise) >= 1, timeout=60)
+    with h.lock:
+        img, chunks, score = h.imagined[-1], list(h.chunks), h.surprise[-1]
+    assert (img.width, img.height, img.encoding) == (256, 256, 'rgb8') and len(img.data) == 256 * 256 * 3
+    chunk_stamps = {Time.from_msg(c.header.stamp).nanoseconds for c in chunks}
+    t = Time.from_msg(img.header.stamp).nanoseconds
+    assert any(t - s in (round(1e9 / RATE), round(2e9 / RATE)) for s in chunk_stamps)  # at its predicted time
+    step, psnr_db, ssim_v = score
+    assert step in (1.0, 2.0) and 0 < psnr_db < 100 and -1 <= ssim_v <= 1
+
+
+def _bad_image(kind: str, h: Harness) -> Image:
+    msg = h.frame_msg()
+    if kind == 'encoding':
+        msg.encoding = '32FC1'
+    elif kind == 'size':
+        msg.width = 0
+    elif kind == 'step':
+        msg.data = bytes(msg.data)[:-100]
+    return msg
+
+
+def test_bad_input_is_counted_and_rejected(graph) -> None:
+    h, procs = graph
+    node = 'worldvla_action'
+    assert h.wait_for(lambda: node in h.diag, timeout=10)
+    before = {k: h.counter(node, f'rejected_{k}') for k in ('encoding', 'size', 'step', 'instruction', 'stale')}
+    for kind in ('encoding', 'size', 'step'):
+        h.image_pub.publish(_bad_image(kind, h))
+        time.sleep(0.2)
+    h.instruction_pub.publish(String(data='   '))
+    time.sleep(0.2)
+    h.instruction_pub.publish(String(data='x' * 5000))
+    time.sleep(0.2)
+    h.instruction_pub.publish(String(data='put the red block in the bowl'))
+    for _ in range(3):
+        h.send_frame(stamp_offset=-30.0)  # 30 s old
+        time.sleep(0.3)
+
+    def all_counted() -> bool:
+        d = h.diag.get(node, {})
+        return all(int(d.get(f'rejected_{k}', 0)) > before[k] for k in ('encoding', 'size', 'step', 'stale')) and \
+            int(d.get('rejected_instruction', 0)) >= before['instruction'] + 2
+
+    assert h.wait_for(all_counted, timeout=10, hz=2), h.diag.get(node)
+    assert all(p.poll() is None for p in procs)  # nothing crashed
+    n = len(h.chunks)
+    assert h.wait_for(lambda: len(h.chunks) > n, timeout=30)  # and it still works
+
+
+def test_watchdog_hold_within_one_period_after_inference_stalls(graph) -> None:
+    h, _ = graph
+    h.stream(2.0)
+    time.sleep(2.0)  # camera stops: no new chunk can come
+    with h.lock:
+        cmds = list(h.commands)
+    last_motion = max(i for i, (_, m) in enumerate(cmds) if not m.hold)
+    following = cmds[last_motion + 1 :]
+    assert following and all(m.hold for _, m in following)
+    gap = following[0][0] - cmds[last_motion][0]
+    assert gap <= 1.5 / RATE  # the next tick after the queue ran dry is a hold
+    hold = following[0][1]
+    assert list(hold.action[:6]) == [0.0] * 6
+    assert hold.action[6] == pytest.approx(cmds[last_motion][1].action[6])  # gripper unchanged
+
+
+def test_estop_latches_until_reset(graph) -> None:
+    h, _ = graph
+    h.estop_pub.publish(Bool(data=True))
+    time.sleep(0.5)
+    n = len(h.commands)
+    h.estop_pub.publish(Bool(data=False))  # does not unlatch
+    h.stream(2.0)
+    with h.lock:
+        during = [m for _, m in h.commands[n:]]
+    assert during and all(m.hold for m in during)
+    assert h.reset_client.wait_for_service(timeout_sec=5)
+    result = h.reset_client.call(Trigger.Request(), timeout_sec=5)
+    assert result is not None and result.success
+    m = len(h.commands)
+    assert h.wait_for(lambda: any(not c.hold for _, c in h.commands[m:]), timeout=30)
+
+
+def test_missing_checkpoint_exits_nonzero(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, '-m', 'worldvla_ros.nodes.action_node', '--ros-args', '-p',
+         f'checkpoint:={tmp_path / "missing"}'], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert 'cannot load checkpoint' in proc.stderr and 'does not exist' in proc.stderr
