@@ -1,0 +1,125 @@
+"""Model-core speed and memory, printed as JSON.
+
+    python benchmarks/model_core.py --config tiny --device cpu
+    python benchmarks/model_core.py --config 7b --device cuda --dtype bfloat16   # random weights
+
+Reports prefill ms, ms per action chunk (sequential, batched, plain transformers ``generate``),
+ms per world-model frame and peak memory. The 7B config uses random weights: speed and memory
+are those of the real model, the outputs are not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import ChameleonConfig, ChameleonForConditionalGeneration, DynamicCache
+
+from worldvla_ros.model import load_policy, make_tiny_checkpoint
+from worldvla_ros.model import tokens as T
+from worldvla_ros.model.attention_mask import additive_mask
+from worldvla_ros.model.config import RELEASE_7B, WorldVLAConfig
+from worldvla_ros.model.generate import (
+    forward_logits,
+    generate_chunk_batched,
+    generate_chunk_sequential,
+    generate_image_block,
+)
+from worldvla_ros.model.prompts import action_prompt
+from worldvla_ros.model.tiny import build_vocab
+
+
+def timed(fn, repeats: int, sync) -> float:
+    fn()  # warm-up
+    sync()
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        samples.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(samples)
+
+
+def random_7b(device: torch.device, dtype: torch.dtype) -> ChameleonForConditionalGeneration:
+    cfg = RELEASE_7B.to_hf_dict()
+    cfg['vocabulary_map'] = build_vocab(0)
+    with torch.device(device):
+        torch.set_default_dtype(dtype)
+        lm = ChameleonForConditionalGeneration._from_config(ChameleonConfig.from_dict(cfg),
+                                                            attn_implementation='sdpa')
+        torch.set_default_dtype(torch.float32)
+    del lm.model.vqmodel
+    return lm.eval().requires_grad_(False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config', choices=['tiny', '7b'], default='tiny')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--dtype', default='auto')
+    parser.add_argument('--resolution', type=int, default=256)
+    parser.add_argument('--chunk-size', type=int, default=10)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--skip-world-model', action='store_true')
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = WorldVLAConfig(resolution=args.resolution, chunk_size=args.chunk_size)
+        ckpt = make_tiny_checkpoint(Path(tmp) / 'tiny', settings=settings)
+        policy = load_policy(ckpt, device=args.device, dtype=args.dtype)
+    lm = policy.lm if args.config == 'tiny' else random_7b(device, policy.dtype if args.dtype != 'auto'
+                                                              else torch.bfloat16)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (args.resolution, args.resolution, 3), dtype=np.uint8) for _ in range(2)]
+    prompt = action_prompt(policy.text, policy.images.encode(frames), 'put the bowl on the plate',
+                           policy.config.action_prompt)
+    k = args.chunk_size
+    dtype = lm.lm_head.weight.dtype
+    ids = torch.tensor([prompt], device=device)
+
+    def prefill() -> None:
+        mask = additive_mask(torch.ones((1, len(prompt), len(prompt)), dtype=torch.bool,
+                                        device=device).tril(), dtype)
+        forward_logits(lm, ids, torch.arange(len(prompt), device=device)[None], mask, DynamicCache(config=lm.config))
+
+    def hf_generate() -> None:
+        with torch.inference_mode():
+            lm.generate(ids, max_new_tokens=9 * k, min_new_tokens=9 * k, do_sample=False, eos_token_id=None,
+                        pad_token_id=T.PAD)
+
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    result = {
+        'config': args.config, 'device': str(device), 'dtype': str(dtype).replace('torch.', ''),
+        'resolution': args.resolution, 'chunk_size': k, 'prompt_tokens': len(prompt),
+        'prefill_ms': timed(prefill, args.repeats, sync),
+        'chunk_sequential_ms': timed(lambda: generate_chunk_sequential(lm, prompt, k, min_actions=k), args.repeats,
+                                     sync),
+        'chunk_batched_ms': timed(lambda: generate_chunk_batched(lm, prompt, k, min_actions=k), args.repeats, sync),
+        'chunk_transformers_generate_ms': timed(hf_generate, args.repeats, sync),
+        'vq_encode_2_frames_ms': timed(lambda: policy.images.encode(frames), args.repeats, sync),
+    }
+    if not args.skip_world_model:
+        wm_prompt = prompt[: prompt.index(T.IMAGE_END) + 1] + policy.actions.encode(np.zeros((1, 7))).tolist() + [
+            T.END_OF_TURN]
+        image_ids = torch.as_tensor(policy.images.image_token_ids, device=device)
+        result['world_model_frame_ms'] = timed(
+            lambda: generate_image_block(lm, wm_prompt, policy.images.grid, T.grid_token(args.resolution), image_ids),
+            max(1, args.repeats // 2), sync)
+    if device.type == 'cuda':
+        result['peak_gpu_mem_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
+    result['peak_rss_gib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}, indent=2))
+
+
+if __name__ == '__main__':
+    main()
