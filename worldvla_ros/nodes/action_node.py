@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from worldvla.msg import ActionChunk, EndEffectorCommand
 from worldvla_ros.image_conversion import ImageRejected, compressed_msg_to_rgb, image_msg_to_rgb
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
 from worldvla_ros.nodes.common import (
+    MODEL_PARAMETERS,
     Param,
     StartupError,
     Stats,
@@ -33,6 +35,7 @@ from worldvla_ros.nodes.common import (
     diagnostics_msg,
     image_qos,
     latched_qos,
+    load_node_policy,
     reject_changes_of,
     reliable_qos,
     spin_node,
@@ -40,11 +43,7 @@ from worldvla_ros.nodes.common import (
 from worldvla_ros.safety import SafetyFilter, SafetyLimits, UnsafeChunk, hold_action
 
 PARAMETERS: dict[str, Param] = {
-    'checkpoint': Param('', 'WorldVLA checkpoint directory (config.json + safetensors)', read_only=True),
-    'tokenizer_dir': Param('', 'text_tokenizer.json + vqgan.yaml/.ckpt; empty: found beside the checkpoint',
-                           read_only=True),
-    'device': Param('auto', 'torch device: auto, cpu, cuda, cuda:1 …', read_only=True),
-    'dtype': Param('auto', 'auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32', read_only=True),
+    **MODEL_PARAMETERS,
     'chunk_size': Param(0, 'actions per chunk; 0 = the checkpoint’s (5, or 10 for LIBERO-10)', 0, 64,
                         read_only=True),
     'history_frames': Param(0, 'camera frames per prompt; 0 = the checkpoint’s (2)', 0, 2, read_only=True),
@@ -123,17 +122,9 @@ class ActionNode(Node):
 
     # -- start-up ---------------------------------------------------------------------------
     def _load_policy(self, p: dict[str, Any]):
-        from worldvla_ros.model import CheckpointError, load_policy
-
-        if not p['checkpoint']:
-            raise StartupError('parameter checkpoint is empty: give a WorldVLA checkpoint directory')
         overrides = {k: p[k] for k in ('chunk_size', 'history_frames') if p[k]}
         t0 = time.perf_counter()
-        try:
-            policy = load_policy(p['checkpoint'], device=p['device'], dtype=p['dtype'],
-                                 tokenizer_dir=p['tokenizer_dir'] or None, **overrides)
-        except CheckpointError as exc:
-            raise StartupError(f'cannot load checkpoint: {exc}') from exc
+        policy = load_node_policy(p, **overrides)
         if p['warmup']:
             policy.warmup()
         self.get_logger().info(f'loaded {policy.model_id} in {time.perf_counter() - t0:.1f} s')
@@ -161,18 +152,15 @@ class ActionNode(Node):
         self._frame_event.set()
 
     def _on_image(self, msg: Image) -> None:
-        self.stats.count('frames_received')
-        try:
-            rgb = image_msg_to_rgb(msg)
-        except ImageRejected as exc:
-            self._reject(exc.reason, str(exc))
-            return
-        self._store_frame(rgb, msg.header.stamp)
+        self._on_frame(msg, image_msg_to_rgb)
 
     def _on_compressed(self, msg: CompressedImage) -> None:
+        self._on_frame(msg, compressed_msg_to_rgb)
+
+    def _on_frame(self, msg: Image | CompressedImage, convert: Callable[[Any], np.ndarray]) -> None:
         self.stats.count('frames_received')
         try:
-            rgb = compressed_msg_to_rgb(msg)
+            rgb = convert(msg)
         except ImageRejected as exc:
             self._reject(exc.reason, str(exc))
             return

@@ -38,6 +38,28 @@ class Param:
         return d
 
 
+MODEL_PARAMETERS: dict[str, Param] = {
+    'checkpoint': Param('', 'WorldVLA checkpoint directory (config.json + safetensors)', read_only=True),
+    'tokenizer_dir': Param('', 'text_tokenizer.json + vqgan.yaml/.ckpt; empty: found beside the checkpoint',
+                           read_only=True),
+    'device': Param('auto', 'torch device: auto, cpu, cuda, cuda:1 …', read_only=True),
+    'dtype': Param('auto', 'auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32', read_only=True),
+}
+
+
+def load_node_policy(p: dict[str, Any], **overrides: Any):
+    """The policy named by a node's MODEL_PARAMETERS; any loading problem is a StartupError."""
+    from worldvla_ros.model import CheckpointError, load_policy
+
+    if not p['checkpoint']:
+        raise StartupError('parameter checkpoint is empty: give a WorldVLA checkpoint directory')
+    try:
+        return load_policy(p['checkpoint'], device=p['device'], dtype=p['dtype'],
+                           tokenizer_dir=p['tokenizer_dir'] or None, **overrides)
+    except CheckpointError as exc:
+        raise StartupError(f'cannot load checkpoint: {exc}') from exc
+
+
 def declare_all(node: Node, table: dict[str, Param]) -> dict[str, Any]:
     for name, p in table.items():
         node.declare_parameter(name, p.default, p.descriptor())

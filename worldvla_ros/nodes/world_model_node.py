@@ -26,23 +26,20 @@ from worldvla_ros.image_conversion import ImageRejected, fill_image_msg, image_m
 from worldvla_ros.metrics import psnr, side_by_side, ssim
 from worldvla_ros.model.image_tokenizer import to_model_frame
 from worldvla_ros.nodes.common import (
+    MODEL_PARAMETERS,
     Param,
-    StartupError,
     Stats,
     declare_all,
     diagnostics_msg,
     image_qos,
+    load_node_policy,
     reject_changes_of,
     reliable_qos,
     spin_node,
 )
 
 PARAMETERS: dict[str, Param] = {
-    'checkpoint': Param('', 'WorldVLA checkpoint directory (config.json + safetensors)', read_only=True),
-    'tokenizer_dir': Param('', 'text_tokenizer.json + vqgan.yaml/.ckpt; empty: found beside the checkpoint',
-                           read_only=True),
-    'device': Param('auto', 'torch device: auto, cpu, cuda, cuda:1 …', read_only=True),
-    'dtype': Param('auto', 'auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32', read_only=True),
+    **MODEL_PARAMETERS,
     'horizon': Param(1, 'imagined frames per chunk (one per action, from the chunk start)', 1, 64),
     'control_rate_hz': Param(10.0, 'rate the chunk is executed at: imagined frame i is stamped t0 + i/rate',
                              0.5, 500.0),
@@ -62,7 +59,7 @@ class WorldModelNode(Node):
         p = declare_all(self, PARAMETERS)
         self.add_on_set_parameters_callback(reject_changes_of({n for n, q in PARAMETERS.items() if q.read_only}, {}))
         self.stats = Stats()
-        self.policy = self._load_policy(p)
+        self.policy = load_node_policy(p)
         self._lock = threading.Lock()
         self._frames: deque[tuple[int, np.ndarray]] = deque(maxlen=int(p['history_size']))  # (stamp ns, rgb)
         self._pending: list[tuple[int, int, np.ndarray]] = []  # (predicted stamp ns, step, imagined)
@@ -82,17 +79,6 @@ class WorldModelNode(Node):
         self._worker = threading.Thread(target=self._imagine_loop, name='worldvla-imagine', daemon=True)
         self._worker.start()
         self.get_logger().info(f'ready: world model {self.policy.model_id} on {self.policy.device}')
-
-    def _load_policy(self, p: dict[str, Any]):
-        from worldvla_ros.model import CheckpointError, load_policy
-
-        if not p['checkpoint']:
-            raise StartupError('parameter checkpoint is empty: give a WorldVLA checkpoint directory')
-        try:
-            return load_policy(p['checkpoint'], device=p['device'], dtype=p['dtype'],
-                               tokenizer_dir=p['tokenizer_dir'] or None)
-        except CheckpointError as exc:
-            raise StartupError(f'cannot load checkpoint: {exc}') from exc
 
     def _on_image(self, msg: Image) -> None:
         self.stats.count('frames_received')
