@@ -116,6 +116,8 @@ def main() -> None:
         'overhead_ms_p99': round(float(np.percentile(ov, 99)), 2) if len(ov) else None,
         'inference_ms_p50': round(float(np.percentile(latency, 50)), 1) if latency else None,
         'action_node_rss_mib_first_last_max': [round(rss[0], 1), round(rss[-1], 1), round(max(rss), 1)],
+        'action_node_rss_mib_series': [round(r) for r in rss],
+        'rss_sample_period_s': round(max(1.0, args.seconds / 30), 1),
     }
     executor.shutdown()
     spinner.join(timeout=5)
