@@ -34,6 +34,8 @@ setup(
             'world_model_node = worldvla_ros.nodes.world_model_node:main',
             'worldvla_bringup = worldvla_ros.bringup:main',
             'make_tiny_checkpoint = worldvla_ros.model.tiny:main',
+            'evaluate_bag = worldvla_ros.evaluation.cli:main',
+            'convert_to_bag = worldvla_ros.evaluation.convert:main',
         ],
     },
 )

@@ -1,0 +1,309 @@
+"""Bag replay evaluation: real rosbag2 files (mcap and sqlite3), real tiny checkpoints, real nodes."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from worldvla_ros.evaluation.bag_io import (
+    ACTION_CHUNK,
+    FLOAT_ARRAY,
+    IMAGE,
+    STRING,
+    TWIST,
+    BagError,
+    BagWriter,
+    ee_command_msg,
+    header,
+    image_msg,
+    string_msg,
+    to_stamp,
+    typestore,
+)
+from worldvla_ros.evaluation.cli import main as evaluate_bag
+from worldvla_ros.evaluation.convert import main as convert_to_bag
+from worldvla_ros.evaluation.convert import synthetic_episode
+from worldvla_ros.evaluation.episode import TopicMap, align_actions, read_episode, write_episode
+from worldvla_ros.evaluation.scoring import (
+    ChunkRecord,
+    RunRecord,
+    action_scores,
+    executed_from_chunks,
+    timing_scores,
+)
+from worldvla_ros.metrics import psnr, ssim
+from worldvla_ros.model.image_tokenizer import to_model_frame
+
+K = 3  # chunk size of the evaluation checkpoint: fixed-length chunks so seams and positions exist
+
+
+@pytest.fixture(scope='module')
+def eval_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worldvla_ros.model import make_tiny_checkpoint
+    from worldvla_ros.model.config import WorldVLAConfig
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp('ckpt') / 'eval',
+                                settings=WorldVLAConfig(resolution=256, chunk_size=K, min_actions=K))
+
+
+@pytest.fixture(scope='module')
+def eval_policy(eval_checkpoint: Path):
+    from worldvla_ros.model import load_policy
+
+    return load_policy(eval_checkpoint, device='cpu')
+
+
+# -- scoring, by hand --------------------------------------------------------------------------
+def test_scores_equal_hand_computed_values() -> None:
+    gt = np.zeros((5, 7))
+    gt[:, 6] = [-1, -1, 1, 1, 1]
+    c0 = np.zeros((3, 7))
+    c0[:, 0] = [0.1, 0.2, 0.3]  # frames 0, 1, 2
+    c0[:, 6] = [-1, 1, 1]  # one gripper mistake (frame 1)
+    c1 = np.zeros((3, 7))
+    c1[:, 0] = [0.6, 0.4, 0.2]  # frames 3, 4 executed; position 2 would be frame 5 (no recording)
+    c1[:, 6] = [1, 1, -1]
+    chunks = [ChunkRecord(0, c0, c0, 0.05), ChunkRecord(3, c1, c1, 0.5)]
+    run = RunRecord('hand', 'lockstep', gt, chunks, executed_from_chunks(chunks, 5))
+    assert [e.gt_index for e in run.executed] == [0, 1, 2, 3, 4]
+    assert [e.seam for e in run.executed] == [False, False, False, True, False]
+    s = action_scores([run])
+    assert s['actions_compared'] == 5
+    assert s['l1']['dx'] == pytest.approx((0.1 + 0.2 + 0.3 + 0.6 + 0.4) / 5)
+    assert s['rmse']['dx'] == pytest.approx(np.sqrt((0.01 + 0.04 + 0.09 + 0.36 + 0.16) / 5))
+    assert s['l1']['dy'] == 0.0
+    assert s['gripper_accuracy'] == pytest.approx(4 / 5)
+    pos = {p['position']: p for p in s['l1_by_chunk_position']}
+    assert pos[0]['n'] == 2 and pos[2]['n'] == 1  # c1's last action has no recorded frame
+    assert pos[0]['l1']['dx'] == pytest.approx((0.1 + 0.6) / 2)
+    assert pos[1]['l1']['gripper'] == pytest.approx((2 + 0) / 2)
+    assert s['seams'] == 1
+    assert s['step_at_seams']['dx'] == pytest.approx(0.3)  # 0.6 after 0.3
+    assert s['step_within_chunks']['dx'] == pytest.approx((0.1 + 0.1 + 0.2) / 3)
+    assert s['recorded_step_at_seams']['gripper'] == 0.0
+    t = timing_scores([run], control_rate_hz=10.0)
+    assert t['deadline_misses'] == 1  # 0.5 s > 3 actions at 10 Hz; 0.05 s is in time
+    assert t['inference_ms']['p50'] == pytest.approx(275.0)
+
+
+def test_ground_truth_alignment_by_stamp() -> None:
+    frames = np.array([100, 200, 300, 400]) * 1_000_000
+    a = [np.full(7, v) for v in (1.0, 2.0, 3.0, 4.0, 5.0)]
+    stamps = [(50_000_000, 0),  # before the first frame: unused
+              (200_000_000, 0), (250_000_000, 0),  # two for frame 1: the first answers it
+              (300_000_000, 0), (300_000_000, 1)]  # a recorded chunk: offset 1 → frame 3
+    gt = align_actions(frames, stamps, a)
+    assert np.isnan(gt[0]).all()
+    assert gt[1, 0] == 2.0 and gt[2, 0] == 4.0 and gt[3, 0] == 5.0
+
+
+# -- bags in, reports out ------------------------------------------------------------------------
+def _run_cli(*args: str) -> int:
+    return evaluate_bag([*args, '--no-progress'])
+
+
+@pytest.mark.parametrize('storage', ['sqlite3', 'mcap'])
+def test_lockstep_metrics_equal_a_direct_computation(tmp_path: Path, eval_checkpoint: Path, eval_policy,
+                                                     storage: str) -> None:
+    """The CLI on a bag gives the numbers of the policy run directly on the arrays the bag was made from."""
+    frames, actions, instruction = synthetic_episode(frames=9, seed=3)
+    bag = write_episode(tmp_path / 'bag', frames, actions, instruction, storage=storage)
+    wm = storage == 'sqlite3'  # the world model is slow on CPU: once is enough
+    out = tmp_path / 'report'
+    rc = _run_cli(str(bag), '--checkpoint', str(eval_checkpoint), '--device', 'cpu', '--out', str(out),
+                  *(['--wm-horizon', '2'] if wm else ['--no-world-model']))
+    assert rc == 0
+    report = json.loads((out / 'report.json').read_text())
+    assert (out / 'report.md').read_text().startswith('# WorldVLA bag evaluation')
+    for png in ('action_traces.png', 'error_histograms.png') + (('world_model_strip.png',) if wm else ()):
+        assert cv2.imread(str(out / png)) is not None, png
+
+    # independent: chunks at frames 0, 3, 6 from the newest two frames, un-filtered (limits are wide)
+    pred = np.concatenate([eval_policy.predict(frames[max(0, f - 1) : f + 1], instruction).actions
+                           for f in (0, 3, 6)])
+    err = pred - actions
+    a = report['actions']
+    assert a['actions_compared'] == 9 and a['seams'] == 2
+    assert report['frames'] == 9 and report['timing']['chunks'] == 3
+    np.testing.assert_allclose([a['l1'][d] for d in a['l1']], np.abs(err).mean(0), atol=1e-5)
+    np.testing.assert_allclose([a['rmse'][d] for d in a['rmse']], np.sqrt((err**2).mean(0)), atol=1e-5)
+    assert a['gripper_accuracy'] == pytest.approx(np.mean((pred[:, 6] > 0) == (actions[:, 6] > 0)), abs=1e-6)
+    seam_step = np.abs(pred[[3, 6]] - pred[[2, 5]]).mean(0)
+    np.testing.assert_allclose([a['step_at_seams'][d] for d in a['step_at_seams']], seam_step, atol=1e-5)
+    if wm:
+        steps = {r['step']: r for r in report['world_model']['by_horizon_step']}
+        assert set(steps) == {1, 2} and steps[1]['n'] == 3
+        p1, s1 = [], []
+        for f in (0, 3, 6):
+            imagined = eval_policy.imagine(frames[f], actions[f])
+            real = to_model_frame(frames[f + 1], 256, rotate_180=False)
+            p1.append(psnr(real, imagined))
+            s1.append(ssim(real, imagined))
+        assert steps[1]['psnr_db'] == pytest.approx(np.mean(p1), abs=1e-3)
+        assert steps[1]['ssim'] == pytest.approx(np.mean(s1), abs=1e-5)
+
+
+def test_libero_hdf5_converts_with_the_release_rotation_and_evaluates(tmp_path: Path, eval_checkpoint: Path) -> None:
+    h5py = pytest.importorskip('h5py')
+    rng = np.random.default_rng(0)
+    path = tmp_path / 'KITCHEN_SCENE3_turn_on_the_stove_demo.hdf5'
+    demos = {}
+    with h5py.File(path, 'w') as f:
+        data = f.create_group('data')
+        data.attrs['problem_info'] = json.dumps({'language_instruction': 'turn on the stove'})
+        for d, n in (('demo_0', 6), ('demo_1', 5)):
+            rgb = rng.integers(0, 256, (n, 128, 128, 3), dtype=np.uint8)
+            act = rng.uniform(-0.5, 0.5, (n, 7))
+            data.create_dataset(f'{d}/obs/agentview_rgb', data=rgb)
+            data.create_dataset(f'{d}/actions', data=act)
+            demos[d] = (rgb, act)
+    out = tmp_path / 'bags'
+    assert convert_to_bag(['libero', str(path), str(out), '--storage', 'sqlite3']) == 0
+    bags = sorted(out.iterdir())
+    assert [b.name for b in bags] == [f'KITCHEN_SCENE3_turn_on_the_stove_demo_{i}' for i in (0, 1)]
+    ep = read_episode(bags[0])
+    rgb, act = demos['demo_0']
+    assert ep.instruction == 'turn on the stove'
+    np.testing.assert_array_equal(np.stack(ep.frames), rgb)
+    np.testing.assert_allclose(ep.actions, act)
+    # what the model sees is the simulator frame turned by 180°, as in the release's LIBERO evaluation
+    seen = to_model_frame(ep.frames[0], 256, rotate_180=True)
+    expected = cv2.resize(np.ascontiguousarray(rgb[0][::-1, ::-1]), (256, 256), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(seen, expected)
+    rc = _run_cli(*map(str, bags), '--checkpoint', str(eval_checkpoint), '--device', 'cpu',
+                  '--out', str(tmp_path / 'r'), '--no-world-model')
+    assert rc == 0
+    report = json.loads((tmp_path / 'r' / 'report.json').read_text())
+    assert report['frames'] == 11 and report['actions']['actions_compared'] == 11
+    assert [e['frames'] for e in report['episodes']] == [6, 5]
+
+
+def test_folder_of_frames_converts(tmp_path: Path) -> None:
+    folder = tmp_path / 'episode'
+    (folder / 'frames').mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(4)]
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(folder / 'frames' / f'{i:04d}.png'), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    actions = rng.uniform(-1, 1, (4, 7))
+    np.savetxt(folder / 'actions.csv', actions, delimiter=',')
+    (folder / 'instruction.txt').write_text('open the drawer\n')
+    assert convert_to_bag(['folder', str(folder), str(tmp_path / 'bag')]) == 0
+    ep = read_episode(tmp_path / 'bag')
+    assert ep.instruction == 'open the drawer'
+    np.testing.assert_array_equal(np.stack(ep.frames), np.stack(frames))
+    np.testing.assert_allclose(ep.actions, actions)
+
+
+def test_twist_gripper_float_array_and_chunk_ground_truth(tmp_path: Path) -> None:
+    ts = typestore()
+    T = ts.types  # noqa: N806
+    frame = np.zeros((8, 8, 3), np.uint8)
+    t0, dt = 10**18, 100_000_000
+    with BagWriter(tmp_path / 'bag', 'mcap') as bag:
+        bag.write('/task', STRING, t0, string_msg('stack the cups'))
+        bag.write('/gripper', 'std_msgs/msg/Bool', t0, T['std_msgs/msg/Bool'](data=False))
+        for i in range(3):
+            t = t0 + i * dt
+            bag.write('/cam', IMAGE, t, image_msg(frame, t))
+            twist = T[TWIST](header=header(t + 5), twist=T['geometry_msgs/msg/Twist'](
+                linear=T['geometry_msgs/msg/Vector3'](x=i, y=0.0, z=0.0),
+                angular=T['geometry_msgs/msg/Vector3'](x=0.0, y=0.0, z=-i)))
+            bag.write('/cmd_twist', TWIST, t + 10, twist)
+            arr = T[FLOAT_ARRAY](layout=T['std_msgs/msg/MultiArrayLayout'](dim=[], data_offset=0),
+                                 data=np.arange(7, dtype=np.float64) + 10 * i)
+            bag.write('/cmd_array', FLOAT_ARRAY, t + 20, arr)
+            if i == 0:
+                chunk = T[ACTION_CHUNK](header=header(t), observation_stamps=[to_stamp(t)], instruction='x',
+                                        commands=[ee_command_msg(np.full(7, k), t, k) for k in range(3)],
+                                        raw_actions=np.zeros(21), inference_latency=0.1, model_id='m', sequence=0)
+                bag.write('/old_policy/chunk', ACTION_CHUNK, t + 30, chunk)
+        bag.write('/gripper', 'std_msgs/msg/Bool', t0 + dt + 50, T['std_msgs/msg/Bool'](data=True))
+    twist = read_episode(tmp_path / 'bag', TopicMap(actions='/cmd_twist', gripper='/gripper'))
+    assert twist.instruction == 'stack the cups'
+    np.testing.assert_allclose(twist.actions[:, 0], [0, 1, 2])
+    np.testing.assert_allclose(twist.actions[:, 5], [0, -1, -2])
+    np.testing.assert_allclose(twist.actions[:, 6], [-1, 1, 1])  # closed during step 1
+    arr = read_episode(tmp_path / 'bag', TopicMap(actions='/cmd_array', time_source='bag'))
+    np.testing.assert_allclose(arr.actions[2], np.arange(7) + 20)
+    chunk = read_episode(tmp_path / 'bag', TopicMap(actions='/old_policy/chunk'))
+    np.testing.assert_allclose(chunk.actions[:, 0], [0, 1, 2])
+    with pytest.raises(BagError, match='several ground-truth action topics'):
+        read_episode(tmp_path / 'bag')
+
+
+# -- bad bags: a clear message and a non-zero exit, never a traceback ---------------------------
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.prefix) / 'bin' / 'evaluate_bag'
+    return subprocess.run([str(exe), *args, '--no-progress'], capture_output=True, text=True, timeout=120)
+
+
+def test_bad_bags_give_a_clear_error_and_exit_2(tmp_path: Path, eval_checkpoint: Path) -> None:
+    frames, actions, instruction = synthetic_episode(frames=30, seed=0, size=64)
+    good = {s: write_episode(tmp_path / f'good_{s}', frames, actions, instruction, storage=s)
+            for s in ('mcap', 'sqlite3')}
+
+    no_actions = tmp_path / 'no_actions'
+    with BagWriter(no_actions, 'mcap') as bag:
+        bag.write('/camera/image_raw', IMAGE, 1, image_msg(frames[0], 1))
+        bag.write('/instruction', STRING, 1, string_msg('x'))
+
+    truncated = tmp_path / 'truncated'
+    shutil.copytree(good['mcap'], truncated)
+    data = next(truncated.glob('*.mcap'))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+    corrupt = tmp_path / 'corrupt'
+    shutil.copytree(good['sqlite3'], corrupt)
+    db = next(corrupt.glob('*.db3'))
+    raw = bytearray(db.read_bytes())
+    raw[100:] = bytes(len(raw) - 100)
+    db.write_bytes(bytes(raw))
+
+    cases = {
+        no_actions: 'no ground-truth action topic',
+        truncated: 'truncated or corrupt',
+        corrupt: 'corrupt',
+        tmp_path / 'missing': 'no such bag',
+    }
+    for bag, message in cases.items():
+        r = _cli(str(bag), '--checkpoint', str(eval_checkpoint), '--out', str(tmp_path / 'r'))
+        assert r.returncode == 2, (bag, r.stderr)
+        assert message in r.stderr, (bag, r.stderr)
+        assert 'Traceback' not in r.stderr, r.stderr
+    r = _cli(str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--image-topic', '/wrist/image')
+    assert r.returncode == 2 and "no topic '/wrist/image'" in r.stderr and '/camera/image_raw' in r.stderr
+    r = _cli(str(good['mcap']), '--checkpoint', str(tmp_path / 'nope'))
+    assert r.returncode == 1 and 'cannot load checkpoint' in r.stderr and 'Traceback' not in r.stderr
+
+
+# -- live: the real nodes answer a replayed bag ---------------------------------------------------
+@pytest.mark.timeout(240)
+def test_live_mode_records_node_outputs_and_scores_them(tmp_path: Path, eval_checkpoint: Path) -> None:
+    frames, actions, instruction = synthetic_episode(frames=20, seed=5)
+    bag = write_episode(tmp_path / 'bag', frames, actions, instruction, rate_hz=10.0, storage='sqlite3')
+    out = tmp_path / 'live'
+    rc = _run_cli(str(bag), '--checkpoint', str(eval_checkpoint), '--device', 'cpu', '--mode', 'live',
+                  '--out', str(out))
+    assert rc == 0
+    recording = out / 'outputs_bag'
+    from worldvla_ros.evaluation.bag_io import BagReader
+
+    with BagReader(recording) as r:
+        assert r.counts.get('worldvla/action_chunk', 0) >= 1
+        assert r.counts.get('worldvla/ee_command', 0) >= K
+        assert r.counts.get('/diagnostics', 0) >= 1
+    report = json.loads((out / 'report.json').read_text())
+    t, a = report['timing'], report['actions']
+    assert report['mode'] == 'live' and report['chunk_size'] == K
+    assert t['chunks'] >= 1 and t['frames'] == 20
+    assert t['end_to_end_ms']['p50'] >= t['inference_ms']['p50'] > 0
+    assert t['frames_received_by_node'] == 20
+    assert t['frames_never_used'] == 20 - t['chunks'] - t.get('outputs_without_frame', 0)
+    assert a['actions_compared'] >= K

@@ -1,0 +1,155 @@
+"""evaluate_bag: score a WorldVLA checkpoint on recorded ros2 bags before going live.
+
+    evaluate_bag BAG [BAG ...] --checkpoint DIR [--mode lockstep|live] [--out eval_report]
+
+lockstep (default): every frame, in order, through the action node's own conversion, history,
+model call and safety filter; deterministic, as fast as the model runs.
+live: the bag is played through rclpy at its recorded rate (``--rate`` scales it) with /clock,
+the real nodes answer, their outputs are recorded into ``OUT/outputs_<bag>`` and scored, so
+latency, drops and stale frames are measured as the robot would see them.
+
+Ground truth: EndEffectorCommand, ActionChunk, TwistStamped (+ ``--gripper-topic``) or
+Float64MultiArray; topics are found by type when a bag has one of a kind. Exit status: 0 done,
+1 checkpoint problem, 2 bag or usage problem, 3 anything unexpected.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .bag_io import BagError
+from .episode import Episode, TopicMap, read_episode
+from .node_config import node_parameters, safety_limits
+from .scoring import RunRecord, action_scores, timing_scores, world_model_scores
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='evaluate_bag', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('bags', nargs='+', help='rosbag2 directories (sqlite3 or mcap)')
+    p.add_argument('--checkpoint', required=True, help='WorldVLA checkpoint directory')
+    p.add_argument('--tokenizer-dir', default='')
+    p.add_argument('--device', default='auto')
+    p.add_argument('--dtype', default='auto')
+    p.add_argument('--config', default='', help="the nodes' YAML (default: the installed config/worldvla.yaml)")
+    p.add_argument('--mode', choices=('lockstep', 'live'), default='lockstep')
+    p.add_argument('--out', default='eval_report', help='report directory')
+    t = p.add_argument_group('topics')
+    t.add_argument('--image-topic', default='')
+    t.add_argument('--instruction-topic', default='')
+    t.add_argument('--instruction', default='', help='instruction text (instead of a topic)')
+    t.add_argument('--action-topic', default='', help='recorded (ground-truth) actions')
+    t.add_argument('--gripper-topic', default='', help='gripper state with TwistStamped actions')
+    t.add_argument('--time-source', choices=('header', 'bag'), default='header')
+    e = p.add_argument_group('evaluation')
+    e.add_argument('--replan-every', type=int, default=0, help='lockstep: frames between chunks (0: chunk length)')
+    e.add_argument('--sequential', action='store_true', help='release decoding loop instead of batched')
+    e.add_argument('--no-world-model', action='store_true')
+    e.add_argument('--wm-horizon', type=int, default=1, help='imagined frames per rollout')
+    e.add_argument('--wm-every', type=int, default=1, help='lockstep: roll out from every n-th chunk')
+    e.add_argument('--deadline', type=float, default=0.0, help='s; default: the chunk’s duration')
+    e.add_argument('--gripper-threshold', type=float, default=0.0)
+    e.add_argument('--rate', type=float, default=1.0, help='live: playback speed factor')
+    e.add_argument('--no-progress', action='store_true')
+    e.add_argument('--debug', action='store_true', help='show the traceback of unexpected errors')
+    return p
+
+
+def _config_path(given: str) -> Path:
+    if given:
+        return Path(given)
+    from worldvla_ros.bringup import default_config
+
+    return default_config()
+
+
+def summarize(args: argparse.Namespace, policy_info: dict[str, Any], episodes: list[Episode],
+              runs: list[RunRecord], control_rate_hz: float) -> dict[str, Any]:
+    return {
+        'mode': args.mode,
+        **policy_info,
+        'bags': [str(b) for b in args.bags],
+        'frames': sum(len(e.frames) for e in episodes),
+        'action_sources': [e.action_source for e in episodes],
+        'control_rate_hz': control_rate_hz,
+        'actions': action_scores(runs, args.gripper_threshold),
+        'world_model': world_model_scores(runs),
+        'timing': timing_scores(runs, control_rate_hz, args.deadline),
+        'episodes': [{'bag': r.episode, 'instruction': e.instruction, 'frames': len(e.frames),
+                      'chunks': len(r.chunks), **r.counts} for e, r in zip(episodes, runs, strict=True)],
+    }
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
+    from tqdm import tqdm
+
+    config = _config_path(args.config)
+    action_params = node_parameters(config, 'worldvla_action')
+    control_rate = float(action_params.get('control_rate_hz', 10.0))
+    topics = TopicMap(args.image_topic, args.instruction_topic, args.action_topic, args.gripper_topic,
+                      args.instruction, args.time_source)
+    episodes = [read_episode(b, topics) for b in args.bags]  # every bag checked before the model loads
+    if args.mode == 'live':
+        from .live import evaluate_live
+
+        runs, policy_info = evaluate_live(args, episodes, config, control_rate)
+        return summarize(args, policy_info, episodes, runs, control_rate), runs
+
+    from worldvla_ros.model import load_policy
+    from worldvla_ros.safety import SafetyFilter
+
+    from .lockstep import LockstepSettings, evaluate_lockstep
+
+    overrides = {k: int(action_params[k]) for k in ('chunk_size', 'history_frames') if action_params.get(k)}
+    policy = load_policy(args.checkpoint, args.device, args.dtype, args.tokenizer_dir or None, **overrides)
+    safety = SafetyFilter(safety_limits(action_params))
+    settings = LockstepSettings(args.replan_every, not args.sequential, not args.no_world_model,
+                                args.wm_horizon, args.wm_every)
+    runs = []
+    t0 = time.perf_counter()
+    with tqdm(total=sum(len(e.frames) for e in episodes), unit='frame', disable=args.no_progress,
+              desc='lockstep', file=sys.stderr) as bar:
+        for ep in episodes:
+            bar.set_postfix_str(ep.name)
+            runs.append(evaluate_lockstep(policy, ep, safety, settings, bar.update))
+    info = {'model_id': policy.model_id, 'device': str(policy.device), 'chunk_size': policy.chunk_size,
+            'history_frames': policy.config.history_frames,
+            'throughput_frames_per_s': round(sum(len(e.frames) for e in episodes) / (time.perf_counter() - t0), 3)}
+    return summarize(args, info, episodes, runs, control_rate), runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from worldvla_ros.model.checkpoint import CheckpointError
+
+    try:
+        summary, runs = run(args)
+    except BagError as exc:
+        print(f'evaluate_bag: error: {exc}', file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f'evaluate_bag: error: cannot load checkpoint: {exc}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print('evaluate_bag: interrupted', file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f'evaluate_bag: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)',
+              file=sys.stderr)
+        return 3
+    from .report import write_report
+
+    paths = write_report(Path(args.out), summary, runs)
+    a = summary['actions']
+    print(f'{summary["frames"]} frames, {a.get("actions_compared", 0)} actions compared; '
+          f'report: {paths["markdown"]}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""Turn recorded demonstrations into rosbag2 episodes the evaluation (and training) reads.
+
+    convert_to_bag libero demos.hdf5 OUT_DIR [--image-key agentview_rgb] [--rate 20]
+    convert_to_bag folder EPISODE_DIR OUT_BAG   # frames/*.png|jpg + actions.csv|npy + instruction.txt
+    convert_to_bag synthetic OUT_BAG [--frames 40] [--storage sqlite3]
+
+Every episode becomes one bag: ``/camera/image_raw`` (sensor_msgs/Image, rgb8), ``/instruction``
+(std_msgs/String) and ``/teleop/ee_command`` (worldvla/EndEffectorCommand, stamped with the frame it
+answers).
+
+LIBERO frames are stored as the simulator rendered them. The released checkpoints' settings
+(``rotate_180: true``) turn them by 180° before tokenizing, exactly as the release's LIBERO
+evaluation does (``img[::-1, ::-1]``), so the model sees what it was trained on. Use
+``--rotate-180`` only for a configuration with ``rotate_180: false``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .bag_io import BagError
+from .episode import write_episode
+
+FRAME_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp')
+
+
+def libero_instruction(h5file: object, path: Path) -> str:
+    info = getattr(h5file['data'], 'attrs', {}).get('problem_info')  # type: ignore[index]
+    if info is not None:
+        text = json.loads(info if isinstance(info, str) else info.decode()).get('language_instruction', '')
+        if text:
+            return ' '.join(str(text).split())
+    stem = re.sub(r'_demo$', '', path.stem)
+    stem = re.sub(r'^([A-Z_]+SCENE\d+_)', '', stem)  # LIBERO-90/10 names start with the scene
+    return stem.replace('_', ' ')
+
+
+def libero_to_bags(
+    hdf5: str | Path,
+    out_dir: str | Path,
+    image_key: str = 'agentview_rgb',
+    rate_hz: float = 20.0,
+    storage: str = 'mcap',
+    rotate_180: bool = False,
+    max_demos: int = 0,
+) -> list[Path]:
+    """One bag per ``data/demo_*`` group of a LIBERO demonstration file."""
+    import h5py
+
+    hdf5, out_dir = Path(hdf5), Path(out_dir)
+    try:
+        f = h5py.File(hdf5, 'r')
+    except OSError as exc:
+        raise BagError(f'{hdf5}: not a readable HDF5 file ({exc})') from exc
+    with f:
+        if 'data' not in f:
+            raise BagError(f'{hdf5}: no "data" group; not a LIBERO/robomimic demonstration file')
+        instruction = libero_instruction(f, hdf5)
+        demos = sorted(f['data'].keys(), key=lambda k: int(re.sub(r'\D', '', k) or 0))
+        if max_demos:
+            demos = demos[:max_demos]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        bags = []
+        for name in demos:
+            g = f['data'][name]
+            if f'obs/{image_key}' not in g or 'actions' not in g:
+                keys = list(g['obs'].keys()) if 'obs' in g else []
+                raise BagError(f'{hdf5}: {name} lacks obs/{image_key} or actions (obs has: {", ".join(keys)})')
+            frames = np.asarray(g['obs'][image_key], dtype=np.uint8)
+            if rotate_180:
+                frames = frames[:, ::-1, ::-1]
+            actions = np.asarray(g['actions'], dtype=np.float64)
+            stem = re.sub(r'_demo$', '', hdf5.stem)
+            bags.append(write_episode(out_dir / f'{stem}_{name}', list(frames), actions, instruction, rate_hz, storage))
+    return bags
+
+
+def folder_to_bag(folder: str | Path, out: str | Path, rate_hz: float = 10.0, storage: str = 'mcap',
+                  instruction: str = '') -> Path:
+    """``frames/`` (images sorted by name) + ``actions.csv`` or ``actions.npy`` (N×7) + ``instruction.txt``."""
+    folder = Path(folder)
+    frame_dir = folder / 'frames' if (folder / 'frames').is_dir() else folder
+    files = sorted(p for p in frame_dir.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+    if not files:
+        raise BagError(f'{frame_dir}: no frames ({", ".join(FRAME_SUFFIXES)})')
+    if (folder / 'actions.npy').is_file():
+        actions = np.load(folder / 'actions.npy')
+    elif (folder / 'actions.csv').is_file():
+        actions = np.loadtxt(folder / 'actions.csv', delimiter=',', ndmin=2)
+    else:
+        raise BagError(f'{folder}: no actions.npy or actions.csv')
+    if actions.ndim != 2 or actions.shape[1] != 7 or len(actions) != len(files):
+        raise BagError(f'{folder}: actions have shape {actions.shape}, expected ({len(files)}, 7)')
+    if not instruction:
+        if not (folder / 'instruction.txt').is_file():
+            raise BagError(f'{folder}: no instruction.txt (or give --instruction)')
+        instruction = (folder / 'instruction.txt').read_text().strip()
+    frames = []
+    for p in files:
+        bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise BagError(f'{p}: cannot read image')
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    return write_episode(out, frames, actions, instruction, rate_hz, storage)
+
+
+def synthetic_episode(frames: int = 40, seed: int = 0, size: int = 256) -> tuple[list[np.ndarray], np.ndarray, str]:
+    """A scripted reach-grasp-carry episode of the demo camera: (frames, actions (N, 7), instruction)."""
+    from worldvla_ros.synthetic import SyntheticCamera
+
+    cam = SyntheticCamera(size=size, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    images, actions = [], []
+    for i in range(frames):
+        images.append(cam.render())
+        target = cam.block if i < frames // 2 else cam.bowl
+        delta = np.clip((target - cam.gripper[:2]) / 0.02, -0.9, 0.9)
+        a = np.zeros(7)
+        a[:2] = delta + rng.normal(0, 0.05, 2)
+        a[2] = -0.3 if i < frames // 2 else 0.3
+        a[3:6] = rng.normal(0, 0.02, 3)
+        a[6] = 1.0 if i >= frames // 3 else -1.0
+        actions.append(a)
+        cam.step(a)
+    return images, np.asarray(actions), 'put the red block in the bowl'
+
+
+def synthetic_bag(out: str | Path, frames: int = 40, seed: int = 0, storage: str = 'mcap',
+                  rate_hz: float = 10.0, size: int = 256) -> Path:
+    images, actions, instruction = synthetic_episode(frames, seed, size)
+    return write_episode(out, images, actions, instruction, rate_hz, storage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='convert_to_bag', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='source', required=True)
+    lib = sub.add_parser('libero', help='LIBERO demonstration HDF5 → one bag per demo')
+    lib.add_argument('hdf5')
+    lib.add_argument('out_dir')
+    lib.add_argument('--image-key', default='agentview_rgb')
+    lib.add_argument('--rate', type=float, default=20.0, help='Hz (LIBERO control rate: 20)')
+    lib.add_argument('--rotate-180', action='store_true', help='store frames turned by 180° (see above)')
+    lib.add_argument('--max-demos', type=int, default=0)
+    fol = sub.add_parser('folder', help='frames + actions + instruction.txt → one bag')
+    fol.add_argument('folder')
+    fol.add_argument('out')
+    fol.add_argument('--rate', type=float, default=10.0)
+    fol.add_argument('--instruction', default='')
+    syn = sub.add_parser('synthetic', help='a small scripted episode of the demo camera')
+    syn.add_argument('out')
+    syn.add_argument('--frames', type=int, default=40)
+    syn.add_argument('--seed', type=int, default=0)
+    syn.add_argument('--rate', type=float, default=10.0)
+    for p in (lib, fol, syn):
+        p.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap')
+    args = parser.parse_args(argv)
+    try:
+        if args.source == 'libero':
+            bags = libero_to_bags(args.hdf5, args.out_dir, args.image_key, args.rate, args.storage,
+                                  args.rotate_180, args.max_demos)
+        elif args.source == 'folder':
+            bags = [folder_to_bag(args.folder, args.out, args.rate, args.storage, args.instruction)]
+        else:
+            bags = [synthetic_bag(args.out, args.frames, args.seed, args.storage, args.rate)]
+    except (BagError, FileExistsError, ValueError) as exc:
+        print(f'convert_to_bag: error: {exc}', file=sys.stderr)
+        return 2
+    for b in bags:
+        print(b)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

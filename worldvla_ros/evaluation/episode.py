@@ -1,0 +1,221 @@
+"""One recorded episode: camera frames, instruction and ground-truth actions, aligned per frame."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worldvla_ros.image_conversion import ImageRejected, compressed_msg_to_rgb, image_msg_to_rgb
+
+from .bag_io import (
+    ACTION_CHUNK,
+    COMPRESSED,
+    EE_COMMAND,
+    FLOAT_ARRAY,
+    IMAGE,
+    STRING,
+    TWIST,
+    BagError,
+    BagReader,
+    BagWriter,
+    ee_command_msg,
+    image_msg,
+    stamp_ns,
+    string_msg,
+)
+
+ACTION_TYPES = (EE_COMMAND, ACTION_CHUNK, TWIST, FLOAT_ARRAY)
+GRIPPER_TYPES = ('std_msgs/msg/Float64', 'std_msgs/msg/Float32', 'std_msgs/msg/Bool')
+
+
+@dataclass
+class TopicMap:
+    """Which bag topics hold what. Empty names are found by message type when unambiguous."""
+
+    image: str = ''
+    instruction: str = ''
+    actions: str = ''
+    gripper: str = ''  # with TwistStamped ground truth: Float64/Float32 (value) or Bool (closed)
+    instruction_text: str = ''  # overrides the instruction topic
+    time_source: str = 'header'  # header stamps where a message has one, else the recording time
+
+
+@dataclass
+class Episode:
+    name: str
+    instruction: str
+    frame_ns: np.ndarray  # (N,) int64 time of each frame
+    frames: list[np.ndarray]  # N × (H, W, 3) uint8 RGB, as image_msg_to_rgb returns them
+    actions: np.ndarray  # (N, 7) ground truth per frame; NaN where the bag has none
+    action_source: str = ''
+    rejected_frames: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def period_s(self) -> float:
+        return float(np.median(np.diff(self.frame_ns)) * 1e-9) if len(self.frame_ns) > 1 else 0.0
+
+    def frame_index(self, ns: int, tolerance_ns: int = 1_000_000) -> int | None:
+        i = int(np.searchsorted(self.frame_ns, ns))
+        best = min((j for j in (i - 1, i) if 0 <= j < len(self.frame_ns)),
+                   key=lambda j: abs(int(self.frame_ns[j]) - ns), default=None)
+        if best is None or abs(int(self.frame_ns[best]) - ns) > tolerance_ns:
+            return None
+        return best
+
+
+def _pick(reader: BagReader, given: str, types: Sequence[str], what: str, flag: str) -> str:
+    if given:
+        if given not in reader.topics:
+            raise BagError(f'{reader.path}: no topic {given!r} for the {what} '
+                           f'(the bag has: {", ".join(sorted(reader.topics)) or "no topics"})')
+        if reader.topics[given] not in types:
+            raise BagError(f'{reader.path}: topic {given!r} is {reader.topics[given]}, the {what} must be one of '
+                           f'{", ".join(types)}')
+        return given
+    found = reader.topics_of_type(*types)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise BagError(f'{reader.path}: the bag has no {what} topic (a {" or ".join(types)}); it has: '
+                       f'{", ".join(f"{t} [{m}]" for t, m in sorted(reader.topics.items())) or "no topics"}')
+    raise BagError(f'{reader.path}: several {what} topics ({", ".join(found)}); choose one with {flag}')
+
+
+def _time(m: Any, use_header: bool) -> int:
+    h = getattr(m.msg, 'header', None)
+    return stamp_ns(h.stamp) if use_header and h is not None else m.time_ns
+
+
+def _action_of(msgtype: str, msg: Any) -> np.ndarray:
+    if msgtype == EE_COMMAND:
+        return np.asarray(msg.action, dtype=np.float64)
+    if msgtype == TWIST:
+        t = msg.twist
+        return np.array([t.linear.x, t.linear.y, t.linear.z, t.angular.x, t.angular.y, t.angular.z, np.nan])
+    data = np.asarray(msg.data, dtype=np.float64)
+    if data.size < 7:
+        raise BagError(f'Float64MultiArray action has {data.size} values, 7 are needed')
+    return data[:7]
+
+
+def read_episode(path: str | Path, topics: TopicMap | None = None) -> Episode:
+    """Frames (decoded with the action node's own conversion) and per-frame ground truth."""
+    topics = topics or TopicMap()
+    use_header = topics.time_source == 'header'
+    with BagReader(path) as reader:
+        image_topic = _pick(reader, topics.image, (IMAGE, COMPRESSED), 'camera image', '--image-topic')
+        action_topic = _pick(reader, topics.actions, ACTION_TYPES, 'ground-truth action', '--action-topic')
+        action_type = reader.topics[action_topic]
+        gripper_topic = ''
+        if action_type == TWIST and topics.gripper:
+            gripper_topic = _pick(reader, topics.gripper, GRIPPER_TYPES, 'gripper', '--gripper-topic')
+        instruction = topics.instruction_text
+        instruction_topic = ''
+        if not instruction:
+            instruction_topic = _pick(reader, topics.instruction, (STRING,), 'instruction', '--instruction-topic')
+        if reader.counts.get(image_topic, 0) == 0:
+            raise BagError(f'{reader.path}: topic {image_topic} holds no messages')
+
+        frame_ns, frames, rejected = [], [], {}
+        act_ns, acts, grip_ns, grips = [], [], [], []
+        wanted = [t for t in (image_topic, action_topic, gripper_topic, instruction_topic) if t]
+        for m in reader.messages(wanted):
+            if m.topic == image_topic:
+                try:
+                    rgb = compressed_msg_to_rgb(m.msg) if m.msgtype == COMPRESSED else image_msg_to_rgb(m.msg)
+                except ImageRejected as exc:
+                    rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
+                    continue
+                frame_ns.append(_time(m, use_header))
+                frames.append(np.array(rgb))
+            elif m.topic == action_topic:
+                if m.msgtype == ACTION_CHUNK:
+                    t0 = _time(m, use_header)
+                    for i, c in enumerate(m.msg.commands):
+                        act_ns.append((t0, i))
+                        acts.append(np.asarray(c.action, dtype=np.float64))
+                else:
+                    act_ns.append((_time(m, use_header), 0))
+                    acts.append(_action_of(m.msgtype, m.msg))
+            elif m.topic == gripper_topic:
+                grip_ns.append(_time(m, False))
+                grips.append((1.0 if m.msg.data else -1.0) if m.msgtype.endswith('Bool') else float(m.msg.data))
+            elif m.topic == instruction_topic and not instruction:
+                instruction = ' '.join(m.msg.data.split())
+    if not frames:
+        raise BagError(f'{path}: every frame on {image_topic} was rejected ({rejected})')
+    if not instruction:
+        raise BagError(f'{path}: no instruction (topic {instruction_topic} is empty); give --instruction')
+    order = np.argsort(frame_ns, kind='stable')
+    frame_ns_arr = np.asarray(frame_ns, dtype=np.int64)[order]
+    frames = [frames[i] for i in order]
+    gt = align_actions(frame_ns_arr, act_ns, acts)
+    if gripper_topic:
+        # the gripper command in force during step i: the last one before frame i+1
+        step_end = np.append(frame_ns_arr[1:] - 1, np.iinfo(np.int64).max)
+        gt[:, 6] = _hold_values(step_end, np.asarray(grip_ns, dtype=np.int64), np.asarray(grips))
+    if np.all(np.isnan(gt[:, :6])):
+        raise BagError(f'{path}: no action on {action_topic} lines up with a camera frame; '
+                       'try --time-source bag')
+    return Episode(Path(path).name, instruction, frame_ns_arr, frames, gt, f'{action_topic} [{action_type}]',
+                   rejected)
+
+
+def align_actions(frame_ns: np.ndarray, act_ns: Sequence[tuple[int, int]], acts: Sequence[np.ndarray]) -> np.ndarray:
+    """Ground truth of frame i: the first action stamped at or after it (and before frame i+1).
+
+    ``act_ns`` holds (stamp, offset): offset k > 0 (the k-th command of a recorded chunk) counts
+    k frames on from the frame at ``stamp``. A later recorded chunk overrides an earlier one.
+    """
+    n = len(frame_ns)
+    gt = np.full((n, 7), np.nan)
+    if n == 0:
+        return gt
+    tol = 1_000_000  # header stamps copied from the frame may round by < 1 ms
+    for (t, k), a in zip(act_ns, acts, strict=True):
+        i = int(np.searchsorted(frame_ns, t + tol, side='right')) - 1
+        if i < 0:
+            continue  # commanded before the first frame
+        if k == 0 and not np.all(np.isnan(gt[i])):
+            continue  # several commands between two frames: the first one answers the frame
+        if i + k < n:
+            gt[i + k] = a
+    return gt
+
+
+def _hold_values(at_ns: np.ndarray, ns: np.ndarray, values: np.ndarray) -> np.ndarray:
+    if len(ns) == 0:
+        return np.full(len(at_ns), np.nan)
+    idx = np.searchsorted(ns, at_ns, side='right') - 1
+    out = values[np.clip(idx, 0, None)].astype(np.float64)
+    out[idx < 0] = np.nan
+    return out
+
+
+def write_episode(
+    path: str | Path,
+    frames: Sequence[np.ndarray],
+    actions: np.ndarray,
+    instruction: str,
+    rate_hz: float = 10.0,
+    storage: str = 'mcap',
+    start_ns: int = 1_700_000_000_000_000_000,
+    image_topic: str = '/camera/image_raw',
+    action_topic: str = '/teleop/ee_command',
+    instruction_topic: str = '/instruction',
+) -> Path:
+    """A bag as a teleoperated robot records it: frame i at t_i, then the command sent for it."""
+    actions = np.asarray(actions, dtype=np.float64).reshape(-1, 7)
+    if len(actions) != len(frames):
+        raise ValueError(f'{len(frames)} frames but {len(actions)} actions')
+    period = round(1e9 / rate_hz)
+    with BagWriter(path, storage) as bag:
+        bag.write(instruction_topic, STRING, start_ns, string_msg(instruction))
+        for i, (rgb, a) in enumerate(zip(frames, actions, strict=True)):
+            t = start_ns + i * period
+            bag.write(image_topic, IMAGE, t + 1000, image_msg(rgb, t))
+            bag.write(action_topic, EE_COMMAND, t + 2000, ee_command_msg(a, t, sequence=i))
+    return Path(path)

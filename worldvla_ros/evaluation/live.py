@@ -1,0 +1,215 @@
+"""Live replay: the bag plays through rclpy with /clock, the real nodes answer, outputs are recorded.
+
+Per bag: start the nodes (``use_sim_time``), wait until they subscribe, publish the instruction,
+play the camera messages byte for byte at their recorded times (scaled by ``--rate``) while
+/clock advances, keep the clock running until the last chunk has been executed, record every
+output topic into ``OUT/outputs_<bag>`` (mcap), stop the nodes, and score that recording.
+"""
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worldvla_ros.model.checkpoint import CheckpointError
+
+from .bag_io import ACTION_CHUNK, COMPRESSED, EE_COMMAND, FLOAT_ARRAY, IMAGE, BagReader, BagWriter, stamp_ns
+from .episode import Episode, _pick
+from .scoring import ChunkRecord, ExecutedAction, ImaginedFrame, RunRecord
+
+OUTPUTS = {
+    'worldvla/action_chunk': ACTION_CHUNK,
+    'worldvla/ee_command': EE_COMMAND,
+    'worldvla/imagined_image': IMAGE,
+    'worldvla/surprise': FLOAT_ARRAY,
+    '/diagnostics': 'diagnostic_msgs/msg/DiagnosticArray',
+}
+READY_TIMEOUT_S = 180.0
+
+
+def evaluate_live(args: argparse.Namespace, episodes: list[Episode], config: Path,
+                  control_rate_hz: float) -> tuple[list[RunRecord], dict[str, Any]]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, info = [], {}
+    for bag, episode in zip(args.bags, episodes, strict=True):
+        recording = out / f'outputs_{Path(bag).name}'
+        if recording.exists():
+            import shutil
+
+            shutil.rmtree(recording)
+        played = play_and_record(args, Path(bag), episode, config, recording, control_rate_hz)
+        run, info = score_recording(recording, episode, played)
+        runs.append(run)
+    return runs, info
+
+
+def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, config: Path, recording: Path,
+                    control_rate_hz: float) -> int:
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rosgraph_msgs.msg import Clock
+    from sensor_msgs.msg import CompressedImage, Image
+    from std_msgs.msg import String
+
+    from worldvla_ros.bringup import start_nodes, stop_nodes
+    from worldvla_ros.nodes.common import image_qos, latched_qos, reliable_qos
+
+    with BagReader(bag) as reader:
+        image_topic = _pick(reader, args.image_topic, (IMAGE, COMPRESSED), 'camera image', '--image-topic')
+        compressed = reader.topics[image_topic] == COMPRESSED
+        messages = list(reader.raw_messages([image_topic]))
+    use_wm = not args.no_world_model and not compressed
+    extra = {'use_sim_time': 'true', 'horizon': str(args.wm_horizon), 'dtype': args.dtype,
+             'use_compressed': str(compressed).lower()}
+    if args.tokenizer_dir:
+        extra['tokenizer_dir'] = args.tokenizer_dir
+    procs = start_nodes(args.checkpoint, config, args.device, use_world_model=use_wm, extra=extra)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node('worldvla_bag_player', context=context)
+    executor = SingleThreadedExecutor(context=context)
+    writer = BagWriter(recording, 'mcap')
+    t0 = messages[0][2]
+    wall0 = [time.monotonic()]
+    rate = max(args.rate, 1e-3)
+
+    def sim_now() -> int:
+        return t0 + int((time.monotonic() - wall0[0]) * rate * 1e9)
+
+    def recorder(topic: str, msgtype: str):
+        def callback(data: bytes) -> None:
+            writer.write_raw(topic, msgtype, sim_now(), data)
+        return callback
+
+    try:
+        for topic, msgtype in OUTPUTS.items():
+            node.create_subscription(_rclpy_type(msgtype), topic, recorder(topic, msgtype), reliable_qos(100),
+                                     raw=True)
+        clock_pub = node.create_publisher(Clock, '/clock', 10)
+        image_pub = (node.create_publisher(CompressedImage, 'camera/image_raw/compressed', image_qos(5))
+                     if compressed else node.create_publisher(Image, 'camera/image_raw', image_qos(5)))
+        executor.add_node(node)
+        spinner = threading.Thread(target=executor.spin, daemon=True)
+        spinner.start()
+
+        def publish_clock(ns: int) -> None:
+            clock = Clock()
+            clock.clock.sec, clock.clock.nanosec = divmod(int(ns), 1_000_000_000)
+            clock_pub.publish(clock)
+
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while image_pub.get_subscription_count() < len(procs):
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                raise CheckpointError(f'a node exited with code {dead[0].returncode} before it was ready '
+                                      '(its log is above)')
+            if time.monotonic() > deadline:
+                raise CheckpointError(f'the nodes were not ready after {READY_TIMEOUT_S:.0f} s')
+            publish_clock(t0)
+            time.sleep(0.05)
+        node.create_publisher(String, 'instruction', latched_qos()).publish(String(data=episode.instruction))
+        publish_clock(t0)
+        time.sleep(0.5)  # the instruction reaches the node before the first frame
+
+        wall0[0] = time.monotonic()
+        i = 0
+        tail_ns = int((2 * args.wm_horizon + 2 * 10) / control_rate_hz * 1e9)  # let queued commands run out
+        end = messages[-1][2] + tail_ns
+        while True:
+            now = sim_now()
+            publish_clock(now)
+            while i < len(messages) and messages[i][2] <= now:
+                image_pub.publish(messages[i][3])
+                i += 1
+            if now >= end:
+                break
+            time.sleep(0.005)
+        time.sleep(0.3)
+    finally:
+        stop_nodes(procs)
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+        writer.close()
+    return len(messages)
+
+
+def _rclpy_type(msgtype: str) -> type:
+    import importlib
+
+    pkg, _, name = msgtype.split('/')
+    return getattr(importlib.import_module(f'{pkg}.msg'), name)
+
+
+def score_recording(recording: Path, episode: Episode, frames_played: int) -> tuple[RunRecord, dict[str, Any]]:
+    """Chunks, executed commands, surprise and counters of a recording, against the episode."""
+    from worldvla_ros.model.image_tokenizer import to_model_frame
+
+    run = RunRecord(episode.name, 'live', episode.actions)
+    diag: dict[str, str] = {}
+    info: dict[str, Any] = {'model_id': '', 'device': '', 'chunk_size': 0, 'history_frames': 0}
+    holds = unmatched = 0
+    used: set[int] = set()
+    with BagReader(recording) as reader:
+        for m in reader.messages(list(reader.topics)):
+            if m.msgtype == ACTION_CHUNK:
+                c = m.msg
+                f = episode.frame_index(stamp_ns(c.header.stamp))
+                if f is None or not len(c.commands):
+                    unmatched += 1
+                    continue
+                used.add(f)
+                actions = np.array([cmd.action for cmd in c.commands])
+                raw = np.asarray(c.raw_actions, dtype=np.float64).reshape(-1, 7)
+                run.chunks.append(ChunkRecord(f, actions, raw, float(c.inference_latency),
+                                              (m.time_ns - stamp_ns(c.header.stamp)) * 1e-9))
+                info.update(model_id=c.model_id, chunk_size=max(info['chunk_size'], len(c.commands)),
+                            history_frames=max(info['history_frames'], len(c.observation_stamps)))
+            elif m.msgtype == EE_COMMAND:
+                cmd = m.msg
+                if cmd.hold:
+                    holds += 1
+                    continue
+                f = episode.frame_index(stamp_ns(cmd.header.stamp))
+                if f is None:
+                    unmatched += 1
+                    continue
+                seam = cmd.index == 0 and bool(run.executed)
+                run.executed.append(ExecutedAction(f + int(cmd.index), np.asarray(cmd.action, dtype=np.float64), seam))
+            elif m.msgtype == FLOAT_ARRAY and m.topic.endswith('surprise') and len(m.msg.data) >= 3:
+                step, p, s = m.msg.data[:3]
+                run.imagined.append(ImaginedFrame(int(step), float(p), float(s)))
+            elif m.msgtype == IMAGE and len(run.strip) < 6:
+                f = episode.frame_index(stamp_ns(m.msg.header.stamp), tolerance_ns=50_000_000)
+                if f is not None:
+                    from worldvla_ros.image_conversion import image_msg_to_rgb
+
+                    imagined = np.array(image_msg_to_rgb(m.msg))
+                    real = to_model_frame(episode.frames[f], imagined.shape[0], rotate_180=False)
+                    run.strip.append((f, real, imagined))
+            elif m.msgtype.startswith('diagnostic_msgs'):
+                for s in m.msg.status:
+                    if s.hardware_id == 'worldvla_action':
+                        for kv in s.values:  # counters only grow: keep the largest seen
+                            if kv.value.isdigit():
+                                diag[kv.key] = str(max(int(kv.value), int(diag.get(kv.key, 0))))
+                            else:
+                                diag[kv.key] = kv.value
+    info['device'] = diag.get('device', '')
+    n = lambda k: int(diag.get(k, 0))  # noqa: E731
+    run.counts = {
+        'frames': frames_played,
+        'frames_received_by_node': n('frames_received'),
+        'frames_dropped': n('frames_dropped'),
+        'frames_stale': n('rejected_stale'),
+        'frames_never_used': frames_played - len(used),
+        'holds': holds,
+        'outputs_without_frame': unmatched,
+        'inference_errors': n('inference_errors'),
+    }
+    return run, info

@@ -1,0 +1,173 @@
+"""Scores of one evaluation run: what the policy commanded vs what the bag recorded.
+
+Pure NumPy on plain records, so lockstep and live runs are scored by the same code and the
+tests can check every number by hand.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+DIMS = ('dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper')
+
+
+@dataclass
+class ChunkRecord:
+    frame: int  # index of the observation frame the chunk was computed from
+    actions: np.ndarray  # (K, 7) after the safety filter: what the node would command
+    raw: np.ndarray  # (K, 7) the model's output
+    latency_s: float  # inference
+    end_to_end_s: float | None = None  # frame stamp → chunk received (live mode)
+
+
+@dataclass
+class ExecutedAction:
+    gt_index: int  # the frame whose recorded action it is compared with
+    action: np.ndarray  # (7,)
+    seam: bool  # first action of a chunk that follows another chunk
+
+
+@dataclass
+class ImaginedFrame:
+    step: int  # horizon step, 1 = the frame after the observation
+    psnr: float
+    ssim: float
+
+
+@dataclass
+class RunRecord:
+    """Everything one episode produced, in either mode."""
+
+    episode: str
+    mode: str
+    gt: np.ndarray  # (N, 7) recorded actions per frame (NaN = none)
+    chunks: list[ChunkRecord] = field(default_factory=list)
+    executed: list[ExecutedAction] = field(default_factory=list)
+    imagined: list[ImaginedFrame] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # frames, dropped, stale, holds, rejected …
+    strip: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)  # (frame, real, imagined)
+
+
+def executed_from_chunks(chunks: Sequence[ChunkRecord], n_frames: int, replan_every: int = 0) -> list[ExecutedAction]:
+    """Lockstep execution: each chunk runs until the next one was computed (its frame)."""
+    out: list[ExecutedAction] = []
+    for j, c in enumerate(chunks):
+        stop = chunks[j + 1].frame if j + 1 < len(chunks) else min(n_frames, c.frame + len(c.actions))
+        for k in range(min(len(c.actions), stop - c.frame)):
+            out.append(ExecutedAction(c.frame + k, c.actions[k], seam=(k == 0 and j > 0)))
+    return out
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 6) if len(values) else None
+
+
+def _per_dim(values: np.ndarray) -> dict[str, float | None]:
+    return {d: (None if np.isnan(v) else round(float(v), 9)) for d, v in zip(DIMS, values, strict=True)}
+
+
+def _nanmean(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    with np.errstate(invalid='ignore'):
+        count = np.sum(~np.isnan(x), axis=axis)
+        total = np.nansum(x, axis=axis)
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def action_scores(runs: Sequence[RunRecord], gripper_threshold: float = 0.0) -> dict[str, Any]:
+    """L1/RMSE per dimension, gripper accuracy, error per chunk position, steps at chunk seams."""
+    pred, true, seam_flags, prev_pred, prev_true = [], [], [], [], []
+    for run in runs:
+        last: ExecutedAction | None = None
+        for e in run.executed:
+            if e.gt_index < len(run.gt):
+                pred.append(e.action)
+                true.append(run.gt[e.gt_index])
+                seam_flags.append(e.seam)
+                consecutive = last is not None and e.gt_index == last.gt_index + 1
+                prev_pred.append(last.action if consecutive else np.full(7, np.nan))
+                prev_true.append(run.gt[last.gt_index] if consecutive else np.full(7, np.nan))
+            last = e
+    if not pred:
+        return {'actions_compared': 0}
+    pred_a, true_a = np.asarray(pred), np.asarray(true)
+    err = pred_a - true_a
+    out: dict[str, Any] = {
+        'actions_compared': int(np.sum(~np.isnan(err[:, :6]).any(axis=1))),
+        'l1': _per_dim(_nanmean(np.abs(err))),
+        'rmse': _per_dim(np.sqrt(_nanmean(err**2))),
+    }
+    g_ok = ~np.isnan(err[:, 6])
+    out['gripper_accuracy'] = (round(float(np.mean((pred_a[g_ok, 6] > gripper_threshold)
+                                                   == (true_a[g_ok, 6] > gripper_threshold))), 6)
+                               if g_ok.any() else None)
+
+    # every predicted position (executed or not) against the frame it was meant for
+    k_max = max((len(c.actions) for r in runs for c in r.chunks), default=0)
+    per_pos = [[] for _ in range(k_max)]
+    for run in runs:
+        for c in run.chunks:
+            for k, a in enumerate(c.actions):
+                if c.frame + k < len(run.gt):
+                    per_pos[k].append(np.abs(a - run.gt[c.frame + k]))
+    out['l1_by_chunk_position'] = [
+        {'position': k, 'n': len(v), 'l1_mean': (round(float(np.nanmean(np.asarray(v))), 6) if v else None),
+         'l1': _per_dim(_nanmean(np.asarray(v))) if v else None}
+        for k, v in enumerate(per_pos)
+    ]
+
+    # |a_n − a_{n−1}| between consecutive executed actions: at seams vs inside chunks, and the
+    # recorded actions' own steps at the same places for reference
+    step_pred = np.abs(pred_a - np.asarray(prev_pred))
+    step_true = np.abs(true_a - np.asarray(prev_true))
+    seam = np.asarray(seam_flags)
+    inner = ~seam & ~np.isnan(step_pred[:, 0])
+    out['step_at_seams'] = _per_dim(_nanmean(step_pred[seam])) if seam.any() else None
+    out['step_within_chunks'] = _per_dim(_nanmean(step_pred[inner])) if inner.any() else None
+    out['recorded_step_at_seams'] = _per_dim(_nanmean(step_true[seam])) if seam.any() else None
+    out['seams'] = int(seam.sum())
+    return out
+
+
+def world_model_scores(runs: Sequence[RunRecord]) -> dict[str, Any]:
+    frames = [f for r in runs for f in r.imagined]
+    steps = sorted({f.step for f in frames})
+    by_step = []
+    for s in steps:
+        ps = np.array([f.psnr for f in frames if f.step == s])
+        ss = np.array([f.ssim for f in frames if f.step == s])
+        finite = ps[np.isfinite(ps)]
+        by_step.append({'step': s, 'n': len(ps),
+                        'psnr_db': round(float(finite.mean()), 4) if len(finite) else None,
+                        'identical_frames': int(np.sum(~np.isfinite(ps))),
+                        'ssim': round(float(ss.mean()), 6)})
+    return {'imagined_frames': len(frames), 'by_horizon_step': by_step}
+
+
+def timing_scores(runs: Sequence[RunRecord], control_rate_hz: float, deadline_s: float = 0.0) -> dict[str, Any]:
+    """Latency percentiles; a deadline miss is a chunk that took longer than it lasts (or ``deadline_s``)."""
+    lat, e2e, misses = [], [], 0
+    for run in runs:
+        for c in run.chunks:
+            lat.append(c.latency_s)
+            taken = c.end_to_end_s if c.end_to_end_s is not None else c.latency_s
+            if c.end_to_end_s is not None:
+                e2e.append(c.end_to_end_s)
+            budget = deadline_s or len(c.actions) / control_rate_hz
+            misses += taken > budget
+    counts: dict[str, int] = {}
+    for run in runs:
+        for k, v in run.counts.items():
+            counts[k] = counts.get(k, 0) + int(v)
+    return {
+        'chunks': len(lat),
+        'inference_ms': {q: (None if (v := _pct(lat, p)) is None else round(v * 1e3, 3))
+                         for q, p in (('p50', 50), ('p95', 95), ('p99', 99))},
+        'end_to_end_ms': {q: (None if (v := _pct(e2e, p)) is None else round(v * 1e3, 3))
+                          for q, p in (('p50', 50), ('p95', 95), ('p99', 99))} if e2e else None,
+        'deadline': f'{deadline_s} s' if deadline_s else 'chunk length / control_rate_hz',
+        'deadline_misses': int(misses),
+        **counts,
+    }
