@@ -8,7 +8,13 @@ from .action_tokenizer import ActionTokenizer
 from .attention_mask import action_attention_mask
 from .checkpoint import CheckpointError
 from .config import BackboneConfig, VQGANConfig, WorldVLAConfig
-from .generate import ImageSampling, generate_chunk_batched, generate_chunk_sequential, generate_image_block
+from .generate import (
+    ImageSampling,
+    NonFiniteLogits,
+    generate_chunk_batched,
+    generate_chunk_sequential,
+    generate_image_block,
+)
 from .image_tokenizer import ImageTokenizer, image_block_length, to_model_frame
 from .policy import ActionPrediction, Timing, WorldVLAPolicy, load_policy
 from .text_tokenizer import TextTokenizer
@@ -21,6 +27,7 @@ __all__ = [
     'CheckpointError',
     'ImageSampling',
     'ImageTokenizer',
+    'NonFiniteLogits',
     'TextTokenizer',
     'Timing',
     'VQGANConfig',

@@ -18,6 +18,10 @@ from .attention_mask import action_attention_mask_rows, additive_mask
 _BIN_IDS = torch.arange(T.ACTION_BIN_FIRST, T.ACTION_BIN_LAST + 1)
 
 
+class NonFiniteLogits(RuntimeError):
+    """The model produced NaN/inf logits: argmax would still pick a token, so stop here instead."""
+
+
 class DecodeSession:
     """One sequence (B=1) being extended token by token over a KV cache, with the action mask."""
 
@@ -52,7 +56,10 @@ def forward_logits(
     out = lm.model(
         input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
     )
-    return lm.lm_head(out.last_hidden_state[:, -1]).float()
+    logits = lm.lm_head(out.last_hidden_state[:, -1]).float()
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits('the model produced NaN/inf logits (broken weights or numerical overflow)')
+    return logits
 
 
 def _pick(logits: torch.Tensor, allowed: torch.Tensor | None) -> int:

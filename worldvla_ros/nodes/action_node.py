@@ -26,6 +26,7 @@ from worldvla.msg import ActionChunk, EndEffectorCommand
 
 from worldvla_ros.image_conversion import ImageRejected, compressed_msg_to_rgb, image_msg_to_rgb
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
+from worldvla_ros.model.generate import NonFiniteLogits
 from worldvla_ros.nodes.common import (
     MODEL_PARAMETERS,
     Param,
@@ -126,7 +127,10 @@ class ActionNode(Node):
         t0 = time.perf_counter()
         policy = load_node_policy(p, **overrides)
         if p['warmup']:
-            policy.warmup()
+            try:
+                policy.warmup()
+            except Exception as exc:  # a model that cannot answer must not go active
+                raise StartupError(f'warm-up inference failed: {exc}') from exc
         self.get_logger().info(f'loaded {policy.model_id} in {time.perf_counter() - t0:.1f} s')
         return policy
 
@@ -224,6 +228,8 @@ class ActionNode(Node):
                 continue
             try:
                 self._infer(history, instruction, version)
+            except NonFiniteLogits as exc:
+                self._reject('non_finite_output', str(exc))
             except Exception as exc:  # never let one bad inference kill the worker
                 if not self.context.ok():
                     return  # shutting down
