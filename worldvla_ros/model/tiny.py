@@ -71,25 +71,46 @@ def make_tiny_checkpoint(
     shards: int = 2,
 ) -> Path:
     """Write ``config.json``, sharded safetensors + index and ``tokenizer/`` under ``path``."""
+    torch.manual_seed(seed)
+    vocab = build_vocab(seed)
+    lm = build_lm(backbone, vq, vocab)
+    return write_checkpoint(path, lm, backbone, VQGAN(vq), vocab,
+                            settings or WorldVLAConfig(resolution=vq.resolution), shards=shards)
+
+
+def hf_config(backbone: BackboneConfig, vq: VQGANConfig, vocab: dict[str, int]) -> dict:
+    cfg = backbone.to_hf_dict()
+    cfg.update(vq_config=vq.to_hf_dict(), vocabulary_map=vocab, torch_dtype='float32', z_loss_weight=1e-5,
+               dropout=0.0, mask_image_logits=False)
+    return cfg
+
+
+def build_lm(backbone: BackboneConfig, vq: VQGANConfig, vocab: dict[str, int]) -> ChameleonForConditionalGeneration:
+    """A randomly initialized backbone (without the unused built-in VQ model)."""
+    lm = ChameleonForConditionalGeneration(ChameleonConfig.from_dict(hf_config(backbone, vq, vocab)))
+    del lm.model.vqmodel
+    return lm.eval()
+
+
+def write_checkpoint(
+    path: str | Path,
+    lm: ChameleonForConditionalGeneration,
+    backbone: BackboneConfig,
+    vqgan: VQGAN,
+    vocab: dict[str, int],
+    settings: WorldVLAConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    shards: int = 2,
+) -> Path:
+    """The published layout: config.json, sharded safetensors + index, tokenizer/ (text, vqgan)."""
     root = Path(path)
     tok_dir = root / 'tokenizer'
     tok_dir.mkdir(parents=True, exist_ok=True)
-    settings = settings or WorldVLAConfig(resolution=vq.resolution)
-    torch.manual_seed(seed)
-    vocab = build_vocab(seed)
-
-    cfg = backbone.to_hf_dict()
-    cfg.update(
-        vq_config=vq.to_hf_dict(),
-        vocabulary_map=vocab,
-        torch_dtype='float32',
-        z_loss_weight=1e-5,
-        dropout=0.0,
-        mask_image_logits=False,
-        worldvla=settings.to_dict(),
-    )
-    lm = ChameleonForConditionalGeneration(ChameleonConfig.from_dict(cfg)).eval()
-    state = {k: v.contiguous() for k, v in lm.state_dict().items() if not k.startswith('model.vqmodel.')}
+    cfg = hf_config(backbone, vqgan.cfg, vocab)
+    cfg.update(torch_dtype=str(dtype).removeprefix('torch.'), worldvla=settings.to_dict())
+    state = {k: v.detach().to(dtype).contiguous() for k, v in lm.state_dict().items()
+             if not k.startswith('model.vqmodel.')}
     for k in list(state):
         if k.endswith(('q_norm.weight', 'q_norm.bias', 'k_norm.weight', 'k_norm.bias')):
             state[k] = state[k][:1].clone()  # the release stores one shared row
@@ -105,11 +126,9 @@ def make_tiny_checkpoint(
         json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2)
     )
     (root / 'config.json').write_text(json.dumps(cfg, indent=2))
-
     build_text_tokenizer(vocab).save(str(tok_dir / 'text_tokenizer.json'))
-    (tok_dir / 'vqgan.yaml').write_text(yaml.safe_dump(vq.to_yaml_dict(), sort_keys=False))
-    vqgan = VQGAN(vq)
-    torch.save({'state_dict': vqgan.state_dict()}, tok_dir / 'vqgan.ckpt')
+    (tok_dir / 'vqgan.yaml').write_text(yaml.safe_dump(vqgan.cfg.to_yaml_dict(), sort_keys=False))
+    torch.save({'state_dict': {k: v.detach().cpu() for k, v in vqgan.state_dict().items()}}, tok_dir / 'vqgan.ckpt')
     return root
 
 

@@ -1,0 +1,196 @@
+"""A tabletop with two blocks, a bowl and a plate, and a parallel gripper moved by 7-DoF deltas.
+
+Actions follow the release's convention and ranges (LIBERO OSC_POSE deltas, spec §4):
+Δx, Δy, Δz scaled by ``SimConfig.meters_per_unit`` per step, Δroll/Δpitch ignored, Δyaw turns the
+gripper, gripper −1 open / +1 closed. The camera looks down at the table through a pinhole
+(things nearer the camera look larger) and the gripper casts a shadow, so height is visible.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
+
+BLOCKS = {'red': (215, 40, 40), 'green': (40, 170, 60)}
+TARGETS = ('bowl', 'plate')
+TASKS = tuple(
+    (f'put the {b} block {"in the bowl" if t == "bowl" else "on the plate"}', b, t) for t in TARGETS for b in BLOCKS
+)
+TABLE = 0.5  # m, square table seen by the camera
+HOVER_Z = 0.08
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    image_size: int = 128
+    meters_per_unit: float = 0.02  # Δxyz per step for an action value of 1.0
+    max_steps: int = 100
+    grasp_radius: float = 0.03  # m, gripper-to-block distance (xy) that still grasps
+    grasp_height: float = 0.025  # m, the gripper must be this low to grasp
+    target_radius: float = 0.05  # m, a block released this close to the target's center counts
+    camera_height: float = 0.9  # m above the table
+
+
+@dataclass
+class SimState:
+    gripper: np.ndarray  # x, y, z (m)
+    yaw: float
+    closed: bool
+    blocks: dict[str, np.ndarray]  # name → x, y, z
+    targets: dict[str, np.ndarray]  # name → x, y
+    held: str | None = None
+    steps: int = 0
+    success: bool = False
+    trace: list[str] = field(default_factory=list)
+
+
+class TabletopSim:
+    """``reset(seed, task)`` → frame; ``step(action)`` → frame; ``success`` / ``done``."""
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config = config or SimConfig()
+        self.task: tuple[str, str, str] = TASKS[0]
+        self.state = self._layout(np.random.default_rng(0))
+        self._lo = np.asarray(LIBERO_ACTION_MIN)
+        self._hi = np.asarray(LIBERO_ACTION_MAX)
+
+    @property
+    def instruction(self) -> str:
+        return self.task[0]
+
+    @property
+    def success(self) -> bool:
+        return self.state.success
+
+    @property
+    def done(self) -> bool:
+        return self.state.success or self.state.steps >= self.config.max_steps
+
+    def reset(self, seed: int, task: int | None = None) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        self.task = TASKS[int(rng.integers(len(TASKS))) if task is None else task % len(TASKS)]
+        self.state = self._layout(rng)
+        return self.render()
+
+    @staticmethod
+    def _layout(rng: np.random.Generator) -> SimState:
+        spots: list[np.ndarray] = []
+        while len(spots) < 4:  # two blocks, bowl, plate; apart from each other
+            p = rng.uniform(0.08, TABLE - 0.08, 2)
+            if all(np.linalg.norm(p - q) > 0.12 for q in spots):
+                spots.append(p)
+        blocks = {name: np.array([*spots[i], 0.0]) for i, name in enumerate(BLOCKS)}
+        targets = {name: spots[2 + i] for i, name in enumerate(TARGETS)}
+        gripper = np.array([*rng.uniform(0.1, TABLE - 0.1, 2), rng.uniform(0.06, 0.12)])
+        return SimState(gripper, 0.0, False, blocks, targets)
+
+    def step(self, action: np.ndarray) -> np.ndarray:
+        """Apply one command (clamped to the release's ranges; non-finite → ignored)."""
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        s = self.state
+        if a.size != 7 or not np.all(np.isfinite(a)) or self.done:
+            return self.render()
+        a = np.clip(a, self._lo, self._hi)
+        c = self.config
+        s.gripper = s.gripper + a[:3] * c.meters_per_unit
+        s.gripper[:2] = np.clip(s.gripper[:2], 0.02, TABLE - 0.02)
+        s.gripper[2] = np.clip(s.gripper[2], 0.0, 0.2)
+        s.yaw = float(np.clip(s.yaw + a[5] * 0.1, -np.pi / 2, np.pi / 2))
+        close = a[6] > 0
+        if close and not s.closed:
+            for name, pos in s.blocks.items():
+                if np.linalg.norm(pos[:2] - s.gripper[:2]) < c.grasp_radius and s.gripper[2] < c.grasp_height:
+                    s.held = name
+                    break
+        elif not close and s.closed and s.held is not None:
+            block = s.blocks[s.held]
+            block[2] = 0.0
+            s.held = None
+            _, want_block, want_target = self.task
+            if np.linalg.norm(s.blocks[want_block][:2] - s.targets[want_target]) < c.target_radius:
+                s.success = True
+        s.closed = close
+        if s.held is not None:
+            s.blocks[s.held] = np.array([s.gripper[0], s.gripper[1], max(s.gripper[2] - 0.01, 0.0)])
+        s.steps += 1
+        return self.render()
+
+    # -- camera ---------------------------------------------------------------------------
+    def _px(self, x: float, y: float, z: float = 0.0) -> tuple[tuple[int, int], float]:
+        """Pinhole from above the table's center: (pixel, scale) of a point at height z."""
+        c = self.config
+        scale = c.camera_height / (c.camera_height - z)
+        n = c.image_size
+        u = n / 2 + (x - TABLE / 2) / TABLE * n * 0.92 * scale
+        v = n / 2 + (y - TABLE / 2) / TABLE * n * 0.92 * scale
+        return (round(u), round(v)), scale
+
+    def render(self) -> np.ndarray:
+        s, n = self.state, self.config.image_size
+        k = n / 128  # sizes are drawn for 128 px
+        img = np.full((n, n, 3), (120, 110, 100), np.uint8)
+        (x0, y0), _ = self._px(0, 0)
+        (x1, y1), _ = self._px(TABLE, TABLE)
+        cv2.rectangle(img, (x0, y0), (x1, y1), (205, 180, 140), -1)  # table
+        bowl, _ = self._px(*s.targets['bowl'])
+        cv2.circle(img, bowl, round(12 * k), (60, 90, 200), -1)
+        cv2.circle(img, bowl, round(8 * k), (40, 60, 150), -1)
+        plate, _ = self._px(*s.targets['plate'])
+        cv2.circle(img, plate, round(12 * k), (235, 235, 235), -1)
+        cv2.circle(img, plate, round(12 * k), (160, 160, 160), max(1, round(k)))
+        for name, pos in s.blocks.items():
+            (u, v), sc = self._px(*pos)
+            h = round(5 * k * sc)
+            cv2.rectangle(img, (u - h, v - h), (u + h, v + h), BLOCKS[name], -1)
+        g = s.gripper
+        shadow, _ = self._px(g[0], g[1], 0.0)
+        cv2.circle(img, (shadow[0] + round(2 * k), shadow[1] + round(2 * k)), round((3 + 40 * g[2]) * k),
+                   (90, 80, 70), -1)
+        (u, v), sc = self._px(*g)
+        half = (3 if s.closed else 8) * k * sc
+        ca, sa = np.cos(s.yaw), np.sin(s.yaw)
+        for side in (-1, 1):
+            cx, cy = u + side * half * ca, v + side * half * sa
+            w, h = 2 * k * sc, 5 * k * sc
+            box = cv2.boxPoints(((cx, cy), (2 * w, 2 * h), np.degrees(s.yaw)))
+            cv2.fillConvexPoly(img, np.round(box).astype(np.int32), (35, 35, 35))
+        cv2.line(img, (round(u - half * ca), round(v - half * sa)), (round(u + half * ca), round(v + half * sa)),
+                 (35, 35, 35), max(1, round(2 * k * sc)))
+        return img
+
+
+def scripted_action(sim: TabletopSim, rng: np.random.Generator | None = None, noise: float = 0.0) -> np.ndarray:
+    """The expert: reach above the block, descend, close, lift, carry, lower, open."""
+    s, c = sim.state, sim.config
+    _, want_block, want_target = sim.task
+    a = np.zeros(7)
+    gain = 1.0 / c.meters_per_unit  # one step closes an error of meters_per_unit at full action
+
+    def toward(xy: np.ndarray, z: float, near: float = 0.008) -> bool:
+        err = xy - s.gripper[:2]
+        flat = np.linalg.norm(err) < near
+        a[:2] = err * gain * 0.8
+        if not flat and s.gripper[2] < HOVER_Z - 0.01 and np.linalg.norm(err) > 0.03:
+            a[2] = (HOVER_Z - s.gripper[2]) * gain  # lift before travelling
+            a[:2] *= 0.3
+        else:
+            a[2] = (z - s.gripper[2]) * gain if flat else (max(z, HOVER_Z) - s.gripper[2]) * gain * 0.5
+        return flat and abs(z - s.gripper[2]) < 0.006
+
+    if s.held != want_block:
+        if s.held is not None:  # the wrong block: put it down
+            a[6] = -1.0
+        else:
+            block = s.blocks[want_block]
+            there = toward(block[:2], 0.005)
+            a[6] = 1.0 if there else -1.0
+    else:
+        there = toward(s.targets[want_target], 0.03)
+        a[6] = -1.0 if there else 1.0
+    if rng is not None and noise > 0:
+        a[:3] += rng.normal(0, noise, 3)
+    a[:6] = np.clip(a[:6], LIBERO_ACTION_MIN[:6], LIBERO_ACTION_MAX[:6])
+    return a
