@@ -5,7 +5,7 @@ setup(
     name='worldvla-ros',
     version='0.1.0',
     packages=find_packages(include=['worldvla_ros', 'worldvla_ros.*']),
-    package_data={'worldvla_ros': ['py.typed']},
+    package_data={'worldvla_ros': ['py.typed', 'data/tabletop_model/*', 'data/tabletop_model/tokenizer/*']},
     python_requires='>=3.10',
     install_requires=[
         'numpy>=1.24',
@@ -36,6 +36,10 @@ setup(
             'make_tiny_checkpoint = worldvla_ros.model.tiny:main',
             'evaluate_bag = worldvla_ros.evaluation.cli:main',
             'convert_to_bag = worldvla_ros.evaluation.convert:main',
+            'sim_node = worldvla_ros.nodes.sim_node:main',
+            'record_demos = worldvla_ros.sim.record:main',
+            'worldvla_train = worldvla_ros.train.cli:main',
+            'worldvla_sim_eval = worldvla_ros.sim.closed_loop:main',
         ],
     },
 )

@@ -60,7 +60,8 @@ echo "import os, sys; os.environ.setdefault('AMENT_PREFIX_PATH', sys.prefix)" > 
 msgs_stamp=$(stamp_of "$repo"/msg/*.msg "$repo/CMakeLists.txt" "$repo/package.xml" \
   "$repo"/scripts/action_node "$repo"/scripts/world_model_node "$repo"/scripts/bringup \
   "$repo"/scripts/make_tiny_checkpoint "$repo"/scripts/evaluate_bag "$repo"/scripts/convert_to_bag \
-  "$repo"/launch/* "$repo"/config/*)
+  "$repo"/scripts/sim_node "$repo"/scripts/record_demos "$repo"/scripts/worldvla_train \
+  "$repo"/scripts/worldvla_sim_eval "$repo"/launch/* "$repo"/config/*)
 if [ "$(cat "$venv/.worldvla-msgs" 2>/dev/null)" != "$msgs_stamp" ]; then
   log "building msg/ and installing the package into the venv prefix"
   build="$venv/build-worldvla"

@@ -36,3 +36,27 @@ def tiny_policy(tiny_checkpoint):
 def frames() -> list[np.ndarray]:
     rng = np.random.default_rng(1)
     return [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(2)]
+
+
+@pytest.fixture
+def isolated_graph(monkeypatch: pytest.MonkeyPatch):
+    """A test node in a ROS domain of its own (nodes started in the test inherit it), spinning."""
+    import threading
+
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    domain = random.randint(102, 200)
+    monkeypatch.setenv('ROS_DOMAIN_ID', str(domain))
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain)
+    node = rclpy.create_node('worldvla_isolated_harness', context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    yield node
+    executor.shutdown()
+    spinner.join(timeout=5)
+    node.destroy_node()
+    rclpy.shutdown(context=context)

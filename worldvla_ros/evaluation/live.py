@@ -8,6 +8,7 @@ output topic into ``OUT/outputs_<bag>`` (mcap), stop the nodes, and score that r
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 import time
 from pathlib import Path
@@ -116,6 +117,10 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
         publish_clock(t0)
         time.sleep(0.5)  # the instruction reaches the node before the first frame
 
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(messages), unit='frame', desc=f'live {bag.name}', disable=args.no_progress,
+                   file=sys.stderr)
         wall0[0] = time.monotonic()
         i = 0
         tail_ns = int((2 * args.wm_horizon + 2 * 10) / control_rate_hz * 1e9)  # let queued commands run out
@@ -126,9 +131,11 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
             while i < len(messages) and messages[i][2] <= now:
                 image_pub.publish(messages[i][3])
                 i += 1
+                bar.update(1)
             if now >= end:
                 break
             time.sleep(0.005)
+        bar.close()
         time.sleep(0.3)
     finally:
         stop_nodes(procs)

@@ -33,6 +33,13 @@ def action_attention_mask_rows(input_ids: torch.Tensor, q_start: int) -> torch.T
     return causal[None] & ~(restricted[:, q, None] & other_action)
 
 
+def causal_mask_rows(input_ids: torch.Tensor, q_start: int) -> torch.Tensor:
+    """Plain causal rows (the ablation without the action mask): (B, L) → (B, L - q_start, L)."""
+    b, length = input_ids.shape
+    pos = torch.arange(length, device=input_ids.device)
+    return (pos[None, :] <= pos[q_start:, None])[None].expand(b, -1, -1)
+
+
 def action_attention_mask(input_ids: torch.Tensor) -> torch.Tensor:
     """(B, L) token ids → (B, L, L) bool, True where query i may attend to key j.
 

@@ -13,7 +13,7 @@ import torch
 from transformers import ChameleonForConditionalGeneration, DynamicCache
 
 from . import tokens as T
-from .attention_mask import action_attention_mask_rows, additive_mask
+from .attention_mask import action_attention_mask_rows, additive_mask, causal_mask_rows
 
 _BIN_IDS = torch.arange(T.ACTION_BIN_FIRST, T.ACTION_BIN_LAST + 1)
 
@@ -25,8 +25,9 @@ class NonFiniteLogits(RuntimeError):
 class DecodeSession:
     """One sequence (B=1) being extended token by token over a KV cache, with the action mask."""
 
-    def __init__(self, lm: ChameleonForConditionalGeneration, prompt: Sequence[int]) -> None:
+    def __init__(self, lm: ChameleonForConditionalGeneration, prompt: Sequence[int], causal: bool = False) -> None:
         self.lm = lm
+        self.mask_rows = causal_mask_rows if causal else action_attention_mask_rows
         self.device = lm.lm_head.weight.device
         self.dtype = lm.lm_head.weight.dtype
         self.cache = DynamicCache(config=lm.config)
@@ -38,7 +39,7 @@ class DecodeSession:
         start = self.ids.shape[1]
         new = torch.as_tensor(list(new_ids), dtype=torch.long, device=self.device)[None]
         self.ids = torch.cat([self.ids, new], dim=1)
-        mask = additive_mask(action_attention_mask_rows(self.ids, start), self.dtype)
+        mask = additive_mask(self.mask_rows(self.ids, start), self.dtype)
         positions = torch.arange(start, self.ids.shape[1], device=self.device)[None]
         self.last_logits = forward_logits(self.lm, new, positions, mask, self.cache)[0]
         return self.last_logits
@@ -98,14 +99,16 @@ def generate_chunk_sequential(
     max_tokens_per_action: int = 12,
     constrain: bool = True,
     min_actions: int = 1,
+    causal: bool = False,
 ) -> ChunkResult:
     """The release's decoding: greedy, one token at a time, action mask, stop at 8710.
 
     ``constrain`` keeps every token inside the action grammar (an untrained or off-distribution
     model then still yields decodable actions) and lets the model stop only after
-    ``min_actions``; with it off this is the release loop verbatim.
+    ``min_actions``; with it off this is the release loop verbatim. ``causal`` drops the action
+    mask (every action sees the earlier ones): the paper's ablation.
     """
-    session = DecodeSession(lm, prompt)
+    session = DecodeSession(lm, prompt, causal)
     logits = session.last_logits
     generated: list[int] = []
     passes = 1

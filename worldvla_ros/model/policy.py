@@ -102,8 +102,12 @@ class WorldVLAPolicy:
         *,
         batched: bool = True,
         constrain: bool = True,
+        action_mask: bool = True,
     ) -> ActionPrediction:
-        """Frames (H×W×3 uint8 RGB, oldest first; the last ``history_frames`` are used)."""
+        """Frames (H×W×3 uint8 RGB, oldest first; the last ``history_frames`` are used).
+
+        ``action_mask=False`` decodes with plain causal attention (sequentially), the ablation.
+        """
         instruction = self.check_instruction(instruction)
         c = self.config
         if len(frames) == 0:
@@ -114,11 +118,12 @@ class WorldVLAPolicy:
             blocks = self.images.encode(frames)
             prompt = action_prompt(self.text, blocks, instruction, self.config.action_prompt)
             t1 = time.perf_counter()
-            if batched:
+            if batched and action_mask:
                 result = generate_chunk_batched(self.lm, prompt, c.chunk_size, c.min_actions)
             else:
                 result = generate_chunk_sequential(
-                    self.lm, prompt, c.chunk_size, c.max_tokens_per_action, constrain, c.min_actions
+                    self.lm, prompt, c.chunk_size, c.max_tokens_per_action, constrain, c.min_actions,
+                    causal=not action_mask,
                 )
             self._sync()
             t2 = time.perf_counter()

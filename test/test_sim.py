@@ -1,0 +1,89 @@
+"""The tabletop sim, its expert and recorder, and a training run end to end (tiny sizes)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worldvla_ros.evaluation.episode import read_episode
+from worldvla_ros.sim.closed_loop import run_chance_episode
+from worldvla_ros.sim.record import expert_episode, record_demos
+from worldvla_ros.sim.tabletop import TASKS, SimConfig, TabletopSim, scripted_action
+
+
+def test_actions_follow_the_release_convention() -> None:
+    sim = TabletopSim()
+    sim.reset(seed=1)
+    start = sim.state.gripper.copy()
+    sim.step(np.array([0.5, -0.5, 0.25, 0, 0, 0, -1]))
+    np.testing.assert_allclose(sim.state.gripper - start, np.array([0.5, -0.5, 0.25]) * SimConfig().meters_per_unit)
+    before = sim.state.gripper.copy()
+    sim.step(np.array([9.0, 0, 0, 0, 0, 0, -1]))  # clamped to the release's range (0.9375)
+    assert sim.state.gripper[0] - before[0] == pytest.approx(0.9375 * SimConfig().meters_per_unit)
+    frame = sim.render()
+    sim.step(np.array([np.nan] * 7))  # ignored, never applied
+    np.testing.assert_array_equal(sim.render(), frame)
+
+
+def test_grasp_carry_release_and_success() -> None:
+    sim = TabletopSim()
+    sim.reset(seed=2, task=0)
+    _, block, target = TASKS[0]
+    s = sim.state
+    s.gripper = np.array([*s.blocks[block][:2], 0.01])
+    sim.step(np.array([0, 0, 0, 0, 0, 0, 1.0]))
+    assert s.held == block
+    s.gripper = np.array([*s.targets[target], 0.03])
+    sim.step(np.array([0, 0, 0, 0, 0, 0, 1.0]))
+    np.testing.assert_allclose(s.blocks[block][:2], s.targets[target])  # carried along
+    assert not sim.success
+    sim.step(np.array([0, 0, 0, 0, 0, 0, -1.0]))
+    assert s.held is None and sim.success and sim.done
+
+
+def test_layouts_are_random_per_seed_and_reproducible() -> None:
+    a, b = TabletopSim(), TabletopSim()
+    fa, fb = a.reset(7), b.reset(7)
+    np.testing.assert_array_equal(fa, fb)
+    assert fa.shape == (128, 128, 3) and fa.dtype == np.uint8
+    assert not np.array_equal(fa, TabletopSim().reset(8))
+
+
+def test_expert_solves_every_task_and_chance_does_not() -> None:
+    results = [expert_episode(seed, noise=0.1) for seed in range(24)]
+    assert all(r[3] for r in results)
+    assert {r[2] for r in results} == {t for t, _, _ in TASKS}
+    chance = [run_chance_episode(seed)['success'] for seed in range(24)]
+    assert sum(chance) <= 1
+
+
+def test_recorded_bags_hold_the_expert_episode(tmp_path: Path) -> None:
+    bags = record_demos(tmp_path / 'demos', episodes=2, seed=5, progress=False)
+    assert [b.name for b in bags] == ['episode_00005', 'episode_00006']
+    frames, actions, instruction, _ = expert_episode(5)
+    ep = read_episode(bags[0])
+    assert ep.instruction == instruction
+    np.testing.assert_array_equal(np.stack(ep.frames), np.stack(frames))
+    np.testing.assert_allclose(ep.actions, actions)
+
+
+def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    from worldvla_ros.model import load_policy
+    from worldvla_ros.train.cli import main as train
+
+    out = tmp_path / 'model'
+    rc = train(['--out', str(out), '--data', str(tmp_path / 'demos'), '--episodes', '2', '--steps', '3',
+                '--vq-steps', '3', '--batch-size', '4'])
+    assert rc == 0
+    log = json.loads((out / 'train_log.json').read_text())
+    assert log['episodes'] == 2 and log['samples'] > 0 and np.isfinite(log['final_loss']['loss'])
+    assert (out / 'loss_curve.png').is_file()
+    policy = load_policy(out, device='cpu')
+    assert policy.config.resolution == 64 and policy.chunk_size == 5 and policy.config.history_frames == 1
+    sim = TabletopSim()
+    actions = policy.predict_actions([sim.reset(0)], sim.instruction)
+    assert actions.shape == (5, 7) and np.all(np.isfinite(actions))
+    imagined = policy.imagine(sim.render(), scripted_action(sim))
+    assert imagined.shape == (64, 64, 3)

@@ -1,0 +1,172 @@
+"""worldvla_train: train the small WorldVLA of the embedded default on recorded sim episodes.
+
+    worldvla_train --out worldvla_ros/data/tabletop_model            # records demos if needed
+    worldvla_train --out runs/wm_only --mode world --vqgan-from worldvla_ros/data/tabletop_model
+
+Records ``--episodes`` scripted-expert episodes into ``--data`` (rosbag2) unless bags are there,
+trains the VQGAN image tokenizer (or reuses another checkpoint's with ``--vqgan-from``), encodes
+every frame, trains the backbone on the paper's mixture of action-model and world-model
+sequences under the action attention mask (``--mode joint``; ``action`` or ``world`` for the
+ablations), and writes a checkpoint in the published layout (bf16 weights) with
+``train_log.json`` and ``loss_curve.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from worldvla_ros.evaluation.episode import read_episode
+from worldvla_ros.model.action_tokenizer import ActionTokenizer
+from worldvla_ros.model.checkpoint import find_checkpoint_files, load_vqgan
+from worldvla_ros.model.config import BackboneConfig, VQGANConfig, WorldVLAConfig
+from worldvla_ros.model.image_tokenizer import ImageTokenizer, to_model_frame
+from worldvla_ros.model.text_tokenizer import TextTokenizer
+from worldvla_ros.model.tiny import build_lm, build_text_tokenizer, build_vocab, write_checkpoint
+
+from .lm_trainer import emit_ids, train_lm
+from .sequences import action_samples, world_model_samples
+from .vqgan_trainer import reconstruction_psnr, train_vqgan
+
+BACKBONE = BackboneConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                          intermediate_size=512, max_position_embeddings=1024)
+VQGAN_CONFIG = VQGANConfig(embed_dim=32, z_channels=64, resolution=64, ch=32, ch_mult=(1, 1, 2, 2),
+                           num_res_blocks=1)
+SETTINGS = WorldVLAConfig(resolution=64, chunk_size=5, min_actions=5, history_frames=1, rotate_180=False,
+                          action_prompt='{instruction}', world_model_prompt='next image:')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='worldvla_train', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', required=True, help='checkpoint directory to write')
+    p.add_argument('--data', default='artifacts/sim_demos', help='directory of episode bags')
+    p.add_argument('--episodes', type=int, default=300, help='recorded if --data has no bags')
+    p.add_argument('--mode', choices=('joint', 'action', 'world'), default='joint')
+    p.add_argument('--steps', type=int, default=1500)
+    p.add_argument('--batch-size', type=int, default=24)
+    p.add_argument('--lr', type=float, default=2e-3)
+    p.add_argument('--vq-steps', type=int, default=800)
+    p.add_argument('--vq-batch-size', type=int, default=16)
+    p.add_argument('--vqgan-from', default='', help='reuse the image tokenizer of this checkpoint')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: all cores)')
+    return p
+
+
+def load_frames_and_actions(data: Path) -> list[tuple[list[np.ndarray], np.ndarray, str]]:
+    bags = sorted(p for p in data.iterdir() if (p / 'metadata.yaml').is_file())
+    episodes = []
+    for bag in tqdm(bags, desc='reading bags', unit='bag', file=sys.stderr):
+        ep = read_episode(bag)
+        episodes.append((ep.frames, np.nan_to_num(ep.actions), ep.instruction))
+    return episodes
+
+
+def loss_curve(path: Path, log: list[dict[str, float]], vq_losses: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    smooth = lambda x: np.convolve(x, np.ones(25) / 25, mode='valid') if len(x) > 25 else np.asarray(x)  # noqa: E731
+    for key, label in (('loss', 'all'), ('loss_action', 'action tokens'), ('loss_world', 'image tokens')):
+        values = [e[key] for e in log if key in e]
+        if values:
+            axes[0].plot(smooth(values), label=label)
+    axes[0].set_yscale('log')
+    axes[0].set_title('backbone cross-entropy')
+    axes[0].set_xlabel('step')
+    axes[0].legend()
+    if vq_losses:
+        axes[1].plot(smooth(vq_losses))
+        axes[1].set_yscale('log')
+    axes[1].set_title('VQGAN loss (reconstruction + VQ)')
+    axes[1].set_xlabel('step')
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    data, out = Path(args.data), Path(args.out)
+    if not data.is_dir() or not any(data.glob('*/metadata.yaml')):
+        from worldvla_ros.sim.record import record_demos
+
+        record_demos(data, args.episodes, seed=0)
+    episodes = load_frames_and_actions(data)
+    cfg = SETTINGS
+    vocab = build_vocab(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_text_tokenizer(vocab).save(f'{tmp}/text_tokenizer.json')
+        text = TextTokenizer(f'{tmp}/text_tokenizer.json')
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    model_frames = np.stack([to_model_frame(f, cfg.resolution, cfg.rotate_180) for fr, _, _ in episodes for f in fr])
+    vq_losses: list[float] = []
+    if args.vqgan_from:
+        vqgan = load_vqgan(find_checkpoint_files(args.vqgan_from), torch.device('cpu'))
+    else:
+        with tqdm(total=args.vq_steps, desc='VQGAN', file=sys.stderr) as bar:
+            vqgan, vq_losses = train_vqgan(
+                model_frames, VQGAN_CONFIG, args.vq_steps, args.vq_batch_size, seed=args.seed,
+                on_step=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f'{loss:.4f}')))
+    timings['vqgan_s'] = time.perf_counter() - t0
+    images = ImageTokenizer(vqgan, vocab, cfg.resolution, cfg.rotate_180)
+    recon_psnr = reconstruction_psnr(vqgan, model_frames[:: max(1, len(model_frames) // 256)])
+
+    tok = ActionTokenizer(cfg.action_min, cfg.action_max)
+    samples = []
+    for frames, actions, instruction in tqdm(episodes, desc='tokenizing', unit='episode', file=sys.stderr):
+        blocks = [b for i in range(0, len(frames), 64) for b in images.encode(frames[i : i + 64])]
+        if args.mode in ('joint', 'action'):
+            samples += action_samples(blocks, actions, instruction, text, tok, cfg)
+        if args.mode in ('joint', 'world'):
+            samples += world_model_samples(blocks, actions, text, tok, cfg)
+
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    lm = build_lm(BACKBONE, VQGAN_CONFIG, vocab)
+    emit = emit_ids(images.image_token_ids, images.codes_to_block(np.zeros((images.grid, images.grid), int))[1])
+    with tqdm(total=args.steps, desc=f'backbone ({args.mode})', file=sys.stderr) as bar:
+        def on_step(step: int, entry: dict[str, float]) -> None:
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix({k: f'{v:.3f}' for k, v in entry.items() if k.startswith('loss')})
+
+        log = train_lm(lm, samples, emit, args.steps, args.batch_size, args.lr, args.seed, on_step)
+    timings['backbone_s'] = time.perf_counter() - t0
+    lm.eval()
+    write_checkpoint(out, lm, BACKBONE, vqgan, vocab, cfg, dtype=torch.bfloat16, shards=1)
+    timings['total_s'] = time.perf_counter() - t_start
+    size = sum(f.stat().st_size for f in out.rglob('*') if f.is_file())
+    summary = {
+        'mode': args.mode, 'episodes': len(episodes), 'frames': len(model_frames), 'samples': len(samples),
+        'steps': args.steps, 'batch_size': args.batch_size, 'lr': args.lr, 'vq_steps': 0 if args.vqgan_from else
+        args.vq_steps, 'vqgan_from': args.vqgan_from, 'vqgan_reconstruction_psnr_db': round(recon_psnr, 2),
+        'final_loss': {k: float(np.mean([e[k] for e in log[-50:] if k in e]))
+                       for k in ('loss', 'loss_action', 'loss_world') if any(k in e for e in log[-50:])},
+        'timings_s': {k: round(v, 1) for k, v in timings.items()}, 'checkpoint_mb': round(size / 2**20, 1),
+        'threads': torch.get_num_threads(),
+    }
+    (out / 'train_log.json').write_text(json.dumps({**summary, 'log': log[::10], 'vq_loss': vq_losses[::10]}))
+    loss_curve(out / 'loss_curve.png', log, vq_losses)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""Train the Chameleon backbone on mixed action-model and world-model sequences.
+
+The loss is the release's next-token cross-entropy on the answer tokens, with the softmax taken
+over the tokens the decoders can emit (image codes, action tokens, structure tokens) instead of
+all 65536: the same argmax among those, at a fraction of the cost on a CPU. Output rows of the
+other tokens are zero, so their logits stay at 0.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import ChameleonForConditionalGeneration
+
+from worldvla_ros.model import tokens as T
+
+from .sequences import Sample, collate
+
+
+def emit_ids(image_token_ids: np.ndarray, grid_token: int) -> torch.Tensor:
+    action = list(range(T.ACTION_BIN_FIRST, T.ACTION_BIN_LAST + 1))
+    structure = [T.ACTION_START, T.ACTION_END, T.END_OF_TURN, T.IMAGE_START, T.IMAGE_END, T.IMAGE_NEWLINE, grid_token]
+    return torch.as_tensor(sorted(set(image_token_ids.tolist()) | set(action) | set(structure)), dtype=torch.long)
+
+
+def train_lm(
+    lm: ChameleonForConditionalGeneration,
+    samples: Sequence[Sample],
+    emit: torch.Tensor,
+    steps: int,
+    batch_size: int = 24,
+    lr: float = 2e-3,
+    seed: int = 0,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    lm.train()
+    with torch.no_grad():
+        keep = torch.zeros(lm.lm_head.weight.shape[0], dtype=torch.bool)
+        keep[emit] = True
+        lm.lm_head.weight[~keep] = 0.0
+    to_emit = torch.full((T.VOCAB_SIZE,), -1, dtype=torch.long)
+    to_emit[emit] = torch.arange(len(emit))
+    params = [p for p in lm.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.01}, {'params': no_decay, 'weight_decay': 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    log = []
+    for step in range(steps):
+        batch = [samples[i] for i in rng.integers(0, len(samples), batch_size)]
+        ids, mask, positions, target = collate(batch)
+        hidden = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+        b, q = torch.nonzero(target[:, 1:], as_tuple=True)  # hidden at i predicts token i + 1
+        h = hidden[b, q]
+        labels = to_emit[ids[b, q + 1]]
+        logits = F.linear(h, lm.lm_head.weight[emit]).float()
+        loss_each = F.cross_entropy(logits, labels, reduction='none')
+        loss = loss_each.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            lm.lm_head.weight[~keep] = 0.0
+            kind = np.array([batch[i].kind for i in b.tolist()])
+            entry = {'step': step, 'loss': float(loss), 'lr': sched.get_last_lr()[0]}
+            for k in ('action', 'world'):
+                sel = torch.from_numpy(kind == k)
+                if sel.any():
+                    entry[f'loss_{k}'] = float(loss_each[sel].mean())
+        log.append(entry)
+        if on_step:
+            on_step(step, entry)
+    return log
