@@ -45,7 +45,8 @@ def markdown(s: dict[str, Any]) -> str:
         f'- model: `{s["model_id"]}` on {s["device"]}; K = {s["chunk_size"]}, {s["history_frames"]} history frames',
         f'- bags: {", ".join(f"`{b}`" for b in s["bags"])}; {s["frames"]} frames; '
         f'ground truth from {", ".join(sorted(set(s["action_sources"])))}',
-        f'- actions compared: {a.get("actions_compared", 0)}; gripper accuracy: {_fmt(a.get("gripper_accuracy"))}',
+        f'- actions compared: {a.get("actions_compared", 0)}; gripper accuracy: {_fmt(a.get("gripper_accuracy"))}; '
+        f'direction agreement Δx/Δy/Δz: {"/".join(_fmt(v) for v in (a.get("direction_agreement") or {}).values())}',
         '',
     ]
     if a.get('l1'):

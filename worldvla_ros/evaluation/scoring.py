@@ -76,8 +76,13 @@ def _nanmean(x: np.ndarray, axis: int = 0) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def action_scores(runs: Sequence[RunRecord], gripper_threshold: float = 0.0) -> dict[str, Any]:
-    """L1/RMSE per dimension, gripper accuracy, error per chunk position, steps at chunk seams."""
+def action_scores(runs: Sequence[RunRecord], gripper_threshold: float = 0.0,
+                  direction_threshold: float = 0.25) -> dict[str, Any]:
+    """L1/RMSE per dimension, gripper accuracy, direction agreement, error per chunk position, steps at seams.
+
+    Direction agreement: how often Δx, Δy, Δz have the recorded action's sign, counted where the
+    recorded value is larger than ``direction_threshold`` in magnitude (a clear move, not a hover).
+    """
     pred, true, seam_flags, prev_pred, prev_true = [], [], [], [], []
     for run in runs:
         last: ExecutedAction | None = None
@@ -103,6 +108,10 @@ def action_scores(runs: Sequence[RunRecord], gripper_threshold: float = 0.0) -> 
     out['gripper_accuracy'] = (round(float(np.mean((pred_a[g_ok, 6] > gripper_threshold)
                                                    == (true_a[g_ok, 6] > gripper_threshold))), 6)
                                if g_ok.any() else None)
+    clear = np.abs(true_a[:, :3]) > direction_threshold
+    agree = np.sign(pred_a[:, :3]) == np.sign(true_a[:, :3])
+    out['direction_agreement'] = {
+        d: (round(float(agree[clear[:, i], i].mean()), 6) if clear[:, i].any() else None) for i, d in enumerate('xyz')}
 
     # every predicted position (executed or not) against the frame it was meant for
     k_max = max((len(c.actions) for r in runs for c in r.chunks), default=0)
