@@ -1,13 +1,17 @@
 """The README's table for the bundled model: closed-loop success and world-model quality.
 
-    python benchmarks/embedded_default.py --episodes 50 --wm-only-checkpoint artifacts/train_world \\
+    python benchmarks/embedded_default.py --episodes 50 \\
+        --world-model 'joint, 2000 steps=artifacts/train_v2/step_2000' \\
+        --world-model 'world-model only, 2000 steps=artifacts/train_world' \\
         [--checkpoint worldvla_ros/data/tabletop_model] [--heldout artifacts/heldout_demos]
 
 Closed loop: held-out layouts (seeds from 100000), with the action attention mask (batched
 decoding), without it (plain causal attention, sequential decoding), and uniformly random
 commands (chance). World model: one- to three-step rollouts from every chunk's frame of
 held-out expert episodes (``evaluate_bag`` lockstep), PSNR/SSIM against the recorded frames,
-for the jointly trained model and a world-model-only model with the same image tokenizer.
+for the bundled (jointly trained) model and every ``--world-model LABEL=DIR`` (e.g. a
+world-model-only model with the same image tokenizer, and the joint run's checkpoint at the same
+number of steps).
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ def world_model(checkpoint: str, bags: list[Path], horizon: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--checkpoint', default='')
-    parser.add_argument('--wm-only-checkpoint', default='')
+    parser.add_argument('--world-model', action='append', default=[], metavar='LABEL=DIR',
+                        help='another checkpoint whose world model to score (repeatable)')
     parser.add_argument('--episodes', type=int, default=50)
     parser.add_argument('--heldout', default='artifacts/heldout_demos')
     parser.add_argument('--heldout-episodes', type=int, default=20)
@@ -54,8 +59,9 @@ def main() -> None:
         record_demos(heldout, args.heldout_episodes, seed=100_000)
     bags = sorted(p for p in heldout.iterdir() if (p / 'metadata.yaml').is_file())[: args.heldout_episodes]
     result['world_model'] = {'joint (bundled)': world_model(ckpt, bags, args.wm_horizon)}
-    if args.wm_only_checkpoint:
-        result['world_model']['world-model only'] = world_model(args.wm_only_checkpoint, bags, args.wm_horizon)
+    for spec in args.world_model:
+        label, _, path = spec.rpartition('=')
+        result['world_model'][label or path] = world_model(path, bags, args.wm_horizon)
     print(json.dumps(result, indent=2))
     print('\n| policy | success | 95 % interval | mean steps |\n|---|---|---|---|')
     for label, r in result['closed_loop'].items():

@@ -1,9 +1,13 @@
 """A tabletop with two blocks, a bowl and a plate, and a parallel gripper moved by 7-DoF deltas.
 
-Actions follow the release's convention and ranges (LIBERO OSC_POSE deltas, spec §4):
-Δx, Δy, Δz scaled by ``SimConfig.meters_per_unit`` per step, Δroll/Δpitch ignored, Δyaw turns the
-gripper, gripper −1 open / +1 closed. The camera looks down at the table through a pinhole
-(things nearer the camera look larger) and the gripper casts a shadow, so height is visible.
+Actions follow the release's convention and ranges (LIBERO OSC_POSE deltas, spec §4): Δx, Δy, Δz
+scaled by ``SimConfig.meters_per_unit`` per step, Δroll/Δpitch ignored, Δyaw turns the gripper,
+gripper −1 open / +1 closed. The camera looks down at the table through a pinhole (things nearer the
+camera look larger) and the gripper casts a shadow, so height is visible. The table is lit with a
+colour gradient (redder to the right, bluer towards the bottom of the image): every image patch then
+says where on the table it is, which a few-layer model trained briefly on a CPU hardly works out
+from rotary positions alone (a flat-coloured table gave 63 % correct move directions after 4000
+steps).
 """
 from __future__ import annotations
 
@@ -128,13 +132,23 @@ class TabletopSim:
         v = n / 2 + (y - TABLE / 2) / TABLE * n * 0.92 * scale
         return (round(u), round(v)), scale
 
+    def _background(self) -> np.ndarray:
+        n = self.config.image_size
+        if getattr(self, '_bg', None) is None or self._bg.shape[0] != n:
+            img = np.full((n, n, 3), (120, 110, 100), np.uint8)
+            (x0, y0), _ = self._px(0, 0)
+            (x1, y1), _ = self._px(TABLE, TABLE)
+            u = np.linspace(0.0, 1.0, x1 - x0 + 1)[None, :]
+            v = np.linspace(0.0, 1.0, y1 - y0 + 1)[:, None]
+            table = np.stack(np.broadcast_arrays(150 + 90 * u, 185 - 50 * v + 0 * u, 95 + 110 * v + 0 * u), axis=-1)
+            img[y0 : y1 + 1, x0 : x1 + 1] = np.round(table).astype(np.uint8)
+            self._bg = img
+        return self._bg.copy()
+
     def render(self) -> np.ndarray:
         s, n = self.state, self.config.image_size
         k = n / 128  # sizes are drawn for 128 px
-        img = np.full((n, n, 3), (120, 110, 100), np.uint8)
-        (x0, y0), _ = self._px(0, 0)
-        (x1, y1), _ = self._px(TABLE, TABLE)
-        cv2.rectangle(img, (x0, y0), (x1, y1), (205, 180, 140), -1)  # table
+        img = self._background()
         bowl, _ = self._px(*s.targets['bowl'])
         cv2.circle(img, bowl, round(12 * k), (60, 90, 200), -1)
         cv2.circle(img, bowl, round(8 * k), (40, 60, 150), -1)

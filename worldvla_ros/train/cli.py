@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 from worldvla_ros.evaluation.episode import read_episode
 from worldvla_ros.model.action_tokenizer import ActionTokenizer
-from worldvla_ros.model.checkpoint import find_checkpoint_files, load_vqgan
+from worldvla_ros.model.checkpoint import find_checkpoint_files, load_backbone, load_vqgan, read_config
 from worldvla_ros.model.config import BackboneConfig, VQGANConfig, WorldVLAConfig
 from worldvla_ros.model.image_tokenizer import ImageTokenizer, to_model_frame
 from worldvla_ros.model.text_tokenizer import TextTokenizer
 from worldvla_ros.model.tiny import build_lm, build_text_tokenizer, build_vocab, write_checkpoint
 
-from .lm_trainer import emit_ids, train_lm
+from .lm_trainer import emit_ids, init_image_embeddings, train_lm
 from .sequences import action_samples, world_model_samples
 from .vqgan_trainer import reconstruction_psnr, train_vqgan
 
@@ -48,14 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', required=True, help='checkpoint directory to write')
     p.add_argument('--data', default='artifacts/sim_demos', help='directory of episode bags')
-    p.add_argument('--episodes', type=int, default=300, help='recorded if --data has no bags')
+    p.add_argument('--episodes', type=int, default=1000, help='recorded if --data has no bags')
     p.add_argument('--mode', choices=('joint', 'action', 'world'), default='joint')
-    p.add_argument('--steps', type=int, default=1500)
+    p.add_argument('--steps', type=int, default=9000)
     p.add_argument('--batch-size', type=int, default=24)
     p.add_argument('--lr', type=float, default=2e-3)
     p.add_argument('--vq-steps', type=int, default=800)
     p.add_argument('--vq-batch-size', type=int, default=16)
     p.add_argument('--vqgan-from', default='', help='reuse the image tokenizer of this checkpoint')
+    p.add_argument('--init-from', default='', help='continue training this checkpoint’s backbone')
+    p.add_argument('--no-codebook-init', action='store_true',
+                   help='random image-token embeddings instead of projections of the VQ codebook')
+    p.add_argument('--checkpoint-every', type=int, default=0, help='also write OUT/step_N every N steps')
+    p.add_argument('--fp32', action='store_true', help='no bf16 autocast in the backbone’s forward pass')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: all cores)')
     return p
@@ -139,23 +144,35 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    lm = build_lm(BACKBONE, VQGAN_CONFIG, vocab)
+    if args.init_from:
+        files = find_checkpoint_files(args.init_from)
+        lm = load_backbone(files, read_config(files), vocab, torch.device('cpu'), torch.float32).requires_grad_(True)
+    else:
+        lm = build_lm(BACKBONE, VQGAN_CONFIG, vocab)
+        if not args.no_codebook_init:
+            init_image_embeddings(lm, vqgan.quantize.embedding.weight, images.img2bpe, args.seed)
     emit = emit_ids(images.image_token_ids, images.codes_to_block(np.zeros((images.grid, images.grid), int))[1])
     with tqdm(total=args.steps, desc=f'backbone ({args.mode})', file=sys.stderr) as bar:
         def on_step(step: int, entry: dict[str, float]) -> None:
             bar.update(1)
+            if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+                write_checkpoint(out / f'step_{step + 1}', lm, BACKBONE, vqgan, vocab, cfg, dtype=torch.bfloat16,
+                                 shards=1)
             if step % 10 == 0:
                 bar.set_postfix({k: f'{v:.3f}' for k, v in entry.items() if k.startswith('loss')})
 
-        log = train_lm(lm, samples, emit, args.steps, args.batch_size, args.lr, args.seed, on_step)
+        log = train_lm(lm, samples, emit, args.steps, args.batch_size, args.lr, args.seed, on_step,
+                       bf16=not args.fp32)
     timings['backbone_s'] = time.perf_counter() - t0
     lm.eval()
     write_checkpoint(out, lm, BACKBONE, vqgan, vocab, cfg, dtype=torch.bfloat16, shards=1)
     timings['total_s'] = time.perf_counter() - t_start
-    size = sum(f.stat().st_size for f in out.rglob('*') if f.is_file())
+    size = sum(f.stat().st_size for f in out.rglob('*')
+               if f.is_file() and not f.relative_to(out).parts[0].startswith('step_'))
     summary = {
         'mode': args.mode, 'episodes': len(episodes), 'frames': len(model_frames), 'samples': len(samples),
-        'steps': args.steps, 'batch_size': args.batch_size, 'lr': args.lr, 'vq_steps': 0 if args.vqgan_from else
+        'steps': args.steps, 'init_from': args.init_from, 'codebook_init': not args.no_codebook_init,
+        'batch_size': args.batch_size, 'lr': args.lr, 'vq_steps': 0 if args.vqgan_from else
         args.vq_steps, 'vqgan_from': args.vqgan_from, 'vqgan_reconstruction_psnr_db': round(recon_psnr, 2),
         'final_loss': {k: float(np.mean([e[k] for e in log[-50:] if k in e]))
                        for k in ('loss', 'loss_action', 'loss_world') if any(k in e for e in log[-50:])},

@@ -26,6 +26,29 @@ def emit_ids(image_token_ids: np.ndarray, grid_token: int) -> torch.Tensor:
     return torch.as_tensor(sorted(set(image_token_ids.tolist()) | set(action) | set(structure)), dtype=torch.long)
 
 
+def init_image_embeddings(lm: ChameleonForConditionalGeneration, codebook: torch.Tensor, img2bpe: np.ndarray,
+                          seed: int = 0) -> None:
+    """Start every image token's input and output embedding at a fixed random projection of its VQ code vector.
+
+    Only the initialization changes (the architecture and checkpoint layout are the release's):
+    with a few thousand frames most codes are seen a handful of times, and codes that look alike
+    (the same block on a neighbouring patch) start out alike instead of as unrelated random vectors.
+    """
+    g = torch.Generator().manual_seed(seed)
+    code = codebook.detach().float()
+    code = (code - code.mean(0)) / (code.std(0) + 1e-6)
+    proj = torch.randn(code.shape[1], lm.config.hidden_size, generator=g) / code.shape[1] ** 0.5
+    rows = torch.as_tensor(img2bpe, dtype=torch.long)
+    with torch.no_grad():
+        for weight in (lm.get_input_embeddings().weight, lm.lm_head.weight):
+            scale = weight.std()
+            weight[rows] = (code @ proj * scale).to(weight.dtype)
+
+
+def hidden_device(lm: torch.nn.Module) -> str:
+    return next(lm.parameters()).device.type
+
+
 def train_lm(
     lm: ChameleonForConditionalGeneration,
     samples: Sequence[Sample],
@@ -35,7 +58,9 @@ def train_lm(
     lr: float = 2e-3,
     seed: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    bf16: bool = True,
 ) -> list[dict[str, float]]:
+    """``bf16``: autocast the forward pass (fp32 weights and optimizer), ~1.5× faster on a CPU with AVX512-BF16."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     lm.train()
@@ -57,11 +82,12 @@ def train_lm(
     for step in range(steps):
         batch = [samples[i] for i in rng.integers(0, len(samples), batch_size)]
         ids, mask, positions, target = collate(batch)
-        hidden = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
         b, q = torch.nonzero(target[:, 1:], as_tuple=True)  # hidden at i predicts token i + 1
-        h = hidden[b, q]
         labels = to_emit[ids[b, q + 1]]
-        logits = F.linear(h, lm.lm_head.weight[emit]).float()
+        with torch.autocast(hidden_device(lm), dtype=torch.bfloat16, enabled=bf16):
+            hidden = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                              use_cache=False).last_hidden_state
+            logits = F.linear(hidden[b, q], lm.lm_head.weight[emit]).float()
         loss_each = F.cross_entropy(logits, labels, reduction='none')
         loss = loss_each.mean()
         opt.zero_grad(set_to_none=True)
