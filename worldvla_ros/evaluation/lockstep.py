@@ -77,8 +77,10 @@ def _rollout(policy: WorldVLAPolicy, episode: Episode, f: int, settings: Lockste
     actions = np.nan_to_num(actions)
     imagined = policy.imagine_rollout(episode.frames[f], actions)
     res = policy.config.resolution
+    observed = to_model_frame(episode.frames[f], res, rotate_180=False)
     for step, frame in enumerate(imagined, start=1):
         real = to_model_frame(episode.frames[f + step], res, rotate_180=False)
-        run.imagined.append(ImaginedFrame(step, psnr(real, frame), ssim(real, frame)))
+        run.imagined.append(ImaginedFrame(step, psnr(real, frame), ssim(real, frame),
+                                          psnr(real, observed), ssim(real, observed)))
         if step == 1 and len(run.strip) < settings.strip_frames:
             run.strip.append((f + 1, real, frame))

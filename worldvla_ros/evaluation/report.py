@@ -63,9 +63,11 @@ def markdown(s: dict[str, Any]) -> str:
         lines += [f'| {p["position"]} | {p["n"]} | {_fmt(p["l1_mean"])} |' for p in a.get('l1_by_chunk_position', [])]
         lines.append('')
     if w.get('by_horizon_step'):
-        lines += ['## World model (imagined vs recorded frames)', '', '| horizon step | n | PSNR dB | SSIM |',
-                  '|---|---|---|---|']
-        lines += [f'| {r["step"]} | {r["n"]} | {_fmt(r["psnr_db"])} | {_fmt(r["ssim"])} |'
+        lines += ['## World model (imagined vs recorded frames)', '',
+                  '| horizon step | n | PSNR dB | SSIM | observed frame repeated: PSNR dB | SSIM |',
+                  '|---|---|---|---|---|---|']
+        lines += [f'| {r["step"]} | {r["n"]} | {_fmt(r["psnr_db"])} | {_fmt(r["ssim"])} '
+                  f'| {_fmt(r.get("copy_baseline_psnr_db"))} | {_fmt(r.get("copy_baseline_ssim"))} |'
                   for r in w['by_horizon_step']]
         lines.append('')
     if t:

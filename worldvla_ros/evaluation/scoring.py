@@ -35,6 +35,9 @@ class ImaginedFrame:
     step: int  # horizon step, 1 = the frame after the observation
     psnr: float
     ssim: float
+    # the same scores for "nothing changes" (the observed frame repeated): what a world model must beat
+    copy_psnr: float | None = None
+    copy_ssim: float | None = None
 
 
 @dataclass
@@ -148,10 +151,17 @@ def world_model_scores(runs: Sequence[RunRecord]) -> dict[str, Any]:
         ps = np.array([f.psnr for f in frames if f.step == s])
         ss = np.array([f.ssim for f in frames if f.step == s])
         finite = ps[np.isfinite(ps)]
-        by_step.append({'step': s, 'n': len(ps),
-                        'psnr_db': round(float(finite.mean()), 4) if len(finite) else None,
-                        'identical_frames': int(np.sum(~np.isfinite(ps))),
-                        'ssim': round(float(ss.mean()), 6)})
+        entry = {'step': s, 'n': len(ps),
+                 'psnr_db': round(float(finite.mean()), 4) if len(finite) else None,
+                 'identical_frames': int(np.sum(~np.isfinite(ps))),
+                 'ssim': round(float(ss.mean()), 6)}
+        cp = np.array([f.copy_psnr for f in frames if f.step == s and f.copy_psnr is not None])
+        cs = np.array([f.copy_ssim for f in frames if f.step == s and f.copy_ssim is not None])
+        if len(cp):
+            entry['copy_baseline_psnr_db'] = round(float(cp[np.isfinite(cp)].mean()), 4) if np.isfinite(cp).any() \
+                else None
+            entry['copy_baseline_ssim'] = round(float(cs.mean()), 6)
+        by_step.append(entry)
     return {'imagined_frames': len(frames), 'by_horizon_step': by_step}
 
 
