@@ -22,17 +22,18 @@ from pathlib import Path
 
 from worldvla_ros.evaluation.cli import main as evaluate_bag
 from worldvla_ros.model import load_policy
+from worldvla_ros.sim.baselines import majority_gripper_accuracy, other_layout_baseline
 from worldvla_ros.sim.bundled import bundled_checkpoint
 from worldvla_ros.sim.closed_loop import evaluate
 from worldvla_ros.sim.record import record_demos
 
 
-def world_model(checkpoint: str, bags: list[Path], horizon: int) -> dict:
+def lockstep_report(checkpoint: str, bags: list[Path], horizon: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         rc = evaluate_bag([*map(str, bags), '--checkpoint', checkpoint, '--device', 'cpu', '--out', out,
                            '--wm-horizon', str(horizon), '--no-progress'])
         assert rc == 0
-        return json.loads((Path(out) / 'report.json').read_text())['world_model']
+        return json.loads((Path(out) / 'report.json').read_text())
 
 
 def main() -> None:
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument('--heldout', default='artifacts/heldout_demos')
     parser.add_argument('--heldout-episodes', type=int, default=20)
     parser.add_argument('--wm-horizon', type=int, default=3)
+    parser.add_argument('--json', default='', help='also write the result here')
     args = parser.parse_args()
     ckpt = args.checkpoint or str(bundled_checkpoint())
     policy = load_policy(ckpt, device='cpu')
@@ -58,22 +60,42 @@ def main() -> None:
     if not any(heldout.glob('*/metadata.yaml')):
         record_demos(heldout, args.heldout_episodes, seed=100_000)
     bags = sorted(p for p in heldout.iterdir() if (p / 'metadata.yaml').is_file())[: args.heldout_episodes]
-    result['world_model'] = {'joint (bundled)': world_model(ckpt, bags, args.wm_horizon)}
+    bundled = lockstep_report(ckpt, bags, args.wm_horizon)
+    seeds = [int(b.name.rsplit('_', 1)[1]) for b in bags]  # record_demos names each bag by its seed
+    result['open_loop_actions'] = {k: bundled['actions'].get(k) for k in
+                                   ('actions_compared', 'direction_agreement', 'gripper_accuracy', 'l1')}
+    result['open_loop_actions']['gripper_majority_baseline'] = majority_gripper_accuracy(seeds)
+    result['world_model'] = {'joint (bundled)': bundled['world_model']}
     for spec in args.world_model:
         label, _, path = spec.rpartition('=')
-        result['world_model'][label or path] = world_model(path, bags, args.wm_horizon)
+        result['world_model'][label or path] = lockstep_report(path, bags, args.wm_horizon)['world_model']
+    result['other_layout_baseline'] = [other_layout_baseline(seeds, policy.config.resolution, h)
+                                       for h in range(1, args.wm_horizon + 1)]
     print(json.dumps(result, indent=2))
-    print('\n| policy | success | 95 % interval | mean steps |\n|---|---|---|---|')
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print('\n| policy | success | 95 % interval | grasped the named block | median closest approach | mean steps |'
+          '\n|---|---|---|---|---|---|')
     for label, r in result['closed_loop'].items():
         lo, hi = r['wilson95']
         print(f'| {label} | {r["success_rate"]:.0%} ({round(r["success_rate"] * r["episodes"])}/{r["episodes"]}) '
-              f'| {lo:.0%} – {hi:.0%} | {r["mean_steps"]} |')
+              f'| {lo:.0%} – {hi:.0%} | {r["grasped_named_block"]:.0%} | {r["median_closest_cm"]} cm '
+              f'| {r["mean_steps"]} |')
     print('\n| model | ' + ' | '.join(f'step {s["step"]} PSNR / SSIM' for s in
                                      result['world_model']['joint (bundled)']['by_horizon_step']) + ' |')
     print('|---' * (1 + args.wm_horizon) + '|')
     for label, w in result['world_model'].items():
         print(f'| {label} | ' + ' | '.join(f'{s["psnr_db"]:.2f} dB / {s["ssim"]:.3f}' for s in w['by_horizon_step'])
               + ' |')
+    copy = result['world_model']['joint (bundled)']['by_horizon_step']
+    print('| observed frame repeated (baseline) | ' + ' | '.join(
+        f'{s["copy_baseline_psnr_db"]:.2f} dB / {s["copy_baseline_ssim"]:.3f}' for s in copy) + ' |')
+    print('| a frame of another layout, same time step (baseline) | ' + ' | '.join(
+        f'{s["psnr_db"]:.2f} dB / {s["ssim"]:.3f}' for s in result['other_layout_baseline']) + ' |')
+    a = result['open_loop_actions']
+    print(f'\nopen loop, {a["actions_compared"]} held-out frames: direction agreement '
+          + ', '.join(f'{k} {v:.0%}' for k, v in a['direction_agreement'].items())
+          + f' (chance 50 %); gripper {a["gripper_accuracy"]:.0%} (majority {a["gripper_majority_baseline"]:.0%})')
 
 
 if __name__ == '__main__':
