@@ -1,7 +1,8 @@
-"""ros2 launch worldvla bringup.launch.py checkpoint:=/path/to/model_256/libero_goal.
+"""ros2 launch worldvla bringup.launch.py [checkpoint:=/path/to/model_256/libero_goal] [use_sim:=true].
 
 Starts the action node and (by default) the world-model node in their own processes,
-parameters from config/worldvla.yaml, and optionally rviz2 with config/worldvla.rviz.
+parameters from config/worldvla.yaml, optionally the tabletop sim as the robot and rviz2 with
+config/worldvla.rviz. The default checkpoint is the bundled tabletop model.
 """
 import os
 
@@ -20,11 +21,13 @@ def generate_launch_description() -> LaunchDescription:
     device = LaunchConfiguration('device')
     config = LaunchConfiguration('config')
     overrides = {'checkpoint': checkpoint, 'device': device}
+    action_overrides = {**overrides, 'enabled': LaunchConfiguration('enabled')}
     camera_remap = ('camera/image_raw', LaunchConfiguration('camera_topic'))
     instruction_remap = ('instruction', LaunchConfiguration('instruction_topic'))
 
     args = [
-        DeclareLaunchArgument('checkpoint', description='WorldVLA checkpoint directory'),
+        DeclareLaunchArgument('checkpoint', default_value=os.path.join(share, 'models', 'tabletop'),
+                              description='WorldVLA checkpoint directory (default: the bundled tabletop model)'),
         DeclareLaunchArgument('device', default_value='auto', description='auto, cpu, cuda, cuda:N'),
         DeclareLaunchArgument('config', default_value=os.path.join(share, 'config', 'worldvla.yaml'),
                               description='parameter file'),
@@ -33,14 +36,20 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument('instruction_topic', default_value='instruction'),
         DeclareLaunchArgument('use_world_model', default_value='true'),
         DeclareLaunchArgument('use_rviz', default_value='false'),
+        DeclareLaunchArgument('use_sim', default_value='false', description='the tabletop sim as the robot'),
+        DeclareLaunchArgument('enabled', default_value=LaunchConfiguration('use_sim'),
+                              description='execute commands (false: dry run); true by default with the sim'),
     ]
     nodes = GroupAction([
         PushRosNamespace(LaunchConfiguration('namespace')),
         Node(package='worldvla', executable='action_node', name='worldvla_action', output='screen',
-             parameters=[config, overrides], remappings=[camera_remap, instruction_remap]),
+             parameters=[config, action_overrides], remappings=[camera_remap, instruction_remap]),
         Node(package='worldvla', executable='world_model_node', name='worldvla_world_model', output='screen',
              parameters=[config, overrides], remappings=[camera_remap],
              condition=IfCondition(LaunchConfiguration('use_world_model'))),
+        Node(package='worldvla', executable='sim_node', name='worldvla_sim', output='screen',
+             parameters=[config], remappings=[camera_remap, instruction_remap],
+             condition=IfCondition(LaunchConfiguration('use_sim'))),
         Node(package='rviz2', executable='rviz2', name='rviz2',
              arguments=['-d', os.path.join(share, 'config', 'worldvla.rviz')],
              condition=IfCondition(LaunchConfiguration('use_rviz'))),

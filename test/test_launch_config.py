@@ -8,11 +8,12 @@ from pathlib import Path
 
 import yaml
 
-from worldvla_ros.nodes import action_node, world_model_node
+from worldvla_ros.nodes import action_node, sim_node, world_model_node
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / 'launch' / 'bringup.launch.py'
-NODE_PARAMS = {'worldvla_action': action_node.PARAMETERS, 'worldvla_world_model': world_model_node.PARAMETERS}
+NODE_PARAMS = {'worldvla_action': action_node.PARAMETERS, 'worldvla_world_model': world_model_node.PARAMETERS,
+               'worldvla_sim': sim_node.PARAMETERS}
 
 
 def _node_calls() -> list[dict[str, str]]:
@@ -29,13 +30,13 @@ def test_launch_file_compiles_and_declares_arguments() -> None:
     source = LAUNCH.read_text()
     compile(source, str(LAUNCH), 'exec')
     for arg in ('checkpoint', 'device', 'config', 'namespace', 'camera_topic', 'instruction_topic',
-                'use_world_model', 'use_rviz'):
+                'use_world_model', 'use_rviz', 'use_sim', 'enabled'):
         assert f"DeclareLaunchArgument('{arg}'" in source
 
 
 def test_every_worldvla_executable_is_installed() -> None:
     ours = [c for c in _node_calls() if c.get('package') == 'worldvla']
-    assert {c['executable'] for c in ours} == {'action_node', 'world_model_node'}
+    assert {c['executable'] for c in ours} == {'action_node', 'world_model_node', 'sim_node'}
     assert {c['name'] for c in ours} == set(NODE_PARAMS)
     cmake = (REPO / 'CMakeLists.txt').read_text()
     lib = Path(sys.prefix) / 'lib' / 'worldvla'

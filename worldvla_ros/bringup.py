@@ -1,10 +1,9 @@
 """Start the worldvla nodes without ``ros2 launch``: same executables, same YAML, same arguments.
 
-    worldvla_bringup --checkpoint DIR [--device cpu] [--config config/worldvla.yaml]
-    worldvla_bringup --demo 30          # + a synthetic camera and an instruction, prints what flows
+    worldvla_bringup [--checkpoint DIR] [--device cuda] [--config config/worldvla.yaml]
+    worldvla_bringup --demo 120 --episodes 5   # + the tabletop sim; prints what flows and task success
 
-``--demo`` without ``--checkpoint`` writes a tiny random checkpoint first (until the bundled
-trained model lands), so the whole graph can be seen working on a fresh machine.
+Without ``--checkpoint`` the bundled tabletop model (trained on the sim) is used.
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-NODES = {'action_node': 'worldvla_action', 'world_model_node': 'worldvla_world_model'}
+NODES = {'action_node': 'worldvla_action', 'world_model_node': 'worldvla_world_model', 'sim_node': 'worldvla_sim'}
 
 
 def default_config() -> Path:
@@ -46,13 +45,24 @@ def node_command(executable: str, config: Path, params: dict[str, str], namespac
 
 def start_nodes(checkpoint: str, config: Path, device: str = 'auto', namespace: str = '',
                 use_world_model: bool = True, extra: dict[str, str] | None = None,
-                remaps: dict[str, str] | None = None) -> list[subprocess.Popen]:
+                remaps: dict[str, str] | None = None, use_sim: bool = False,
+                sim_params: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """The action node, the world-model node and the sim, each in its own process (in that order)."""
     env = dict(os.environ)
     if device in ('cpu', 'auto'):
         env.setdefault('OMP_NUM_THREADS', '1')  # two torch processes on a small CPU share it fairly
     params = {'checkpoint': checkpoint, 'device': device, **(extra or {})}
     names = ['action_node'] + (['world_model_node'] if use_world_model else [])
-    return [subprocess.Popen(node_command(n, config, params, namespace, remaps), env=env) for n in names]
+    procs = [subprocess.Popen(node_command(n, config, params, namespace, remaps), env=env) for n in names]
+    if use_sim:
+        procs.append(subprocess.Popen(node_command('sim_node', config, sim_params or {}, namespace, remaps), env=env))
+    return procs
+
+
+def default_checkpoint() -> str:
+    from worldvla_ros.sim.bundled import bundled_checkpoint
+
+    return str(bundled_checkpoint())
 
 
 def stop_nodes(procs: list[subprocess.Popen], timeout: float = 10.0) -> list[int]:
@@ -69,26 +79,22 @@ def stop_nodes(procs: list[subprocess.Popen], timeout: float = 10.0) -> list[int
     return codes
 
 
-def run_demo(seconds: float, instruction: str) -> int:
-    """A synthetic camera + instruction; print commands and imagined frames as they flow."""
+def run_demo(seconds: float, episodes: int) -> int:
+    """Watch the sim, the action node and the world model work; print flow and task success."""
+    import json
+
     import numpy as np
     import rclpy
-    from rclpy.qos import qos_profile_sensor_data
-    from sensor_msgs.msg import Image
     from std_msgs.msg import Float64MultiArray, String
     from worldvla.msg import ActionChunk, EndEffectorCommand
 
-    from worldvla_ros.image_conversion import fill_image_msg
-    from worldvla_ros.nodes.common import latched_qos, reliable_qos
-    from worldvla_ros.synthetic import SyntheticCamera
+    from worldvla_ros.nodes.common import reliable_qos
 
     rclpy.init()
     node = rclpy.create_node('worldvla_demo')
-    cam = SyntheticCamera(seed=0)
-    image_pub = node.create_publisher(Image, 'camera/image_raw', qos_profile_sensor_data)
-    node.create_publisher(String, 'instruction', latched_qos()).publish(String(data=instruction))
     seen = {'chunks': 0, 'commands': 0, 'holds': 0, 'imagined': 0, 'scored': 0}
     last: dict[str, object] = {}
+    results: list[dict] = []
 
     def on_chunk(m: ActionChunk) -> None:
         seen['chunks'] += 1
@@ -96,25 +102,26 @@ def run_demo(seconds: float, instruction: str) -> int:
 
     def on_cmd(m: EndEffectorCommand) -> None:
         seen['holds' if m.hold else 'commands'] += 1
-        last['cmd'] = np.round(np.asarray(m.action), 3).tolist()
+        last['cmd'] = np.round(np.asarray(m.action), 2).tolist()
+
+    def on_result(m: String) -> None:
+        r = json.loads(m.data)
+        results.append(r)
+        print(f'[demo] episode {r["episode"]} "{r["instruction"]}": {"SUCCESS" if r["success"] else "failed"} '
+              f'in {r["steps"]} steps (success rate {r["success_rate"]:.0%} over {r["episodes_done"]})', flush=True)
 
     node.create_subscription(ActionChunk, 'worldvla/action_chunk', on_chunk, reliable_qos())
     node.create_subscription(EndEffectorCommand, 'worldvla/ee_command', on_cmd, reliable_qos(50))
+    node.create_subscription(String, 'sim/episode_result', on_result, reliable_qos(50))
+    from sensor_msgs.msg import Image
+
     node.create_subscription(Image, 'worldvla/imagined_image', lambda m: seen.__setitem__(
         'imagined', seen['imagined'] + 1), reliable_qos())
     node.create_subscription(Float64MultiArray, 'worldvla/surprise', lambda m: (
         seen.__setitem__('scored', seen['scored'] + 1), last.__setitem__('surprise', list(m.data))), reliable_qos())
-
-    def publish_frame() -> None:
-        msg = fill_image_msg(Image(), cam.step(np.asarray(last.get('cmd', np.zeros(7)))))
-        msg.header.stamp = node.get_clock().now().to_msg()
-        msg.header.frame_id = 'camera'
-        image_pub.publish(msg)
-
-    node.create_timer(0.1, publish_frame)
     start = next_print = time.monotonic()
     try:
-        while time.monotonic() - start < seconds:
+        while time.monotonic() - start < seconds and len(results) < episodes:
             rclpy.spin_once(node, timeout_sec=0.05)
             if time.monotonic() >= next_print:
                 next_print += 2.0
@@ -129,44 +136,47 @@ def run_demo(seconds: float, instruction: str) -> int:
         node.destroy_node()
         rclpy.shutdown()
     ok = seen['chunks'] > 0 and seen['commands'] > 0 and seen['imagined'] > 0
+    wins = sum(r['success'] for r in results)
     print(f'[demo] {"OK" if ok else "FAILED"}: {seen}', flush=True)
+    print(f'[demo] task success: {wins} of {len(results)} episodes', flush=True)
     return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--checkpoint', default='')
+    parser.add_argument('--checkpoint', default='', help='default: the bundled tabletop model')
     parser.add_argument('--device', default='auto')
     parser.add_argument('--config', type=Path, default=None)
     parser.add_argument('--namespace', default='')
     parser.add_argument('--camera-topic', default='')
     parser.add_argument('--instruction-topic', default='')
     parser.add_argument('--no-world-model', action='store_true')
+    parser.add_argument('--sim', action='store_true', help='also start the tabletop sim as the robot')
     parser.add_argument('--demo', type=float, default=0.0, metavar='SECONDS',
-                        help='also run a synthetic camera and instruction for this long, then stop')
-    parser.add_argument('--instruction', default='pick up the red block and place it in the bowl')
+                        help='run the sim and print what flows and the task success, for at most this long')
+    parser.add_argument('--episodes', type=int, default=5, help='with --demo: stop after this many episodes')
     args = parser.parse_args(argv)
     config = args.config or default_config()
-    checkpoint = args.checkpoint
-    extra = {}
-    if not checkpoint:
-        if not args.demo:
-            parser.error('--checkpoint is required (or --demo to run on a tiny random checkpoint)')
-        from worldvla_ros.model import make_tiny_checkpoint
-
-        checkpoint = str(make_tiny_checkpoint(REPO / 'artifacts' / 'tiny_checkpoint'))
-        extra = {'enabled': 'true', 'max_obs_age': '5.0', 'watchdog_timeout': '5.0'}
-        print(f'[demo] no --checkpoint: using a tiny RANDOM checkpoint at {checkpoint} '
-              '(actions are meaningless; this shows the plumbing)', flush=True)
+    try:
+        checkpoint = args.checkpoint or default_checkpoint()
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
+    use_sim = args.sim or bool(args.demo)
+    # the sim is the robot: its commands are meant to run, each chunk as the offline evaluation does
+    extra = {'enabled': 'true', 'replan_threshold': '1'} if use_sim else {}
+    if use_sim:
+        print(f'[bringup] sim + action node{"" if args.no_world_model else " + world-model node"} on {checkpoint}',
+              flush=True)
     remaps = {}
     if args.camera_topic:
         remaps['camera/image_raw'] = args.camera_topic
     if args.instruction_topic:
         remaps['instruction'] = args.instruction_topic
-    procs = start_nodes(checkpoint, config, args.device, args.namespace, not args.no_world_model, extra, remaps)
+    procs = start_nodes(checkpoint, config, args.device, args.namespace, not args.no_world_model, extra, remaps,
+                        use_sim=use_sim)
     try:
         if args.demo:
-            code = run_demo(args.demo, args.instruction)
+            code = run_demo(args.demo, args.episodes)
         else:
             while all(p.poll() is None for p in procs):
                 time.sleep(0.5)
@@ -175,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         code = 0
     finally:
         codes = stop_nodes(procs)
-    failed = [c for c in codes if c not in (0, -signal.SIGINT)]
+    failed = [(p, c) for p, c in zip(procs, codes, strict=True) if c not in (0, -signal.SIGINT)]
+    for p, c in failed:
+        print(f'[bringup] {" ".join(map(str, p.args[:4]))} … exited with code {c}', file=sys.stderr, flush=True)
     return code or (1 if failed else 0)
 
 

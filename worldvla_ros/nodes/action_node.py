@@ -60,6 +60,8 @@ PARAMETERS: dict[str, Param] = {
     'use_compressed': Param(False, 'subscribe to sensor_msgs/CompressedImage on <camera>/compressed',
                             read_only=True),
     'warmup': Param(True, 'run one inference before going active', read_only=True),
+    'replan_threshold': Param(-1, 'next inference only once at most this many commands are queued; '
+                              '-1 = on every new frame (the new chunk replaces the queue)', -1, 64),
 }
 
 
@@ -215,9 +217,12 @@ class ActionNode(Node):
             if not self._frame_event.wait(timeout=0.1):
                 continue
             self._frame_event.clear()
+            threshold = self._param('replan_threshold')
             with self._lock:
                 if not self._fresh or self._instruction is None or self._estop:
                     continue
+                if threshold >= 0 and len(self._queue) > threshold:
+                    continue  # the current chunk runs on; the control tick wakes us when it is short
                 self._fresh = False
                 history = list(self._history)
                 instruction, version = self._instruction, self._instruction_version
@@ -316,6 +321,8 @@ class ActionNode(Node):
             else:
                 self._last_action = np.asarray(cmd.action, dtype=np.float64)
                 self._last_gripper = float(cmd.action[6])
+                if len(self._queue) <= self._param('replan_threshold'):
+                    self._frame_event.set()
         if reason:
             self.stats.count(f'holds_{reason}')
         self.command_pub.publish(cmd)
