@@ -1,0 +1,122 @@
+"""The bundled tabletop model: what it has learned (above chance), what it has not yet (closed-loop
+success, a strict xfail), and the sim as a ROS robot.
+
+Margins come from the README's measurement on 10 held-out episodes (seeds 100000…), these tests
+use 6 others (seeds 100500…).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from diagnostic_msgs.msg import DiagnosticArray
+from std_msgs.msg import String
+
+from worldvla_ros.bringup import default_config, start_nodes, stop_nodes
+from worldvla_ros.nodes.common import reliable_qos
+from worldvla_ros.sim.baselines import majority_gripper_accuracy, other_layout_baseline
+from worldvla_ros.sim.bundled import bundled_checkpoint
+from worldvla_ros.sim.closed_loop import HELD_OUT_SEED, evaluate
+from worldvla_ros.sim.record import record_demos
+
+EPISODES = 12
+HELDOUT_EPISODES = 6
+SEEDS = HELD_OUT_SEED + 500  # layouts neither in the demonstrations nor in the README's evaluation
+MIN_SUCCESS = 0.25
+# Direction agreement (Δx, Δy of clear moves) with the expert: chance 0.5; README 0.64 / 0.57
+# (here 0.81 / 0.74).
+MIN_DIRECTION = 0.55
+# Gripper open/closed: README 0.85 vs 0.50 for always answering the majority state (here 0.76 vs
+# 0.59: the majority share depends on the episodes, so the margin is a gain over it).
+MIN_GRIPPER_GAIN = 0.10
+# World model, one step: README 19.6 dB against the recorded frame vs 17.8 dB for a frame of
+# another layout (here 19.3 vs 17.7). Repeating the observed frame scores 28.6 dB: the bundled
+# world model does not beat that, and no test claims it does.
+MIN_WM_GAIN_DB = 1.0
+
+
+@pytest.fixture(scope='module')
+def bundled_policy():
+    from worldvla_ros.model import load_policy
+
+    return load_policy(bundled_checkpoint(), device='cpu')
+
+
+def test_bundled_model_is_small_and_in_the_published_layout() -> None:
+    root = bundled_checkpoint()
+    size = sum(f.stat().st_size for f in root.rglob('*') if f.is_file())
+    assert size <= 50 * 2**20, size
+    for name in ('config.json', 'model.safetensors.index.json', 'tokenizer/text_tokenizer.json',
+                 'tokenizer/vqgan.yaml', 'tokenizer/vqgan.ckpt'):
+        assert (root / name).is_file(), name
+
+
+@pytest.fixture(scope='module')
+def heldout_report(tmp_path_factory) -> dict:
+    from worldvla_ros.evaluation.cli import main as evaluate_bag
+
+    root = tmp_path_factory.mktemp('heldout')
+    bags = record_demos(root / 'bags', HELDOUT_EPISODES, seed=SEEDS, progress=False)
+    assert len(bags) == HELDOUT_EPISODES  # the expert solves each, so seeds and bags line up
+    rc = evaluate_bag([*map(str, bags), '--checkpoint', str(bundled_checkpoint()), '--device', 'cpu',
+                       '--out', str(root / 'report'), '--no-progress'])
+    assert rc == 0
+    return json.loads((root / 'report' / 'report.json').read_text())
+
+
+def test_bundled_model_moves_the_expert_way_more_often_than_chance(heldout_report) -> None:
+    agree = heldout_report['actions']['direction_agreement']
+    assert (agree['x'] + agree['y']) / 2 >= MIN_DIRECTION, agree
+
+
+def test_bundled_model_knows_when_to_close_the_gripper(heldout_report) -> None:
+    majority = majority_gripper_accuracy(list(range(SEEDS, SEEDS + HELDOUT_EPISODES)))
+    assert heldout_report['actions']['gripper_accuracy'] >= majority + MIN_GRIPPER_GAIN, majority
+
+
+def test_bundled_world_model_imagines_this_scene_not_just_a_table(heldout_report) -> None:
+    step1 = heldout_report['world_model']['by_horizon_step'][0]
+    other = other_layout_baseline(list(range(SEEDS, SEEDS + HELDOUT_EPISODES)), 64)
+    assert step1['psnr_db'] >= other['psnr_db'] + MIN_WM_GAIN_DB, (step1, other)
+
+
+@pytest.mark.xfail(strict=True, reason='not met yet: the bundled model solves 0 of 50 held-out episodes '
+                   '(README, "Where the embedded default stands")')
+def test_closed_loop_success_is_clearly_above_chance(bundled_policy) -> None:
+    model = evaluate(bundled_policy, EPISODES, SEEDS, progress=False)
+    chance = evaluate(None, EPISODES, SEEDS, progress=False)
+    assert chance['success_rate'] == 0.0
+    assert model['success_rate'] >= MIN_SUCCESS, model
+
+
+@pytest.mark.ros
+@pytest.mark.timeout(240)
+def test_sim_node_runs_episodes_with_the_action_node(isolated_graph) -> None:
+    node = isolated_graph
+    procs = start_nodes(str(bundled_checkpoint()), default_config(), 'cpu', use_world_model=False,
+                        extra={'enabled': 'true', 'replan_threshold': '1'}, use_sim=True,
+                        sim_params={'episodes': '2'})
+    results: list[dict] = []
+    sim_diag: dict[str, str] = {}
+
+    def on_diag(m: DiagnosticArray) -> None:
+        for s in m.status:
+            if s.hardware_id == 'worldvla_sim':
+                sim_diag.update({kv.key: kv.value for kv in s.values})
+
+    node.create_subscription(String, 'sim/episode_result', lambda m: results.append(json.loads(m.data)),
+                             reliable_qos(10))
+    node.create_subscription(DiagnosticArray, '/diagnostics', on_diag, reliable_qos())
+    try:
+        end = time.monotonic() + 180
+        while time.monotonic() < end and len(results) < 2:
+            time.sleep(0.2)
+        assert len(results) == 2, (results, sim_diag)
+        assert [r['episode'] for r in results] == [0, 1]
+        assert all(isinstance(r['success'], bool) and r['steps'] > 0 for r in results)
+        time.sleep(1.5)
+        assert int(sim_diag.get('commands_executed', 0)) >= sum(r['steps'] for r in results)
+        assert all(p.poll() is None for p in procs)
+    finally:
+        stop_nodes(procs)
