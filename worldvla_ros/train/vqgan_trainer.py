@@ -55,7 +55,7 @@ def train_vqgan(
             usage.zero_()
         losses.append(float(loss.detach()))
         if on_step:
-            on_step(step, float(loss))
+            on_step(step, losses[-1])
     return model.eval().requires_grad_(False), losses
 
 
