@@ -75,11 +75,18 @@ def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
 
     out = tmp_path / 'model'
     rc = train(['--out', str(out), '--data', str(tmp_path / 'demos'), '--episodes', '2', '--steps', '3',
-                '--vq-steps', '3', '--batch-size', '4'])
+                '--vq-steps', '3', '--batch-size', '4', '--hidden-size', '64', '--layers', '2', '--heads', '2',
+                '--device', 'cpu'])
     assert rc == 0
     log = json.loads((out / 'train_log.json').read_text())
     assert log['episodes'] == 2 and log['samples'] > 0 and np.isfinite(log['final_loss']['loss'])
+    assert log['backbone'] == {'hidden_size': 64, 'layers': 2, 'heads': 2, 'intermediate_size': 256}
     assert (out / 'loss_curve.png').is_file()
+    more = tmp_path / 'continued'  # continuing keeps the checkpoint's size, whatever the size flags say
+    assert train(['--out', str(more), '--data', str(tmp_path / 'demos'), '--steps', '2', '--batch-size', '4',
+                  '--init-from', str(out), '--vqgan-from', str(out), '--mode', 'action', '--device', 'cpu']) == 0
+    assert json.loads((more / 'train_log.json').read_text())['backbone']['hidden_size'] == 64
+    assert load_policy(more, device='cpu').lm.config.num_hidden_layers == 2
     policy = load_policy(out, device='cpu')
     assert policy.config.resolution == 64 and policy.chunk_size == 5 and policy.config.history_frames == 1
     sim = TabletopSim()

@@ -109,7 +109,7 @@ def write_checkpoint(
     tok_dir.mkdir(parents=True, exist_ok=True)
     cfg = hf_config(backbone, vqgan.cfg, vocab)
     cfg.update(torch_dtype=str(dtype).removeprefix('torch.'), worldvla=settings.to_dict())
-    state = {k: v.detach().to(dtype).contiguous() for k, v in lm.state_dict().items()
+    state = {k: v.detach().to('cpu', dtype).contiguous() for k, v in lm.state_dict().items()
              if not k.startswith('model.vqmodel.')}
     for k in list(state):
         if k.endswith(('q_norm.weight', 'q_norm.bias', 'k_norm.weight', 'k_norm.bias')):

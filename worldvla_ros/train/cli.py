@@ -63,7 +63,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--fp32', action='store_true', help='no bf16 autocast in the backbone’s forward pass')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: all cores)')
+    p.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda, cuda:N')
+    size = p.add_argument_group('backbone size (ignored with --init-from: the checkpoint decides)')
+    size.add_argument('--hidden-size', type=int, default=BACKBONE.hidden_size)
+    size.add_argument('--layers', type=int, default=BACKBONE.num_hidden_layers)
+    size.add_argument('--heads', type=int, default=BACKBONE.num_attention_heads)
+    size.add_argument('--intermediate-size', type=int, default=0, help='0: 4 × hidden size')
     return p
+
+
+def backbone_config(args: argparse.Namespace) -> BackboneConfig:
+    if args.init_from:
+        c = read_config(find_checkpoint_files(args.init_from))
+        return BackboneConfig(hidden_size=c['hidden_size'], num_hidden_layers=c['num_hidden_layers'],
+                              num_attention_heads=c['num_attention_heads'],
+                              num_key_value_heads=c['num_key_value_heads'],
+                              intermediate_size=c['intermediate_size'],
+                              max_position_embeddings=c['max_position_embeddings'])
+    return BackboneConfig(hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+                          num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                          intermediate_size=args.intermediate_size or 4 * args.hidden_size,
+                          max_position_embeddings=BACKBONE.max_position_embeddings)
 
 
 def load_frames_and_actions(data: Path) -> list[tuple[list[np.ndarray], np.ndarray, str]]:
@@ -105,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
+                          'cpu' if args.device == 'auto' else args.device)
+    backbone = backbone_config(args)
     t_start = time.perf_counter()
     data, out = Path(args.data), Path(args.out)
     if not data.is_dir() or not any(data.glob('*/metadata.yaml')):
@@ -123,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     model_frames = np.stack([to_model_frame(f, cfg.resolution, cfg.rotate_180) for fr, _, _ in episodes for f in fr])
     vq_losses: list[float] = []
     if args.vqgan_from:
-        vqgan = load_vqgan(find_checkpoint_files(args.vqgan_from), torch.device('cpu'))
+        vqgan = load_vqgan(find_checkpoint_files(args.vqgan_from), device)
     else:
         with tqdm(total=args.vq_steps, desc='VQGAN', file=sys.stderr) as bar:
             vqgan, vq_losses = train_vqgan(
                 model_frames, VQGAN_CONFIG, args.vq_steps, args.vq_batch_size, seed=args.seed,
-                on_step=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f'{loss:.4f}')))
+                on_step=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f'{loss:.4f}')), device=device)
     timings['vqgan_s'] = time.perf_counter() - t0
     images = ImageTokenizer(vqgan, vocab, cfg.resolution, cfg.rotate_180)
     recon_psnr = reconstruction_psnr(vqgan, model_frames[:: max(1, len(model_frames) // 256)])
@@ -146,17 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     if args.init_from:
         files = find_checkpoint_files(args.init_from)
-        lm = load_backbone(files, read_config(files), vocab, torch.device('cpu'), torch.float32).requires_grad_(True)
+        lm = load_backbone(files, read_config(files), vocab, device, torch.float32).requires_grad_(True)
     else:
-        lm = build_lm(BACKBONE, VQGAN_CONFIG, vocab)
+        lm = build_lm(backbone, VQGAN_CONFIG, vocab)
         if not args.no_codebook_init:
-            init_image_embeddings(lm, vqgan.quantize.embedding.weight, images.img2bpe, args.seed)
+            init_image_embeddings(lm, vqgan.quantize.embedding.weight.cpu(), images.img2bpe, args.seed)
+        lm = lm.to(device)
     emit = emit_ids(images.image_token_ids, images.codes_to_block(np.zeros((images.grid, images.grid), int))[1])
     with tqdm(total=args.steps, desc=f'backbone ({args.mode})', file=sys.stderr) as bar:
         def on_step(step: int, entry: dict[str, float]) -> None:
             bar.update(1)
             if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
-                write_checkpoint(out / f'step_{step + 1}', lm, BACKBONE, vqgan, vocab, cfg, dtype=torch.bfloat16,
+                write_checkpoint(out / f'step_{step + 1}', lm, backbone, vqgan, vocab, cfg, dtype=torch.bfloat16,
                                  shards=1)
             if step % 10 == 0:
                 bar.set_postfix({k: f'{v:.3f}' for k, v in entry.items() if k.startswith('loss')})
@@ -165,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                        bf16=not args.fp32)
     timings['backbone_s'] = time.perf_counter() - t0
     lm.eval()
-    write_checkpoint(out, lm, BACKBONE, vqgan, vocab, cfg, dtype=torch.bfloat16, shards=1)
+    write_checkpoint(out, lm, backbone, vqgan, vocab, cfg, dtype=torch.bfloat16, shards=1)
     timings['total_s'] = time.perf_counter() - t_start
     size = sum(f.stat().st_size for f in out.rglob('*')
                if f.is_file() and not f.relative_to(out).parts[0].startswith('step_'))
@@ -177,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         'final_loss': {k: float(np.mean([e[k] for e in log[-50:] if k in e]))
                        for k in ('loss', 'loss_action', 'loss_world') if any(k in e for e in log[-50:])},
         'timings_s': {k: round(v, 1) for k, v in timings.items()}, 'checkpoint_mb': round(size / 2**20, 1),
-        'threads': torch.get_num_threads(),
+        'threads': torch.get_num_threads(), 'device': str(device),
+        'backbone': {'hidden_size': backbone.hidden_size, 'layers': backbone.num_hidden_layers,
+                     'heads': backbone.num_attention_heads, 'intermediate_size': backbone.intermediate_size},
     }
     (out / 'train_log.json').write_text(json.dumps({**summary, 'log': log[::10], 'vq_loss': vq_losses[::10]}))
     loss_curve(out / 'loss_curve.png', log, vq_losses)

@@ -64,12 +64,14 @@ def train_lm(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     lm.train()
+    device = lm.lm_head.weight.device
+    emit = emit.to(device)
     with torch.no_grad():
-        keep = torch.zeros(lm.lm_head.weight.shape[0], dtype=torch.bool)
+        keep = torch.zeros(lm.lm_head.weight.shape[0], dtype=torch.bool, device=device)
         keep[emit] = True
         lm.lm_head.weight[~keep] = 0.0
-    to_emit = torch.full((T.VOCAB_SIZE,), -1, dtype=torch.long)
-    to_emit[emit] = torch.arange(len(emit))
+    to_emit = torch.full((T.VOCAB_SIZE,), -1, dtype=torch.long, device=device)
+    to_emit[emit] = torch.arange(len(emit), device=device)
     params = [p for p in lm.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -81,7 +83,7 @@ def train_lm(
     log = []
     for step in range(steps):
         batch = [samples[i] for i in rng.integers(0, len(samples), batch_size)]
-        ids, mask, positions, target = collate(batch)
+        ids, mask, positions, target = (t.to(device, non_blocking=True) for t in collate(batch))
         b, q = torch.nonzero(target[:, 1:], as_tuple=True)  # hidden at i predicts token i + 1
         labels = to_emit[ids[b, q + 1]]
         with torch.autocast(hidden_device(lm), dtype=torch.bfloat16, enabled=bf16):
@@ -100,7 +102,7 @@ def train_lm(
             kind = np.array([batch[i].kind for i in b.tolist()])
             entry = {'step': step, 'loss': float(loss), 'lr': sched.get_last_lr()[0]}
             for k in ('action', 'world'):
-                sel = torch.from_numpy(kind == k)
+                sel = torch.from_numpy(kind == k).to(device)
                 if sel.any():
                     entry[f'loss_{k}'] = float(loss_each[sel].mean())
         log.append(entry)

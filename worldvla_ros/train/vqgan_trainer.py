@@ -23,18 +23,19 @@ def train_vqgan(
     lr: float = 1e-3,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    device: torch.device | str = 'cpu',
 ) -> tuple[VQGAN, list[float]]:
     """Codes that go unused are restarted on encoder outputs of the current batch, so the
     codebook stays in use (the images of a small scene need few codes, but more than collapse leaves)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = VQGAN(cfg).train()
+    model = VQGAN(cfg).to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    usage = torch.zeros(cfg.n_embed)
+    usage = torch.zeros(cfg.n_embed, device=device)
     losses = []
     for step in range(steps):
-        x = _pixels(frames[rng.integers(0, len(frames), batch_size)])
+        x = _pixels(frames[rng.integers(0, len(frames), batch_size)]).to(device)
         z = model.quant_conv(model.encoder(x))
         quant, vq_loss, idx = model.quantize(z)
         recon = model.decoder(model.post_quant_conv(quant))
@@ -51,7 +52,8 @@ def train_vqgan(
                 n = min(len(dead), len(flat))
                 if n:
                     pick = torch.randperm(len(flat))[:n]
-                    model.quantize.embedding.weight[dead[:n]] = flat[pick] + 0.01 * torch.randn(n, cfg.embed_dim)
+                    jitter = 0.01 * torch.randn(n, cfg.embed_dim, device=device)
+                    model.quantize.embedding.weight[dead[:n]] = flat[pick] + jitter
             usage.zero_()
         losses.append(float(loss.detach()))
         if on_step:
@@ -61,7 +63,7 @@ def train_vqgan(
 
 @torch.inference_mode()
 def reconstruction_psnr(model: VQGAN, frames: np.ndarray) -> float:
-    x = _pixels(frames)
+    x = _pixels(frames).to(next(model.parameters()).device)
     codes = model.encode(x)
     y = model.decode(codes).clamp(-1, 1)
     mse = float(((y - x) / 2).pow(2).mean())
