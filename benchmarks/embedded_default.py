@@ -25,6 +25,7 @@ from worldvla_ros.model import load_policy
 from worldvla_ros.sim.baselines import majority_gripper_accuracy, other_layout_baseline
 from worldvla_ros.sim.bundled import bundled_checkpoint
 from worldvla_ros.sim.closed_loop import evaluate
+from worldvla_ros.sim.probes import reach_direction_probe
 from worldvla_ros.sim.record import record_demos
 
 
@@ -55,6 +56,7 @@ def main() -> None:
         result['closed_loop'][label] = {k: v for k, v in r.items() if k != 'results'}
     r = evaluate(None, args.episodes)
     result['closed_loop']['chance (random commands)'] = {k: v for k, v in r.items() if k != 'results'}
+    result['reach_direction_probe'] = reach_direction_probe(policy, range(100_200, 100_225))
 
     heldout = Path(args.heldout)
     if not any(heldout.glob('*/metadata.yaml')):
@@ -96,6 +98,9 @@ def main() -> None:
     print(f'\nopen loop, {a["actions_compared"]} held-out frames: direction agreement '
           + ', '.join(f'{k} {v:.0%}' for k, v in a['direction_agreement'].items())
           + f' (chance 50 %); gripper {a["gripper_accuracy"]:.0%} (majority {a["gripper_majority_baseline"]:.0%})')
+    g = result['reach_direction_probe']
+    print(f'reach-direction probe, gripper 12 cm beside the named block ({g["placements"]} placements): '
+          f'moves toward it in x {g["x"]:.0%}, y {g["y"]:.0%} (expert 100 %, ignoring the geometry ≈ 50 %)')
 
 
 if __name__ == '__main__':

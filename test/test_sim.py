@@ -94,3 +94,23 @@ def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     assert actions.shape == (5, 7) and np.all(np.isfinite(actions))
     imagined = policy.imagine(sim.render(), scripted_action(sim))
     assert imagined.shape == (64, 64, 3)
+
+
+def test_reach_direction_probe_tells_a_geometry_reader_from_one_that_ignores_it() -> None:
+    from worldvla_ros.sim.probes import reach_direction_probe
+
+    sim = TabletopSim()
+
+    class Expert:
+        """Reads the positions from the sim's state, not the image: the probe's upper bound (sign=-1: inverted)."""
+
+        def __init__(self, sign: float) -> None:
+            self.sign = sign
+
+        def predict_actions(self, frames: list[np.ndarray], instruction: str) -> np.ndarray:
+            return np.tile(self.sign * scripted_action(sim), (5, 1))
+
+    right = reach_direction_probe(Expert(1.0), range(6), sim=sim)
+    wrong = reach_direction_probe(Expert(-1.0), range(6), sim=sim)
+    assert right['x'] == right['y'] == 1.0 and right['placements'] >= 12, right
+    assert wrong['x'] == wrong['y'] == 0.0, wrong
