@@ -6,6 +6,8 @@ themselves and never go through ``ChameleonForConditionalGeneration.forward``.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,6 +47,12 @@ class DecodeSession:
         return self.last_logits
 
 
+@functools.cache
+def _cache_kwarg(model_cls: type) -> str:
+    # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40)
+    return 'cache' if 'cache' in inspect.signature(model_cls.forward).parameters else 'past_key_values'
+
+
 @torch.inference_mode()
 def forward_logits(
     lm: ChameleonForConditionalGeneration,
@@ -54,9 +62,8 @@ def forward_logits(
     cache: DynamicCache,
 ) -> torch.Tensor:
     """Logits of the last query position only, (B, V) float32; image tokens are not blocked."""
-    out = lm.model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-    )
+    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                   **{_cache_kwarg(type(lm.model)): cache})
     logits = lm.lm_head(out.last_hidden_state[:, -1]).float()
     if not bool(torch.isfinite(logits).all()):
         raise NonFiniteLogits('the model produced NaN/inf logits (broken weights or numerical overflow)')
