@@ -17,6 +17,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--vq-steps', type=int, default=800)
     p.add_argument('--vq-batch-size', type=int, default=16)
     p.add_argument('--vqgan-from', default='', help='reuse the image tokenizer of this checkpoint')
+    p.add_argument('--image-grid', type=int, choices=(8, 16), default=8,
+                   help='codes per image side of a new VQGAN (8: 8× downsampling of the 64 px frames, 16: 4×)')
     p.add_argument('--init-from', default='', help='continue training this checkpoint’s backbone')
     p.add_argument('--no-codebook-init', action='store_true',
                    help='random image-token embeddings instead of projections of the VQ codebook')
@@ -70,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument('--heads', type=int, default=BACKBONE.num_attention_heads)
     size.add_argument('--intermediate-size', type=int, default=0, help='0: 4 × hidden size')
     return p
+
+
+def vqgan_config(grid: int) -> VQGANConfig:
+    downsamples = {8: 3, 16: 2}[grid]
+    return replace(VQGAN_CONFIG, ch_mult=VQGAN_CONFIG.ch_mult[-downsamples - 1:])
 
 
 def backbone_config(args: argparse.Namespace) -> BackboneConfig:
@@ -150,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tqdm(total=args.vq_steps, desc='VQGAN', file=sys.stderr) as bar:
             vqgan, vq_losses = train_vqgan(
-                model_frames, VQGAN_CONFIG, args.vq_steps, args.vq_batch_size, seed=args.seed,
+                model_frames, vqgan_config(args.image_grid), args.vq_steps, args.vq_batch_size, seed=args.seed,
                 on_step=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f'{loss:.4f}')), device=device)
     timings['vqgan_s'] = time.perf_counter() - t0
     images = ImageTokenizer(vqgan, vocab, cfg.resolution, cfg.rotate_180)
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         files = find_checkpoint_files(args.init_from)
         lm = load_backbone(files, read_config(files), vocab, device, torch.float32).requires_grad_(True)
     else:
-        lm = build_lm(backbone, VQGAN_CONFIG, vocab)
+        lm = build_lm(backbone, vqgan.cfg, vocab)
         if not args.no_codebook_init:
             init_image_embeddings(lm, vqgan.quantize.embedding.weight.cpu(), images.img2bpe, args.seed)
         lm = lm.to(device)
