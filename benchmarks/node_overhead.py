@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
 from rclpy.time import Time
@@ -30,7 +29,7 @@ from worldvla.msg import ActionChunk
 from worldvla_ros.bringup import default_config, start_nodes, stop_nodes
 from worldvla_ros.image_conversion import fill_image_msg
 from worldvla_ros.model import make_tiny_checkpoint
-from worldvla_ros.nodes.common import latched_qos, reliable_qos
+from worldvla_ros.nodes.common import latched_qos, reliable_qos, watch_diagnostics
 from worldvla_ros.synthetic import SyntheticCamera
 
 
@@ -53,7 +52,6 @@ def main() -> None:
     node.create_publisher(String, 'instruction', latched_qos()).publish(String(data='pick up the red block'))
     sent: dict[int, float] = {}
     overhead, latency = [], []
-    diag: dict[str, str] = {}
     lock = threading.Lock()
 
     answered = threading.Event()
@@ -67,13 +65,8 @@ def main() -> None:
             overhead.append((now - t_sent - m.inference_latency) * 1e3)
             latency.append(m.inference_latency * 1e3)
 
-    def on_diag(m: DiagnosticArray) -> None:
-        for s in m.status:
-            if s.hardware_id == 'worldvla_action':
-                diag.update({kv.key: kv.value for kv in s.values})
-
     node.create_subscription(ActionChunk, 'worldvla/action_chunk', on_chunk, reliable_qos())
-    node.create_subscription(DiagnosticArray, '/diagnostics', on_diag, reliable_qos())
+    diag = watch_diagnostics(node, 'worldvla_action')
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)

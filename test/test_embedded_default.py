@@ -10,11 +10,10 @@ import json
 import time
 
 import pytest
-from diagnostic_msgs.msg import DiagnosticArray
 from std_msgs.msg import String
 
 from worldvla_ros.bringup import default_config, start_nodes, stop_nodes
-from worldvla_ros.nodes.common import reliable_qos
+from worldvla_ros.nodes.common import reliable_qos, watch_diagnostics
 from worldvla_ros.sim.baselines import majority_gripper_accuracy, other_layout_baseline
 from worldvla_ros.sim.bundled import bundled_checkpoint
 from worldvla_ros.sim.closed_loop import HELD_OUT_SEED, evaluate
@@ -98,16 +97,10 @@ def test_sim_node_runs_episodes_with_the_action_node(isolated_graph) -> None:
                         extra={'enabled': 'true', 'replan_threshold': '1'}, use_sim=True,
                         sim_params={'episodes': '2'})
     results: list[dict] = []
-    sim_diag: dict[str, str] = {}
-
-    def on_diag(m: DiagnosticArray) -> None:
-        for s in m.status:
-            if s.hardware_id == 'worldvla_sim':
-                sim_diag.update({kv.key: kv.value for kv in s.values})
 
     node.create_subscription(String, 'sim/episode_result', lambda m: results.append(json.loads(m.data)),
                              reliable_qos(10))
-    node.create_subscription(DiagnosticArray, '/diagnostics', on_diag, reliable_qos())
+    sim_diag = watch_diagnostics(node, 'worldvla_sim')
     try:
         end = time.monotonic() + 180
         while time.monotonic() < end and len(results) < 2:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
@@ -17,7 +16,7 @@ from worldvla.msg import ActionChunk, EndEffectorCommand
 
 from worldvla_ros.bringup import default_config, start_nodes, stop_nodes
 from worldvla_ros.image_conversion import fill_image_msg
-from worldvla_ros.nodes.common import latched_qos, reliable_qos
+from worldvla_ros.nodes.common import latched_qos, reliable_qos, watch_diagnostics
 from worldvla_ros.synthetic import SyntheticCamera
 
 pytestmark = pytest.mark.ros
@@ -63,16 +62,10 @@ def test_nan_output_at_runtime_is_counted_and_never_commanded(nan_checkpoint: Pa
                         extra={'warmup': 'false', 'enabled': 'true', 'control_rate_hz': '20.0'})
     chunks: list[ActionChunk] = []
     commands: list[EndEffectorCommand] = []
-    diag: dict[str, str] = {}
-
-    def on_diag(m: DiagnosticArray) -> None:
-        for s in m.status:
-            if s.hardware_id == 'worldvla_action':
-                diag.update({kv.key: kv.value for kv in s.values})
 
     node.create_subscription(ActionChunk, 'worldvla/action_chunk', chunks.append, reliable_qos())
     node.create_subscription(EndEffectorCommand, 'worldvla/ee_command', commands.append, reliable_qos(100))
-    node.create_subscription(DiagnosticArray, '/diagnostics', on_diag, reliable_qos())
+    diag = watch_diagnostics(node, 'worldvla_action')
     image_pub = node.create_publisher(Image, 'camera/image_raw', qos_profile_sensor_data)
     node.create_publisher(String, 'instruction', latched_qos()).publish(String(data='pick up the red block'))
     camera = SyntheticCamera()

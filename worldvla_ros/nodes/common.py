@@ -116,6 +116,19 @@ def diagnostics_msg(node: Node, name: str, level: int, message: str, values: dic
     return arr
 
 
+def watch_diagnostics(node: Node, hardware_id: str) -> dict[str, str]:
+    """Subscribe to /diagnostics; the returned dict keeps the newest values ``hardware_id`` reported."""
+    values: dict[str, str] = {}
+
+    def on_diag(m: DiagnosticArray) -> None:
+        for s in m.status:
+            if s.hardware_id == hardware_id:
+                values.update({kv.key: kv.value for kv in s.values})
+
+    node.create_subscription(DiagnosticArray, '/diagnostics', on_diag, reliable_qos())
+    return values
+
+
 def reject_changes_of(read_only: set[str], checks: dict[str, Callable[[Any], str | None]]):
     """An on-set-parameters callback: refuses read-only names and values failing their check."""
 
