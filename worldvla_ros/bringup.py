@@ -85,6 +85,7 @@ def run_demo(seconds: float, episodes: int) -> int:
 
     import numpy as np
     import rclpy
+    from sensor_msgs.msg import Image
     from std_msgs.msg import Float64MultiArray, String
     from worldvla.msg import ActionChunk, EndEffectorCommand
 
@@ -113,8 +114,6 @@ def run_demo(seconds: float, episodes: int) -> int:
     node.create_subscription(ActionChunk, 'worldvla/action_chunk', on_chunk, reliable_qos())
     node.create_subscription(EndEffectorCommand, 'worldvla/ee_command', on_cmd, reliable_qos(50))
     node.create_subscription(String, 'sim/episode_result', on_result, reliable_qos(50))
-    from sensor_msgs.msg import Image
-
     node.create_subscription(Image, 'worldvla/imagined_image', lambda m: seen.__setitem__(
         'imagined', seen['imagined'] + 1), reliable_qos())
     node.create_subscription(Float64MultiArray, 'worldvla/surprise', lambda m: (

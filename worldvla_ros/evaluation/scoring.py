@@ -143,24 +143,26 @@ def action_scores(runs: Sequence[RunRecord], gripper_threshold: float = 0.0,
     return out
 
 
+def _finite_psnr_mean(values: np.ndarray) -> float | None:
+    """Mean PSNR over frames that differ (identical frames score +inf); None if none differ."""
+    finite = values[np.isfinite(values)]
+    return round(float(finite.mean()), 4) if len(finite) else None
+
+
 def world_model_scores(runs: Sequence[RunRecord]) -> dict[str, Any]:
     frames = [f for r in runs for f in r.imagined]
     steps = sorted({f.step for f in frames})
     by_step = []
     for s in steps:
-        ps = np.array([f.psnr for f in frames if f.step == s])
-        ss = np.array([f.ssim for f in frames if f.step == s])
-        finite = ps[np.isfinite(ps)]
-        entry = {'step': s, 'n': len(ps),
-                 'psnr_db': round(float(finite.mean()), 4) if len(finite) else None,
+        at_step = [f for f in frames if f.step == s]
+        ps = np.array([f.psnr for f in at_step])
+        entry = {'step': s, 'n': len(ps), 'psnr_db': _finite_psnr_mean(ps),
                  'identical_frames': int(np.sum(~np.isfinite(ps))),
-                 'ssim': round(float(ss.mean()), 6)}
-        cp = np.array([f.copy_psnr for f in frames if f.step == s and f.copy_psnr is not None])
-        cs = np.array([f.copy_ssim for f in frames if f.step == s and f.copy_ssim is not None])
-        if len(cp):
-            entry['copy_baseline_psnr_db'] = round(float(cp[np.isfinite(cp)].mean()), 4) if np.isfinite(cp).any() \
-                else None
-            entry['copy_baseline_ssim'] = round(float(cs.mean()), 6)
+                 'ssim': round(float(np.mean([f.ssim for f in at_step])), 6)}
+        copied = [f for f in at_step if f.copy_psnr is not None]
+        if copied:
+            entry['copy_baseline_psnr_db'] = _finite_psnr_mean(np.array([f.copy_psnr for f in copied]))
+            entry['copy_baseline_ssim'] = round(float(np.mean([f.copy_ssim for f in copied])), 6)
         by_step.append(entry)
     return {'imagined_frames': len(frames), 'by_horizon_step': by_step}
 

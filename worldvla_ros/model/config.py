@@ -40,6 +40,11 @@ class BackboneConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any]) -> BackboneConfig:
+        """The inverse of ``to_hf_dict``: the sizes of a checkpoint's config.json."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
     def to_hf_dict(self) -> dict[str, Any]:
         return {
             'model_type': 'chameleon',

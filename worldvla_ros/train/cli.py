@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from worldvla_ros.evaluation.episode import read_episode
 from worldvla_ros.model.action_tokenizer import ActionTokenizer
-from worldvla_ros.model.checkpoint import find_checkpoint_files, load_backbone, load_vqgan, read_config
+from worldvla_ros.model.checkpoint import find_checkpoint_files, load_backbone, load_vqgan, read_config, resolve_device
 from worldvla_ros.model.config import BackboneConfig, VQGANConfig, WorldVLAConfig
 from worldvla_ros.model.image_tokenizer import ImageTokenizer, to_model_frame
 from worldvla_ros.model.text_tokenizer import TextTokenizer
@@ -82,12 +82,7 @@ def vqgan_config(grid: int) -> VQGANConfig:
 
 def backbone_config(args: argparse.Namespace) -> BackboneConfig:
     if args.init_from:
-        c = read_config(find_checkpoint_files(args.init_from))
-        return BackboneConfig(hidden_size=c['hidden_size'], num_hidden_layers=c['num_hidden_layers'],
-                              num_attention_heads=c['num_attention_heads'],
-                              num_key_value_heads=c['num_key_value_heads'],
-                              intermediate_size=c['intermediate_size'],
-                              max_position_embeddings=c['max_position_embeddings'])
+        return BackboneConfig.from_hf_dict(read_config(find_checkpoint_files(args.init_from)))
     return BackboneConfig(hidden_size=args.hidden_size, num_hidden_layers=args.layers,
                           num_attention_heads=args.heads, num_key_value_heads=args.heads,
                           intermediate_size=args.intermediate_size or 4 * args.hidden_size,
@@ -133,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
-                          'cpu' if args.device == 'auto' else args.device)
+    device = resolve_device(args.device)
     backbone = backbone_config(args)
     t_start = time.perf_counter()
     data, out = Path(args.data), Path(args.out)
