@@ -304,6 +304,8 @@ def test_live_mode_records_node_outputs_and_scores_them(tmp_path: Path, eval_che
     assert report['mode'] == 'live' and report['chunk_size'] == K
     assert t['chunks'] >= 1 and t['frames'] == 20
     assert t['end_to_end_ms']['p50'] >= t['inference_ms']['p50'] > 0
-    assert t['frames_received_by_node'] == 20
+    # sensor-data QoS is best effort: a loaded machine may lose a frame, but every frame a chunk was
+    # planned from was received, and the count is the node's final one (read after the last frame)
+    assert 20 >= t['frames_received_by_node'] >= 20 - t['frames_never_used'] > 0
     assert t['frames_never_used'] == 20 - t['chunks'] - t.get('outputs_without_frame', 0)
     assert a['actions_compared'] >= K

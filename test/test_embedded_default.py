@@ -108,7 +108,10 @@ def test_sim_node_runs_episodes_with_the_action_node(isolated_graph) -> None:
         assert len(results) == 2, (results, sim_diag)
         assert [r['episode'] for r in results] == [0, 1]
         assert all(isinstance(r['success'], bool) and r['steps'] > 0 for r in results)
-        time.sleep(1.5)
+        end = time.monotonic() + 15  # the 1 Hz report after the second episode
+        while time.monotonic() < end and sim_diag.get('episodes_done') != '2':
+            time.sleep(0.2)
+        assert sim_diag.get('episodes_done') == '2', sim_diag
         assert int(sim_diag.get('commands_executed', 0)) >= sum(r['steps'] for r in results)
         assert all(p.poll() is None for p in procs)
     finally:

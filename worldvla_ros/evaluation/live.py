@@ -30,6 +30,7 @@ OUTPUTS = {
     '/diagnostics': 'diagnostic_msgs/msg/DiagnosticArray',
 }
 READY_TIMEOUT_S = 180.0
+FINAL_REPORT_TIMEOUT_S = 10.0
 
 
 def evaluate_live(args: argparse.Namespace, episodes: list[Episode], config: Path,
@@ -82,9 +83,13 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
     def sim_now() -> int:
         return t0 + int((time.monotonic() - wall0[0]) * rate * 1e9)
 
+    diagnostics_seen: list[float] = []
+
     def recorder(topic: str, msgtype: str):
         def callback(data: bytes) -> None:
             writer.write_raw(topic, msgtype, sim_now(), data)
+            if topic == '/diagnostics':
+                diagnostics_seen.append(time.monotonic())
         return callback
 
     try:
@@ -125,6 +130,7 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
         i = 0
         tail_ns = int((2 * args.wm_horizon + 2 * 10) / control_rate_hz * 1e9)  # let queued commands run out
         end = messages[-1][2] + tail_ns
+        last_frame_wall = float('inf')
         while True:
             now = sim_now()
             publish_clock(now)
@@ -132,7 +138,11 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
                 image_pub.publish(messages[i][3])
                 i += 1
                 bar.update(1)
-            if now >= end:
+                if i == len(messages):
+                    last_frame_wall = time.monotonic()
+            # the counters come from /diagnostics: run on until every node has reported after the last frame
+            fresh = sum(t > last_frame_wall + 0.1 for t in diagnostics_seen)
+            if now >= end and (fresh >= len(procs) or time.monotonic() > last_frame_wall + FINAL_REPORT_TIMEOUT_S):
                 break
             time.sleep(0.005)
         bar.close()
