@@ -69,6 +69,22 @@ def test_recorded_bags_hold_the_expert_episode(tmp_path: Path) -> None:
     np.testing.assert_allclose(ep.actions, actions)
 
 
+def test_demos_execute_noisy_commands_but_are_labelled_with_the_experts() -> None:
+    frames, clean, _, _ = expert_episode(9, noise=0.1)
+    frames_x, executed, _, _ = expert_episode(9, noise=0.1, clean_labels=False)
+    np.testing.assert_array_equal(np.stack(frames), np.stack(frames_x))  # the same noisy run
+    np.testing.assert_array_equal(clean[:, 3:], executed[:, 3:])
+    assert 0.03 < np.abs(clean[:, :3] - executed[:, :3]).mean() < 0.12
+    sim = TabletopSim()
+    sim.reset(9)
+    for frame, label, sent in zip(frames, clean, executed, strict=True):
+        np.testing.assert_array_equal(sim.render(), frame)
+        np.testing.assert_allclose(label, scripted_action(sim))  # the expert's command in that state
+        sim.step(sent)
+    noiseless = expert_episode(9, noise=0.0)
+    np.testing.assert_array_equal(noiseless[1], expert_episode(9, noise=0.0, clean_labels=False)[1])
+
+
 def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     from worldvla_ros.model import load_policy
     from worldvla_ros.train.cli import main as train

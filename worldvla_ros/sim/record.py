@@ -2,7 +2,8 @@
 
     record_demos OUT_DIR [--episodes 300] [--seed 0] [--noise 0.1] [--storage mcap]
 
-One bag per episode (``/camera/image_raw``, ``/instruction``, ``/teleop/ee_command``), named
+One bag per episode (``/camera/image_raw``, ``/instruction``, ``/teleop/ee_command``: the expert's
+command for the frame; the robot executed it with exploration noise, see ``expert_episode``), named
 ``episode_<seed>``; seeds are consecutive from ``--seed``, so disjoint ranges give disjoint
 train and held-out sets. Only successful episodes are kept (the expert almost always succeeds).
 """
@@ -16,33 +17,44 @@ import numpy as np
 from tqdm import tqdm
 
 from worldvla_ros.evaluation.episode import write_episode
+from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
 
 from .tabletop import SimConfig, TabletopSim, scripted_action
 
 
-def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = None
+def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = None, clean_labels: bool = True
                    ) -> tuple[list[np.ndarray], np.ndarray, str, bool]:
-    """(frames, actions, instruction, success): frame i is seen, then action i is sent."""
+    """(frames, actions, instruction, success): frame i is seen, then action i is labelled.
+
+    The robot executes the expert's command plus Gaussian noise on Δxyz, so the demos visit the
+    states a learned policy drifts into. With ``clean_labels`` the label is the expert's command
+    before the noise (DART, Laskey et al. 2017): one correct action per state instead of a noisy
+    spread the model would have to model too; without it, the label is what was executed.
+    """
     sim = TabletopSim(config)
     frame = sim.reset(seed)
     rng = np.random.default_rng(10_000 + seed)
     frames, actions = [], []
     while not sim.done:
-        a = scripted_action(sim, rng, noise)
+        expert = scripted_action(sim)
+        executed = expert.copy()
+        if noise > 0:
+            executed[:3] += rng.normal(0, noise, 3)
+            executed[:6] = np.clip(executed[:6], LIBERO_ACTION_MIN[:6], LIBERO_ACTION_MAX[:6])
         frames.append(frame)
-        actions.append(a)
-        frame = sim.step(a)
+        actions.append(expert if clean_labels else executed)
+        frame = sim.step(executed)
     return frames, np.asarray(actions), sim.instruction, sim.success
 
 
 def record_demos(out_dir: str | Path, episodes: int, seed: int = 0, noise: float = 0.1, storage: str = 'mcap',
-                 rate_hz: float = 10.0, progress: bool = True) -> list[Path]:
+                 rate_hz: float = 10.0, progress: bool = True, clean_labels: bool = True) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bags = []
     for s in tqdm(range(seed, seed + episodes), desc='recording', unit='episode', disable=not progress,
                   file=sys.stderr):
-        frames, actions, instruction, success = expert_episode(s, noise)
+        frames, actions, instruction, success = expert_episode(s, noise, clean_labels=clean_labels)
         if success:
             bags.append(write_episode(out / f'episode_{s:05d}', frames, actions, instruction, rate_hz, storage))
     return bags
@@ -56,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--noise', type=float, default=0.1, help='std of the noise on the expert’s Δxyz')
     parser.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap')
+    parser.add_argument('--executed-labels', action='store_true',
+                        help='label each frame with the noisy command executed, not the expert’s clean one')
     args = parser.parse_args(argv)
-    bags = record_demos(args.out_dir, args.episodes, args.seed, args.noise, args.storage)
+    bags = record_demos(args.out_dir, args.episodes, args.seed, args.noise, args.storage,
+                        clean_labels=not args.executed_labels)
     print(f'{len(bags)} of {args.episodes} episodes succeeded and were written to {args.out_dir}')
     return 0
 
