@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from worldvla_ros.evaluation.episode import read_episode
 from worldvla_ros.sim.closed_loop import run_chance_episode
@@ -130,3 +131,24 @@ def test_reach_direction_probe_tells_a_geometry_reader_from_one_that_ignores_it(
     wrong = reach_direction_probe(Expert(-1.0), range(6), sim=sim)
     assert right['x'] == right['y'] == 1.0 and right['placements'] >= 12, right
     assert wrong['x'] == wrong['y'] == 0.0, wrong
+
+
+def test_vqgan_training_keeps_to_the_active_codes_and_counts_their_stability() -> None:
+    from worldvla_ros.train.cli import next_frame_index, vqgan_config
+    from worldvla_ros.train.vqgan_trainer import RETIRED_CODE_VALUE, token_stability, train_vqgan
+
+    frames, _, _, _ = expert_episode(3)
+    frames = np.stack([f[::2, ::2] for f in frames])  # the model's 64 px
+    next_frame = next_frame_index([len(frames)])
+    assert next_frame[0] == 1 and next_frame[-1] == -1 and (next_frame >= 0).sum() == len(frames) - 1
+    vq, losses = train_vqgan(frames, vqgan_config(8), steps=4, batch_size=4, active_codes=16, next_frame=next_frame,
+                             stability_weight=10.0)
+    assert len(losses) == 4 and np.all(np.isfinite(losses))
+    codebook = vq.quantize.embedding.weight
+    assert torch.all(codebook[16:] == RETIRED_CODE_VALUE) and not torch.any(codebook[:16] == RETIRED_CODE_VALUE)
+    codes = vq.encode(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert codes.shape == (len(frames), 8, 8) and int(codes.max()) < 16  # the format's 8192, 16 in use
+    stats = token_stability(vq, [frames])
+    assert 1 <= stats['codes_used'] <= 16 and 0.0 <= stats['same_code_on_consecutive_frames'] <= 1.0
+    with pytest.raises(ValueError, match='active_codes'):
+        train_vqgan(frames, vqgan_config(8), steps=1, active_codes=9000)

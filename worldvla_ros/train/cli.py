@@ -13,6 +13,7 @@ ablations), and writes a checkpoint in the published layout (bf16 weights) with
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -34,7 +35,7 @@ from worldvla_ros.model.tiny import build_lm, build_text_tokenizer, build_vocab,
 
 from .lm_trainer import emit_ids, init_image_embeddings, train_lm
 from .sequences import action_samples, world_model_samples
-from .vqgan_trainer import reconstruction_psnr, train_vqgan
+from .vqgan_trainer import reconstruction_psnr, token_stability, train_vqgan
 
 BACKBONE = BackboneConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                           intermediate_size=512, max_position_embeddings=1024)
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--lr', type=float, default=2e-3)
     p.add_argument('--vq-steps', type=int, default=800)
     p.add_argument('--vq-batch-size', type=int, default=16)
+    p.add_argument('--active-codes', type=int, default=256,
+                   help='VQ codes in use (0: all 8192); the rest are retired, the layout stays the release’s')
+    p.add_argument('--stability-weight', type=float, default=10.0,
+                   help='pull the VQGAN latents of patches unchanged between consecutive frames together (0: off)')
     p.add_argument('--vqgan-from', default='', help='reuse the image tokenizer of this checkpoint')
     p.add_argument('--image-grid', type=int, choices=(8, 16), default=8,
                    help='codes per image side of a new VQGAN (8: 8× downsampling of the 64 px frames, 16: 4×)')
@@ -87,6 +92,13 @@ def backbone_config(args: argparse.Namespace) -> BackboneConfig:
                           num_attention_heads=args.heads, num_key_value_heads=args.heads,
                           intermediate_size=args.intermediate_size or 4 * args.hidden_size,
                           max_position_embeddings=BACKBONE.max_position_embeddings)
+
+
+def next_frame_index(lengths: list[int]) -> np.ndarray:
+    """For frames of episodes laid end to end: the index of the same episode's next frame, −1 after its last."""
+    out = np.arange(1, sum(lengths) + 1)
+    out[np.cumsum(lengths) - 1] = -1
+    return out
 
 
 def load_frames_and_actions(data: Path) -> list[tuple[list[np.ndarray], np.ndarray, str]]:
@@ -153,10 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         with tqdm(total=args.vq_steps, desc='VQGAN', file=sys.stderr) as bar:
             vqgan, vq_losses = train_vqgan(
                 model_frames, vqgan_config(args.image_grid), args.vq_steps, args.vq_batch_size, seed=args.seed,
-                on_step=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f'{loss:.4f}')), device=device)
+                on_step=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f'{loss:.4f}')), device=device,
+                active_codes=args.active_codes, next_frame=next_frame_index([len(fr) for fr, _, _ in episodes]),
+                stability_weight=args.stability_weight)
     timings['vqgan_s'] = time.perf_counter() - t0
     images = ImageTokenizer(vqgan, vocab, cfg.resolution, cfg.rotate_180)
     recon_psnr = reconstruction_psnr(vqgan, model_frames[:: max(1, len(model_frames) // 256)])
+    starts = np.cumsum([0] + [len(fr) for fr, _, _ in episodes])
+    per_episode = [model_frames[a:b] for a, b in itertools.pairwise(starts)]
+    stability = token_stability(vqgan, per_episode[:: max(1, len(episodes) // 32)])
 
     tok = ActionTokenizer(cfg.action_min, cfg.action_max)
     samples = []
@@ -200,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         'steps': args.steps, 'init_from': args.init_from, 'codebook_init': not args.no_codebook_init,
         'batch_size': args.batch_size, 'lr': args.lr, 'vq_steps': 0 if args.vqgan_from else
         args.vq_steps, 'vqgan_from': args.vqgan_from, 'vqgan_reconstruction_psnr_db': round(recon_psnr, 2),
+        'vqgan_active_codes': args.active_codes or vqgan.cfg.n_embed, 'vqgan_stability_weight': args.stability_weight,
+        'vqgan_token_stability': {k: round(v, 3) for k, v in stability.items()},
         'final_loss': {k: float(np.mean([e[k] for e in log[-50:] if k in e]))
                        for k in ('loss', 'loss_action', 'loss_world') if any(k in e for e in log[-50:])},
         'timings_s': {k: round(v, 1) for k, v in timings.items()}, 'checkpoint_mb': round(size / 2**20, 1),
