@@ -68,6 +68,7 @@ def main() -> None:
                                    ('actions_compared', 'direction_agreement', 'gripper_accuracy', 'l1')}
     result['open_loop_actions']['gripper_majority_baseline'] = majority_gripper_accuracy(seeds)
     result['world_model'] = {'joint (bundled)': bundled['world_model']}
+    result['image_tokenizer'] = tokenizer_report(policy, bags)
     for spec in args.world_model:
         label, _, path = spec.rpartition('=')
         result['world_model'][label or path] = lockstep_report(path, bags, args.wm_horizon)['world_model']
@@ -98,9 +99,39 @@ def main() -> None:
     print(f'\nopen loop, {a["actions_compared"]} held-out frames: direction agreement '
           + ', '.join(f'{k} {v:.0%}' for k, v in a['direction_agreement'].items())
           + f' (chance 50 %); gripper {a["gripper_accuracy"]:.0%} (majority {a["gripper_majority_baseline"]:.0%})')
+    t = result['image_tokenizer']
+    print(f'image tokenizer on the held-out frames: reconstruction {t["reconstruction_psnr_db"]:.2f} dB; a patch '
+          f'whose pixels did not change keeps its code {t["unchanged_patch_keeps_code"]:.0%} of the time; '
+          f'{t["codes_used"]} distinct codes')
     g = result['reach_direction_probe']
     print(f'reach-direction probe, gripper 12 cm beside the named block ({g["placements"]} placements): '
           f'moves toward it in x {g["x"]:.0%}, y {g["y"]:.0%} (expert 100 %, ignoring the geometry ≈ 50 %)')
+
+
+def tokenizer_report(policy, bags: list[Path]) -> dict:
+    """How faithfully and how consistently the VQGAN names the held-out frames."""
+    import numpy as np
+    import torch
+
+    from worldvla_ros.evaluation.episode import read_episode
+    from worldvla_ros.model.image_tokenizer import to_model_frame
+    from worldvla_ros.train.vqgan_trainer import reconstruction_psnr
+
+    vq, cfg = policy.images.vqgan, policy.config
+    kept, used, frames_all = [], set(), []
+    for bag in bags:
+        frames = np.stack([to_model_frame(f, cfg.resolution, cfg.rotate_180) for f in read_episode(bag).frames])
+        frames_all.append(frames)
+        pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(policy.device)
+        codes = vq.encode(pixels.to(next(vq.parameters()).dtype)).cpu().numpy()
+        n, g = codes.shape[0], codes.shape[1]
+        f = cfg.resolution // g
+        patches = frames.reshape(n, g, f, g, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, g, g, -1).astype(int)
+        unchanged = np.abs(patches[1:] - patches[:-1]).max(-1) == 0
+        kept.append((codes[1:] == codes[:-1])[unchanged])
+        used |= set(np.unique(codes).tolist())
+    return {'reconstruction_psnr_db': round(reconstruction_psnr(vq, np.concatenate(frames_all)[::4]), 2),
+            'unchanged_patch_keeps_code': round(float(np.concatenate(kept).mean()), 3), 'codes_used': len(used)}
 
 
 if __name__ == '__main__':
