@@ -1,0 +1,110 @@
+"""Can the embedded default's backbone learn *where* a patch is? A synthetic probe, no sim, no VQGAN.
+
+    python benchmarks/position_readout.py [--steps 900] [--layers 4] [--hidden-size 128] [--rope-theta 10000]
+
+Each sequence is the action model's: BOS, an 8×8 image block of random "table" codes with one
+"gripper" code at a random cell, 8710, then a chunk whose first action holds the gripper's column
+(Δx) and row (Δy) as action tokens. The gripper's code names its column (eight codes, one per
+column), but not its row: the row is told only by where the code sits in the sequence, i.e. by
+rotary positions, which is all the real tokenizer's codes give (their code vectors carry no
+position: R² ≈ 0 for the gripper's and the block's patch). Trained with the project's trainer
+(`train_lm`, the action attention mask, lr 2e-3, batch 24); printed: the share of held-out
+sequences whose column / row is decoded to the right cell (chance 1/8).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from worldvla_ros.model import tokens as T
+from worldvla_ros.model.action_tokenizer import ActionTokenizer
+from worldvla_ros.model.image_tokenizer import ImageTokenizer
+from worldvla_ros.model.tiny import build_lm, build_vocab
+from worldvla_ros.model.vqgan import VQGAN
+from worldvla_ros.train.cli import BACKBONE, SETTINGS, vqgan_config
+from worldvla_ros.train.lm_trainer import emit_ids, train_lm
+from worldvla_ros.train.sequences import Sample, collate
+
+GRID = 8
+TABLE_CODES = 100
+GRIPPER_CODE = 1000  # + column
+
+
+def cell_value(i: int) -> float:
+    return (i / (GRID - 1) * 2 - 1) * 0.9
+
+
+def make_sample(rng: np.random.Generator, images: ImageTokenizer, tok: ActionTokenizer) -> tuple[Sample, int, int]:
+    codes = rng.integers(0, TABLE_CODES, (GRID, GRID))
+    row, col = (int(v) for v in rng.integers(0, GRID, 2))
+    codes[row, col] = GRIPPER_CODE + col
+    chunk = np.zeros((SETTINGS.chunk_size, 7))
+    chunk[:, 6] = -1.0
+    chunk[0, :2] = cell_value(col), cell_value(row)
+    prompt = [T.BOS, *images.codes_to_block(codes), T.END_OF_TURN]
+    ids = np.asarray([*prompt, *tok.encode(chunk).tolist(), T.END_OF_TURN], dtype=np.int64)
+    target = np.zeros(len(ids), dtype=bool)
+    target[len(prompt):] = True
+    return Sample(ids, target, 'action'), col, row
+
+
+@torch.inference_mode()
+def accuracy(lm: torch.nn.Module, test: list[tuple[Sample, int, int]], tok: ActionTokenizer) -> tuple[float, float]:
+    lm.eval()
+    dev = next(lm.parameters()).device
+    ids, mask, positions, _ = (t.to(dev) for t in collate([s for s, _, _ in test]))
+    hidden = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    hits = []
+    for j, (s, col, row) in enumerate(test):
+        start = int(np.flatnonzero(s.target)[0])  # ACTION_START; hidden at i predicts token i + 1
+        values = lm.lm_head(hidden[j, start : start + 2]).argmax(-1).cpu().numpy()
+        x, y = tok.decode_values(np.r_[values, [T.ACTION_BIN_FIRST] * 5][None])[0, :2]
+        step = 0.9 / (GRID - 1)
+        hits.append((abs(x - cell_value(col)) < step, abs(y - cell_value(row)) < step))
+    lm.train()
+    col_acc, row_acc = np.mean(hits, axis=0)
+    return float(col_acc), float(row_acc)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--steps', type=int, default=900)
+    p.add_argument('--layers', type=int, default=BACKBONE.num_hidden_layers)
+    p.add_argument('--hidden-size', type=int, default=BACKBONE.hidden_size)
+    p.add_argument('--heads', type=int, default=BACKBONE.num_attention_heads)
+    p.add_argument('--rope-theta', type=float, default=BACKBONE.rope_theta)
+    p.add_argument('--evaluations', type=int, default=3)
+    p.add_argument('--device', default='cpu')
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+    vocab = build_vocab(0)
+    vqgan = VQGAN(vqgan_config(GRID))  # random weights: only its code ↔ token mapping is used
+    images = ImageTokenizer(vqgan, vocab, SETTINGS.resolution, rotate_180=False)
+    tok = ActionTokenizer(SETTINGS.action_min, SETTINGS.action_max)
+    train = [make_sample(rng, images, tok)[0] for _ in range(5000)]
+    test = [make_sample(rng, images, tok) for _ in range(300)]
+    backbone = replace(BACKBONE, num_hidden_layers=args.layers, hidden_size=args.hidden_size,
+                       num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                       intermediate_size=4 * args.hidden_size, rope_theta=args.rope_theta)
+    torch.manual_seed(0)
+    lm = build_lm(backbone, vqgan.cfg, vocab).to(args.device)
+    emit = emit_ids(images.image_token_ids, images.codes_to_block(np.zeros((GRID, GRID), int))[1])
+    every = max(1, args.steps // args.evaluations)
+    t0 = time.perf_counter()
+
+    def on_step(step: int, entry: dict[str, float]) -> None:
+        if (step + 1) % every == 0:
+            col, row = accuracy(lm, test, tok)
+            print(f'step {step + 1:5d}  loss {entry["loss"]:.3f}  column (named by the code) {col:.2f}  '
+                  f'row (only its place in the sequence) {row:.2f}  chance {1 / GRID:.2f}  '
+                  f'{time.perf_counter() - t0:.0f} s', flush=True)
+
+    train_lm(lm, train, emit, args.steps, seed=0, on_step=on_step)
+
+
+if __name__ == '__main__':
+    main()
