@@ -1,15 +1,17 @@
 """Can the embedded default's backbone learn *where* a patch is? A synthetic probe, no sim, no VQGAN.
 
-    python benchmarks/position_readout.py [--steps 900] [--layers 4] [--hidden-size 128] [--rope-theta 10000]
+    python benchmarks/position_readout.py [--gripper coded|plain|wide] [--steps 900] [--layers 4] ...
 
-Each sequence is the action model's: BOS, an 8×8 image block of random "table" codes with one
-"gripper" code at a random cell, 8710, then a chunk whose first action holds the gripper's column
-(Δx) and row (Δy) as action tokens. The gripper's code names its column (eight codes, one per
-column), but not its row: the row is told only by where the code sits in the sequence, i.e. by
-rotary positions, which is all the real tokenizer's codes give (their code vectors carry no
-position: R² ≈ 0 for the gripper's and the block's patch). Trained with the project's trainer
-(`train_lm`, the action attention mask, lr 2e-3, batch 24); printed: the share of held-out
-sequences whose column / row is decoded to the right cell (chance 1/8).
+Each sequence is the action model's: BOS, an 8×8 image block of random "table" codes with a
+"gripper" at a random cell, 8710, then a chunk whose first action holds the gripper's column (Δx)
+and row (Δy) as action tokens. The row is told only by where the gripper sits in the sequence,
+i.e. by rotary positions, which is all the real tokenizer's codes give (their code vectors carry
+no position: R² ≈ 0 for the gripper's and the block's patch). ``--gripper``:
+``coded``: one code per column, so the code names the column; ``plain``: one code everywhere;
+``wide``: two patches (the cell and the one right of it) with codes drawn from 20 each, closer to
+a real frame's gripper. Trained with the project's trainer (`train_lm`, the action attention
+mask, lr 2e-3, batch 24); printed: the share of held-out sequences whose column / row is decoded
+to the right cell (chance 1/8).
 """
 from __future__ import annotations
 
@@ -38,10 +40,16 @@ def cell_value(i: int) -> float:
     return (i / (GRID - 1) * 2 - 1) * 0.9
 
 
-def make_sample(rng: np.random.Generator, images: ImageTokenizer, tok: ActionTokenizer) -> tuple[Sample, int, int]:
+def make_sample(rng: np.random.Generator, images: ImageTokenizer, tok: ActionTokenizer, gripper: str
+                ) -> tuple[Sample, int, int]:
     codes = rng.integers(0, TABLE_CODES, (GRID, GRID))
     row, col = (int(v) for v in rng.integers(0, GRID, 2))
-    codes[row, col] = GRIPPER_CODE + col
+    if gripper == 'wide':
+        codes[row, col] = GRIPPER_CODE + rng.integers(0, 20)
+        if col + 1 < GRID:
+            codes[row, col + 1] = GRIPPER_CODE + 20 + rng.integers(0, 20)
+    else:
+        codes[row, col] = GRIPPER_CODE + (col if gripper == 'coded' else 0)
     chunk = np.zeros((SETTINGS.chunk_size, 7))
     chunk[:, 6] = -1.0
     chunk[0, :2] = cell_value(col), cell_value(row)
@@ -72,6 +80,7 @@ def accuracy(lm: torch.nn.Module, test: list[tuple[Sample, int, int]], tok: Acti
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--gripper', choices=('coded', 'plain', 'wide'), default='coded')
     p.add_argument('--steps', type=int, default=900)
     p.add_argument('--layers', type=int, default=BACKBONE.num_hidden_layers)
     p.add_argument('--hidden-size', type=int, default=BACKBONE.hidden_size)
@@ -85,8 +94,8 @@ def main() -> None:
     vqgan = VQGAN(vqgan_config(GRID))  # random weights: only its code ↔ token mapping is used
     images = ImageTokenizer(vqgan, vocab, SETTINGS.resolution, rotate_180=False)
     tok = ActionTokenizer(SETTINGS.action_min, SETTINGS.action_max)
-    train = [make_sample(rng, images, tok)[0] for _ in range(5000)]
-    test = [make_sample(rng, images, tok) for _ in range(300)]
+    train = [make_sample(rng, images, tok, args.gripper)[0] for _ in range(5000)]
+    test = [make_sample(rng, images, tok, args.gripper) for _ in range(300)]
     backbone = replace(BACKBONE, num_hidden_layers=args.layers, hidden_size=args.hidden_size,
                        num_attention_heads=args.heads, num_key_value_heads=args.heads,
                        intermediate_size=4 * args.hidden_size, rope_theta=args.rope_theta)
@@ -99,8 +108,8 @@ def main() -> None:
     def on_step(step: int, entry: dict[str, float]) -> None:
         if (step + 1) % every == 0:
             col, row = accuracy(lm, test, tok)
-            print(f'step {step + 1:5d}  loss {entry["loss"]:.3f}  column (named by the code) {col:.2f}  '
-                  f'row (only its place in the sequence) {row:.2f}  chance {1 / GRID:.2f}  '
+            print(f'step {step + 1:5d}  loss {entry["loss"]:.3f}  column {col:.2f}  row {row:.2f}  '
+                  f'chance {1 / GRID:.2f}  '
                   f'{time.perf_counter() - t0:.0f} s', flush=True)
 
     train_lm(lm, train, emit, args.steps, seed=0, on_step=on_step)
