@@ -11,7 +11,8 @@ no position: R² ≈ 0 for the gripper's and the block's patch). ``--gripper``:
 ``wide``: two patches (the cell and the one right of it) with codes drawn from 20 each, closer to
 a real frame's gripper. Trained with the project's trainer (`train_lm`, the action attention
 mask, lr 2e-3, batch 24); printed: the share of held-out sequences whose column / row is decoded
-to the right cell (chance 1/8).
+to the right cell (chance 1/8). ``--continuous`` puts the target anywhere in the cell, as a real
+position is; ``--bin-sigma`` trains on soft action-bin targets.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ def cell_value(i: int) -> float:
     return (i / (GRID - 1) * 2 - 1) * 0.9
 
 
-def make_sample(rng: np.random.Generator, images: ImageTokenizer, tok: ActionTokenizer, gripper: str
-                ) -> tuple[Sample, int, int]:
+def make_sample(rng: np.random.Generator, images: ImageTokenizer, tok: ActionTokenizer, gripper: str,
+                continuous: bool = False) -> tuple[Sample, int, int]:
     codes = rng.integers(0, TABLE_CODES, (GRID, GRID))
     row, col = (int(v) for v in rng.integers(0, GRID, 2))
     if gripper == 'wide':
@@ -53,6 +54,8 @@ def make_sample(rng: np.random.Generator, images: ImageTokenizer, tok: ActionTok
     chunk = np.zeros((SETTINGS.chunk_size, 7))
     chunk[:, 6] = -1.0
     chunk[0, :2] = cell_value(col), cell_value(row)
+    if continuous:  # anywhere in the cell, like a real position: ~33 bins per cell instead of one
+        chunk[0, :2] += rng.uniform(-0.9 / (GRID - 1), 0.9 / (GRID - 1), 2)
     prompt = [T.BOS, *images.codes_to_block(codes), T.END_OF_TURN]
     ids = np.asarray([*prompt, *tok.encode(chunk).tolist(), T.END_OF_TURN], dtype=np.int64)
     target = np.zeros(len(ids), dtype=bool)
@@ -81,6 +84,8 @@ def accuracy(lm: torch.nn.Module, test: list[tuple[Sample, int, int]], tok: Acti
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--gripper', choices=('coded', 'plain', 'wide'), default='coded')
+    p.add_argument('--continuous', action='store_true', help='targets anywhere in the cell, not its centre')
+    p.add_argument('--bin-sigma', type=float, default=0.0, help='soft action-bin targets (train_lm bin_sigma)')
     p.add_argument('--steps', type=int, default=900)
     p.add_argument('--layers', type=int, default=BACKBONE.num_hidden_layers)
     p.add_argument('--hidden-size', type=int, default=BACKBONE.hidden_size)
@@ -94,8 +99,8 @@ def main() -> None:
     vqgan = VQGAN(vqgan_config(GRID))  # random weights: only its code ↔ token mapping is used
     images = ImageTokenizer(vqgan, vocab, SETTINGS.resolution, rotate_180=False)
     tok = ActionTokenizer(SETTINGS.action_min, SETTINGS.action_max)
-    train = [make_sample(rng, images, tok, args.gripper)[0] for _ in range(5000)]
-    test = [make_sample(rng, images, tok, args.gripper) for _ in range(300)]
+    train = [make_sample(rng, images, tok, args.gripper, args.continuous)[0] for _ in range(5000)]
+    test = [make_sample(rng, images, tok, args.gripper, args.continuous) for _ in range(300)]
     backbone = replace(BACKBONE, num_hidden_layers=args.layers, hidden_size=args.hidden_size,
                        num_attention_heads=args.heads, num_key_value_heads=args.heads,
                        intermediate_size=4 * args.hidden_size, rope_theta=args.rope_theta)
@@ -112,7 +117,7 @@ def main() -> None:
                   f'chance {1 / GRID:.2f}  '
                   f'{time.perf_counter() - t0:.0f} s', flush=True)
 
-    train_lm(lm, train, emit, args.steps, seed=0, on_step=on_step)
+    train_lm(lm, train, emit, args.steps, seed=0, on_step=on_step, bin_sigma=args.bin_sigma)
 
 
 if __name__ == '__main__':

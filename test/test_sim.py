@@ -152,3 +152,19 @@ def test_vqgan_training_keeps_to_the_active_codes_and_counts_their_stability() -
     assert 1 <= stats['codes_used'] <= 16 and 0.0 <= stats['same_code_on_consecutive_frames'] <= 1.0
     with pytest.raises(ValueError, match='active_codes'):
         train_vqgan(frames, vqgan_config(8), steps=1, active_codes=9000)
+
+
+def test_soft_action_bin_targets_spread_over_neighbouring_bins_only() -> None:
+    from worldvla_ros.model import tokens as T
+    from worldvla_ros.train.lm_trainer import soft_targets
+
+    emit = torch.tensor([5, 9, *range(T.ACTION_BIN_FIRST, T.ACTION_BIN_LAST + 1), T.ACTION_END])
+    to_emit = torch.full((T.VOCAB_SIZE,), -1, dtype=torch.long)
+    to_emit[emit] = torch.arange(len(emit))
+    ids = torch.tensor([9, T.ACTION_BIN_FIRST + 100, T.ACTION_END, T.ACTION_BIN_FIRST])
+    soft = soft_targets(ids, to_emit[ids], to_emit, len(emit), sigma=6.0)
+    assert torch.allclose(soft.sum(1), torch.ones(4))
+    assert soft[0, 1] == 1.0 and soft[2, -1] == 1.0  # structure tokens stay one-hot
+    row = soft[1, 2:-1]
+    assert int(row.argmax()) == 100 and row[94] > 0.5 * row[100] and row[130] < 1e-4 and soft[1, :2].sum() == 0
+    assert int(soft[3, 2:-1].argmax()) == 0 and soft[3, -1] == 0  # the edge bin keeps all its mass on bins
