@@ -86,6 +86,28 @@ def test_demos_execute_noisy_commands_but_are_labelled_with_the_experts() -> Non
     np.testing.assert_array_equal(noiseless[1], expert_episode(9, noise=0.0, clean_labels=False)[1])
 
 
+def test_diverse_starts_put_the_gripper_anywhere_and_the_expert_still_succeeds() -> None:
+    from worldvla_ros.sim.record import diverse_start
+
+    heights, held = [], 0
+    for seed in range(40):
+        sim = TabletopSim()
+        sim.reset(seed)
+        diverse_start(sim, np.random.default_rng(seed))
+        s = sim.state
+        heights.append(s.gripper[2])
+        if s.held is not None:
+            held += 1
+            assert s.held == sim.task[1] and s.closed
+            np.testing.assert_allclose(s.blocks[s.held][:2], s.gripper[:2])
+    assert min(heights) < 0.03 and max(heights) > 0.12  # low beside blocks as well as high
+    assert 4 <= held <= 24
+    runs = [expert_episode(seed, diverse=True) for seed in range(12)]
+    assert all(r[3] for r in runs)
+    starts = np.stack([r[0][0] for r in runs])
+    assert not any(np.array_equal(starts[i], expert_episode(i)[0][0]) for i in range(3))  # not the usual start
+
+
 def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     from worldvla_ros.model import load_policy
     from worldvla_ros.train.cli import main as train

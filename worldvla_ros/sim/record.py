@@ -1,6 +1,6 @@
 """Record scripted-expert episodes of the tabletop sim as rosbag2 bags (the bag evaluation's format).
 
-    record_demos OUT_DIR [--episodes 300] [--seed 0] [--noise 0.1] [--storage mcap]
+    record_demos OUT_DIR [--episodes 300] [--seed 0] [--noise 0.1] [--storage mcap] [--diverse-starts]
 
 One bag per episode (``/camera/image_raw``, ``/instruction``, ``/teleop/ee_command``: the expert's
 command for the frame; the robot executed it with exploration noise, see ``expert_episode``), named
@@ -19,11 +19,25 @@ from tqdm import tqdm
 from worldvla_ros.evaluation.episode import write_episode
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
 
-from .tabletop import SimConfig, TabletopSim, scripted_action
+from .tabletop import TABLE, SimConfig, TabletopSim, scripted_action
 
 
-def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = None, clean_labels: bool = True
-                   ) -> tuple[list[np.ndarray], np.ndarray, str, bool]:
+def diverse_start(sim: TabletopSim, rng: np.random.Generator, held: float = 0.3) -> None:
+    """Move the gripper anywhere over the table at any height and, with probability ``held``, put
+    the named block in it: the expert then starts from states its own trajectories rarely visit
+    (low beside a block, carrying from anywhere), so the gripper's position is less tied to the
+    layout and the episode's phase."""
+    s = sim.state
+    s.gripper = np.array([*rng.uniform(0.02, TABLE - 0.02, 2), rng.uniform(0.0, 0.15)])
+    if rng.random() < held:
+        name = sim.task[1]
+        s.gripper[2] = max(s.gripper[2], 0.02)
+        s.held, s.closed = name, True
+        s.blocks[name] = np.array([s.gripper[0], s.gripper[1], s.gripper[2] - 0.01])
+
+
+def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = None, clean_labels: bool = True,
+                   diverse: bool = False) -> tuple[list[np.ndarray], np.ndarray, str, bool]:
     """(frames, actions, instruction, success): frame i is seen, then action i is labelled.
 
     The robot executes the expert's command plus Gaussian noise on Δxyz, so the demos visit the
@@ -34,6 +48,9 @@ def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = Non
     sim = TabletopSim(config)
     frame = sim.reset(seed)
     rng = np.random.default_rng(10_000 + seed)
+    if diverse:
+        diverse_start(sim, rng)
+        frame = sim.render()
     frames, actions = [], []
     while not sim.done:
         expert = scripted_action(sim)
@@ -48,13 +65,14 @@ def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = Non
 
 
 def record_demos(out_dir: str | Path, episodes: int, seed: int = 0, noise: float = 0.1, storage: str = 'mcap',
-                 rate_hz: float = 10.0, progress: bool = True, clean_labels: bool = True) -> list[Path]:
+                 rate_hz: float = 10.0, progress: bool = True, clean_labels: bool = True,
+                 diverse: bool = False) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bags = []
     for s in tqdm(range(seed, seed + episodes), desc='recording', unit='episode', disable=not progress,
                   file=sys.stderr):
-        frames, actions, instruction, success = expert_episode(s, noise, clean_labels=clean_labels)
+        frames, actions, instruction, success = expert_episode(s, noise, clean_labels=clean_labels, diverse=diverse)
         if success:
             bags.append(write_episode(out / f'episode_{s:05d}', frames, actions, instruction, rate_hz, storage))
     return bags
@@ -70,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap')
     parser.add_argument('--executed-labels', action='store_true',
                         help='label each frame with the noisy command executed, not the expert’s clean one')
+    parser.add_argument('--diverse-starts', action='store_true',
+                        help='start each episode from a random gripper pose, 30 %% of them holding the named block')
     args = parser.parse_args(argv)
     bags = record_demos(args.out_dir, args.episodes, args.seed, args.noise, args.storage,
-                        clean_labels=not args.executed_labels)
+                        clean_labels=not args.executed_labels, diverse=args.diverse_starts)
     print(f'{len(bags)} of {args.episodes} episodes succeeded and were written to {args.out_dir}')
     return 0
 
