@@ -10,7 +10,7 @@ import torch
 
 from worldvla_ros.evaluation.episode import read_episode
 from worldvla_ros.sim.closed_loop import run_chance_episode
-from worldvla_ros.sim.record import expert_episode, record_demos
+from worldvla_ros.sim.record import expert_episode, record_demos, record_snippets, state_snippet
 from worldvla_ros.sim.tabletop import TASKS, SimConfig, TabletopSim, scripted_action
 
 
@@ -108,6 +108,19 @@ def test_diverse_starts_put_the_gripper_anywhere_and_the_expert_still_succeeds()
     assert not any(np.array_equal(starts[i], expert_episode(i)[0][0]) for i in range(3))  # not the usual start
 
 
+def test_snippets_start_anywhere_and_carry_the_experts_clean_labels(tmp_path: Path) -> None:
+    frames, actions, instruction = state_snippet(4, steps=5)
+    assert len(frames) == len(actions) == 5
+    sim = TabletopSim()
+    sim.reset(4)
+    assert sim.instruction == instruction and not np.array_equal(sim.render(), frames[0])
+    bag = record_snippets(tmp_path, count=1, seed=4, steps=5, progress=False)[0]
+    assert bag.name == 'snippet_00004'
+    ep = read_episode(bag)
+    np.testing.assert_array_equal(np.stack(ep.frames), np.stack(frames))
+    np.testing.assert_allclose(ep.actions, actions)
+
+
 def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     from worldvla_ros.model import load_policy
     from worldvla_ros.train.cli import main as train
@@ -121,10 +134,15 @@ def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     assert log['episodes'] == 2 and log['samples'] > 0 and np.isfinite(log['final_loss']['loss'])
     assert log['backbone'] == {'hidden_size': 64, 'layers': 2, 'heads': 2, 'intermediate_size': 256}
     assert (out / 'loss_curve.png').is_file()
+    frames_per_episode = [len(read_episode(b).actions) for b in sorted((tmp_path / 'demos').iterdir())]
+    record_snippets(tmp_path / 'demos', count=2, seed=300, steps=7, progress=False)
     more = tmp_path / 'continued'  # continuing keeps the checkpoint's size, whatever the size flags say
     assert train(['--out', str(more), '--data', str(tmp_path / 'demos'), '--steps', '2', '--batch-size', '4',
                   '--init-from', str(out), '--vqgan-from', str(out), '--mode', 'action', '--device', 'cpu']) == 0
-    assert json.loads((more / 'train_log.json').read_text())['backbone']['hidden_size'] == 64
+    log = json.loads((more / 'train_log.json').read_text())
+    assert log['backbone']['hidden_size'] == 64
+    # one action sample per episode frame; a 7-step snippet only where a whole chunk of 5 was recorded
+    assert log['episodes'] == 4 and log['samples'] == sum(frames_per_episode) + 2 * 3
     assert load_policy(more, device='cpu').lm.config.num_hidden_layers == 2
     policy = load_policy(out, device='cpu')
     assert policy.config.resolution == 64 and policy.chunk_size == 5 and policy.config.history_frames == 1

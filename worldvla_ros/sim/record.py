@@ -1,6 +1,7 @@
 """Record scripted-expert episodes of the tabletop sim as rosbag2 bags (the bag evaluation's format).
 
     record_demos OUT_DIR [--episodes 300] [--seed 0] [--noise 0.1] [--storage mcap] [--diverse-starts]
+    record_demos OUT_DIR --snippets 5 [--episodes N] [--seed S]
 
 One bag per episode (``/camera/image_raw``, ``/instruction``, ``/teleop/ee_command``: the expert's
 command for the frame; the robot executed it with exploration noise, see ``expert_episode``), named
@@ -20,6 +21,8 @@ from worldvla_ros.evaluation.episode import write_episode
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
 
 from .tabletop import TABLE, SimConfig, TabletopSim, scripted_action
+
+SNIPPET_PREFIX = 'snippet_'  # bags cut off mid-task: the trainer must not pad their chunks with holds
 
 
 def diverse_start(sim: TabletopSim, rng: np.random.Generator, held: float = 0.3) -> None:
@@ -64,6 +67,41 @@ def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = Non
     return frames, np.asarray(actions), sim.instruction, sim.success
 
 
+def state_snippet(seed: int, steps: int = 5, noise: float = 0.1, config: SimConfig | None = None
+                  ) -> tuple[list[np.ndarray], np.ndarray, str]:
+    """``steps`` frames and clean expert labels from a diverse start (``diverse_start``): one
+    training state per layout, for a policy that has to read positions rather than follow a
+    trajectory it has seen. The snippet ends mid-task, so it carries no "hold still" ending."""
+    sim = TabletopSim(config)
+    sim.reset(seed)
+    rng = np.random.default_rng(10_000 + seed)
+    diverse_start(sim, rng)
+    frames, actions = [sim.render()], []
+    for i in range(steps):
+        expert = scripted_action(sim)
+        executed = expert.copy()
+        if noise > 0:
+            executed[:3] += rng.normal(0, noise, 3)
+            executed[:6] = np.clip(executed[:6], LIBERO_ACTION_MIN[:6], LIBERO_ACTION_MAX[:6])
+        actions.append(expert)
+        frame = sim.step(executed)
+        if i + 1 < steps:
+            frames.append(frame)
+    return frames, np.asarray(actions), sim.instruction
+
+
+def record_snippets(out_dir: str | Path, count: int, seed: int = 0, steps: int = 5, noise: float = 0.1,
+                    storage: str = 'mcap', rate_hz: float = 10.0, progress: bool = True) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bags = []
+    for s in tqdm(range(seed, seed + count), desc='recording snippets', unit='snippet', disable=not progress,
+                  file=sys.stderr):
+        frames, actions, instruction = state_snippet(s, steps, noise)
+        bags.append(write_episode(out / f'{SNIPPET_PREFIX}{s:05d}', frames, actions, instruction, rate_hz, storage))
+    return bags
+
+
 def record_demos(out_dir: str | Path, episodes: int, seed: int = 0, noise: float = 0.1, storage: str = 'mcap',
                  rate_hz: float = 10.0, progress: bool = True, clean_labels: bool = True,
                  diverse: bool = False) -> list[Path]:
@@ -90,7 +128,14 @@ def main(argv: list[str] | None = None) -> int:
                         help='label each frame with the noisy command executed, not the expert’s clean one')
     parser.add_argument('--diverse-starts', action='store_true',
                         help='start each episode from a random gripper pose, 30 %% of them holding the named block')
+    parser.add_argument('--snippets', type=int, default=0, metavar='STEPS',
+                        help='instead of whole episodes, write STEPS-long snippets from diverse starts '
+                             '(snippet_<seed>), one training state per layout')
     args = parser.parse_args(argv)
+    if args.snippets:
+        bags = record_snippets(args.out_dir, args.episodes, args.seed, args.snippets, args.noise, args.storage)
+        print(f'{len(bags)} snippets of {args.snippets} steps written to {args.out_dir}')
+        return 0
     bags = record_demos(args.out_dir, args.episodes, args.seed, args.noise, args.storage,
                         clean_labels=not args.executed_labels, diverse=args.diverse_starts)
     print(f'{len(bags)} of {args.episodes} episodes succeeded and were written to {args.out_dir}')

@@ -32,6 +32,7 @@ from worldvla_ros.model.config import BackboneConfig, VQGANConfig, WorldVLAConfi
 from worldvla_ros.model.image_tokenizer import ImageTokenizer, to_model_frame
 from worldvla_ros.model.text_tokenizer import TextTokenizer
 from worldvla_ros.model.tiny import build_lm, build_text_tokenizer, build_vocab, write_checkpoint
+from worldvla_ros.sim.record import SNIPPET_PREFIX
 
 from .lm_trainer import emit_ids, init_image_embeddings, train_lm
 from .sequences import action_samples, world_model_samples
@@ -103,12 +104,14 @@ def next_frame_index(lengths: list[int]) -> np.ndarray:
     return out
 
 
-def load_frames_and_actions(data: Path) -> list[tuple[list[np.ndarray], np.ndarray, str]]:
+def load_frames_and_actions(data: Path) -> list[tuple[list[np.ndarray], np.ndarray, str, bool]]:
+    """(frames, actions, instruction, finished) per bag; ``snippet_*`` bags end mid-task."""
     bags = sorted(p for p in data.iterdir() if (p / 'metadata.yaml').is_file())
     episodes = []
     for bag in tqdm(bags, desc='reading bags', unit='bag', file=sys.stderr):
         ep = read_episode(bag)
-        episodes.append((ep.frames, np.nan_to_num(ep.actions), ep.instruction))
+        episodes.append((ep.frames, np.nan_to_num(ep.actions), ep.instruction,
+                         not bag.name.startswith(SNIPPET_PREFIX)))
     return episodes
 
 
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    model_frames = np.stack([to_model_frame(f, cfg.resolution, cfg.rotate_180) for fr, _, _ in episodes for f in fr])
+    model_frames = np.stack([to_model_frame(f, cfg.resolution, cfg.rotate_180) for fr, *_ in episodes for f in fr])
     vq_losses: list[float] = []
     if args.vqgan_from:
         vqgan = load_vqgan(find_checkpoint_files(args.vqgan_from), device)
@@ -168,21 +171,21 @@ def main(argv: list[str] | None = None) -> int:
             vqgan, vq_losses = train_vqgan(
                 model_frames, vqgan_config(args.image_grid), args.vq_steps, args.vq_batch_size, seed=args.seed,
                 on_step=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f'{loss:.4f}')), device=device,
-                active_codes=args.active_codes, next_frame=next_frame_index([len(fr) for fr, _, _ in episodes]),
+                active_codes=args.active_codes, next_frame=next_frame_index([len(fr) for fr, *_ in episodes]),
                 stability_weight=args.stability_weight)
     timings['vqgan_s'] = time.perf_counter() - t0
     images = ImageTokenizer(vqgan, vocab, cfg.resolution, cfg.rotate_180)
     recon_psnr = reconstruction_psnr(vqgan, model_frames[:: max(1, len(model_frames) // 256)])
-    starts = np.cumsum([0] + [len(fr) for fr, _, _ in episodes])
+    starts = np.cumsum([0] + [len(fr) for fr, *_ in episodes])
     per_episode = [model_frames[a:b] for a, b in itertools.pairwise(starts)]
     stability = token_stability(vqgan, per_episode[:: max(1, len(episodes) // 32)])
 
     tok = ActionTokenizer(cfg.action_min, cfg.action_max)
     samples = []
-    for frames, actions, instruction in tqdm(episodes, desc='tokenizing', unit='episode', file=sys.stderr):
+    for frames, actions, instruction, finished in tqdm(episodes, desc='tokenizing', unit='episode', file=sys.stderr):
         blocks = [b for i in range(0, len(frames), 64) for b in images.encode(frames[i : i + 64])]
         if args.mode in ('joint', 'action'):
-            samples += action_samples(blocks, actions, instruction, text, tok, cfg)
+            samples += action_samples(blocks, actions, instruction, text, tok, cfg, finished)
         if args.mode in ('joint', 'world'):
             samples += world_model_samples(blocks, actions, text, tok, cfg)
 

@@ -23,15 +23,16 @@ class Sample:
 
 
 def action_samples(blocks: Sequence[list[int]], actions: np.ndarray, instruction: str, text: TextTokenizer,
-                   tok: ActionTokenizer, cfg: WorldVLAConfig) -> list[Sample]:
+                   tok: ActionTokenizer, cfg: WorldVLAConfig, finished: bool = True) -> list[Sample]:
     """One per frame: history images + instruction → the next K actions and 8710.
 
-    Near the episode's end the chunk is completed with holds (zero motion, last gripper value),
-    which is what the robot should do once the task is done.
+    Near the end of a ``finished`` episode the chunk is completed with holds (zero motion, last
+    gripper value), which is what the robot should do once the task is done; an unfinished one (a
+    snippet cut off mid-task) gives samples only where a whole chunk was recorded.
     """
     out = []
     n, k = len(actions), cfg.chunk_size
-    for t in range(n):
+    for t in range(n if finished else n - k + 1):
         history = [blocks[j] for j in range(max(0, t - cfg.history_frames + 1), t + 1)]
         prompt = action_prompt(text, history, instruction, cfg.action_prompt)
         chunk = actions[t : t + k]
