@@ -25,6 +25,15 @@ from .tabletop import TABLE, SimConfig, TabletopSim, scripted_action
 SNIPPET_PREFIX = 'snippet_'  # bags cut off mid-task: the trainer must not pad their chunks with holds
 
 
+def with_exploration_noise(expert: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
+    """What the robot executes: the expert's command plus N(0, noise) on Δxyz, kept in range."""
+    executed = expert.copy()
+    if noise > 0:
+        executed[:3] += rng.normal(0, noise, 3)
+        executed[:6] = np.clip(executed[:6], LIBERO_ACTION_MIN[:6], LIBERO_ACTION_MAX[:6])
+    return executed
+
+
 def diverse_start(sim: TabletopSim, rng: np.random.Generator, held: float = 0.3) -> None:
     """Move the gripper anywhere over the table at any height and, with probability ``held``, put
     the named block in it: the expert then starts from states its own trajectories rarely visit
@@ -57,10 +66,7 @@ def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = Non
     frames, actions = [], []
     while not sim.done:
         expert = scripted_action(sim)
-        executed = expert.copy()
-        if noise > 0:
-            executed[:3] += rng.normal(0, noise, 3)
-            executed[:6] = np.clip(executed[:6], LIBERO_ACTION_MIN[:6], LIBERO_ACTION_MAX[:6])
+        executed = with_exploration_noise(expert, rng, noise)
         frames.append(frame)
         actions.append(expert if clean_labels else executed)
         frame = sim.step(executed)
@@ -79,10 +85,7 @@ def state_snippet(seed: int, steps: int = 5, noise: float = 0.1, config: SimConf
     frames, actions = [sim.render()], []
     for i in range(steps):
         expert = scripted_action(sim)
-        executed = expert.copy()
-        if noise > 0:
-            executed[:3] += rng.normal(0, noise, 3)
-            executed[:6] = np.clip(executed[:6], LIBERO_ACTION_MIN[:6], LIBERO_ACTION_MAX[:6])
+        executed = with_exploration_noise(expert, rng, noise)
         actions.append(expert)
         frame = sim.step(executed)
         if i + 1 < steps:
