@@ -107,8 +107,6 @@ def accuracy(lm: torch.nn.Module, test: list[tuple[Sample, float, float]], tok: 
         values = lm.lm_head(hidden[j, start : start + 2]).argmax(-1).cpu().numpy()
         x, y = tok.decode_values(np.r_[values, [T.ACTION_BIN_FIRST] * 5][None])[0, :2]
         step = 0.9 / (GRID - 1)
-        if isinstance(want_x, int):  # a cell's column / row
-            want_x, want_y = cell_value(want_x), cell_value(want_y)
         hits.append((abs(x - want_x) < step, abs(y - want_y) < step))
     lm.train()
     col_acc, row_acc = np.mean(hits, axis=0)
@@ -142,7 +140,8 @@ def main() -> None:
         vqgan = VQGAN(vqgan_config(GRID))  # random weights: only its code ↔ token mapping is used
         images = ImageTokenizer(vqgan, vocab, SETTINGS.resolution, rotate_180=False)
         train = [make_sample(rng, images, tok, args.gripper, args.continuous)[0] for _ in range(5000)]
-        test = [make_sample(rng, images, tok, args.gripper, args.continuous) for _ in range(300)]
+        test = [(s, cell_value(col), cell_value(row))
+                for s, col, row in (make_sample(rng, images, tok, args.gripper, args.continuous) for _ in range(300))]
     backbone = replace(BACKBONE, num_hidden_layers=args.layers, hidden_size=args.hidden_size,
                        num_attention_heads=args.heads, num_key_value_heads=args.heads,
                        intermediate_size=4 * args.hidden_size, rope_theta=args.rope_theta)

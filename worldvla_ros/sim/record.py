@@ -49,7 +49,8 @@ def diverse_start(sim: TabletopSim, rng: np.random.Generator, held: float = 0.3)
 
 
 def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = None, clean_labels: bool = True,
-                   diverse: bool = False) -> tuple[list[np.ndarray], np.ndarray, str, bool]:
+                   diverse: bool = False, max_steps: int | None = None
+                   ) -> tuple[list[np.ndarray], np.ndarray, str, bool]:
     """(frames, actions, instruction, success): frame i is seen, then action i is labelled.
 
     The robot executes the expert's command plus Gaussian noise on Δxyz, so the demos visit the
@@ -64,7 +65,7 @@ def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = Non
         diverse_start(sim, rng)
         frame = sim.render()
     frames, actions = [], []
-    while not sim.done:
+    while not sim.done and (max_steps is None or len(actions) < max_steps):
         expert = scripted_action(sim)
         executed = with_exploration_noise(expert, rng, noise)
         frames.append(frame)
@@ -78,19 +79,8 @@ def state_snippet(seed: int, steps: int = 5, noise: float = 0.1, config: SimConf
     """``steps`` frames and clean expert labels from a diverse start (``diverse_start``): one
     training state per layout, for a policy that has to read positions rather than follow a
     trajectory it has seen. The snippet ends mid-task, so it carries no "hold still" ending."""
-    sim = TabletopSim(config)
-    sim.reset(seed)
-    rng = np.random.default_rng(10_000 + seed)
-    diverse_start(sim, rng)
-    frames, actions = [sim.render()], []
-    for i in range(steps):
-        expert = scripted_action(sim)
-        executed = with_exploration_noise(expert, rng, noise)
-        actions.append(expert)
-        frame = sim.step(executed)
-        if i + 1 < steps:
-            frames.append(frame)
-    return frames, np.asarray(actions), sim.instruction
+    frames, actions, instruction, _ = expert_episode(seed, noise, config, diverse=True, max_steps=steps)
+    return frames, actions, instruction
 
 
 def record_snippets(out_dir: str | Path, count: int, seed: int = 0, steps: int = 5, noise: float = 0.1,
