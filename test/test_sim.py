@@ -108,6 +108,24 @@ def test_diverse_starts_put_the_gripper_anywhere_and_the_expert_still_succeeds()
     assert not any(np.array_equal(starts[i], expert_episode(i)[0][0]) for i in range(3))  # not the usual start
 
 
+def test_near_starts_put_the_gripper_by_the_block_or_by_the_target_when_holding_it() -> None:
+    from worldvla_ros.sim.record import diverse_start
+
+    kinds = set()
+    for seed in range(60):
+        sim = TabletopSim()
+        sim.reset(seed)
+        diverse_start(sim, np.random.default_rng(seed), near=0.05)
+        s, (_, block, target) = sim.state, sim.task
+        goal = s.targets[target] if s.held else s.blocks[block][:2]
+        assert np.linalg.norm(s.gripper[:2] - goal) <= 0.05 + 1e-9
+        kinds.add(s.held is None)
+    assert kinds == {True, False}  # both reaching and carrying starts
+    # from there the expert's next steps decide the grasp: most 10-step snippets open or close the gripper
+    changes = [bool(np.any(np.diff(state_snippet(seed, steps=10, near=0.05)[1][:, 6]))) for seed in range(20)]
+    assert sum(changes) >= 14
+
+
 def test_snippets_start_anywhere_and_carry_the_experts_clean_labels(tmp_path: Path) -> None:
     frames, actions, instruction = state_snippet(4, steps=5)
     assert len(frames) == len(actions) == 5
