@@ -139,6 +139,27 @@ def test_snippets_start_anywhere_and_carry_the_experts_clean_labels(tmp_path: Pa
     np.testing.assert_allclose(ep.actions, actions)
 
 
+def test_dagger_labels_the_states_the_policy_visits(tiny_policy, tmp_path: Path) -> None:
+    from worldvla_ros.sim.closed_loop import run_episode
+    from worldvla_ros.sim.record import record_dagger
+
+    short = SimConfig(max_steps=12)
+    seen: list[tuple[int, np.ndarray]] = []
+    result = run_episode(tiny_policy, 400_000, config=short,
+                         on_chunk=lambda sim: seen.append((sim.state.steps, sim.render())))
+    bags = record_dagger(tiny_policy, tmp_path, episodes=1, seed=400_000, steps=5, progress=False, config=short)
+    assert len(seen) == result['chunks'] > 1
+    whole = [frame for step, frame in seen if step <= 12 - 5]  # states that leave the expert a whole snippet
+    assert len(bags) == len(whole) > 1 and bags[0].name == 'snippet_400000_000'
+    for bag, frame in zip(bags, whole, strict=True):  # one expert snippet from each state the policy was in
+        np.testing.assert_array_equal(read_episode(bag).frames[0], frame)
+    sim = TabletopSim(short)
+    sim.reset(400_000)
+    np.testing.assert_allclose(read_episode(bags[0]).actions[0], scripted_action(sim))
+    step = seen[1][0]
+    assert not np.array_equal(read_episode(bags[1]).frames[0], expert_episode(400_000)[0][step])
+
+
 def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     from worldvla_ros.model import load_policy
     from worldvla_ros.train.cli import main as train

@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -46,7 +47,9 @@ class Progress:
                 'chunks': chunks, 'grasped': self.grasped, 'closest_cm': round(100 * self.closest, 2)}
 
 
-def run_episode(policy: Any, seed: int, action_mask: bool = True, config: SimConfig | None = None) -> dict[str, Any]:
+def run_episode(policy: Any, seed: int, action_mask: bool = True, config: SimConfig | None = None,
+                on_chunk: Callable[[TabletopSim], None] | None = None) -> dict[str, Any]:
+    """One episode; ``on_chunk(sim)`` is called at every state where the policy is asked for a chunk."""
     sim = TabletopSim(config)
     frame = sim.reset(seed)
     progress = Progress(sim)
@@ -56,6 +59,8 @@ def run_episode(policy: Any, seed: int, action_mask: bool = True, config: SimCon
     previous = None
     chunks = 0
     while not sim.done:
+        if on_chunk is not None:
+            on_chunk(sim)
         pred = policy.predict(list(history), sim.instruction, batched=action_mask, action_mask=action_mask)
         actions, _ = safety.apply(pred.actions, previous)
         chunks += 1

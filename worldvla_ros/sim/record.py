@@ -2,6 +2,7 @@
 
     record_demos OUT_DIR [--episodes 300] [--seed 0] [--noise 0.1] [--storage mcap] [--diverse-starts]
     record_demos OUT_DIR --snippets 5 [--episodes N] [--seed S] [--near 0.08]
+    record_demos OUT_DIR --snippets 5 --dagger CHECKPOINT [--episodes N] [--seed 400000]
 
 One bag per episode (``/camera/image_raw``, ``/instruction``, ``/teleop/ee_command``: the expert's
 command for the frame; the robot executed it with exploration noise, see ``expert_episode``), named
@@ -11,8 +12,10 @@ train and held-out sets. Only successful episodes are kept (the expert almost al
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -58,22 +61,16 @@ def diverse_start(sim: TabletopSim, rng: np.random.Generator, held: float = 0.3,
         s.blocks[name] = np.array([s.gripper[0], s.gripper[1], s.gripper[2] - 0.01])
 
 
-def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = None, clean_labels: bool = True,
-                   diverse: bool = False, max_steps: int | None = None, near: float = 0.0
-                   ) -> tuple[list[np.ndarray], np.ndarray, str, bool]:
-    """(frames, actions, instruction, success): frame i is seen, then action i is labelled.
+def expert_rollout(sim: TabletopSim, rng: np.random.Generator, noise: float = 0.1, clean_labels: bool = True,
+                   max_steps: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Let the expert act from the sim's current state: (frames, actions), frame i seen, then action i labelled.
 
     The robot executes the expert's command plus Gaussian noise on Δxyz, so the demos visit the
     states a learned policy drifts into. With ``clean_labels`` the label is the expert's command
     before the noise (DART, Laskey et al. 2017): one correct action per state instead of a noisy
     spread the model would have to model too; without it, the label is what was executed.
     """
-    sim = TabletopSim(config)
-    frame = sim.reset(seed)
-    rng = np.random.default_rng(10_000 + seed)
-    if diverse:
-        diverse_start(sim, rng, near=near)
-        frame = sim.render()
+    frame = sim.render()
     frames, actions = [], []
     while not sim.done and (max_steps is None or len(actions) < max_steps):
         expert = scripted_action(sim)
@@ -81,7 +78,20 @@ def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = Non
         frames.append(frame)
         actions.append(expert if clean_labels else executed)
         frame = sim.step(executed)
-    return frames, np.asarray(actions), sim.instruction, sim.success
+    return frames, np.asarray(actions)
+
+
+def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = None, clean_labels: bool = True,
+                   diverse: bool = False, max_steps: int | None = None, near: float = 0.0
+                   ) -> tuple[list[np.ndarray], np.ndarray, str, bool]:
+    """(frames, actions, instruction, success) of one layout (``expert_rollout``)."""
+    sim = TabletopSim(config)
+    sim.reset(seed)
+    rng = np.random.default_rng(10_000 + seed)
+    if diverse:
+        diverse_start(sim, rng, near=near)
+    frames, actions = expert_rollout(sim, rng, noise, clean_labels, max_steps)
+    return frames, actions, sim.instruction, sim.success
 
 
 def state_snippet(seed: int, steps: int = 5, noise: float = 0.1, config: SimConfig | None = None,
@@ -103,6 +113,31 @@ def record_snippets(out_dir: str | Path, count: int, seed: int = 0, steps: int =
                   file=sys.stderr):
         frames, actions, instruction = state_snippet(s, steps, noise, near=near)
         bags.append(write_episode(out / f'{SNIPPET_PREFIX}{s:05d}', frames, actions, instruction, rate_hz, storage))
+    return bags
+
+
+def record_dagger(policy: Any, out_dir: str | Path, episodes: int, seed: int = 400_000, steps: int = 5,
+                  noise: float = 0.1, storage: str = 'mcap', rate_hz: float = 10.0, progress: bool = True,
+                  action_mask: bool = True, config: SimConfig | None = None) -> list[Path]:
+    """DAgger (Ross et al. 2011): run ``policy`` in closed loop and, at every state where it computes a
+    chunk, write the expert's ``steps``-step snippet from that state (on a copy of the sim), named
+    ``snippet_<seed>_<chunk>``. The policy's own mistakes take it where the expert never goes."""
+    from .closed_loop import run_episode
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bags: list[Path] = []
+    for s in tqdm(range(seed, seed + episodes), desc='DAgger episodes', unit='episode', disable=not progress,
+                  file=sys.stderr):
+        visited: list[TabletopSim] = []
+        run_episode(policy, s, action_mask, config, on_chunk=lambda sim, seen=visited: seen.append(copy.deepcopy(sim)))
+        rng = np.random.default_rng(10_000 + s)
+        for k, twin in enumerate(visited):
+            instruction = twin.instruction
+            frames, actions = expert_rollout(twin, rng, noise, max_steps=steps)
+            if len(actions) == steps:
+                bags.append(write_episode(out / f'{SNIPPET_PREFIX}{s:05d}_{k:03d}', frames, actions, instruction,
+                                          rate_hz, storage))
     return bags
 
 
@@ -138,9 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--near', type=float, default=0.0, metavar='M',
                         help='with --snippets: start within M metres of the named block (of the target when '
                              'holding the block) instead of anywhere')
+    parser.add_argument('--dagger', default='', metavar='CHECKPOINT',
+                        help='with --snippets: label the states this checkpoint visits in closed loop (DAgger), '
+                             '--episodes layouts from --seed')
     args = parser.parse_args(argv)
-    if args.near and not args.snippets:
-        parser.error('--near needs --snippets')
+    if (args.near or args.dagger) and not args.snippets:
+        parser.error('--near and --dagger need --snippets')
+    if args.dagger:
+        from worldvla_ros.model import load_policy
+
+        bags = record_dagger(load_policy(args.dagger), args.out_dir, args.episodes, args.seed, args.snippets,
+                             args.noise, args.storage)
+        print(f'{len(bags)} snippets of {args.snippets} steps from the states of {args.dagger} written to '
+              f'{args.out_dir}')
+        return 0
     if args.snippets:
         bags = record_snippets(args.out_dir, args.episodes, args.seed, args.snippets, args.noise, args.storage,
                                near=args.near)
