@@ -51,7 +51,7 @@ def diverse_start(sim: TabletopSim, rng: np.random.Generator, held: float = 0.3,
     s.gripper = np.array([*rng.uniform(0.02, TABLE - 0.02, 2), rng.uniform(0.0, 0.15)])
     holding = rng.random() < held
     if near > 0:
-        goal = sim.state.targets[sim.task[2]] if holding else sim.state.blocks[sim.task[1]][:2]
+        goal = s.targets[sim.task[2]] if holding else s.blocks[sim.task[1]][:2]
         r, phi = near * np.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
         s.gripper[:2] = np.clip(goal + r * np.array([np.cos(phi), np.sin(phi)]), 0.02, TABLE - 0.02)
     if holding:
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.near or args.dagger) and not args.snippets:
         parser.error('--near and --dagger need --snippets')
+    if args.near and args.dagger:
+        parser.error('--dagger starts where the checkpoint goes; --near does not apply')
     if args.dagger:
         from worldvla_ros.model import load_policy
 
