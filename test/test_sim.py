@@ -247,3 +247,23 @@ def test_soft_action_bin_targets_spread_over_neighbouring_bins_only() -> None:
     row = soft[1, 2:-1]
     assert int(row.argmax()) == 100 and row[94] > 0.5 * row[100] and row[130] < 1e-4 and soft[1, :2].sum() == 0
     assert int(soft[3, 2:-1].argmax()) == 0 and soft[3, -1] == 0  # the edge bin keeps all its mass on bins
+
+
+def test_world_fraction_fixes_the_mixture_of_every_batch() -> None:
+    from worldvla_ros.train.lm_trainer import sample_drawer
+    from worldvla_ros.train.sequences import Sample
+
+    ids, target = np.zeros(4, np.int64), np.zeros(4, bool)
+    samples = [Sample(ids, target, 'world')] * 90 + [Sample(ids, target, 'action')] * 10
+    rng = np.random.default_rng(0)
+    draw = sample_drawer(samples, 24, 0.25, rng)
+    for _ in range(20):
+        kinds = [samples[i].kind for i in draw()]
+        assert len(kinds) == 24 and kinds.count('world') == 6
+    uniform = sample_drawer(samples, 24, None, rng)
+    share = np.mean([samples[i].kind == 'world' for _ in range(50) for i in uniform()])
+    assert 0.8 < share < 1.0  # as the data holds it
+    with pytest.raises(ValueError, match='both kinds'):
+        sample_drawer(samples[:90], 24, 0.5, rng)
+    with pytest.raises(ValueError, match=r'\[0, 1\]'):
+        sample_drawer(samples, 24, 1.5, rng)

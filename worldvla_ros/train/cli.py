@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--lr', type=float, default=2e-3)
     p.add_argument('--bin-sigma', type=float, default=0.0,
                    help='> 0: action-bin targets are a Gaussian over neighbouring bins (σ in bins), not one-hot')
+    p.add_argument('--world-fraction', type=float, default=None,
+                   help='--mode joint: share of world-model samples in each batch (default: as they come in '
+                   'the data, one per transition and one action sample per chunk start)')
     p.add_argument('--vq-steps', type=int, default=800)
     p.add_argument('--vq-batch-size', type=int, default=16)
     p.add_argument('--active-codes', type=int, default=256,
@@ -210,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix({k: f'{v:.3f}' for k, v in entry.items() if k.startswith('loss')})
 
         log = train_lm(lm, samples, emit, args.steps, args.batch_size, args.lr, args.seed, on_step,
-                       bf16=not args.fp32, bin_sigma=args.bin_sigma)
+                       bf16=not args.fp32, bin_sigma=args.bin_sigma,
+                       world_fraction=args.world_fraction if args.mode == 'joint' else None)
     timings['backbone_s'] = time.perf_counter() - t0
     lm.eval()
     write_checkpoint(out, lm, backbone, vqgan, vocab, cfg, dtype=torch.bfloat16, shards=1)
@@ -220,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         'mode': args.mode, 'episodes': len(episodes), 'frames': len(model_frames), 'samples': len(samples),
         'steps': args.steps, 'init_from': args.init_from, 'codebook_init': not args.no_codebook_init,
-        'batch_size': args.batch_size, 'lr': args.lr, 'bin_sigma': args.bin_sigma, 'vq_steps': 0 if args.vqgan_from else
+        'batch_size': args.batch_size, 'lr': args.lr, 'bin_sigma': args.bin_sigma,
+        'world_fraction': args.world_fraction, 'vq_steps': 0 if args.vqgan_from else
         args.vq_steps, 'vqgan_from': args.vqgan_from, 'vqgan_reconstruction_psnr_db': round(recon_psnr, 2),
         'vqgan_active_codes': args.active_codes or vqgan.cfg.n_embed, 'vqgan_stability_weight': args.stability_weight,
         'vqgan_token_stability': {k: round(v, 3) for k, v in stability.items()},

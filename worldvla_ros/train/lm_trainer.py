@@ -64,6 +64,22 @@ def hidden_device(lm: torch.nn.Module) -> str:
     return next(lm.parameters()).device.type
 
 
+def sample_drawer(samples: Sequence[Sample], batch_size: int, world_fraction: float | None,
+                  rng: np.random.Generator) -> Callable[[], np.ndarray]:
+    """Indices of one batch: uniform over ``samples``, or ``world_fraction`` of it world-model samples."""
+    if world_fraction is None:
+        return lambda: rng.integers(0, len(samples), batch_size)
+    if not 0.0 <= world_fraction <= 1.0:
+        raise ValueError(f'world_fraction must lie in [0, 1], got {world_fraction}')
+    world = np.array([i for i, s in enumerate(samples) if s.kind == 'world'], dtype=np.int64)
+    action = np.array([i for i, s in enumerate(samples) if s.kind == 'action'], dtype=np.int64)
+    n_world = round(world_fraction * batch_size)
+    if (n_world and not len(world)) or (n_world < batch_size and not len(action)):
+        raise ValueError(f'world_fraction {world_fraction} needs both kinds of samples; '
+                         f'have {len(world)} world-model and {len(action)} action samples')
+    return lambda: np.concatenate([rng.choice(world, n_world), rng.choice(action, batch_size - n_world)])
+
+
 def train_lm(
     lm: ChameleonForConditionalGeneration,
     samples: Sequence[Sample],
@@ -75,6 +91,7 @@ def train_lm(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     bf16: bool = True,
     bin_sigma: float = 0.0,
+    world_fraction: float | None = None,
 ) -> list[dict[str, float]]:
     """``bf16``: autocast the forward pass (fp32 weights and optimizer), ~1.5× faster on a CPU with AVX512-BF16.
 
@@ -82,6 +99,10 @@ def train_lm(
     neighbouring bins (σ in bins). With one-hot targets the 256 bins are unrelated classes, each
     rarely the answer, and `benchmarks/position_readout.py --continuous` learns nothing in 900 steps;
     with σ = 6 it does.
+
+    ``world_fraction``: share of world-model samples in every batch (``None``: draw uniformly from
+    ``samples``, so the mixture is whatever the data holds — one world-model sample per transition,
+    one action sample per chunk start; with many short snippets that is mostly world-model data).
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -102,9 +123,10 @@ def train_lm(
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    draw = sample_drawer(samples, batch_size, world_fraction, rng)
     log = []
     for step in range(steps):
-        batch = [samples[i] for i in rng.integers(0, len(samples), batch_size)]
+        batch = [samples[i] for i in draw()]
         ids, mask, positions, target = (t.to(device, non_blocking=True) for t in collate(batch))
         b, q = torch.nonzero(target[:, 1:], as_tuple=True)  # hidden at i predicts token i + 1
         labels = to_emit[ids[b, q + 1]]
