@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +269,22 @@ def test_world_fraction_fixes_the_mixture_of_every_batch() -> None:
         sample_drawer(samples[:90], 24, 0.5, rng)
     with pytest.raises(ValueError, match=r'\[0, 1\]'):
         sample_drawer(samples, 24, 1.5, rng)
+
+
+@pytest.mark.timeout(900)
+def test_dagger_chain_runs_every_stage_and_resumes(tmp_path: Path) -> None:
+    """scripts/train_dagger_chain.sh at toy sizes: every stage writes its output, the last is a joint model."""
+    script = Path(__file__).resolve().parents[1] / 'scripts' / 'train_dagger_chain.sh'
+    work = tmp_path / 'chain'
+    env = {**os.environ, 'WORLDVLA_CHAIN_SMOKE': '1', 'WORLDVLA_DEVICE': 'cpu'}
+    run = subprocess.run(['bash', str(script), str(work)], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    for stage in ('m1', 'm2', 'd1', 'd2', 'j1', 'j2', 'j3', 'model'):
+        assert (work / stage / 'train_log.json').is_file(), stage
+    final = json.loads((work / 'model' / 'train_log.json').read_text())
+    assert final['mode'] == 'joint' and final['world_fraction'] == 0.2 and final['init_from'] == str(work / 'j3')
+    assert any((work / 'dagger5').iterdir()) and any(p.name.startswith('snippet_401000_') for p in
+                                                     (work / 'mix_d5').iterdir())
+    assert '"episodes": 2' in run.stdout  # the closed-loop evaluation at the end
+    again = subprocess.run(['bash', str(script), str(work)], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and 'worldvla_train' not in again.stderr and 'record_demos' not in again.stderr

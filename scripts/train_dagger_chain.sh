@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The training chain behind the first tabletop models that solve tasks in closed loop, as one
+# command (README, "First solved episodes"):
+#
+#   scripts/train_dagger_chain.sh [WORK_DIR] [OUT]     # defaults: artifacts/chain, WORK_DIR/model
+#   WORLDVLA_DEVICE=cuda scripts/train_dagger_chain.sh # on a GPU
+#   WORLDVLA_CHAIN_SMOKE=1 scripts/train_dagger_chain.sh DIR   # every stage at toy size (the test)
+#
+# 1. 300 expert demonstrations (layouts 0–299) and 12,000 five-step expert snippets from random
+#    gripper poses (one per layout, 200000–211999); action-only training from scratch with soft
+#    action-bin targets, 7500 steps (this also trains the VQGAN image tokenizer, 800 steps).
+# 2. 4000 ten-step snippets that start within 8 cm of the block (300000–303999); continue
+#    2500 steps on them, the demonstrations and half of the uniform snippets.
+# 3. DAgger rounds 1 and 2: run the model closed loop on 250 training layouts, label every state it
+#    computed a chunk in with the expert's snippet from there, continue 2000 steps on all data.
+# 4. Round 3, then joint training under the action attention mask: 3000 steps with half of every
+#    batch world-model sequences, 2000 more with a fifth.
+# 5. Rounds 4 and 5 on the joint model, each continued 1000 joint steps on its new snippets, the
+#    earlier rounds' and every fifth bag of the rest.
+#
+# Each stage is skipped when its output is complete, so an interrupted run resumes where it
+# stopped. Held-out evaluation layouts start at 100000 and are never trained on.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+work=$(realpath -m "${1:-$repo/artifacts/chain}")
+out=$(realpath -m "${2:-$work/model}")
+bin=$repo/.venv/bin
+device=${WORLDVLA_DEVICE:-auto}
+extra=()
+n_demos=300 n_snippets=12000 n_near=4000 n_dagger=250 n_eval=50
+steps() { echo "$1"; }
+if [[ ${WORLDVLA_CHAIN_SMOKE:-0} == 1 ]]; then
+  n_demos=2 n_snippets=6 n_near=4 n_dagger=2 n_eval=2
+  steps() { echo 2; }
+  extra=(--vq-steps 2 --batch-size 4 --hidden-size 64 --layers 2 --heads 2)
+fi
+mkdir -p "$work"
+SECONDS=0
+
+stage() { printf '== %s (%d min so far) %s\n' "$(date +%T)" $((SECONDS / 60)) "$*" >&2; }
+
+record() {  # record DIR ARGS...: record_demos into DIR unless a finished DIR is there
+  local dir=$1; shift
+  [[ -d $dir ]] && return
+  stage "record_demos $(basename "$dir") $*"
+  rm -rf "$dir.partial"
+  "$bin/record_demos" "$dir.partial" "$@"
+  mv "$dir.partial" "$dir"
+}
+
+mix() {  # mix DIR SRC[:N|%K]...: DIR links the bags of every SRC (its first N, or every K-th, only)
+  local dir=$1; shift
+  rm -rf "$dir" && mkdir -p "$dir"
+  local spec src pick
+  for spec in "$@"; do
+    src=${spec%%[:%]*}
+    case $spec in
+      *:*) pick="NR <= ${spec##*:}" ;;
+      *%*) pick="NR % ${spec##*%} == 1" ;;
+      *) pick=1 ;;
+    esac
+    find -L "$src" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' | sort | awk "$pick" |
+      sed "s|^|$src/|" | xargs -r -d '\n' ln -s -t "$dir"
+  done
+}
+
+train() {  # train OUT ARGS...: worldvla_train unless OUT is finished (it writes train_log.json last)
+  local dst=$1; shift
+  [[ -f $dst/train_log.json ]] && return
+  stage "worldvla_train $(basename "$dst") $*"
+  "$bin/worldvla_train" --out "$dst" --device "$device" --bin-sigma 6 "${extra[@]}" "$@"
+}
+
+from() { echo --init-from "$1" --vqgan-from "$1" --lr 1e-3; }
+
+record "$work/demos" --episodes "$n_demos" --seed 0
+record "$work/snippets" --snippets 5 --episodes "$n_snippets" --seed 200000
+mix "$work/mix1" "$work/demos" "$work/snippets"
+train "$work/m1" --data "$work/mix1" --mode action --steps "$(steps 7500)"
+
+record "$work/near" --snippets 10 --near 0.08 --episodes "$n_near" --seed 300000
+data=("$work/demos" "$work/snippets:$((n_snippets / 2))" "$work/near")
+mix "$work/mix2" "${data[@]}"
+# shellcheck disable=SC2046
+train "$work/m2" --data "$work/mix2" --mode action --steps "$(steps 2500)" $(from "$work/m1")
+
+prev=$work/m2
+dagger() {  # dagger ROUND: the expert's snippets from the states $prev visits
+  record "$work/dagger$1" --snippets 5 --dagger "$prev" --episodes "$n_dagger" --seed $((400000 + 250 * ($1 - 1)))
+}
+for round in 1 2; do
+  dagger $round
+  data+=("$work/dagger$round")
+  mix "$work/mix_d$round" "${data[@]}"
+  # shellcheck disable=SC2046
+  train "$work/d$round" --data "$work/mix_d$round" --mode action --steps "$(steps 2000)" $(from "$prev")
+  prev=$work/d$round
+done
+
+dagger 3
+data+=("$work/dagger3")
+mix "$work/mix_d3" "${data[@]}"
+# shellcheck disable=SC2046
+train "$work/j1" --data "$work/mix_d3" --mode joint --world-fraction 0.5 --steps "$(steps 3000)" $(from "$prev")
+# shellcheck disable=SC2046
+train "$work/j2" --data "$work/mix_d3" --mode joint --world-fraction 0.2 --steps "$(steps 2000)" $(from "$work/j1")
+prev=$work/j2
+
+fresh=()
+for round in 4 5; do
+  dagger $round
+  fresh+=("$work/dagger$round")
+  mix "$work/mix_d$round" "$work/mix_d3%5" "${fresh[@]}"
+  dst=$work/j$((round - 1)); [[ $round == 5 ]] && dst=$out
+  # shellcheck disable=SC2046
+  train "$dst" --data "$work/mix_d$round" --mode joint --world-fraction 0.2 --steps "$(steps 1000)" $(from "$prev")
+  prev=$dst
+done
+stage "done: $out"
+"$bin/worldvla_sim_eval" --checkpoint "$out" --episodes "$n_eval"
