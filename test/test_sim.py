@@ -269,6 +269,12 @@ def test_world_fraction_fixes_the_mixture_of_every_batch() -> None:
         sample_drawer(samples[:90], 24, 0.5, rng)
     with pytest.raises(ValueError, match=r'\[0, 1\]'):
         sample_drawer(samples, 24, 1.5, rng)
+    from worldvla_ros.train.cli import main as train
+
+    for bad in (['--mode', 'action', '--world-fraction', '0.2'], ['--world-fraction', '-0.1']):
+        with pytest.raises(SystemExit) as exit_:
+            train(['--out', '/nonexistent/never_written', *bad])
+        assert exit_.value.code == 2
 
 
 @pytest.mark.timeout(900)

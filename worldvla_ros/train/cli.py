@@ -145,7 +145,12 @@ def loss_curve(path: Path, log: list[dict[str, float]], vq_losses: list[float]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.world_fraction is not None and args.mode != 'joint':
+        parser.error('--world-fraction mixes the two kinds of sequences: it needs --mode joint')
+    if args.world_fraction is not None and not 0.0 <= args.world_fraction <= 1.0:
+        parser.error(f'--world-fraction must lie in [0, 1], got {args.world_fraction}')
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
         log = train_lm(lm, samples, emit, args.steps, args.batch_size, args.lr, args.seed, on_step,
                        bf16=not args.fp32, bin_sigma=args.bin_sigma,
-                       world_fraction=args.world_fraction if args.mode == 'joint' else None)
+                       world_fraction=args.world_fraction)
     timings['backbone_s'] = time.perf_counter() - t0
     lm.eval()
     write_checkpoint(out, lm, backbone, vqgan, vocab, cfg, dtype=torch.bfloat16, shards=1)
