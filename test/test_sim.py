@@ -128,6 +128,29 @@ def test_near_starts_put_the_gripper_by_the_block_or_by_the_target_when_holding_
     assert sum(changes) >= 14
 
 
+def test_held_snippets_carry_the_block_and_keep_it_closed_until_the_target() -> None:
+    """``--held 1``: every snippet starts with the named block in the gripper; the expert's labels keep
+    the gripper closed (+1) except where it releases at the target, so a policy learns to carry."""
+    from worldvla_ros.sim.record import diverse_start
+    from worldvla_ros.sim.record import main as record_main
+
+    for seed in range(20):
+        sim = TabletopSim()
+        sim.reset(seed)
+        diverse_start(sim, np.random.default_rng(seed), held=1.0)
+        assert sim.state.held == sim.task[1] and sim.state.closed
+        sim.reset(seed)
+        diverse_start(sim, np.random.default_rng(seed), held=0.0)
+        assert sim.state.held is None
+    grips = np.concatenate([state_snippet(seed, steps=5, held=1.0)[1][:, 6] for seed in range(20)])
+    assert (grips > 0).mean() >= 0.9, grips
+    for bad in (['--held', '1'], ['--snippets', '5', '--held', '1.5'],
+                ['--snippets', '5', '--held', '1', '--dagger', 'ckpt']):
+        with pytest.raises(SystemExit) as exit_:
+            record_main(['/nonexistent/never_written', *bad])
+        assert exit_.value.code == 2
+
+
 def test_snippets_start_anywhere_and_carry_the_experts_clean_labels(tmp_path: Path) -> None:
     frames, actions, instruction = state_snippet(4, steps=5)
     assert len(frames) == len(actions) == 5

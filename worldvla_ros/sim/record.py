@@ -1,7 +1,7 @@
 """Record scripted-expert episodes of the tabletop sim as rosbag2 bags (the bag evaluation's format).
 
     record_demos OUT_DIR [--episodes 300] [--seed 0] [--noise 0.1] [--storage mcap] [--diverse-starts]
-    record_demos OUT_DIR --snippets 5 [--episodes N] [--seed S] [--near 0.08]
+    record_demos OUT_DIR --snippets 5 [--episodes N] [--seed S] [--near 0.08] [--held 0.3]
     record_demos OUT_DIR --snippets 5 --dagger CHECKPOINT [--episodes N] [--seed 400000]
 
 One bag per episode (``/camera/image_raw``, ``/instruction``, ``/teleop/ee_command``: the expert's
@@ -82,36 +82,37 @@ def expert_rollout(sim: TabletopSim, rng: np.random.Generator, noise: float = 0.
 
 
 def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = None, clean_labels: bool = True,
-                   diverse: bool = False, max_steps: int | None = None, near: float = 0.0
+                   diverse: bool = False, max_steps: int | None = None, near: float = 0.0, held: float = 0.3
                    ) -> tuple[list[np.ndarray], np.ndarray, str, bool]:
     """(frames, actions, instruction, success) of one layout (``expert_rollout``)."""
     sim = TabletopSim(config)
     sim.reset(seed)
     rng = np.random.default_rng(10_000 + seed)
     if diverse:
-        diverse_start(sim, rng, near=near)
+        diverse_start(sim, rng, held=held, near=near)
     frames, actions = expert_rollout(sim, rng, noise, clean_labels, max_steps)
     return frames, actions, sim.instruction, sim.success
 
 
 def state_snippet(seed: int, steps: int = 5, noise: float = 0.1, config: SimConfig | None = None,
-                  near: float = 0.0) -> tuple[list[np.ndarray], np.ndarray, str]:
+                  near: float = 0.0, held: float = 0.3) -> tuple[list[np.ndarray], np.ndarray, str]:
     """``steps`` frames and clean expert labels from a diverse start (``diverse_start``): one
     training state per layout, for a policy that has to read positions rather than follow a
     trajectory it has seen. The snippet ends mid-task, so it carries no "hold still" ending."""
-    frames, actions, instruction, _ = expert_episode(seed, noise, config, diverse=True, max_steps=steps, near=near)
+    frames, actions, instruction, _ = expert_episode(seed, noise, config, diverse=True, max_steps=steps, near=near,
+                                                     held=held)
     return frames, actions, instruction
 
 
 def record_snippets(out_dir: str | Path, count: int, seed: int = 0, steps: int = 5, noise: float = 0.1,
-                    storage: str = 'mcap', rate_hz: float = 10.0, progress: bool = True, near: float = 0.0
-                    ) -> list[Path]:
+                    storage: str = 'mcap', rate_hz: float = 10.0, progress: bool = True, near: float = 0.0,
+                    held: float = 0.3) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bags = []
     for s in tqdm(range(seed, seed + count), desc='recording snippets', unit='snippet', disable=not progress,
                   file=sys.stderr):
-        frames, actions, instruction = state_snippet(s, steps, noise, near=near)
+        frames, actions, instruction = state_snippet(s, steps, noise, near=near, held=held)
         bags.append(write_episode(out / f'{SNIPPET_PREFIX}{s:05d}', frames, actions, instruction, rate_hz, storage))
     return bags
 
@@ -173,12 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--near', type=float, default=0.0, metavar='M',
                         help='with --snippets: start within M metres of the named block (of the target when '
                              'holding the block) instead of anywhere')
+    parser.add_argument('--held', type=float, default=0.3, metavar='P',
+                        help='with --snippets: share of snippets that start with the named block in the gripper '
+                             '(carry and release; default 0.3)')
     parser.add_argument('--dagger', default='', metavar='CHECKPOINT',
                         help='with --snippets: label the states this checkpoint visits in closed loop (DAgger), '
                              '--episodes layouts from --seed')
     args = parser.parse_args(argv)
     if (args.near or args.dagger) and not args.snippets:
         parser.error('--near and --dagger need --snippets')
+    if args.held != 0.3 and (args.dagger or not args.snippets):
+        parser.error('--held needs --snippets from diverse starts (not --dagger)')
+    if not 0.0 <= args.held <= 1.0:
+        parser.error('--held is a probability in [0, 1]')
     if args.near and args.dagger:
         parser.error('--dagger starts where the checkpoint goes; --near does not apply')
     if args.dagger:
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.snippets:
         bags = record_snippets(args.out_dir, args.episodes, args.seed, args.snippets, args.noise, args.storage,
-                               near=args.near)
+                               near=args.near, held=args.held)
         print(f'{len(bags)} snippets of {args.snippets} steps written to {args.out_dir}')
         return 0
     bags = record_demos(args.out_dir, args.episodes, args.seed, args.noise, args.storage,
