@@ -3,6 +3,7 @@
 # command (README, "First solved episodes"):
 #
 #   scripts/train_dagger_chain.sh [WORK_DIR] [OUT]     # defaults: artifacts/chain, WORK_DIR/model
+#   scripts/train_dagger_chain.sh artifacts/chain worldvla_ros/data/tabletop_model  # the bundled model
 #   WORLDVLA_DEVICE=cuda scripts/train_dagger_chain.sh # on a GPU
 #   WORLDVLA_CHAIN_SMOKE=1 scripts/train_dagger_chain.sh DIR   # every stage at toy size (the test)
 #
@@ -15,8 +16,11 @@
 #    computed a chunk in with the expert's snippet from there, continue 2000 steps on all data.
 # 4. Round 3, then joint training under the action attention mask: 3000 steps with half of every
 #    batch world-model sequences, 2000 more with a fifth.
-# 5. Rounds 4 and 5 on the joint model, each continued 1000 joint steps on its new snippets, the
-#    earlier rounds' and every fifth bag of the rest.
+# 5. Rounds 4, 5 and 6 on the joint model, each continued 1000 joint steps on its new snippets,
+#    the earlier of these rounds' and every fifth bag of the rest.
+# 6. Carrying: 5500 snippets that start with the named block in the gripper (1500 of them within
+#    8 cm of the target), 1000 joint steps (the models above dropped the block a step or two after
+#    grasping it); this stage writes OUT.
 #
 # Each stage is skipped when its output is complete, so an interrupted run resumes where it
 # stopped. Held-out evaluation layouts start at 100000 and are never trained on.
@@ -27,10 +31,10 @@ out=$(realpath -m "${2:-$work/model}")
 bin=$repo/.venv/bin
 device=${WORLDVLA_DEVICE:-auto}
 extra=()
-n_demos=300 n_snippets=12000 n_near=4000 n_dagger=250 n_eval=50
+n_demos=300 n_snippets=12000 n_near=4000 n_dagger=250 n_held=4000 n_held_near=1500 n_eval=50
 steps() { echo "$1"; }
 if [[ ${WORLDVLA_CHAIN_SMOKE:-0} == 1 ]]; then
-  n_demos=2 n_snippets=6 n_near=4 n_dagger=2 n_eval=2
+  n_demos=2 n_snippets=6 n_near=4 n_dagger=2 n_held=2 n_held_near=2 n_eval=2
   steps() { echo 2; }
   extra=(--vq-steps 2 --batch-size 4 --hidden-size 64 --layers 2 --heads 2)
 fi
@@ -106,15 +110,22 @@ train "$work/j1" --data "$work/mix_d3" --mode joint --world-fraction 0.5 --steps
 train "$work/j2" --data "$work/mix_d3" --mode joint --world-fraction 0.2 --steps "$(steps 2000)" $(from "$work/j1")
 prev=$work/j2
 
-fresh=()
-for round in 4 5; do
+fresh=("$work/mix_d3%5")
+joint() {  # joint DST MIX: 1000 joint steps from $prev on MIX (the sources in $fresh)
+  mix "$2" "${fresh[@]}"
+  # shellcheck disable=SC2046
+  train "$1" --data "$2" --mode joint --world-fraction 0.2 --steps "$(steps 1000)" $(from "$prev")
+  prev=$1
+}
+for round in 4 5 6; do
   dagger $round
   fresh+=("$work/dagger$round")
-  mix "$work/mix_d$round" "$work/mix_d3%5" "${fresh[@]}"
-  dst=$work/j$((round - 1)); [[ $round == 5 ]] && dst=$out
-  # shellcheck disable=SC2046
-  train "$dst" --data "$work/mix_d$round" --mode joint --world-fraction 0.2 --steps "$(steps 1000)" $(from "$prev")
-  prev=$dst
+  joint "$work/j$((round - 1))" "$work/mix_d$round"
 done
+
+record "$work/held" --snippets 5 --held 1 --episodes "$n_held" --seed 500000
+record "$work/held_near" --snippets 5 --held 1 --near 0.08 --episodes "$n_held_near" --seed 510000
+fresh+=("$work/held" "$work/held_near")
+joint "$out" "$work/mix_held"
 stage "done: $out"
 "$bin/worldvla_sim_eval" --checkpoint "$out" --episodes "$n_eval"

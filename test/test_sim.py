@@ -308,12 +308,13 @@ def test_dagger_chain_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     env = {**os.environ, 'WORLDVLA_CHAIN_SMOKE': '1', 'WORLDVLA_DEVICE': 'cpu'}
     run = subprocess.run(['bash', str(script), str(work)], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
-    for stage in ('m1', 'm2', 'd1', 'd2', 'j1', 'j2', 'j3', 'model'):
+    for stage in ('m1', 'm2', 'd1', 'd2', 'j1', 'j2', 'j3', 'j4', 'j5', 'model'):
         assert (work / stage / 'train_log.json').is_file(), stage
     final = json.loads((work / 'model' / 'train_log.json').read_text())
-    assert final['mode'] == 'joint' and final['world_fraction'] == 0.2 and final['init_from'] == str(work / 'j3')
-    assert any((work / 'dagger5').iterdir()) and any(p.name.startswith('snippet_401000_') for p in
-                                                     (work / 'mix_d5').iterdir())
+    assert final['mode'] == 'joint' and final['world_fraction'] == 0.2 and final['init_from'] == str(work / 'j5')
+    last_mix = {p.name for p in (work / 'mix_held').iterdir()}
+    assert any(n.startswith('snippet_401250_') for n in last_mix)  # DAgger round 6, from j4
+    assert {'snippet_500000', 'snippet_510000'} <= last_mix  # and the carrying snippets
     assert '"episodes": 2' in run.stdout  # the closed-loop evaluation at the end
     again = subprocess.run(['bash', str(script), str(work)], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and 'worldvla_train' not in again.stderr and 'record_demos' not in again.stderr
