@@ -1,8 +1,7 @@
 """The README's table for the bundled model: closed-loop success and world-model quality.
 
-    python benchmarks/embedded_default.py --episodes 50 \\
-        --world-model 'joint, 2000 steps=artifacts/train_v2/step_2000' \\
-        --world-model 'world-model only, 2000 steps=artifacts/train_world' \\
+    python benchmarks/embedded_default.py --episodes 150 --heldout-episodes 10 --wm-horizon 2 \\
+        --world-model 'world-model only, 2500 steps=artifacts/wm_only' \\
         [--checkpoint worldvla_ros/data/tabletop_model] [--heldout artifacts/heldout_demos]
 
 Closed loop: held-out layouts (seeds from 100000), with the action attention mask (batched

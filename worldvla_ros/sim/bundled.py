@@ -15,4 +15,4 @@ def bundled_checkpoint() -> Path:
         if (candidate / 'config.json').is_file():
             return candidate
     raise FileNotFoundError(f'the bundled model is missing (expected {PACKAGE_DIR}); retrain it with '
-                            'worldvla_train --out worldvla_ros/data/tabletop_model')
+                            'scripts/train_dagger_chain.sh artifacts/chain worldvla_ros/data/tabletop_model')

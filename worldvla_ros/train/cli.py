@@ -1,6 +1,6 @@
 """worldvla_train: train the small WorldVLA of the embedded default on recorded sim episodes.
 
-    worldvla_train --out worldvla_ros/data/tabletop_model            # records demos if needed
+    worldvla_train --out runs/tabletop                 # records demos if needed; one training run
     worldvla_train --out runs/wm_only --mode world --vqgan-from worldvla_ros/data/tabletop_model
 
 Records ``--episodes`` scripted-expert episodes into ``--data`` (rosbag2) unless bags are there,
@@ -8,7 +8,8 @@ trains the VQGAN image tokenizer (or reuses another checkpoint's with ``--vqgan-
 every frame, trains the backbone on the paper's mixture of action-model and world-model
 sequences under the action attention mask (``--mode joint``; ``action`` or ``world`` for the
 ablations), and writes a checkpoint in the published layout (bf16 weights) with
-``train_log.json`` and ``loss_curve.png``.
+``train_log.json`` and ``loss_curve.png``. The bundled model is a chain of such runs with DAgger
+rounds between them: ``scripts/train_dagger_chain.sh``.
 """
 from __future__ import annotations
 
