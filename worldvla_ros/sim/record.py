@@ -26,6 +26,7 @@ from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION
 from .tabletop import TABLE, SimConfig, TabletopSim, scripted_action
 
 SNIPPET_PREFIX = 'snippet_'  # bags cut off mid-task: the trainer must not pad their chunks with holds
+HELD_SHARE = 0.3  # diverse starts holding the named block, unless --held says otherwise
 
 
 def with_exploration_noise(expert: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
@@ -37,7 +38,7 @@ def with_exploration_noise(expert: np.ndarray, rng: np.random.Generator, noise: 
     return executed
 
 
-def diverse_start(sim: TabletopSim, rng: np.random.Generator, held: float = 0.3, near: float = 0.0) -> None:
+def diverse_start(sim: TabletopSim, rng: np.random.Generator, held: float = HELD_SHARE, near: float = 0.0) -> None:
     """Move the gripper anywhere over the table at any height and, with probability ``held``, put
     the named block in it: the expert then starts from states its own trajectories rarely visit
     (low beside a block, carrying from anywhere), so the gripper's position is less tied to the
@@ -82,7 +83,7 @@ def expert_rollout(sim: TabletopSim, rng: np.random.Generator, noise: float = 0.
 
 
 def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = None, clean_labels: bool = True,
-                   diverse: bool = False, max_steps: int | None = None, near: float = 0.0, held: float = 0.3
+                   diverse: bool = False, max_steps: int | None = None, near: float = 0.0, held: float = HELD_SHARE
                    ) -> tuple[list[np.ndarray], np.ndarray, str, bool]:
     """(frames, actions, instruction, success) of one layout (``expert_rollout``)."""
     sim = TabletopSim(config)
@@ -95,7 +96,7 @@ def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = Non
 
 
 def state_snippet(seed: int, steps: int = 5, noise: float = 0.1, config: SimConfig | None = None,
-                  near: float = 0.0, held: float = 0.3) -> tuple[list[np.ndarray], np.ndarray, str]:
+                  near: float = 0.0, held: float = HELD_SHARE) -> tuple[list[np.ndarray], np.ndarray, str]:
     """``steps`` frames and clean expert labels from a diverse start (``diverse_start``): one
     training state per layout, for a policy that has to read positions rather than follow a
     trajectory it has seen. The snippet ends mid-task, so it carries no "hold still" ending."""
@@ -106,7 +107,7 @@ def state_snippet(seed: int, steps: int = 5, noise: float = 0.1, config: SimConf
 
 def record_snippets(out_dir: str | Path, count: int, seed: int = 0, steps: int = 5, noise: float = 0.1,
                     storage: str = 'mcap', rate_hz: float = 10.0, progress: bool = True, near: float = 0.0,
-                    held: float = 0.3) -> list[Path]:
+                    held: float = HELD_SHARE) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bags = []
@@ -174,18 +175,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--near', type=float, default=0.0, metavar='M',
                         help='with --snippets: start within M metres of the named block (of the target when '
                              'holding the block) instead of anywhere')
-    parser.add_argument('--held', type=float, default=0.3, metavar='P',
+    parser.add_argument('--held', type=float, default=None, metavar='P',
                         help='with --snippets: share of snippets that start with the named block in the gripper '
-                             '(carry and release; default 0.3)')
+                             f'(carry and release; default {HELD_SHARE})')
     parser.add_argument('--dagger', default='', metavar='CHECKPOINT',
                         help='with --snippets: label the states this checkpoint visits in closed loop (DAgger), '
                              '--episodes layouts from --seed')
     args = parser.parse_args(argv)
     if (args.near or args.dagger) and not args.snippets:
         parser.error('--near and --dagger need --snippets')
-    if args.held != 0.3 and (args.dagger or not args.snippets):
+    if args.held is not None and (args.dagger or not args.snippets):
         parser.error('--held needs --snippets from diverse starts (not --dagger)')
-    if not 0.0 <= args.held <= 1.0:
+    held = HELD_SHARE if args.held is None else args.held
+    if not 0.0 <= held <= 1.0:
         parser.error('--held is a probability in [0, 1]')
     if args.near and args.dagger:
         parser.error('--dagger starts where the checkpoint goes; --near does not apply')
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.snippets:
         bags = record_snippets(args.out_dir, args.episodes, args.seed, args.snippets, args.noise, args.storage,
-                               near=args.near, held=args.held)
+                               near=args.near, held=held)
         print(f'{len(bags)} snippets of {args.snippets} steps written to {args.out_dir}')
         return 0
     bags = record_demos(args.out_dir, args.episodes, args.seed, args.noise, args.storage,
