@@ -31,7 +31,7 @@ from worldvla_ros.sim.record import record_demos
 def lockstep_report(checkpoint: str, bags: list[Path], horizon: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         rc = evaluate_bag([*map(str, bags), '--checkpoint', checkpoint, '--device', 'cpu', '--out', out,
-                           '--wm-horizon', str(horizon), '--no-progress'])
+                           '--wm-horizon', str(horizon), '--action-scale', 'tabletop', '--no-progress'])
         assert rc == 0
         return json.loads((Path(out) / 'report.json').read_text())
 

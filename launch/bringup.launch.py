@@ -8,7 +8,7 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch.actions import DeclareLaunchArgument, GroupAction
-from launch.conditions import IfCondition
+from launch.conditions import IfCondition, UnlessCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node, PushRosNamespace
 
@@ -20,6 +20,8 @@ def generate_launch_description() -> LaunchDescription:
     checkpoint = LaunchConfiguration('checkpoint')
     device = LaunchConfiguration('device')
     config = LaunchConfiguration('config')
+    sim_config = os.path.join(share, 'config', 'tabletop_sim.yaml')  # the sim's overrides, after `config`
+    use_sim = LaunchConfiguration('use_sim')
     overrides = {'checkpoint': checkpoint, 'device': device}
     action_overrides = {**overrides, 'enabled': LaunchConfiguration('enabled')}
     camera_remap = ('camera/image_raw', LaunchConfiguration('camera_topic'))
@@ -37,19 +39,23 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument('use_world_model', default_value='true'),
         DeclareLaunchArgument('use_rviz', default_value='false'),
         DeclareLaunchArgument('use_sim', default_value='false', description='the tabletop sim as the robot'),
-        DeclareLaunchArgument('enabled', default_value=LaunchConfiguration('use_sim'),
+        DeclareLaunchArgument('enabled', default_value=use_sim,
                               description='execute commands (false: dry run); true by default with the sim'),
     ]
     nodes = GroupAction([
         PushRosNamespace(LaunchConfiguration('namespace')),
         Node(package='worldvla', executable='action_node', name='worldvla_action', output='screen',
-             parameters=[config, action_overrides], remappings=[camera_remap, instruction_remap]),
+             parameters=[config, action_overrides], remappings=[camera_remap, instruction_remap],
+             condition=UnlessCondition(use_sim)),
+        Node(package='worldvla', executable='action_node', name='worldvla_action', output='screen',
+             parameters=[config, sim_config, action_overrides], remappings=[camera_remap, instruction_remap],
+             condition=IfCondition(use_sim)),
         Node(package='worldvla', executable='world_model_node', name='worldvla_world_model', output='screen',
              parameters=[config, overrides], remappings=[camera_remap],
              condition=IfCondition(LaunchConfiguration('use_world_model'))),
         Node(package='worldvla', executable='sim_node', name='worldvla_sim', output='screen',
              parameters=[config], remappings=[camera_remap, instruction_remap],
-             condition=IfCondition(LaunchConfiguration('use_sim'))),
+             condition=IfCondition(use_sim)),
         Node(package='rviz2', executable='rviz2', name='rviz2',
              arguments=['-d', os.path.join(share, 'config', 'worldvla.rviz')],
              condition=IfCondition(LaunchConfiguration('use_rviz'))),

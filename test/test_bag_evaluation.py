@@ -40,6 +40,7 @@ from worldvla_ros.evaluation.scoring import (
 from worldvla_ros.metrics import psnr, ssim
 from worldvla_ros.model.image_tokenizer import to_model_frame
 
+REPO = Path(__file__).resolve().parent.parent
 K = 3  # chunk size of the evaluation checkpoint: fixed-length chunks so seams and positions exist
 
 
@@ -87,6 +88,17 @@ def test_scores_equal_hand_computed_values() -> None:
     assert s['step_at_seams']['dx'] == pytest.approx(0.3)  # 0.6 after 0.3
     assert s['step_within_chunks']['dx'] == pytest.approx((0.1 + 0.1 + 0.2) / 3)
     assert s['recorded_step_at_seams']['gripper'] == 0.0
+    # physical units: LIBERO scale (0.05 m, 0.5 rad per unit) at 10 Hz
+    phys = action_scores([run], action_scale=(0.05, 0.05, 0.05, 0.5, 0.5, 0.5, 1.0), control_rate_hz=10.0)['physical']
+    assert phys['l1']['dx'] == pytest.approx(0.05 * (0.1 + 0.2 + 0.3 + 0.6 + 0.4) / 5)
+    assert phys['rmse']['dx'] == pytest.approx(0.05 * s['rmse']['dx'])
+    assert phys['units']['dx'] == 'm' and phys['units']['dyaw'] == 'rad' and phys['jerk_units']['dx'] == 'm/s³'
+    # jerk = |a[n] − 2 a[n−1] + a[n−2]| · scale · rate³; windows 1-2-3 (0.2) and 2-3-4 (0.5) straddle the seam
+    assert phys['seam_windows'] == 2
+    assert phys['jerk_at_seams']['dx'] == pytest.approx((0.2 + 0.5) / 2 * 0.05 * 1000)
+    assert phys['jerk_within_chunks']['dx'] == pytest.approx(0.0, abs=1e-9)  # 0.1, 0.2, 0.3: constant acceleration
+    assert phys['recorded_jerk_at_seams']['dx'] == 0.0 and phys['jerk_at_seams']['gripper'] is None
+    assert 'physical' not in s  # only with a scale
     t = timing_scores([run], control_rate_hz=10.0)
     assert t['deadline_misses'] == 1  # 0.5 s > 3 actions at 10 Hz; 0.05 s is in time
     assert t['inference_ms']['p50'] == pytest.approx(275.0)
@@ -116,8 +128,10 @@ def test_lockstep_metrics_equal_a_direct_computation(tmp_path: Path, eval_checkp
     bag = write_episode(tmp_path / 'bag', frames, actions, instruction, storage=storage)
     wm = storage == 'sqlite3'  # the world model is slow on CPU: once is enough
     out = tmp_path / 'report'
+    # sqlite3: the parameter files layered as ROS does (the sim's action_scale over the default's)
+    configs = [a for name in ('worldvla.yaml', 'tabletop_sim.yaml') for a in ('--config', str(REPO / 'config' / name))]
     rc = _run_cli(str(bag), '--checkpoint', str(eval_checkpoint), '--device', 'cpu', '--out', str(out),
-                  *(['--wm-horizon', '2'] if wm else ['--no-world-model']))
+                  *(['--wm-horizon', '2', *configs] if wm else ['--no-world-model']))
     assert rc == 0
     report = json.loads((out / 'report.json').read_text())
     assert (out / 'report.md').read_text().startswith('# WorldVLA bag evaluation')
@@ -134,6 +148,11 @@ def test_lockstep_metrics_equal_a_direct_computation(tmp_path: Path, eval_checkp
     np.testing.assert_allclose([a['l1'][d] for d in a['l1']], np.abs(err).mean(0), atol=1e-5)
     np.testing.assert_allclose([a['rmse'][d] for d in a['rmse']], np.sqrt((err**2).mean(0)), atol=1e-5)
     assert a['gripper_accuracy'] == pytest.approx(np.mean((pred[:, 6] > 0) == (actions[:, 6] > 0)), abs=1e-6)
+    scale = np.array([0.02, 0.02, 0.02, 0.1, 0.1, 0.1, 1.0] if wm else [0.05, 0.05, 0.05, 0.5, 0.5, 0.5, 1.0])
+    phys = a['physical']
+    np.testing.assert_allclose(phys['action_scale'], scale)
+    np.testing.assert_allclose([phys['l1'][d] for d in phys['l1']], np.abs(err).mean(0) * scale, atol=1e-6)
+    assert '## Actions in physical units' in (out / 'report.md').read_text()
     seam_step = np.abs(pred[[3, 6]] - pred[[2, 5]]).mean(0)
     np.testing.assert_allclose([a['step_at_seams'][d] for d in a['step_at_seams']], seam_step, atol=1e-5)
     if wm:
@@ -279,6 +298,10 @@ def test_bad_bags_give_a_clear_error_and_exit_2(tmp_path: Path, eval_checkpoint:
         assert 'Traceback' not in r.stderr, r.stderr
     r = _cli(str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--image-topic', '/wrist/image')
     assert r.returncode == 2 and "no topic '/wrist/image'" in r.stderr and '/camera/image_raw' in r.stderr
+    r = _cli(str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--action-scale', '0.05,0.05')
+    assert r.returncode == 2 and 'neither a preset' in r.stderr and 'Traceback' not in r.stderr
+    r = _cli(str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--config', str(tmp_path / 'none.yaml'))
+    assert r.returncode == 2 and 'no parameter file' in r.stderr and 'Traceback' not in r.stderr
     r = _cli(str(good['mcap']), '--checkpoint', str(tmp_path / 'nope'))
     assert r.returncode == 1 and 'cannot load checkpoint' in r.stderr and 'Traceback' not in r.stderr
 

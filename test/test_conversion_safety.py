@@ -6,7 +6,7 @@ import pytest
 from sensor_msgs.msg import CompressedImage, Image
 
 from worldvla_ros.image_conversion import ImageRejected, compressed_msg_to_rgb, fill_image_msg, image_msg_to_rgb
-from worldvla_ros.safety import SafetyFilter, SafetyLimits, UnsafeChunk, hold_action
+from worldvla_ros.safety import SafetyFilter, SafetyLimits, UnsafeChunk, at_rest, hold_action
 
 
 def test_round_trip_and_padded_rows() -> None:
@@ -54,6 +54,20 @@ def test_clamp_and_step_limit() -> None:
     np.testing.assert_allclose(safe[0], [0.1, -0.1, 0.05, 0.5, 0, 0, 1.0])
     np.testing.assert_allclose(safe[1], [0.2, -0.2, 0.05, 0.5, 0, 0, -1.0])
     assert changed == 6  # dims 0, 1, 3 of both rows
+
+
+def test_motion_ramps_up_from_rest_and_after_a_hold() -> None:
+    f = SafetyFilter(LIMITS)
+    # from rest (the node's state before its first command): xyz ramp up, the unknown gripper is free
+    safe, _ = f.apply(np.array([[0.5, 0.5, -0.5, 0, 0, 0, 1.0]] * 3), previous=at_rest())
+    np.testing.assert_allclose(safe[:, 0], [0.1, 0.2, 0.3])
+    np.testing.assert_allclose(safe[:, 2], [-0.1, -0.2, -0.3])
+    assert list(safe[:, 6]) == [1.0, 1.0, 1.0]
+    # the step is checked against what was sent last: after a hold, motion starts again from zero
+    np.testing.assert_allclose(f.limit_step(safe[2], hold_action(1.0)), [0.1, 0.1, -0.1, 0, 0, 0, 1.0])
+    # dimensions without a limit (max_step 0) pass unchanged
+    np.testing.assert_allclose(f.limit_step(np.array([0, 0, 0, 0.5, -0.5, 0.5, -1.0]), hold_action(1.0)),
+                               [0, 0, 0, 0.5, -0.5, 0.5, -1.0])
 
 
 @pytest.mark.parametrize('bad', [np.array([[np.nan] * 7]), np.array([[np.inf] + [0] * 6]), np.zeros((0, 7)),

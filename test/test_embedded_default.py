@@ -13,7 +13,7 @@ import time
 import pytest
 from std_msgs.msg import String
 
-from worldvla_ros.bringup import default_config, start_nodes, stop_nodes
+from worldvla_ros.bringup import default_config, sim_config, start_nodes, stop_nodes
 from worldvla_ros.nodes.common import reliable_qos, watch_diagnostics
 from worldvla_ros.sim.baselines import majority_gripper_accuracy, other_layout_baseline
 from worldvla_ros.sim.bundled import bundled_checkpoint
@@ -64,7 +64,7 @@ def heldout_report(tmp_path_factory) -> dict:
     bags = record_demos(root / 'bags', HELDOUT_EPISODES, seed=SEEDS, progress=False)
     assert len(bags) == HELDOUT_EPISODES  # the expert solves each, so seeds and bags line up
     rc = evaluate_bag([*map(str, bags), '--checkpoint', str(bundled_checkpoint()), '--device', 'cpu',
-                       '--out', str(root / 'report'), '--no-progress'])
+                       '--out', str(root / 'report'), '--action-scale', 'tabletop', '--no-progress'])
     assert rc == 0
     return json.loads((root / 'report' / 'report.json').read_text())
 
@@ -98,8 +98,8 @@ def test_closed_loop_success_is_clearly_above_chance(bundled_policy) -> None:
 @pytest.mark.timeout(240)
 def test_sim_node_runs_episodes_with_the_action_node(isolated_graph) -> None:
     node = isolated_graph
-    procs = start_nodes(str(bundled_checkpoint()), default_config(), 'cpu', use_world_model=False,
-                        extra={'enabled': 'true', 'replan_threshold': '1'}, use_sim=True,
+    procs = start_nodes(str(bundled_checkpoint()), [default_config(), sim_config()], 'cpu', use_world_model=False,
+                        use_sim=True,
                         sim_params={'episodes': '2'})
     results: list[dict] = []
 

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from worldvla_ros.nodes import action_node, sim_node, world_model_node
@@ -45,10 +46,12 @@ def test_every_worldvla_executable_is_installed() -> None:
         assert os.access(lib / c['executable'], os.X_OK), lib / c['executable']
 
 
-def test_every_yaml_parameter_is_declared_by_its_node() -> None:
-    config = yaml.safe_load((REPO / 'config' / 'worldvla.yaml').read_text())
-    assert set(config) == set(NODE_PARAMS)
-    for node, table in NODE_PARAMS.items():
+@pytest.mark.parametrize('name', ['worldvla.yaml', 'tabletop_sim.yaml'])
+def test_every_yaml_parameter_is_declared_by_its_node(name: str) -> None:
+    config = yaml.safe_load((REPO / 'config' / name).read_text())
+    assert set(config) == set(NODE_PARAMS) if name == 'worldvla.yaml' else set(config) <= set(NODE_PARAMS)
+    for node in config:
+        table = NODE_PARAMS[node]
         params = config[node]['ros__parameters']
         undeclared = set(params) - set(table)
         assert not undeclared, f'{node}: {undeclared} in the YAML but not declared'
@@ -57,6 +60,14 @@ def test_every_yaml_parameter_is_declared_by_its_node() -> None:
             assert type(value) is type(default) or (isinstance(default, float) and isinstance(value, int)), name
             if isinstance(default, list):
                 assert len(value) == len(default), name
+
+
+def test_sim_overrides_match_the_sim() -> None:
+    from worldvla_ros.sim.tabletop import SimConfig
+
+    sim = yaml.safe_load((REPO / 'config' / 'tabletop_sim.yaml').read_text())['worldvla_action']['ros__parameters']
+    assert tuple(sim['action_scale']) == SimConfig().action_scale
+    assert "parameters=[config, sim_config, action_overrides]" in LAUNCH.read_text()
 
 
 def test_rviz_config_shows_camera_imagined_comparison_and_path() -> None:

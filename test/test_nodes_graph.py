@@ -27,6 +27,7 @@ from worldvla_ros.synthetic import SyntheticCamera
 
 pytestmark = pytest.mark.ros
 RATE = 20.0
+MAX_STEP = 0.05  # per-step limit of Δx, Δy, Δz in the graph under test
 
 
 class Harness:
@@ -116,7 +117,7 @@ class Harness:
 def graph(tiny_checkpoint: Path):
     procs = start_nodes(str(tiny_checkpoint), default_config(), device='cpu', extra={
         'enabled': 'true', 'control_rate_hz': str(RATE), 'max_obs_age': '1.0', 'watchdog_timeout': '0.5',
-        'horizon': '2'})
+        'horizon': '2', 'max_step': f'[{MAX_STEP}, {MAX_STEP}, {MAX_STEP}, 0.0, 0.0, 0.0, 0.0]'})
     rclpy.init()
     harness = Harness()
     harness.instruction_pub.publish(String(data='put the red block in the bowl'))
@@ -234,6 +235,23 @@ def test_estop_latches_until_reset(graph) -> None:
     assert result is not None and result.success
     m = len(h.commands)
     assert h.wait_for(lambda: any(not c.hold for _, c in h.commands[m:]), timeout=30)
+
+
+def test_step_limit_holds_for_every_command_sent(graph) -> None:
+    """Across chunk seams, after watchdog and e-stop holds, from rest: no motion command jumps by more
+    than max_step from the command before it (a hold itself may always stop the robot)."""
+    h, _ = graph
+    h.stream(2.0)
+    with h.lock:
+        sent = [m for _, m in h.commands]
+    actions = np.array([m.action for m in sent])
+    motion = np.array([not m.hold for m in sent])
+    assert motion.sum() > 20 and (~motion).sum() > 0  # earlier tests left holds in between
+    steps = np.abs(np.diff(np.vstack([np.zeros(7), actions]), axis=0))[:, :3]  # from rest before the first
+    assert steps[motion].max() <= MAX_STEP + 1e-9
+    raw = np.concatenate([np.reshape(c.raw_actions, (-1, 7))[:, :3] for c in h.chunks])
+    assert np.abs(raw).max() > 2 * MAX_STEP  # the model asked for more: the limit did work
+    assert h.counter('worldvla_action', 'values_limited') > 0
 
 
 def test_missing_checkpoint_exits_nonzero(tmp_path: Path) -> None:

@@ -13,27 +13,39 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 NODES = {'action_node': 'worldvla_action', 'world_model_node': 'worldvla_world_model', 'sim_node': 'worldvla_sim'}
 
 
-def default_config() -> Path:
-    for candidate in (Path(sys.prefix) / 'share' / 'worldvla' / 'config' / 'worldvla.yaml',
-                      REPO / 'config' / 'worldvla.yaml'):
+def installed_config(name: str) -> Path:
+    """config/NAME from the ROS prefix (share/worldvla/config), else from the source tree."""
+    for candidate in (Path(sys.prefix) / 'share' / 'worldvla' / 'config' / name, REPO / 'config' / name):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError('config/worldvla.yaml not found')
+    raise FileNotFoundError(f'config/{name} not found')
 
 
-def node_command(executable: str, config: Path, params: dict[str, str], namespace: str = '',
+def default_config() -> Path:
+    return installed_config('worldvla.yaml')
+
+
+def sim_config() -> Path:
+    """The overrides for the tabletop sim as the robot, applied after the default config."""
+    return installed_config('tabletop_sim.yaml')
+
+
+def node_command(executable: str, config: Path | Sequence[Path], params: dict[str, str], namespace: str = '',
                  remaps: dict[str, str] | None = None) -> list[str]:
-    """The command line launch_ros would run for this node."""
+    """The command line launch_ros would run for this node; later parameter files override earlier ones."""
     installed = Path(sys.prefix) / 'lib' / 'worldvla' / executable
     cmd = [sys.executable, str(installed)] if installed.is_file() else [
         sys.executable, '-m', f'worldvla_ros.nodes.{executable}']
-    cmd += ['--ros-args', '-r', f'__node:={NODES[executable]}', '--params-file', str(config)]
+    cmd += ['--ros-args', '-r', f'__node:={NODES[executable]}']
+    for path in [config] if isinstance(config, (str, Path)) else config:
+        cmd += ['--params-file', str(path)]
     if namespace:
         cmd += ['-r', f'__ns:=/{namespace.strip("/")}']
     for src, dst in (remaps or {}).items():
@@ -43,7 +55,7 @@ def node_command(executable: str, config: Path, params: dict[str, str], namespac
     return cmd
 
 
-def start_nodes(checkpoint: str, config: Path, device: str = 'auto', namespace: str = '',
+def start_nodes(checkpoint: str, config: Path | Sequence[Path], device: str = 'auto', namespace: str = '',
                 use_world_model: bool = True, extra: dict[str, str] | None = None,
                 remaps: dict[str, str] | None = None, use_sim: bool = False,
                 sim_params: dict[str, str] | None = None) -> list[subprocess.Popen]:
@@ -161,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         parser.error(str(exc))
     use_sim = args.sim or bool(args.demo)
-    # the sim is the robot: its commands are meant to run, each chunk as the offline evaluation does
-    extra = {'enabled': 'true', 'replan_threshold': '1'} if use_sim else {}
+    configs = [config, sim_config()] if use_sim else [config]
     if use_sim:
         print(f'[bringup] sim + action node{"" if args.no_world_model else " + world-model node"} on {checkpoint}',
               flush=True)
@@ -171,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         remaps['camera/image_raw'] = args.camera_topic
     if args.instruction_topic:
         remaps['instruction'] = args.instruction_topic
-    procs = start_nodes(checkpoint, config, args.device, args.namespace, not args.no_world_model, extra, remaps,
+    procs = start_nodes(checkpoint, configs, args.device, args.namespace, not args.no_world_model, remaps=remaps,
                         use_sim=use_sim)
     try:
         if args.demo:

@@ -37,6 +37,11 @@ def hold_action(last_gripper: float) -> np.ndarray:
     return out
 
 
+def at_rest() -> np.ndarray:
+    """The command a robot is taken to have before the first one: no motion, gripper unknown (NaN: not limited)."""
+    return hold_action(np.nan)
+
+
 class SafetyFilter:
     """Rejects non-finite chunks, clamps every dimension, limits the change between commands."""
 
@@ -54,16 +59,27 @@ class SafetyFilter:
             raise UnsafeChunk('chunk contains NaN or inf')
         return actions
 
+    def limit_step(self, action: np.ndarray, previous: Sequence[float] | None) -> np.ndarray:
+        """``action`` moved at most ``max_step`` away from ``previous`` in every limited dimension.
+
+        Dimensions where ``previous`` is NaN (unknown) or ``max_step`` ≤ 0 are left as they are.
+        """
+        action = np.asarray(action, dtype=np.float64)
+        if previous is None:
+            return action.copy()
+        prev = np.asarray(previous, dtype=np.float64)
+        limited = (self._step > 0) & np.isfinite(prev)
+        return np.where(limited, np.clip(action, prev - self._step, prev + self._step), action)
+
     def apply(self, actions: np.ndarray, previous: Sequence[float] | None) -> tuple[np.ndarray, int]:
         """(K, 7) → (safe (K, 7), number of values changed). ``previous`` is the last command sent."""
         actions = self.check(actions)
         safe = np.clip(actions, self._lo, self._hi)
-        limited = self._step > 0
-        prev = None if previous is None else np.asarray(previous, dtype=np.float64)
+        prev = previous
         for i in range(len(safe)):
-            if prev is not None and limited.any():
-                delta = np.clip(safe[i] - prev, -self._step, self._step)
-                safe[i] = np.where(limited, prev + delta, safe[i])
-            prev = safe[i]
-        changed = int(np.count_nonzero(np.abs(safe - actions) > 1e-12))
-        return safe, changed
+            safe[i] = prev = self.limit_step(safe[i], prev)
+        return safe, changed_values(safe, actions)
+
+
+def changed_values(new: np.ndarray, old: np.ndarray) -> int:
+    return int(np.count_nonzero(np.abs(np.asarray(new) - np.asarray(old)) > 1e-12))

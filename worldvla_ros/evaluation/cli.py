@@ -22,7 +22,7 @@ from typing import Any
 
 from .bag_io import BagError
 from .episode import Episode, TopicMap, read_episode
-from .node_config import node_parameters, safety_limits
+from .node_config import action_scale, node_parameters, parse_action_scale, safety_limits
 from .scoring import RunRecord, action_scores, timing_scores, world_model_scores
 
 
@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--tokenizer-dir', default='')
     p.add_argument('--device', default='auto')
     p.add_argument('--dtype', default='auto')
-    p.add_argument('--config', default='', help="the nodes' YAML (default: the installed config/worldvla.yaml)")
+    p.add_argument('--config', action='append', default=[],
+                   help="the nodes' parameter file (default: the installed config/worldvla.yaml); repeat it to "
+                        'layer files as ROS does, e.g. --config worldvla.yaml --config tabletop_sim.yaml')
     p.add_argument('--mode', choices=('lockstep', 'live'), default='lockstep')
     p.add_argument('--out', default='eval_report', help='report directory')
     t = p.add_argument_group('topics')
@@ -52,22 +54,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--wm-every', type=int, default=1, help='lockstep: roll out from every n-th chunk')
     e.add_argument('--deadline', type=float, default=0.0, help='s; default: the chunk’s duration')
     e.add_argument('--gripper-threshold', type=float, default=0.0)
+    e.add_argument('--action-scale', type=_action_scale, default=None, metavar='PRESET|7 VALUES',
+                   help='metres/radians per action unit for errors and jerk in physical units: libero '
+                        '(0.05 m, 0.5 rad), tabletop (0.02 m, 0.1 rad) or 7 comma-separated values '
+                        "(default: the action node's action_scale in the config)")
     e.add_argument('--rate', type=float, default=1.0, help='live: playback speed factor')
     e.add_argument('--no-progress', action='store_true')
     e.add_argument('--debug', action='store_true', help='show the traceback of unexpected errors')
     return p
 
 
-def _config_path(given: str) -> Path:
+def _action_scale(text: str) -> tuple[float, ...]:
+    try:
+        return parse_action_scale(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _config_paths(given: list[str]) -> list[Path]:
     if given:
-        return Path(given)
+        missing = [g for g in given if not Path(g).is_file()]
+        if missing:
+            raise BagError(f'no parameter file {", ".join(missing)}')  # exit 2 like every usage problem
+        return [Path(g) for g in given]
     from worldvla_ros.bringup import default_config
 
-    return default_config()
+    return [default_config()]
 
 
 def summarize(args: argparse.Namespace, policy_info: dict[str, Any], episodes: list[Episode],
-              runs: list[RunRecord], control_rate_hz: float) -> dict[str, Any]:
+              runs: list[RunRecord], control_rate_hz: float, scale: tuple[float, ...]) -> dict[str, Any]:
     return {
         'mode': args.mode,
         **policy_info,
@@ -75,7 +91,7 @@ def summarize(args: argparse.Namespace, policy_info: dict[str, Any], episodes: l
         'frames': sum(len(e.frames) for e in episodes),
         'action_sources': [e.action_source for e in episodes],
         'control_rate_hz': control_rate_hz,
-        'actions': action_scores(runs, args.gripper_threshold),
+        'actions': action_scores(runs, args.gripper_threshold, action_scale=scale, control_rate_hz=control_rate_hz),
         'world_model': world_model_scores(runs),
         'timing': timing_scores(runs, control_rate_hz, args.deadline),
         'episodes': [{'bag': r.episode, 'instruction': e.instruction, 'frames': len(e.frames),
@@ -86,9 +102,10 @@ def summarize(args: argparse.Namespace, policy_info: dict[str, Any], episodes: l
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
     from tqdm import tqdm
 
-    config = _config_path(args.config)
+    config = _config_paths(args.config)
     action_params = node_parameters(config, 'worldvla_action')
     control_rate = float(action_params.get('control_rate_hz', 10.0))
+    scale = args.action_scale or action_scale(action_params)
     topics = TopicMap(args.image_topic, args.instruction_topic, args.action_topic, args.gripper_topic,
                       args.instruction, args.time_source)
     episodes = [read_episode(b, topics) for b in args.bags]  # every bag checked before the model loads
@@ -96,7 +113,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
         from .live import evaluate_live
 
         runs, policy_info = evaluate_live(args, episodes, config, control_rate)
-        return summarize(args, policy_info, episodes, runs, control_rate), runs
+        return summarize(args, policy_info, episodes, runs, control_rate, scale), runs
 
     from worldvla_ros.model import load_policy
     from worldvla_ros.safety import SafetyFilter
@@ -118,7 +135,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
     info = {'model_id': policy.model_id, 'device': str(policy.device), 'chunk_size': policy.chunk_size,
             'history_frames': policy.config.history_frames,
             'throughput_frames_per_s': round(sum(len(e.frames) for e in episodes) / (time.perf_counter() - t0), 3)}
-    return summarize(args, info, episodes, runs, control_rate), runs
+    return summarize(args, info, episodes, runs, control_rate, scale), runs
 
 
 def main(argv: list[str] | None = None) -> int:

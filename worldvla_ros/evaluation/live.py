@@ -33,7 +33,7 @@ READY_TIMEOUT_S = 180.0
 FINAL_REPORT_TIMEOUT_S = 10.0
 
 
-def evaluate_live(args: argparse.Namespace, episodes: list[Episode], config: Path,
+def evaluate_live(args: argparse.Namespace, episodes: list[Episode], config: list[Path],
                   control_rate_hz: float) -> tuple[list[RunRecord], dict[str, Any]]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,7 @@ def evaluate_live(args: argparse.Namespace, episodes: list[Episode], config: Pat
     return runs, info
 
 
-def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, config: Path, recording: Path,
+def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, config: list[Path], recording: Path,
                     control_rate_hz: float) -> int:
     import rclpy
     from rclpy.executors import SingleThreadedExecutor

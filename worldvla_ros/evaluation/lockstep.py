@@ -15,7 +15,7 @@ import numpy as np
 from worldvla_ros.metrics import psnr, ssim
 from worldvla_ros.model.image_tokenizer import to_model_frame
 from worldvla_ros.model.policy import WorldVLAPolicy
-from worldvla_ros.safety import SafetyFilter, UnsafeChunk
+from worldvla_ros.safety import SafetyFilter, UnsafeChunk, at_rest
 
 from .episode import Episode
 from .scoring import ChunkRecord, ImaginedFrame, RunRecord, executed_from_chunks
@@ -43,7 +43,7 @@ def evaluate_lockstep(
     run = RunRecord(episode.name, 'lockstep', episode.actions)
     run.counts = {'frames': n, 'frames_dropped': 0, 'frames_stale': 0,
                   **{f'frames_rejected_{k}': v for k, v in episode.rejected_frames.items()}}
-    previous: np.ndarray | None = None
+    previous = at_rest()  # as the node: the first command ramps up from no motion
     next_query = 0
     for f in range(n):
         if f == next_query:

@@ -1,25 +1,53 @@
 """The nodes' YAML read without ROS, so offline evaluation runs with the robot's settings."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
+from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN, LIBERO_ACTION_SCALE
 from worldvla_ros.safety import SafetyLimits
 
 
-def node_parameters(config: str | Path, node: str) -> dict[str, Any]:
-    data = yaml.safe_load(Path(config).read_text()) or {}
-    for key, section in data.items():
-        if key.strip('/').split('/')[-1] == node:
-            return dict((section or {}).get('ros__parameters', {}))
-    return {}
+def node_parameters(configs: Path | Sequence[Path], node: str) -> dict[str, Any]:
+    """One node's parameters from parameter files applied in order (a later file overrides), as ROS does."""
+    out: dict[str, Any] = {}
+    for config in [configs] if isinstance(configs, (str, Path)) else configs:
+        data = yaml.safe_load(Path(config).read_text()) or {}
+        for key, section in data.items():
+            if key.strip('/').split('/')[-1] == node:
+                out.update((section or {}).get('ros__parameters', {}))
+    return out
 
 
 def safety_limits(params: dict[str, Any]) -> SafetyLimits:
-    from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
-
     return SafetyLimits(tuple(params.get('action_min', LIBERO_ACTION_MIN)),
                         tuple(params.get('action_max', LIBERO_ACTION_MAX)),
                         tuple(params.get('max_step', [0.0] * 7)))
+
+
+def action_scale_presets() -> dict[str, tuple[float, ...]]:
+    from worldvla_ros.sim.tabletop import SimConfig
+
+    return {'libero': LIBERO_ACTION_SCALE, 'tabletop': SimConfig().action_scale}
+
+
+def parse_action_scale(text: str) -> tuple[float, ...]:
+    """A preset name (libero, tabletop) or 7 comma-separated values; ValueError otherwise."""
+    presets = action_scale_presets()
+    if text in presets:
+        return presets[text]
+    try:
+        values = tuple(float(v) for v in text.split(','))
+    except ValueError:
+        values = ()
+    if len(values) != 7 or not all(np.isfinite(values)) or min(values) < 0:
+        raise ValueError(f'{text!r} is neither a preset ({", ".join(presets)}) nor 7 comma-separated values ≥ 0')
+    return values
+
+
+def action_scale(params: dict[str, Any]) -> tuple[float, ...]:
+    return tuple(float(v) for v in params.get('action_scale', LIBERO_ACTION_SCALE))

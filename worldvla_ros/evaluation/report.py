@@ -49,8 +49,11 @@ def markdown(s: dict[str, Any]) -> str:
         f'direction agreement Δx/Δy/Δz: {"/".join(_fmt(v) for v in (a.get("direction_agreement") or {}).values())}',
         '',
     ]
+    phys = a.get('physical')
+    if phys:
+        lines += _physical_lines(phys)
     if a.get('l1'):
-        lines += ['## Actions (physical units of the bag)', '', '| | ' + ' | '.join(DIMS) + ' |',
+        lines += ['## Actions (units of the action, as the model emits them)', '', '| | ' + ' | '.join(DIMS) + ' |',
                   '|---' * (len(DIMS) + 1) + '|']
         for key, label in (('l1', 'L1'), ('rmse', 'RMSE'), ('step_at_seams', 'mean step at chunk seams'),
                            ('step_within_chunks', 'mean step within chunks'),
@@ -86,6 +89,24 @@ def markdown(s: dict[str, Any]) -> str:
     if plots:
         lines += ['## Plots', ''] + [f'![{p}]({p})' for p in plots] + ['']
     return '\n'.join(lines)
+
+
+def _physical_lines(phys: dict[str, Any]) -> list[str]:
+    units, jerk_units = phys['units'], phys['jerk_units']
+    scale = ', '.join(f'{d} {v:g} {units[d]}'.rstrip() for d, v in zip(DIMS, phys['action_scale'], strict=True))
+    rule = '|---' * (len(DIMS) + 1) + '|'
+    lines = ['## Actions in physical units', '',
+             f'Per action unit: {scale}. Errors per control step; jerk from the second difference of '
+             'consecutive commands at the control rate.', '',
+             '| | ' + ' | '.join(f'{d} ({units[d] or "–"})' for d in DIMS) + ' |', rule]
+    for key, label in (('l1', 'L1'), ('rmse', 'RMSE')):
+        lines.append(f'| {label} | ' + ' | '.join(_fmt(phys[key][d]) for d in DIMS) + ' |')
+    lines += ['', '| jerk | ' + ' | '.join(f'{d} ({jerk_units[d] or "–"})' for d in DIMS) + ' |', rule]
+    for key, label in (('jerk_at_seams', f'across chunk seams ({phys["seam_windows"]} windows)'),
+                       ('jerk_within_chunks', 'within chunks'), ('recorded_jerk_at_seams', 'recorded, at seams')):
+        if phys.get(key):
+            lines.append(f'| {label} | ' + ' | '.join(_fmt(phys[key][d]) for d in DIMS) + ' |')
+    return [*lines, '']
 
 
 def _plots(out_dir: Path, runs: Sequence[RunRecord]) -> dict[str, Path]:

@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 
 DIMS = ('dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper')
+UNITS = ('m', 'm', 'm', 'rad', 'rad', 'rad', '')  # per control step, with the action scale
+JERK_UNITS = ('m/s³', 'm/s³', 'm/s³', 'rad/s³', 'rad/s³', 'rad/s³', '')
+GRIPPER = 6
 
 
 @dataclass
@@ -80,24 +83,34 @@ def _nanmean(x: np.ndarray, axis: int = 0) -> np.ndarray:
 
 
 def action_scores(runs: Sequence[RunRecord], gripper_threshold: float = 0.0,
-                  direction_threshold: float = 0.25) -> dict[str, Any]:
+                  direction_threshold: float = 0.25, action_scale: Sequence[float] | None = None,
+                  control_rate_hz: float | None = None) -> dict[str, Any]:
     """L1/RMSE per dimension, gripper accuracy, direction agreement, error per chunk position, steps at seams.
 
     Direction agreement: how often Δx, Δy, Δz have the recorded action's sign, counted where the
     recorded value is larger than ``direction_threshold`` in magnitude (a clear move, not a hover).
+    With ``action_scale`` (metres / radians per action unit) and the control rate, the section
+    ``physical`` gives the errors in m and rad per step and the jerk in m/s³ and rad/s³.
     """
-    pred, true, seam_flags, prev_pred, prev_true = [], [], [], [], []
+    pred, true, seam_flags, prev_pred, prev_true, jerk_pred, jerk_true, jerk_seam = [], [], [], [], [], [], [], []
+    nan7 = np.full(7, np.nan)
     for run in runs:
-        last: ExecutedAction | None = None
+        chain: list[ExecutedAction] = []  # the executed actions of consecutive frames ending at the current one
         for e in run.executed:
-            if e.gt_index < len(run.gt):
-                pred.append(e.action)
-                true.append(run.gt[e.gt_index])
-                seam_flags.append(e.seam)
-                consecutive = last is not None and e.gt_index == last.gt_index + 1
-                prev_pred.append(last.action if consecutive else np.full(7, np.nan))
-                prev_true.append(run.gt[last.gt_index] if consecutive else np.full(7, np.nan))
-            last = e
+            chain = [*chain[-2:], e] if chain and e.gt_index == chain[-1].gt_index + 1 else [e]
+            if e.gt_index >= len(run.gt):
+                continue
+            pred.append(e.action)
+            true.append(run.gt[e.gt_index])
+            seam_flags.append(e.seam)
+            last = chain[-2] if len(chain) > 1 else None
+            prev_pred.append(last.action if last else nan7)
+            prev_true.append(run.gt[last.gt_index] if last else nan7)
+            if len(chain) == 3:
+                a, b, c = chain
+                jerk_pred.append(c.action - 2 * b.action + a.action)
+                jerk_true.append(run.gt[c.gt_index] - 2 * run.gt[b.gt_index] + run.gt[a.gt_index])
+                jerk_seam.append(b.seam or c.seam)  # the three steps straddle a chunk boundary
     if not pred:
         return {'actions_compared': 0}
     pred_a, true_a = np.asarray(pred), np.asarray(true)
@@ -140,7 +153,44 @@ def action_scores(runs: Sequence[RunRecord], gripper_threshold: float = 0.0,
     out['step_within_chunks'] = _per_dim(_nanmean(step_pred[inner])) if inner.any() else None
     out['recorded_step_at_seams'] = _per_dim(_nanmean(step_true[seam])) if seam.any() else None
     out['seams'] = int(seam.sum())
+    if action_scale is not None and control_rate_hz:
+        out['physical'] = _physical(out, np.asarray(action_scale, dtype=np.float64), control_rate_hz,
+                                    np.asarray(jerk_pred).reshape(-1, 7), np.asarray(jerk_true).reshape(-1, 7),
+                                    np.asarray(jerk_seam, dtype=bool))
     return out
+
+
+def _physical(scores: dict[str, Any], scale: np.ndarray, rate_hz: float, jerk_pred: np.ndarray,
+              jerk_true: np.ndarray, jerk_seam: np.ndarray) -> dict[str, Any]:
+    """The errors in metres and radians; jerk from the second difference of the commanded deltas.
+
+    A command is a displacement per control period T, so velocity = a·s/T and jerk = Δ²a·s/T³.
+    The gripper is a state, not a motion: no jerk for it.
+    """
+    def scaled(per_dim: dict[str, float | None] | None, factor: np.ndarray) -> dict[str, float | None] | None:
+        if per_dim is None:
+            return None
+        return {d: (None if v is None or np.isnan(f) else round(v * float(f), 9))
+                for (d, v), f in zip(per_dim.items(), factor, strict=True)}
+
+    jerk_scale = scale * rate_hz**3
+    jerk_scale[GRIPPER] = np.nan
+    inner = ~jerk_seam & ~np.isnan(jerk_pred[:, 0]) if len(jerk_pred) else jerk_seam
+
+    def mean_abs(x: np.ndarray, where: np.ndarray) -> dict[str, float | None] | None:
+        return scaled(_per_dim(_nanmean(np.abs(x[where]))), jerk_scale) if where.any() else None
+
+    return {
+        'action_scale': [float(v) for v in scale],
+        'units': dict(zip(DIMS, UNITS, strict=True)),
+        'l1': scaled(scores['l1'], scale),
+        'rmse': scaled(scores['rmse'], scale),
+        'jerk_at_seams': mean_abs(jerk_pred, jerk_seam),
+        'jerk_within_chunks': mean_abs(jerk_pred, inner),
+        'recorded_jerk_at_seams': mean_abs(jerk_true, jerk_seam),
+        'jerk_units': dict(zip(DIMS, JERK_UNITS, strict=True)),
+        'seam_windows': int(jerk_seam.sum()),
+    }
 
 
 def _finite_psnr_mean(values: np.ndarray) -> float | None:

@@ -9,6 +9,9 @@ from . import tokens as T
 
 LIBERO_ACTION_MIN = (-0.9375, -0.9375, -0.9375, -0.32571429, -0.375, -0.375, -1.0)
 LIBERO_ACTION_MAX = (0.9375, 0.9375, 0.9375, 0.375, 0.375, 0.375, 1.0)
+# What one unit of a LIBERO action moves: robosuite's OSC_POSE controller maps [-1, 1] to
+# ±0.05 m of position and ±0.5 rad of axis-angle rotation per control step; the gripper has no unit.
+LIBERO_ACTION_SCALE = (0.05, 0.05, 0.05, 0.5, 0.5, 0.5, 1.0)
 
 
 class ActionTokenizer:

@@ -25,7 +25,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 from worldvla.msg import ActionChunk, EndEffectorCommand
 
 from worldvla_ros.image_conversion import ImageRejected, compressed_msg_to_rgb, image_msg_to_rgb
-from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
+from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN, LIBERO_ACTION_SCALE
 from worldvla_ros.model.generate import NonFiniteLogits
 from worldvla_ros.nodes.common import (
     MODEL_PARAMETERS,
@@ -41,7 +41,7 @@ from worldvla_ros.nodes.common import (
     reliable_qos,
     spin_node,
 )
-from worldvla_ros.safety import SafetyFilter, SafetyLimits, UnsafeChunk, hold_action
+from worldvla_ros.safety import SafetyFilter, SafetyLimits, UnsafeChunk, at_rest, changed_values, hold_action
 
 PARAMETERS: dict[str, Param] = {
     **MODEL_PARAMETERS,
@@ -56,7 +56,11 @@ PARAMETERS: dict[str, Param] = {
     'command_frame_id': Param('ee_delta', 'frame_id of published commands and the planned path'),
     'action_min': Param(list(LIBERO_ACTION_MIN), 'per-dimension lower clamp of commands (7 values)'),
     'action_max': Param(list(LIBERO_ACTION_MAX), 'per-dimension upper clamp of commands (7 values)'),
-    'max_step': Param([0.0] * 7, 'largest change of each dimension between consecutive commands; 0 = none'),
+    'max_step': Param([0.0] * 7, 'largest change of each dimension between consecutive commands sent '
+                      '(holds included, so motion ramps up again after one); 0 = none'),
+    'action_scale': Param(list(LIBERO_ACTION_SCALE), 'metres (Δxyz) and radians (Δrotation) one action unit '
+                          'moves, gripper 1: the planned path is drawn in metres; evaluate_bag reports errors '
+                          'with it (default: LIBERO OSC_POSE, 0.05 m and 0.5 rad)'),
     'use_compressed': Param(False, 'subscribe to sensor_msgs/CompressedImage on <camera>/compressed',
                             read_only=True),
     'warmup': Param(True, 'run one inference before going active', read_only=True),
@@ -80,7 +84,7 @@ class ActionNode(Node):
         self.add_on_set_parameters_callback(reject_changes_of(
             {n for n, q in PARAMETERS.items() if q.read_only},
             {'action_min': self._check_limits('action_min'), 'action_max': self._check_limits('action_max'),
-             'max_step': self._check_limits('max_step')},
+             'max_step': self._check_limits('max_step'), 'action_scale': self._check_limits('action_scale')},
         ))
 
         self._lock = threading.Lock()
@@ -92,8 +96,7 @@ class ActionNode(Node):
         self._estop = False
         self._queue: deque[EndEffectorCommand] = deque()
         self._queue_time = 0.0  # monotonic time the current chunk arrived
-        self._last_action: np.ndarray | None = None
-        self._last_gripper = 0.0
+        self._last_sent = at_rest()  # the step limit applies from here, holds included
         self._active = False
         self._sequence = 0
         self._running = True
@@ -247,7 +250,7 @@ class ActionNode(Node):
         latency = time.perf_counter() - t0
         self.stats.latency(latency)
         with self._lock:
-            previous = self._last_action
+            previous = self._last_sent
         try:
             safe, changed = self.safety.apply(pred.actions, previous)
         except UnsafeChunk as exc:
@@ -287,7 +290,8 @@ class ActionNode(Node):
         return cmd
 
     def _planned_path(self, chunk: ActionChunk, actions: np.ndarray) -> MarkerArray:
-        points = np.vstack([np.zeros(3), np.cumsum(actions[:, :3], axis=0)])
+        scale = np.asarray(self._param('action_scale')[:3], dtype=np.float64)
+        points = np.vstack([np.zeros(3), np.cumsum(actions[:, :3] * scale, axis=0)])
         line = Marker(ns='worldvla_plan', id=0, type=Marker.LINE_STRIP, action=Marker.ADD)
         line.header = chunk.header
         line.scale.x = 0.01
@@ -313,18 +317,26 @@ class ActionNode(Node):
                 cmd, reason = None, 'watchdog'
             else:
                 return  # nothing commanded yet: stay silent
-            if cmd is None:
+            limited = 0
+            if cmd is None:  # stopping is never rate-limited
                 cmd = EndEffectorCommand(hold=True, dry_run=not self._param('enabled'), chunk_sequence=self._sequence)
                 cmd.header.stamp = self.get_clock().now().to_msg()
                 cmd.header.frame_id = self._param('command_frame_id')
-                cmd.action = hold_action(self._last_gripper)
+                cmd.action = hold_action(self._last_sent[6] if np.isfinite(self._last_sent[6]) else 0.0)
             else:
-                self._last_action = np.asarray(cmd.action, dtype=np.float64)
-                self._last_gripper = float(cmd.action[6])
+                # the chunk was limited against the command sent when it was computed; commands of the
+                # old chunk or holds may have gone out since, so the step is checked again here
+                planned = np.asarray(cmd.action, dtype=np.float64)
+                action = self.safety.limit_step(planned, self._last_sent)
+                limited = changed_values(action, planned)
+                cmd.action = action
                 if len(self._queue) <= self._param('replan_threshold'):
                     self._frame_event.set()
+            self._last_sent = np.asarray(cmd.action, dtype=np.float64)
         if reason:
             self.stats.count(f'holds_{reason}')
+        if limited:
+            self.stats.count('values_limited', limited)
         self.command_pub.publish(cmd)
 
     def _publish_diagnostics(self) -> None:

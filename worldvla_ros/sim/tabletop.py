@@ -31,11 +31,18 @@ HOVER_Z = 0.08
 class SimConfig:
     image_size: int = 128
     meters_per_unit: float = 0.02  # Δxyz per step for an action value of 1.0
+    radians_per_unit: float = 0.1  # Δyaw per step for an action value of 1.0 (roll and pitch are ignored)
     max_steps: int = 100
     grasp_radius: float = 0.03  # m, gripper-to-block distance (xy) that still grasps
     grasp_height: float = 0.025  # m, the gripper must be this low to grasp
     target_radius: float = 0.05  # m, a block released this close to the target's center counts
     camera_height: float = 0.9  # m above the table
+
+    @property
+    def action_scale(self) -> tuple[float, ...]:
+        """Metres / radians per action unit (the action node's ``action_scale``; sim ignores roll, pitch)."""
+        m, r = self.meters_per_unit, self.radians_per_unit
+        return (m, m, m, r, r, r, 1.0)
 
 
 @dataclass
@@ -102,7 +109,7 @@ class TabletopSim:
         s.gripper = s.gripper + a[:3] * c.meters_per_unit
         s.gripper[:2] = np.clip(s.gripper[:2], 0.02, TABLE - 0.02)
         s.gripper[2] = np.clip(s.gripper[2], 0.0, 0.2)
-        s.yaw = float(np.clip(s.yaw + a[5] * 0.1, -np.pi / 2, np.pi / 2))
+        s.yaw = float(np.clip(s.yaw + a[5] * c.radians_per_unit, -np.pi / 2, np.pi / 2))
         close = a[6] > 0
         if close and not s.closed:
             for name, pos in s.blocks.items():
@@ -208,3 +215,4 @@ def scripted_action(sim: TabletopSim, rng: np.random.Generator | None = None, no
         a[:3] += rng.normal(0, noise, 3)
     a[:6] = np.clip(a[:6], LIBERO_ACTION_MIN[:6], LIBERO_ACTION_MAX[:6])
     return a
+
