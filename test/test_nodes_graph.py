@@ -254,6 +254,51 @@ def test_step_limit_holds_for_every_command_sent(graph) -> None:
     assert h.counter('worldvla_action', 'values_limited') > 0
 
 
+@pytest.mark.timeout(180)
+def test_compressed_camera_feeds_both_nodes(tiny_checkpoint: Path, isolated_graph) -> None:
+    """use_compressed: JPEG frames on camera/image_raw/compressed → chunks and imagined frames; a broken one is
+    counted and rejected by both nodes."""
+    import cv2
+    from sensor_msgs.msg import CompressedImage
+
+    from worldvla_ros.nodes.common import watch_diagnostics
+
+    node = isolated_graph
+    procs = start_nodes(str(tiny_checkpoint), default_config(), 'cpu', extra={
+        'use_compressed': 'true', 'control_rate_hz': str(RATE), 'max_obs_age': '2.0'})
+    chunks: list[ActionChunk] = []
+    imagined: list[Image] = []
+    node.create_subscription(ActionChunk, 'worldvla/action_chunk', chunks.append, reliable_qos())
+    node.create_subscription(Image, 'worldvla/imagined_image', imagined.append, reliable_qos())
+    action_diag = watch_diagnostics(node, 'worldvla_action')
+    wm_diag = watch_diagnostics(node, 'worldvla_world_model')
+    pub = node.create_publisher(CompressedImage, 'camera/image_raw/compressed', qos_profile_sensor_data)
+    node.create_publisher(String, 'instruction', latched_qos()).publish(String(data='put the red block in the bowl'))
+    camera = SyntheticCamera(seed=4)
+
+    def jpeg(broken: bool = False) -> CompressedImage:
+        ok, data = cv2.imencode('.jpg', camera.render()[:, :, ::-1])
+        assert ok
+        msg = CompressedImage(format='rgb8; jpeg compressed bgr8', data=b'garbage' if broken else data.tobytes())
+        msg.header.stamp = node.get_clock().now().to_msg()
+        return msg
+
+    try:
+        end, sent = time.monotonic() + 120, 0
+        while time.monotonic() < end and not (chunks and imagined and 'rejected_decode' in wm_diag
+                                              and 'rejected_decode' in action_diag):
+            pub.publish(jpeg(broken=sent % 5 == 4))
+            sent += 1
+            time.sleep(0.1)
+        assert chunks and imagined, (action_diag, wm_diag)
+        assert (imagined[-1].width, imagined[-1].height) == (256, 256)
+        assert int(action_diag['rejected_decode']) >= 1 and int(wm_diag['rejected_decode']) >= 1
+        assert all(p.poll() is None for p in procs)
+    finally:
+        codes = stop_nodes(procs)
+    assert all(c in (0, -2) for c in codes), codes
+
+
 def test_missing_checkpoint_exits_nonzero(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, '-m', 'worldvla_ros.nodes.action_node', '--ros-args', '-p',

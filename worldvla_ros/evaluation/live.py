@@ -65,7 +65,7 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
         image_topic = _pick(reader, args.image_topic, (IMAGE, COMPRESSED), 'camera image', '--image-topic')
         compressed = reader.topics[image_topic] == COMPRESSED
         messages = list(reader.raw_messages([image_topic]))
-    use_wm = not args.no_world_model and not compressed
+    use_wm = not args.no_world_model
     extra = {'use_sim_time': 'true', 'horizon': str(args.wm_horizon), 'dtype': args.dtype,
              'use_compressed': str(compressed).lower()}
     if args.tokenizer_dir:

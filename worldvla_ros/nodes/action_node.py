@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,13 +17,11 @@ from geometry_msgs.msg import Point
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.time import Time
-from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import Bool, String
+from std_msgs.msg import Bool, Header, String
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker, MarkerArray
 from worldvla.msg import ActionChunk, EndEffectorCommand
 
-from worldvla_ros.image_conversion import ImageRejected, compressed_msg_to_rgb, image_msg_to_rgb
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN, LIBERO_ACTION_SCALE
 from worldvla_ros.model.generate import NonFiniteLogits
 from worldvla_ros.nodes.common import (
@@ -34,12 +31,12 @@ from worldvla_ros.nodes.common import (
     Stats,
     declare_all,
     diagnostics_msg,
-    image_qos,
     latched_qos,
     load_node_policy,
     reject_changes_of,
     reliable_qos,
     spin_node,
+    subscribe_camera,
 )
 from worldvla_ros.safety import SafetyFilter, SafetyLimits, UnsafeChunk, at_rest, changed_values, hold_action
 
@@ -109,11 +106,8 @@ class ActionNode(Node):
         from diagnostic_msgs.msg import DiagnosticArray
 
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', reliable_qos())
-        if p['use_compressed']:
-            self.create_subscription(CompressedImage, 'camera/image_raw/compressed', self._on_compressed,
-                                     image_qos(), callback_group=sensors)
-        else:
-            self.create_subscription(Image, 'camera/image_raw', self._on_image, image_qos(), callback_group=sensors)
+        subscribe_camera(self, p['use_compressed'], self.stats, self._store_frame,
+                         lambda exc: self._reject(exc.reason, str(exc)), sensors)
         self.create_subscription(String, 'instruction', self._on_instruction, latched_qos(), callback_group=sensors)
         self.create_subscription(Bool, 'worldvla/estop', self._on_estop, latched_qos(), callback_group=control)
         self.create_service(Trigger, 'worldvla/reset_estop', self._on_reset_estop, callback_group=control)
@@ -152,28 +146,13 @@ class ActionNode(Node):
         return self.get_parameter(name).value
 
     # -- inputs (fast: validate, store, return) ---------------------------------------------
-    def _store_frame(self, rgb: np.ndarray, stamp: TimeMsg) -> None:
+    def _store_frame(self, rgb: np.ndarray, header: Header) -> None:
         with self._lock:
             if self._fresh:
                 self.stats.count('frames_dropped')  # the worker never saw the previous one
-            self._history.append((rgb.copy(), stamp))
+            self._history.append((rgb.copy(), header.stamp))
             self._fresh = True
         self._frame_event.set()
-
-    def _on_image(self, msg: Image) -> None:
-        self._on_frame(msg, image_msg_to_rgb)
-
-    def _on_compressed(self, msg: CompressedImage) -> None:
-        self._on_frame(msg, compressed_msg_to_rgb)
-
-    def _on_frame(self, msg: Image | CompressedImage, convert: Callable[[Any], np.ndarray]) -> None:
-        self.stats.count('frames_received')
-        try:
-            rgb = convert(msg)
-        except ImageRejected as exc:
-            self._reject(exc.reason, str(exc))
-            return
-        self._store_frame(rgb, msg.header.stamp)
 
     def _on_instruction(self, msg: String) -> None:
         try:

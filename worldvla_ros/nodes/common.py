@@ -11,9 +11,14 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.callback_groups import CallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
+
+from worldvla_ros.image_conversion import ImageRejected, compressed_msg_to_rgb, image_msg_to_rgb
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,24 @@ def image_qos(depth: int = 1) -> QoSProfile:
     qos = QoSProfile(**{k: getattr(qos_profile_sensor_data, k) for k in ('reliability', 'durability', 'history')},
                      depth=depth)
     return qos
+
+
+def subscribe_camera(node: Node, compressed: bool, stats: Stats, on_frame: Callable[[np.ndarray, Header], None],
+                     on_reject: Callable[[ImageRejected], None], group: CallbackGroup) -> None:
+    """``camera/image_raw`` (Image) or ``camera/image_raw/compressed``, decoded to RGB by the shared conversion."""
+    convert = compressed_msg_to_rgb if compressed else image_msg_to_rgb
+
+    def callback(msg: Image | CompressedImage) -> None:
+        stats.count('frames_received')
+        try:
+            rgb = convert(msg)
+        except ImageRejected as exc:
+            on_reject(exc)
+            return
+        on_frame(rgb, msg.header)
+
+    msg_type, topic = (CompressedImage, 'camera/image_raw/compressed') if compressed else (Image, 'camera/image_raw')
+    node.create_subscription(msg_type, topic, callback, image_qos(), callback_group=group)
 
 
 def latched_qos() -> QoSProfile:

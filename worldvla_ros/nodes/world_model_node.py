@@ -19,10 +19,10 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.time import Time
 from sensor_msgs.msg import Image
-from std_msgs.msg import Float64MultiArray, MultiArrayDimension
+from std_msgs.msg import Float64MultiArray, Header, MultiArrayDimension
 from worldvla.msg import ActionChunk
 
-from worldvla_ros.image_conversion import ImageRejected, fill_image_msg, image_msg_to_rgb
+from worldvla_ros.image_conversion import ImageRejected, fill_image_msg
 from worldvla_ros.metrics import psnr, side_by_side, ssim
 from worldvla_ros.model.image_tokenizer import to_model_frame
 from worldvla_ros.nodes.common import (
@@ -31,11 +31,11 @@ from worldvla_ros.nodes.common import (
     Stats,
     declare_all,
     diagnostics_msg,
-    image_qos,
     load_node_policy,
     reject_changes_of,
     reliable_qos,
     spin_node,
+    subscribe_camera,
 )
 
 PARAMETERS: dict[str, Param] = {
@@ -50,6 +50,8 @@ PARAMETERS: dict[str, Param] = {
     'temperature': Param(0.0, 'world-model sampling temperature; 0 = greedy (the release)', 0.0, 10.0),
     'top_k': Param(0, 'top-k for sampling; 0 = none', 0, 8192),
     'cfg_scale': Param(1.0, 'classifier-free guidance scale; 1 = none', 0.0, 20.0),
+    'use_compressed': Param(False, 'subscribe to sensor_msgs/CompressedImage on <camera>/compressed',
+                            read_only=True),
 }
 
 
@@ -72,7 +74,7 @@ class WorldModelNode(Node):
         self.surprise_pub = self.create_publisher(Float64MultiArray, 'worldvla/surprise', reliable_qos(10))
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', reliable_qos())
         sensors = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(Image, 'camera/image_raw', self._on_image, image_qos(), callback_group=sensors)
+        subscribe_camera(self, p['use_compressed'], self.stats, self._on_frame, self._on_reject, sensors)
         self.create_subscription(ActionChunk, 'worldvla/action_chunk', self._on_chunk, reliable_qos(1),
                                  callback_group=sensors)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
@@ -80,18 +82,15 @@ class WorldModelNode(Node):
         self._worker.start()
         self.get_logger().info(f'ready: world model {self.policy.model_id} on {self.policy.device}')
 
-    def _on_image(self, msg: Image) -> None:
-        self.stats.count('frames_received')
-        try:
-            rgb = image_msg_to_rgb(msg)
-        except ImageRejected as exc:
-            self.stats.count(f'rejected_{exc.reason}')
-            self.get_logger().warning(f'rejected frame: {exc}', throttle_duration_sec=2.0)
-            return
-        stamp = Time.from_msg(msg.header.stamp).nanoseconds
+    def _on_reject(self, exc: ImageRejected) -> None:
+        self.stats.count(f'rejected_{exc.reason}')
+        self.get_logger().warning(f'rejected frame: {exc}', throttle_duration_sec=2.0)
+
+    def _on_frame(self, rgb: np.ndarray, header: Header) -> None:
+        stamp = Time.from_msg(header.stamp).nanoseconds
         with self._lock:
             self._frames.append((stamp, rgb.copy()))
-        self._score(stamp, rgb, msg.header)
+        self._score(stamp, rgb, header)
 
     def _on_chunk(self, msg: ActionChunk) -> None:
         if len(msg.commands) == 0:
