@@ -84,5 +84,5 @@ def test_package_xml_is_valid() -> None:
     assert pkg.name == 'worldvla' and pkg.package_format == 3
     deps = {d.name for d in pkg.exec_depends + pkg.build_depends + pkg.buildtool_depends}
     for name in ('rclpy', 'sensor_msgs', 'visualization_msgs', 'diagnostic_msgs', 'cv_bridge', 'launch_ros',
-                 'rosidl_default_generators', 'python3-torch'):
+                 'rosidl_default_generators', 'python3-torch', 'python3-tqdm', 'python3-matplotlib', 'python3-h5py'):
         assert name in deps
