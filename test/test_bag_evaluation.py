@@ -125,7 +125,9 @@ def test_lockstep_metrics_equal_a_direct_computation(tmp_path: Path, eval_checkp
                                                      storage: str) -> None:
     """The CLI on a bag gives the numbers of the policy run directly on the arrays the bag was made from."""
     frames, actions, instruction = synthetic_episode(frames=9, seed=3)
-    bag = write_episode(tmp_path / 'bag', frames, actions, instruction, storage=storage)
+    # mcap: the camera as lossless CompressedImage (PNG), so the same numbers must come out
+    bag = write_episode(tmp_path / 'bag', frames, actions, instruction, storage=storage,
+                        compressed='png' if storage == 'mcap' else '')
     wm = storage == 'sqlite3'  # the world model is slow on CPU: once is enough
     out = tmp_path / 'report'
     # sqlite3: the parameter files layered as ROS does (the sim's action_scale over the default's)
@@ -218,6 +220,10 @@ def test_folder_of_frames_converts(tmp_path: Path) -> None:
     assert ep.instruction == 'open the drawer'
     np.testing.assert_array_equal(np.stack(ep.frames), np.stack(frames))
     np.testing.assert_allclose(ep.actions, actions)
+    # the same episode as CompressedImage (PNG, lossless) on /camera/image_raw/compressed
+    assert convert_to_bag(['folder', str(folder), str(tmp_path / 'png'), '--compressed', 'png']) == 0
+    ep = read_episode(tmp_path / 'png')
+    np.testing.assert_array_equal(np.stack(ep.frames), np.stack(frames))
 
 
 def test_twist_gripper_float_array_and_chunk_ground_truth(tmp_path: Path) -> None:
@@ -308,9 +314,12 @@ def test_bad_bags_give_a_clear_error_and_exit_2(tmp_path: Path, eval_checkpoint:
 
 # -- live: the real nodes answer a replayed bag ---------------------------------------------------
 @pytest.mark.timeout(240)
-def test_live_mode_records_node_outputs_and_scores_them(tmp_path: Path, eval_checkpoint: Path) -> None:
+@pytest.mark.parametrize(('storage', 'compressed'), [('sqlite3', ''), ('mcap', 'jpeg')])
+def test_live_mode_records_node_outputs_and_scores_them(tmp_path: Path, eval_checkpoint: Path, storage: str,
+                                                        compressed: str) -> None:
     frames, actions, instruction = synthetic_episode(frames=20, seed=5)
-    bag = write_episode(tmp_path / 'bag', frames, actions, instruction, rate_hz=10.0, storage='sqlite3')
+    bag = write_episode(tmp_path / 'bag', frames, actions, instruction, rate_hz=10.0, storage=storage,
+                        compressed=compressed)
     out = tmp_path / 'live'
     rc = _run_cli(str(bag), '--checkpoint', str(eval_checkpoint), '--device', 'cpu', '--mode', 'live',
                   '--out', str(out))
@@ -322,6 +331,7 @@ def test_live_mode_records_node_outputs_and_scores_them(tmp_path: Path, eval_che
         assert r.counts.get('worldvla/action_chunk', 0) >= 1
         assert r.counts.get('worldvla/ee_command', 0) >= K
         assert r.counts.get('/diagnostics', 0) >= 1
+        assert r.counts.get('worldvla/imagined_image', 0) >= 1  # the world-model node answered too
     report = json.loads((out / 'report.json').read_text())
     t, a = report['timing'], report['actions']
     assert report['mode'] == 'live' and report['chunk_size'] == K

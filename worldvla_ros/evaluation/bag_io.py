@@ -164,6 +164,17 @@ def image_msg(rgb: np.ndarray, ns: int, frame_id: str = 'camera') -> Any:
                                     is_bigendian=0, step=w * 3, data=rgb.reshape(-1))
 
 
+def compressed_image_msg(rgb: np.ndarray, ns: int, fmt: str = 'png', frame_id: str = 'camera') -> Any:
+    """A CompressedImage as image_transport's compressed plugin writes it (format 'rgb8; png compressed bgr8')."""
+    import cv2
+
+    ok, data = cv2.imencode(f'.{fmt}', np.ascontiguousarray(rgb, dtype=np.uint8)[:, :, ::-1])
+    if not ok:
+        raise ValueError(f'cannot encode a frame as {fmt}')
+    return typestore().types[COMPRESSED](header=header(ns, frame_id), format=f'rgb8; {fmt} compressed bgr8',
+                                         data=data.reshape(-1))
+
+
 def string_msg(text: str) -> Any:
     return typestore().types[STRING](data=text)
 

@@ -2,7 +2,7 @@
 
     convert_to_bag libero demos.hdf5 OUT_DIR [--image-key agentview_rgb] [--rate 20]
     convert_to_bag folder EPISODE_DIR OUT_BAG   # frames/*.png|jpg + actions.csv|npy + instruction.txt
-    convert_to_bag synthetic OUT_BAG [--frames 40] [--storage sqlite3]
+    convert_to_bag synthetic OUT_BAG [--frames 40] [--storage sqlite3] [--compressed png|jpeg]
 
 Every episode becomes one bag: ``/camera/image_raw`` (sensor_msgs/Image, rgb8), ``/instruction``
 (std_msgs/String) and ``/teleop/ee_command`` (worldvla/EndEffectorCommand, stamped with the frame it
@@ -49,6 +49,7 @@ def libero_to_bags(
     storage: str = 'mcap',
     rotate_180: bool = False,
     max_demos: int = 0,
+    compressed: str = '',
 ) -> list[Path]:
     """One bag per ``data/demo_*`` group of a LIBERO demonstration file."""
     import h5py
@@ -77,12 +78,13 @@ def libero_to_bags(
                 frames = frames[:, ::-1, ::-1]
             actions = np.asarray(g['actions'], dtype=np.float64)
             stem = re.sub(r'_demo$', '', hdf5.stem)
-            bags.append(write_episode(out_dir / f'{stem}_{name}', list(frames), actions, instruction, rate_hz, storage))
+            bags.append(write_episode(out_dir / f'{stem}_{name}', list(frames), actions, instruction, rate_hz, storage,
+                                      compressed=compressed))
     return bags
 
 
 def folder_to_bag(folder: str | Path, out: str | Path, rate_hz: float = 10.0, storage: str = 'mcap',
-                  instruction: str = '') -> Path:
+                  instruction: str = '', compressed: str = '') -> Path:
     """``frames/`` (images sorted by name) + ``actions.csv`` or ``actions.npy`` (N×7) + ``instruction.txt``."""
     folder = Path(folder)
     frame_dir = folder / 'frames' if (folder / 'frames').is_dir() else folder
@@ -107,7 +109,7 @@ def folder_to_bag(folder: str | Path, out: str | Path, rate_hz: float = 10.0, st
         if bgr is None:
             raise BagError(f'{p}: cannot read image')
         frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    return write_episode(out, frames, actions, instruction, rate_hz, storage)
+    return write_episode(out, frames, actions, instruction, rate_hz, storage, compressed=compressed)
 
 
 def synthetic_episode(frames: int = 40, seed: int = 0, size: int = 256) -> tuple[list[np.ndarray], np.ndarray, str]:
@@ -132,9 +134,9 @@ def synthetic_episode(frames: int = 40, seed: int = 0, size: int = 256) -> tuple
 
 
 def synthetic_bag(out: str | Path, frames: int = 40, seed: int = 0, storage: str = 'mcap',
-                  rate_hz: float = 10.0, size: int = 256) -> Path:
+                  rate_hz: float = 10.0, size: int = 256, compressed: str = '') -> Path:
     images, actions, instruction = synthetic_episode(frames, seed, size)
-    return write_episode(out, images, actions, instruction, rate_hz, storage)
+    return write_episode(out, images, actions, instruction, rate_hz, storage, compressed=compressed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,15 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument('--rate', type=float, default=10.0)
     for p in (lib, fol, syn):
         p.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap')
+        p.add_argument('--compressed', choices=('png', 'jpeg'), default='',
+                       help='store the camera as CompressedImage on <topic>/compressed (png is lossless)')
     args = parser.parse_args(argv)
     try:
         if args.source == 'libero':
             bags = libero_to_bags(args.hdf5, args.out_dir, args.image_key, args.rate, args.storage,
-                                  args.rotate_180, args.max_demos)
+                                  args.rotate_180, args.max_demos, args.compressed)
         elif args.source == 'folder':
-            bags = [folder_to_bag(args.folder, args.out, args.rate, args.storage, args.instruction)]
+            bags = [folder_to_bag(args.folder, args.out, args.rate, args.storage, args.instruction, args.compressed)]
         else:
-            bags = [synthetic_bag(args.out, args.frames, args.seed, args.storage, args.rate)]
+            bags = [synthetic_bag(args.out, args.frames, args.seed, args.storage, args.rate,
+                                  compressed=args.compressed)]
     except (BagError, FileExistsError, ValueError) as exc:
         print(f'convert_to_bag: error: {exc}', file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from .bag_io import (
     BagError,
     BagReader,
     BagWriter,
+    compressed_image_msg,
     ee_command_msg,
     image_msg,
     stamp_ns,
@@ -206,8 +207,12 @@ def write_episode(
     image_topic: str = '/camera/image_raw',
     action_topic: str = '/teleop/ee_command',
     instruction_topic: str = '/instruction',
+    compressed: str = '',
 ) -> Path:
-    """A bag as a teleoperated robot records it: frame i at t_i, then the command sent for it."""
+    """A bag as a teleoperated robot records it: frame i at t_i, then the command sent for it.
+
+    ``compressed`` ('png', 'jpeg'): the frames as CompressedImage on ``<image_topic>/compressed``.
+    """
     actions = np.asarray(actions, dtype=np.float64).reshape(-1, 7)
     if len(actions) != len(frames):
         raise ValueError(f'{len(frames)} frames but {len(actions)} actions')
@@ -216,6 +221,9 @@ def write_episode(
         bag.write(instruction_topic, STRING, start_ns, string_msg(instruction))
         for i, (rgb, a) in enumerate(zip(frames, actions, strict=True)):
             t = start_ns + i * period
-            bag.write(image_topic, IMAGE, t + 1000, image_msg(rgb, t))
+            if compressed:
+                bag.write(f'{image_topic}/compressed', COMPRESSED, t + 1000, compressed_image_msg(rgb, t, compressed))
+            else:
+                bag.write(image_topic, IMAGE, t + 1000, image_msg(rgb, t))
             bag.write(action_topic, EE_COMMAND, t + 2000, ee_command_msg(a, t, sequence=i))
     return Path(path)
