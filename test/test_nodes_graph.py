@@ -254,6 +254,37 @@ def test_step_limit_holds_for_every_command_sent(graph) -> None:
     assert h.counter('worldvla_action', 'values_limited') > 0
 
 
+def _set_parameter(h: Harness, name: str, value: list[float]):
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    client = h.node.create_client(SetParameters, 'worldvla_action/set_parameters')
+    assert client.wait_for_service(timeout_sec=5)
+    value_msg = ParameterValue(type=ParameterType.PARAMETER_DOUBLE_ARRAY, double_array_value=value)
+    response = client.call(SetParameters.Request(parameters=[Parameter(name=name, value=value_msg)]), timeout_sec=5)
+    assert response is not None
+    return response.results[0]
+
+
+def test_safety_limits_change_at_runtime(graph) -> None:
+    """ros2 param set on max_step takes effect with the next command; an inconsistent clamp is refused."""
+    h, _ = graph
+    tighter = MAX_STEP / 5
+    assert _set_parameter(h, 'max_step', [tighter] * 3 + [0.0] * 4).successful
+    with h.lock:
+        n = len(h.commands)
+    h.stream(2.0)
+    with h.lock:
+        sent = [m for _, m in h.commands[n - 1 :]]  # with the command before the change
+    actions = np.array([m.action for m in sent])
+    steps = np.abs(np.diff(actions, axis=0))[:, :3]
+    motion = np.array([not m.hold for m in sent[1:]])
+    assert motion.sum() > 10 and steps[motion].max() <= tighter + 1e-9
+    refused = _set_parameter(h, 'action_min', [1.0] * 7)  # above action_max
+    assert not refused.successful and 'action_max' in refused.reason
+    assert _set_parameter(h, 'max_step', [MAX_STEP] * 3 + [0.0] * 4).successful
+
+
 @pytest.mark.timeout(180)
 def test_compressed_camera_feeds_both_nodes(tiny_checkpoint: Path, isolated_graph) -> None:
     """use_compressed: JPEG frames on camera/image_raw/compressed → chunks and imagined frames; a broken one is

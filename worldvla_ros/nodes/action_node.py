@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from builtin_interfaces.msg import Time as TimeMsg
 from geometry_msgs.msg import Point
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.time import Time
@@ -66,23 +67,26 @@ PARAMETERS: dict[str, Param] = {
 }
 
 
+LIMIT_PARAMETERS = ('action_min', 'action_max', 'max_step')  # SafetyLimits' fields, in order
+
+
 class ActionNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('worldvla_action', **kwargs)
         p = declare_all(self, PARAMETERS)
         self.stats = Stats()
         try:
-            self.limits = SafetyLimits(tuple(p['action_min']), tuple(p['action_max']), tuple(p['max_step']))
+            self.safety = SafetyFilter(SafetyLimits(*(tuple(p[n]) for n in LIMIT_PARAMETERS)))
         except ValueError as exc:
             raise StartupError(f'invalid safety limits: {exc}') from exc
-        self.safety = SafetyFilter(self.limits)
         self.policy = self._load_policy(p)
         self.rate = float(p['control_rate_hz'])
-        self.add_on_set_parameters_callback(reject_changes_of(
+        self._guard = reject_changes_of(
             {n for n, q in PARAMETERS.items() if q.read_only},
             {'action_min': self._check_limits('action_min'), 'action_max': self._check_limits('action_max'),
              'max_step': self._check_limits('max_step'), 'action_scale': self._check_limits('action_scale')},
-        ))
+        )
+        self.add_on_set_parameters_callback(self._on_set_parameters)
 
         self._lock = threading.Lock()
         self._history: deque[tuple[np.ndarray, TimeMsg]] = deque(maxlen=self.policy.config.history_frames)
@@ -141,6 +145,20 @@ class ActionNode(Node):
             return None
 
         return check
+
+    def _on_set_parameters(self, params: list) -> SetParametersResult:
+        """Refuses read-only and malformed values; new limits take effect with the next command sent."""
+        result = self._guard(params)
+        changed = {p.name: p.value for p in params if p.name in LIMIT_PARAMETERS}
+        if not result.successful or not changed:
+            return result
+        try:
+            limits = SafetyLimits(*(tuple(changed.get(n, self._param(n))) for n in LIMIT_PARAMETERS))
+        except ValueError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        self.safety = SafetyFilter(limits)
+        self.get_logger().warning(f'safety limits changed: {", ".join(sorted(changed))}')
+        return result
 
     def _param(self, name: str) -> Any:
         return self.get_parameter(name).value
