@@ -4,9 +4,9 @@
     convert_to_bag folder EPISODE_DIR OUT_BAG   # frames/*.png|jpg + actions.csv|npy + instruction.txt
     convert_to_bag synthetic OUT_BAG [--frames 40] [--storage sqlite3] [--compressed png|jpeg]
 
-Every episode becomes one bag: ``/camera/image_raw`` (sensor_msgs/Image, rgb8), ``/instruction``
-(std_msgs/String) and ``/teleop/ee_command`` (worldvla/EndEffectorCommand, stamped with the frame it
-answers).
+Every episode becomes one bag: ``/camera/image_raw`` (sensor_msgs/Image, rgb8; with ``--compressed``
+sensor_msgs/CompressedImage on ``/camera/image_raw/compressed``), ``/instruction`` (std_msgs/String)
+and ``/teleop/ee_command`` (worldvla/EndEffectorCommand, stamped with the frame it answers).
 
 LIBERO frames are stored as the simulator rendered them. The released checkpoints' settings
 (``rotate_180: true``) turn them by 180° before tokenizing, exactly as the release's LIBERO
