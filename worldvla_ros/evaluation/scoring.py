@@ -175,7 +175,6 @@ def _physical(scores: dict[str, Any], scale: np.ndarray, rate_hz: float, jerk_pr
 
     jerk_scale = scale * rate_hz**3
     jerk_scale[GRIPPER] = np.nan
-    inner = ~jerk_seam & ~np.isnan(jerk_pred[:, 0]) if len(jerk_pred) else jerk_seam
 
     def mean_abs(x: np.ndarray, where: np.ndarray) -> dict[str, float | None] | None:
         return scaled(_per_dim(_nanmean(np.abs(x[where]))), jerk_scale) if where.any() else None
@@ -186,7 +185,7 @@ def _physical(scores: dict[str, Any], scale: np.ndarray, rate_hz: float, jerk_pr
         'l1': scaled(scores['l1'], scale),
         'rmse': scaled(scores['rmse'], scale),
         'jerk_at_seams': mean_abs(jerk_pred, jerk_seam),
-        'jerk_within_chunks': mean_abs(jerk_pred, inner),
+        'jerk_within_chunks': mean_abs(jerk_pred, ~jerk_seam),
         'recorded_jerk_at_seams': mean_abs(jerk_true, jerk_seam),
         'jerk_units': dict(zip(DIMS, JERK_UNITS, strict=True)),
         'seam_windows': int(jerk_seam.sum()),
