@@ -1,4 +1,5 @@
-"""ros2 launch worldvla bringup.launch.py [checkpoint:=/path/to/model_256/libero_goal] [use_sim:=true].
+"""ros2 launch worldvla bringup.launch.py [checkpoint:=/path/to/model_256/libero_goal] [use_sim:=true]
+[use_sim_time:=true].
 
 Starts the action node and (by default) the world-model node in their own processes,
 parameters from config/worldvla.yaml, optionally the tabletop sim as the robot and rviz2 with
@@ -22,7 +23,8 @@ def generate_launch_description() -> LaunchDescription:
     config = LaunchConfiguration('config')
     sim_config = os.path.join(share, 'config', 'tabletop_sim.yaml')  # the sim's overrides, after `config`
     use_sim = LaunchConfiguration('use_sim')
-    overrides = {'checkpoint': checkpoint, 'device': device}
+    sim_time = {'use_sim_time': LaunchConfiguration('use_sim_time')}
+    overrides = {'checkpoint': checkpoint, 'device': device, **sim_time}
     action_overrides = {**overrides, 'enabled': LaunchConfiguration('enabled')}
     camera_remap = ('camera/image_raw', LaunchConfiguration('camera_topic'))
     instruction_remap = ('instruction', LaunchConfiguration('instruction_topic'))
@@ -39,6 +41,8 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument('use_world_model', default_value='true'),
         DeclareLaunchArgument('use_rviz', default_value='false'),
         DeclareLaunchArgument('use_sim', default_value='false', description='the tabletop sim as the robot'),
+        DeclareLaunchArgument('use_sim_time', default_value='false',
+                              description='follow /clock, e.g. with `ros2 bag play --clock`'),
         DeclareLaunchArgument('enabled', default_value=use_sim,
                               description='execute commands (false: dry run); true by default with the sim'),
     ]
@@ -54,7 +58,7 @@ def generate_launch_description() -> LaunchDescription:
              parameters=[config, overrides], remappings=[camera_remap],
              condition=IfCondition(LaunchConfiguration('use_world_model'))),
         Node(package='worldvla', executable='sim_node', name='worldvla_sim', output='screen',
-             parameters=[config], remappings=[camera_remap, instruction_remap],
+             parameters=[config, sim_time], remappings=[camera_remap, instruction_remap],
              condition=IfCondition(use_sim)),
         Node(package='rviz2', executable='rviz2', name='rviz2',
              arguments=['-d', os.path.join(share, 'config', 'worldvla.rviz')],

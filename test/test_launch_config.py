@@ -31,7 +31,7 @@ def test_launch_file_compiles_and_declares_arguments() -> None:
     source = LAUNCH.read_text()
     compile(source, str(LAUNCH), 'exec')
     for arg in ('checkpoint', 'device', 'config', 'namespace', 'camera_topic', 'instruction_topic',
-                'use_world_model', 'use_rviz', 'use_sim', 'enabled'):
+                'use_world_model', 'use_rviz', 'use_sim', 'use_sim_time', 'enabled'):
         assert f"DeclareLaunchArgument('{arg}'" in source
 
 

@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--camera-topic', default='')
     parser.add_argument('--instruction-topic', default='')
     parser.add_argument('--no-world-model', action='store_true')
+    parser.add_argument('--use-sim-time', action='store_true', help='follow /clock (e.g. ros2 bag play --clock)')
     parser.add_argument('--sim', action='store_true', help='also start the tabletop sim as the robot')
     parser.add_argument('--demo', type=float, default=0.0, metavar='SECONDS',
                         help='run the sim and print what flows and the task success, for at most this long')
@@ -182,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         remaps['camera/image_raw'] = args.camera_topic
     if args.instruction_topic:
         remaps['instruction'] = args.instruction_topic
-    procs = start_nodes(checkpoint, configs, args.device, args.namespace, not args.no_world_model, remaps=remaps,
-                        use_sim=use_sim)
+    extra = {'use_sim_time': 'true'} if args.use_sim_time else {}
+    procs = start_nodes(checkpoint, configs, args.device, args.namespace, not args.no_world_model, extra, remaps,
+                        use_sim=use_sim, sim_params=extra)
     try:
         if args.demo:
             code = run_demo(args.demo, args.episodes)
