@@ -273,13 +273,14 @@ def test_safety_limits_change_at_runtime(graph) -> None:
     assert _set_parameter(h, 'max_step', [tighter] * 3 + [0.0] * 4).successful
     with h.lock:
         n = len(h.commands)
-    h.stream(2.0)
+    h.stream(3.0)
     with h.lock:
         sent = [m for _, m in h.commands[n - 1 :]]  # with the command before the change
     actions = np.array([m.action for m in sent])
     steps = np.abs(np.diff(actions, axis=0))[:, :3]
     motion = np.array([not m.hold for m in sent[1:]])
-    assert motion.sum() > 10 and steps[motion].max() <= tighter + 1e-9
+    # the random tiny model often ends a chunk after one action: motion and holds alternate
+    assert motion.sum() >= 5 and steps[motion].max() <= tighter + 1e-9
     refused = _set_parameter(h, 'action_min', [1.0] * 7)  # above action_max
     assert not refused.successful and 'action_max' in refused.reason
     assert _set_parameter(h, 'max_step', [MAX_STEP] * 3 + [0.0] * 4).successful
