@@ -215,4 +215,3 @@ def scripted_action(sim: TabletopSim, rng: np.random.Generator | None = None, no
         a[:3] += rng.normal(0, noise, 3)
     a[:6] = np.clip(a[:6], LIBERO_ACTION_MIN[:6], LIBERO_ACTION_MAX[:6])
     return a
-
