@@ -14,6 +14,7 @@ setup(
         'tokenizers>=0.20',
         'safetensors>=0.4',
         'opencv-python-headless>=4.8',
+        'pillow>=10',
         'pyyaml>=6',
         'rosbags>=0.10',
         'tqdm>=4.60',

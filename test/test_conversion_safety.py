@@ -86,3 +86,58 @@ def test_bad_limits() -> None:
         SafetyLimits((0.0,) * 7, (-1.0,) * 7, (0.0,) * 7)
     with pytest.raises(ValueError):
         SafetyLimits((0.0,) * 6, (1.0,) * 7, (0.0,) * 7)
+
+
+def test_limits_tightened_at_runtime_win_over_the_step_limit() -> None:
+    """After action_max drops below the last command, the next one obeys the clamp, not the step limit."""
+    tight = SafetyFilter(SafetyLimits((-0.01,) * 7, (0.01,) * 7, (0.05,) * 7))
+    previous = np.array([0.9, -0.9, 0.3, 0.0, 0.0, 0.0, 0.8])
+    out = tight.limit(np.array([0.9, -0.9, 0.9, 0.0, 0.0, 0.0, 0.8]), previous)
+    assert np.abs(out).max() <= 0.01
+    hold = tight.hold(previous)
+    assert list(hold[:6]) == [0.0] * 6 and hold[6] == pytest.approx(0.01)  # gripper kept, but inside the limit
+
+
+def test_negative_step_limit_is_refused() -> None:
+    with pytest.raises(ValueError, match='≥ 0'):
+        SafetyLimits((-1.0,) * 7, (1.0,) * 7, (0.1, -0.1, 0, 0, 0, 0, 0))
+
+
+@pytest.mark.parametrize('text', ['pick up\x00 the bowl', '\x1b[31mput\x1b[0m it', 'put \u202eeht lwob', 'a\x9b31mb'])
+def test_instructions_with_control_characters_are_refused(text: str) -> None:
+    from worldvla_ros.model.policy import check_instruction
+
+    with pytest.raises(ValueError, match='control characters') as err:
+        check_instruction(text, 512)
+    assert not any(c in str(err.value) for c in '\x00\x1b\u202e\x9b')  # the message shows them escaped
+    assert check_instruction('  put the\tred block\n in the bowl ', 512) == 'put the red block in the bowl'
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+    header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+    body = zlib.compress(b'\0' * (1 + 3 * width) * 4)
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', body) + chunk(b'IEND', b'')
+
+
+@pytest.mark.parametrize(('width', 'height'), [(40000, 40000), (9000, 10), (10, 9000)])
+def test_compressed_frames_declaring_a_huge_size_are_refused_before_decoding(width: int, height: int) -> None:
+    with pytest.raises(ImageRejected) as err:
+        compressed_msg_to_rgb(CompressedImage(format='png', data=png_declaring(width, height)))
+    assert err.value.reason == 'size'
+
+
+def test_truncated_and_foreign_compressed_frames_are_refused() -> None:
+    import cv2
+
+    ok, png = cv2.imencode('.png', np.zeros((64, 64, 3), dtype=np.uint8))
+    assert ok
+    for data in (png.tobytes()[:60], b'GIF89a' + b'\0' * 100, b''):
+        with pytest.raises(ImageRejected) as err:
+            compressed_msg_to_rgb(CompressedImage(format='png', data=data))
+        assert err.value.reason == 'decode'

@@ -3,114 +3,27 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray
-from rclpy.executors import SingleThreadedExecutor
+from harness import Harness
 from rclpy.qos import qos_profile_sensor_data
 from rclpy.time import Time
 from sensor_msgs.msg import Image
-from std_msgs.msg import Bool, Float64MultiArray, String
+from std_msgs.msg import Bool, String
 from std_srvs.srv import Trigger
-from worldvla.msg import ActionChunk, EndEffectorCommand
+from worldvla.msg import ActionChunk
 
 from worldvla_ros.bringup import default_config, start_nodes, stop_nodes
-from worldvla_ros.image_conversion import fill_image_msg
 from worldvla_ros.nodes.common import latched_qos, reliable_qos
 from worldvla_ros.synthetic import SyntheticCamera
 
 pytestmark = pytest.mark.ros
 RATE = 20.0
 MAX_STEP = 0.05  # per-step limit of Δx, Δy, Δz in the graph under test
-
-
-class Harness:
-    """A test node: publishes camera/instruction/e-stop, records everything the nodes publish."""
-
-    def __init__(self) -> None:
-        self.node = rclpy.create_node('worldvla_test_harness')
-        n = self.node
-        self.image_pub = n.create_publisher(Image, 'camera/image_raw', qos_profile_sensor_data)
-        self.instruction_pub = n.create_publisher(String, 'instruction', latched_qos())
-        self.estop_pub = n.create_publisher(Bool, 'worldvla/estop', latched_qos())
-        self.reset_client = n.create_client(Trigger, 'worldvla/reset_estop')
-        self.lock = threading.Lock()
-        self.chunks: list[ActionChunk] = []
-        self.commands: list[tuple[float, EndEffectorCommand]] = []
-        self.imagined: list[Image] = []
-        self.surprise: list[list[float]] = []
-        self.diag: dict[str, dict[str, str]] = {}
-        self.sent_stamps: list[int] = []
-        rec = self._recorder
-        n.create_subscription(ActionChunk, 'worldvla/action_chunk', rec(self.chunks), reliable_qos())
-        n.create_subscription(EndEffectorCommand, 'worldvla/ee_command',
-                              lambda m: self._add(self.commands, (time.monotonic(), m)), reliable_qos(100))
-        n.create_subscription(Image, 'worldvla/imagined_image', rec(self.imagined), reliable_qos())
-        n.create_subscription(Float64MultiArray, 'worldvla/surprise',
-                              lambda m: self._add(self.surprise, list(m.data)), reliable_qos())
-        n.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, reliable_qos())
-        self.executor = SingleThreadedExecutor()
-        self.executor.add_node(n)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-        self.camera = SyntheticCamera(seed=3)
-
-    def _add(self, store: list, item) -> None:
-        with self.lock:
-            store.append(item)
-
-    def _recorder(self, store: list) -> Callable:
-        return lambda m: self._add(store, m)
-
-    def _on_diag(self, m: DiagnosticArray) -> None:
-        for s in m.status:
-            with self.lock:
-                self.diag[s.hardware_id] = {kv.key: kv.value for kv in s.values}
-
-    def frame_msg(self, stamp_offset: float = 0.0) -> Image:
-        msg = fill_image_msg(Image(), self.camera.step(np.zeros(7)))
-        now = self.node.get_clock().now()
-        msg.header.stamp = Time(nanoseconds=now.nanoseconds + int(stamp_offset * 1e9)).to_msg()
-        return msg
-
-    def send_frame(self, stamp_offset: float = 0.0) -> int:
-        msg = self.frame_msg(stamp_offset)
-        self.image_pub.publish(msg)
-        stamp = Time.from_msg(msg.header.stamp).nanoseconds
-        self.sent_stamps.append(stamp)
-        return stamp
-
-    def stream(self, seconds: float, hz: float = 10.0) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            self.send_frame()
-            time.sleep(1.0 / hz)
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float, hz: float = 10.0) -> bool:
-        """Stream camera frames until the predicate holds."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            with self.lock:
-                if predicate():
-                    return True
-            self.send_frame()
-            time.sleep(1.0 / hz)
-        return False
-
-    def counter(self, node: str, key: str) -> int:
-        with self.lock:
-            return int(self.diag.get(node, {}).get(key, 0))
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        self.thread.join(timeout=5)
-        self.node.destroy_node()
 
 
 @pytest.fixture(scope='module')
@@ -255,15 +168,7 @@ def test_step_limit_holds_for_every_command_sent(graph) -> None:
 
 
 def _set_parameter(h: Harness, name: str, value: list[float]):
-    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
-    from rcl_interfaces.srv import SetParameters
-
-    client = h.node.create_client(SetParameters, 'worldvla_action/set_parameters')
-    assert client.wait_for_service(timeout_sec=5)
-    value_msg = ParameterValue(type=ParameterType.PARAMETER_DOUBLE_ARRAY, double_array_value=value)
-    response = client.call(SetParameters.Request(parameters=[Parameter(name=name, value=value_msg)]), timeout_sec=5)
-    assert response is not None
-    return response.results[0]
+    return h.set_parameter('worldvla_action', name, [float(v) for v in value])
 
 
 def test_safety_limits_change_at_runtime(graph) -> None:

@@ -4,13 +4,17 @@ Duck-typed on the message fields so it needs neither rclpy nor torch.
 """
 from __future__ import annotations
 
+import io
+import warnings
 from typing import Any
 
 import cv2
 import numpy as np
+from PIL import Image as PILImage
 
 _CHANNELS = {'rgb8': 3, 'bgr8': 3, 'rgba8': 4, 'bgra8': 4, 'mono8': 1}
-MAX_SIDE = 8192
+MAX_SIDE = 8192  # per side, raw and compressed alike
+COMPRESSED_FORMATS = ('PNG', 'JPEG')  # what image_transport's compressed plugin writes
 
 
 class ImageRejected(ValueError):
@@ -27,8 +31,7 @@ def image_msg_to_rgb(msg: Any) -> np.ndarray:
     if enc not in _CHANNELS:
         raise ImageRejected('encoding', f'unsupported encoding {msg.encoding!r} (use {", ".join(_CHANNELS)})')
     h, w, c = int(msg.height), int(msg.width), _CHANNELS[enc]
-    if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE):
-        raise ImageRejected('size', f'image size {w}x{h} out of range')
+    check_size(w, h)
     if msg.step < w * c:
         raise ImageRejected('step', f'step {msg.step} < width*channels {w * c}')
     buf = np.frombuffer(msg.data, dtype=np.uint8)
@@ -42,12 +45,43 @@ def image_msg_to_rgb(msg: Any) -> np.ndarray:
     return cv2.cvtColor(arr, code)
 
 
+def check_size(width: int, height: int) -> None:
+    if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE):
+        raise ImageRejected('size', f'image size {width}x{height} out of range (1 … {MAX_SIDE} per side)')
+
+
+def declared_size(data: bytes, fmt: str = '') -> tuple[int, int]:
+    """(width, height) from a PNG or JPEG header, without decoding a pixel."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', PILImage.DecompressionBombWarning)
+            with PILImage.open(io.BytesIO(data), formats=COMPRESSED_FORMATS) as im:
+                return im.size
+    except PILImage.DecompressionBombError as exc:  # Pillow's own bound is far above ours
+        raise ImageRejected('size', f'compressed image declares too many pixels ({exc})') from exc
+    except Exception as exc:
+        raise ImageRejected('decode', f'not a PNG or JPEG image (format {fmt!r}): {type(exc).__name__}') from exc
+
+
 def compressed_msg_to_rgb(msg: Any) -> np.ndarray:
-    """``sensor_msgs/CompressedImage`` (jpeg/png) → H×W×3 uint8 RGB."""
+    """``sensor_msgs/CompressedImage`` (jpeg/png) → H×W×3 uint8 RGB.
+
+    The size the header declares is checked against the raw-frame limit before anything is
+    decoded: a small file may declare a huge image (a decompression bomb).
+    """
     buf = np.frombuffer(msg.data, dtype=np.uint8)
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    if not buf.size:
+        raise ImageRejected('decode', f'empty compressed image (format {msg.format!r})')
+    width, height = declared_size(buf.tobytes(), msg.format)
+    check_size(width, height)
+    try:
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        raise ImageRejected('decode', f'cannot decode compressed image (format {msg.format!r}): {exc}') from exc
     if bgr is None:
         raise ImageRejected('decode', f'cannot decode compressed image (format {msg.format!r})')
+    if bgr.shape[:2] != (height, width):
+        raise ImageRejected('size', f'decoded {bgr.shape[1]}x{bgr.shape[0]}, header declared {width}x{height}')
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

@@ -15,7 +15,7 @@ class SafetyLimits:
 
     action_min: tuple[float, ...]
     action_max: tuple[float, ...]
-    max_step: tuple[float, ...]  # ≤ 0 disables the limit for that dimension
+    max_step: tuple[float, ...]  # 0 disables the limit for that dimension
 
     def __post_init__(self) -> None:
         for name in ('action_min', 'action_max', 'max_step'):
@@ -24,6 +24,8 @@ class SafetyLimits:
                 raise ValueError(f'{name} needs 7 finite values, got {list(values)}')
         if np.any(np.asarray(self.action_max) < np.asarray(self.action_min)):
             raise ValueError('action_max must be ≥ action_min in every dimension')
+        if np.any(np.asarray(self.max_step) < 0):
+            raise ValueError(f'max_step must be ≥ 0 in every dimension (0: no limit), got {list(self.max_step)}')
 
 
 class UnsafeChunk(ValueError):
@@ -71,13 +73,27 @@ class SafetyFilter:
         limited = (self._step > 0) & np.isfinite(prev)
         return np.where(limited, np.clip(action, prev - self._step, prev + self._step), action)
 
+    def limit(self, action: np.ndarray, previous: Sequence[float] | None) -> np.ndarray:
+        """One command as it goes out: clamped to [action_min, action_max] and step-limited.
+
+        The clamp has the last word: after limits were tightened at runtime the previous command
+        may lie outside the new range, and the step limit must not hold the command out there.
+        """
+        clamped = np.clip(np.asarray(action, dtype=np.float64), self._lo, self._hi)
+        return np.clip(self.limit_step(clamped, previous), self._lo, self._hi)
+
+    def hold(self, previous: Sequence[float]) -> np.ndarray:
+        """Zero motion; the gripper stays where it was, inside the gripper limits in force now."""
+        gripper = float(previous[GRIPPER]) if np.isfinite(previous[GRIPPER]) else 0.0
+        return hold_action(float(np.clip(gripper, self._lo[GRIPPER], self._hi[GRIPPER])))
+
     def apply(self, actions: np.ndarray, previous: Sequence[float] | None) -> tuple[np.ndarray, int]:
         """(K, 7) → (safe (K, 7), number of values changed). ``previous`` is the last command sent."""
         actions = self.check(actions)
-        safe = np.clip(actions, self._lo, self._hi)
+        safe = np.empty_like(actions)
         prev = previous
-        for i in range(len(safe)):
-            safe[i] = prev = self.limit_step(safe[i], prev)
+        for i in range(len(actions)):
+            safe[i] = prev = self.limit(actions[i], prev)
         return safe, changed_values(safe, actions)
 
 

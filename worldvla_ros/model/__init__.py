@@ -2,44 +2,45 @@
 
 Public names (stable): ``ActionTokenizer``, ``ImageTokenizer``, ``TextTokenizer``,
 ``action_attention_mask``, ``make_tiny_checkpoint``, ``load_policy``, ``WorldVLAPolicy``.
+They are imported on first use, so that torch-free parts (``tokens``, ``action_tokenizer``,
+used by the simulator) do not pull in torch and transformers (seconds of start-up).
 """
-from . import tokens
-from .action_tokenizer import ActionTokenizer
-from .attention_mask import action_attention_mask
-from .checkpoint import CheckpointError
-from .config import BackboneConfig, VQGANConfig, WorldVLAConfig
-from .generate import (
-    ImageSampling,
-    NonFiniteLogits,
-    generate_chunk_batched,
-    generate_chunk_sequential,
-    generate_image_block,
-)
-from .image_tokenizer import ImageTokenizer, image_block_length, to_model_frame
-from .policy import ActionPrediction, Timing, WorldVLAPolicy, load_policy
-from .text_tokenizer import TextTokenizer
-from .tiny import make_tiny_checkpoint
+from __future__ import annotations
 
-__all__ = [
-    'ActionPrediction',
-    'ActionTokenizer',
-    'BackboneConfig',
-    'CheckpointError',
-    'ImageSampling',
-    'ImageTokenizer',
-    'NonFiniteLogits',
-    'TextTokenizer',
-    'Timing',
-    'VQGANConfig',
-    'WorldVLAConfig',
-    'WorldVLAPolicy',
-    'action_attention_mask',
-    'generate_chunk_batched',
-    'generate_chunk_sequential',
-    'generate_image_block',
-    'image_block_length',
-    'load_policy',
-    'make_tiny_checkpoint',
-    'to_model_frame',
-    'tokens',
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    'ActionTokenizer': 'action_tokenizer',
+    'action_attention_mask': 'attention_mask',
+    'CheckpointError': 'checkpoint',
+    'BackboneConfig': 'config',
+    'VQGANConfig': 'config',
+    'WorldVLAConfig': 'config',
+    'DecodeCancelled': 'generate',
+    'ImageSampling': 'generate',
+    'NonFiniteLogits': 'generate',
+    'generate_chunk_batched': 'generate',
+    'generate_chunk_sequential': 'generate',
+    'generate_image_block': 'generate',
+    'ImageTokenizer': 'image_tokenizer',
+    'image_block_length': 'image_tokenizer',
+    'to_model_frame': 'image_tokenizer',
+    'ActionPrediction': 'policy',
+    'Timing': 'policy',
+    'WorldVLAPolicy': 'policy',
+    'load_policy': 'policy',
+    'TextTokenizer': 'text_tokenizer',
+    'make_tiny_checkpoint': 'tiny',
+    'tokens': 'tokens',
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    module = importlib.import_module(f'{__name__}.{_WHERE[name]}')
+    value = module if name == 'tokens' else getattr(module, name)
+    globals()[name] = value
+    return value

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,10 @@ _BIN_IDS = torch.arange(T.ACTION_BIN_FIRST, T.ACTION_BIN_LAST + 1)
 
 class NonFiniteLogits(RuntimeError):
     """The model produced NaN/inf logits: argmax would still pick a token, so stop here instead."""
+
+
+class DecodeCancelled(RuntimeError):
+    """The caller asked a long decoding to stop (e.g. its node is shutting down)."""
 
 
 class DecodeSession:
@@ -199,12 +203,14 @@ def generate_image_block(
     grid_token: int,
     image_token_ids: torch.Tensor,
     sampling: ImageSampling | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[int]:
     """One image block after ``prompt``: ``8197, g, g, rows of codes + 8803, 8196``.
 
     Structure tokens are placed, not sampled (as Lumina-mGPT's image decoding does); codes are
     chosen among the 8192 image tokens only. With ``cfg_scale`` ≠ 1 the unconditional stream
     sees only the image being generated (Lumina-mGPT's image-start-triggered guidance).
+    ``should_stop`` is asked before every token: True raises ``DecodeCancelled``.
     """
     sampling = sampling or ImageSampling()
     header = [T.IMAGE_START, grid_token, grid_token]
@@ -217,6 +223,8 @@ def generate_image_block(
     block = list(header)
     for r in range(grid):
         for c in range(grid):
+            if should_stop is not None and should_stop():
+                raise DecodeCancelled('image decoding cancelled')
             logits = cond.last_logits[allowed]
             if uncond is not None:
                 logits = uncond.last_logits[allowed] + sampling.cfg_scale * (logits - uncond.last_logits[allowed])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from .checkpoint import (
 )
 from .config import WorldVLAConfig
 from .generate import ImageSampling, generate_chunk_batched, generate_chunk_sequential, generate_image_block
-from .image_tokenizer import ImageTokenizer
+from .image_tokenizer import ImageTokenizer, to_model_frame
 from .prompts import action_prompt, world_model_prompt
 from .text_tokenizer import TextTokenizer
 
@@ -51,6 +52,25 @@ class ActionPrediction:
     actions: np.ndarray  # (K, 7) un-normalized
     tokens: list[int]
     timing: Timing = field(default_factory=Timing)
+
+
+# Bidirectional-text controls reorder what a log shows ("Trojan source"); other format characters stay.
+_BIDI_CONTROLS = set('\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069')
+
+
+def check_instruction(instruction: str, max_chars: int) -> str:
+    """Whitespace collapsed to single spaces; ValueError for empty or over-long text and for
+    control characters (NUL, escape sequences, bidi overrides), which no instruction needs."""
+    text = ' '.join(str(instruction).split())
+    if not text:
+        raise ValueError('instruction is empty')
+    if len(text) > max_chars:
+        raise ValueError(f'instruction has {len(text)} characters, at most {max_chars}')
+    bad = [ch for ch in text if unicodedata.category(ch) == 'Cc' or ch in _BIDI_CONTROLS]
+    if bad:
+        raise ValueError(f'instruction contains control characters ({", ".join(sorted({ascii(c) for c in bad}))}): '
+                         f'{text[:80]!a}')
+    return text
 
 
 class WorldVLAPolicy:
@@ -88,12 +108,13 @@ class WorldVLAPolicy:
         return self.config.resolution
 
     def check_instruction(self, instruction: str) -> str:
-        text = ' '.join(str(instruction).split())
-        if not text:
-            raise ValueError('instruction is empty')
-        if len(text) > self.config.max_instruction_chars:
-            raise ValueError(f'instruction has {len(text)} characters, at most {self.config.max_instruction_chars}')
-        return text
+        """Whitespace collapsed; empty, over-long and control-character text refused (ValueError)."""
+        return check_instruction(instruction, self.config.max_instruction_chars)
+
+    def model_frame(self, frame: np.ndarray) -> np.ndarray:
+        """The square, model-resolution crop of a camera frame, not yet rotated: all the model will
+        ever read of it, so a node may keep this instead of the full frame (same tokens)."""
+        return to_model_frame(frame, self.resolution, rotate_180=False)
 
     def predict(
         self,
@@ -138,9 +159,13 @@ class WorldVLAPolicy:
         return self.predict(frames, instruction, **kwargs).actions
 
     def imagine_block(
-        self, frame: np.ndarray, action: np.ndarray, sampling: ImageSampling | None = None
+        self, frame: np.ndarray, action: np.ndarray, sampling: ImageSampling | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[int]:
-        """The world model's next image block for ``frame`` after ``action`` ((7,) or (1, 7))."""
+        """The world model's next image block for ``frame`` after ``action`` ((7,) or (1, 7)).
+
+        Setting ``cancel`` stops the decoding within one token (``DecodeCancelled``).
+        """
         action = np.asarray(action, dtype=np.float64).reshape(-1, T.ACTION_DIMS)
         if action.shape[0] != 1:
             raise ValueError('imagine takes one action; use imagine_rollout for several')
@@ -150,16 +175,18 @@ class WorldVLAPolicy:
             prompt = world_model_prompt(self.text, block, self.actions.encode(action), self.config.world_model_prompt)
             t1 = time.perf_counter()
             out = generate_image_block(
-                self.lm, prompt, self.images.grid, T.grid_token(self.resolution), self._image_ids, sampling
+                self.lm, prompt, self.images.grid, T.grid_token(self.resolution), self._image_ids, sampling,
+                cancel.is_set if cancel is not None else None,
             )
             self._sync()
             t2 = time.perf_counter()
         self.last_timing = Timing(t1 - t0, t2 - t1, 0.0, self.images.grid**2, len(prompt))
         return out
 
-    def imagine(self, frame: np.ndarray, action: np.ndarray, sampling: ImageSampling | None = None) -> np.ndarray:
+    def imagine(self, frame: np.ndarray, action: np.ndarray, sampling: ImageSampling | None = None,
+                cancel: threading.Event | None = None) -> np.ndarray:
         """The imagined next frame, R×R×3 uint8 RGB (R = the model's resolution)."""
-        block = self.imagine_block(frame, action, sampling)
+        block = self.imagine_block(frame, action, sampling, cancel)
         t0 = time.perf_counter()
         with self._lock:
             image = self.images.decode(block)

@@ -2,7 +2,14 @@
 
 Subscriptions only validate and store (newest frame wins); inference runs in a worker thread;
 a control timer publishes the chunk's commands at ``control_rate_hz`` and a hold command when
-no fresh chunk is there (watchdog) or the e-stop is latched.
+no fresh chunk is there (watchdog) or the e-stop is latched. Every limit (clamp, step limit,
+dry run) is applied to each command as it goes out, with the values in force at that moment.
+
+What a command consumer sees: one command per control period while the node runs (motion or
+hold), a hold as the last command when it shuts down or fails, and silence only if the process
+is killed outright. The command publisher offers a deadline of two control periods, so a
+consumer that requests a deadline gets a "deadline missed" event when commands stop; it must
+then stop the robot (each command is a displacement for one period, never a standing order).
 """
 from __future__ import annotations
 
@@ -13,23 +20,26 @@ from typing import Any
 
 import numpy as np
 from builtin_interfaces.msg import Time as TimeMsg
+from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Point
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.node import Node
+from rclpy.duration import Duration
 from rclpy.time import Time
 from std_msgs.msg import Bool, Header, String
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker, MarkerArray
 from worldvla.msg import ActionChunk, EndEffectorCommand
 
+from worldvla_ros.image_conversion import ImageRejected
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN, LIBERO_ACTION_SCALE
-from worldvla_ros.model.generate import NonFiniteLogits
 from worldvla_ros.nodes.common import (
+    CAMERA_PARAMETERS,
     MODEL_PARAMETERS,
+    CameraInput,
+    GuardedNode,
     Param,
     StartupError,
-    Stats,
     declare_all,
     diagnostics_msg,
     latched_qos,
@@ -37,12 +47,12 @@ from worldvla_ros.nodes.common import (
     reject_changes_of,
     reliable_qos,
     spin_node,
-    subscribe_camera,
 )
-from worldvla_ros.safety import SafetyFilter, SafetyLimits, UnsafeChunk, at_rest, changed_values, hold_action
+from worldvla_ros.safety import SafetyFilter, SafetyLimits, UnsafeChunk, at_rest, changed_values
 
 PARAMETERS: dict[str, Param] = {
     **MODEL_PARAMETERS,
+    **CAMERA_PARAMETERS,
     'chunk_size': Param(0, 'actions per chunk; 0 = the checkpoint’s (5, or 10 for LIBERO-10)', 0, 64,
                         read_only=True),
     'history_frames': Param(0, 'camera frames per prompt; 0 = the checkpoint’s (2)', 0, 2, read_only=True),
@@ -55,12 +65,10 @@ PARAMETERS: dict[str, Param] = {
     'action_min': Param(list(LIBERO_ACTION_MIN), 'per-dimension lower clamp of commands (7 values)'),
     'action_max': Param(list(LIBERO_ACTION_MAX), 'per-dimension upper clamp of commands (7 values)'),
     'max_step': Param([0.0] * 7, 'largest change of each dimension between consecutive commands sent '
-                      '(holds included, so motion ramps up again after one); 0 = none'),
+                      '(holds included, so motion ramps up again after one); 0 = none, never negative'),
     'action_scale': Param(list(LIBERO_ACTION_SCALE), 'metres (Δxyz) and radians (Δrotation) one action unit '
-                          'moves, gripper 1: the planned path is drawn in metres; evaluate_bag reports errors '
-                          'with it (default: LIBERO OSC_POSE, 0.05 m and 0.5 rad)'),
-    'use_compressed': Param(False, 'subscribe to sensor_msgs/CompressedImage on <camera>/compressed',
-                            read_only=True),
+                          'moves, gripper 1, all ≥ 0: the planned path is drawn in metres; evaluate_bag reports '
+                          'errors with it (default: LIBERO OSC_POSE, 0.05 m and 0.5 rad)'),
     'warmup': Param(True, 'run one inference before going active', read_only=True),
     'replan_threshold': Param(-1, 'next inference only once at most this many commands are queued; '
                               '-1 = on every new frame (the new chunk replaces the queue)', -1, 64),
@@ -70,49 +78,68 @@ PARAMETERS: dict[str, Param] = {
 LIMIT_PARAMETERS = ('action_min', 'action_max', 'max_step')  # SafetyLimits' fields, in order
 
 
-class ActionNode(Node):
+def _check_seven(name: str, non_negative: bool = False):
+    def check(value: Any) -> str | None:
+        if len(value) != 7 or not all(np.isfinite(value)):
+            return f'{name} needs 7 finite values'
+        if non_negative and min(value) < 0:
+            return f'{name} must be ≥ 0 in every dimension, got {list(value)}'
+        return None
+
+    return check
+
+
+class ActionNode(GuardedNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('worldvla_action', **kwargs)
         p = declare_all(self, PARAMETERS)
-        self.stats = Stats()
+        problem = _check_seven('action_scale', non_negative=True)(p['action_scale'])
+        if problem:
+            raise StartupError(f'invalid action_scale: {problem}')
         try:
             self.safety = SafetyFilter(SafetyLimits(*(tuple(p[n]) for n in LIMIT_PARAMETERS)))
         except ValueError as exc:
             raise StartupError(f'invalid safety limits: {exc}') from exc
         self.policy = self._load_policy(p)
         self.rate = float(p['control_rate_hz'])
-        self._guard = reject_changes_of(
+        self._guard_params = reject_changes_of(
             {n for n, q in PARAMETERS.items() if q.read_only},
-            {'action_min': self._check_limits('action_min'), 'action_max': self._check_limits('action_max'),
-             'max_step': self._check_limits('max_step'), 'action_scale': self._check_limits('action_scale')},
+            {'action_min': _check_seven('action_min'), 'action_max': _check_seven('action_max'),
+             'max_step': _check_seven('max_step', non_negative=True),
+             'action_scale': _check_seven('action_scale', non_negative=True)},
         )
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         self._lock = threading.Lock()
+        # model-resolution crops, not camera frames: bounded memory whatever the camera sends
         self._history: deque[tuple[np.ndarray, TimeMsg]] = deque(maxlen=self.policy.config.history_frames)
         self._fresh = False  # a frame arrived that no inference has used yet
         self._frame_event = threading.Event()
         self._instruction: str | None = None
         self._instruction_version = 0
         self._estop = False
+        self._epoch = 0  # +1 at every e-stop and reset: an inference from an older epoch never moves the robot
+        self._reset_stamp_ns = 0  # frames stamped before the last e-stop reset are never used
         self._queue: deque[EndEffectorCommand] = deque()
         self._queue_time = 0.0  # monotonic time the current chunk arrived
         self._last_sent = at_rest()  # the step limit applies from here, holds included
         self._active = False
         self._sequence = 0
         self._running = True
+        self._closing = False
 
         sensors = MutuallyExclusiveCallbackGroup()
         control = MutuallyExclusiveCallbackGroup()
         self.chunk_pub = self.create_publisher(ActionChunk, 'worldvla/action_chunk', reliable_qos())
-        self.command_pub = self.create_publisher(EndEffectorCommand, 'worldvla/ee_command', reliable_qos(50))
+        command_qos = reliable_qos(50)
+        command_qos.deadline = Duration(seconds=2.0 / self.rate)
+        self.command_pub = self.create_publisher(EndEffectorCommand, 'worldvla/ee_command', command_qos)
         self.path_pub = self.create_publisher(MarkerArray, 'worldvla/planned_path', reliable_qos(1))
-        from diagnostic_msgs.msg import DiagnosticArray
-
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', reliable_qos())
-        subscribe_camera(self, p['use_compressed'], self.stats, self._store_frame,
-                         lambda exc: self._reject(exc.reason, str(exc)), sensors)
-        self.create_subscription(String, 'instruction', self._on_instruction, latched_qos(), callback_group=sensors)
+        CameraInput(self, p['use_compressed'], self._store_frame, self._on_camera_reject, sensors)
+        # its own group: a slow frame never delays a new instruction
+        self.create_subscription(String, 'instruction', self._on_instruction, latched_qos(),
+                                 callback_group=MutuallyExclusiveCallbackGroup())
         self.create_subscription(Bool, 'worldvla/estop', self._on_estop, latched_qos(), callback_group=control)
         self.create_service(Trigger, 'worldvla/reset_estop', self._on_reset_estop, callback_group=control)
         self.create_timer(1.0 / self.rate, self._on_control_tick, callback_group=control)
@@ -137,18 +164,9 @@ class ActionNode(Node):
         self.get_logger().info(f'loaded {policy.model_id} in {time.perf_counter() - t0:.1f} s')
         return policy
 
-    @staticmethod
-    def _check_limits(name: str):
-        def check(value: Any) -> str | None:
-            if len(value) != 7 or not all(np.isfinite(value)):
-                return f'{name} needs 7 finite values'
-            return None
-
-        return check
-
     def _on_set_parameters(self, params: list) -> SetParametersResult:
         """Refuses read-only and malformed values; new limits take effect with the next command sent."""
-        result = self._guard(params)
+        result = self._guard_params(params)
         changed = {p.name: p.value for p in params if p.name in LIMIT_PARAMETERS}
         if not result.successful or not changed:
             return result
@@ -165,14 +183,23 @@ class ActionNode(Node):
 
     # -- inputs (fast: validate, store, return) ---------------------------------------------
     def _store_frame(self, rgb: np.ndarray, header: Header) -> None:
+        stamp_ns = Time.from_msg(header.stamp).nanoseconds
+        frame = self.policy.model_frame(rgb)
         with self._lock:
+            if stamp_ns < self._reset_stamp_ns:
+                self._reject('before_reset', 'frame stamped before the last e-stop reset')
+                return
             if self._fresh:
                 self.stats.count('frames_dropped')  # the worker never saw the previous one
-            self._history.append((rgb.copy(), header.stamp))
+            self._history.append((frame, header.stamp))
             self._fresh = True
         self._frame_event.set()
 
+    def _on_camera_reject(self, exc: ImageRejected) -> None:
+        self._reject(exc.reason, str(exc))
+
     def _on_instruction(self, msg: String) -> None:
+        self.stats.count('instructions_received')
         try:
             text = self.policy.check_instruction(msg.data)
         except ValueError as exc:
@@ -184,7 +211,8 @@ class ActionNode(Node):
             self._instruction = text
             self._instruction_version += 1
             self._queue.clear()  # commands of the old task must not run
-        self.get_logger().info(f'instruction: "{text}"')
+        self.stats.count('instruction_changes')
+        self.get_logger().info(f'instruction: {text!r}', throttle_duration_sec=1.0)  # the newest is on /diagnostics
         self._frame_event.set()
 
     def _on_estop(self, msg: Bool) -> None:
@@ -193,7 +221,10 @@ class ActionNode(Node):
         with self._lock:
             newly = not self._estop
             self._estop = True
+            self._epoch += 1
             self._queue.clear()
+            self._history.clear()
+            self._fresh = False
         if newly:
             self.stats.count('estops')
             self.get_logger().warning('E-STOP latched: holding until /worldvla/reset_estop is called')
@@ -201,9 +232,15 @@ class ActionNode(Node):
     def _on_reset_estop(self, _req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
         with self._lock:
             was = self._estop
-            self._estop = False
+            if was:
+                self._estop = False
+                self._epoch += 1
+                self._reset_stamp_ns = self.get_clock().now().nanoseconds
+                self._history.clear()
+                self._fresh = False
         resp.success = True
-        resp.message = 'e-stop reset' if was else 'e-stop was not latched'
+        resp.message = 'e-stop reset: moving again only on frames stamped after now' if was \
+            else 'e-stop was not latched'
         self.get_logger().warning(resp.message)
         return resp
 
@@ -225,23 +262,30 @@ class ActionNode(Node):
                     continue  # the current chunk runs on; the control tick wakes us when it is short
                 self._fresh = False
                 history = list(self._history)
-                instruction, version = self._instruction, self._instruction_version
+                instruction, version, epoch = self._instruction, self._instruction_version, self._epoch
             newest_stamp = history[-1][1]
             age = (self.get_clock().now() - Time.from_msg(newest_stamp)).nanoseconds * 1e-9
             if age > self._param('max_obs_age'):
                 self._reject('stale', f'newest frame is {age:.3f} s old (max_obs_age {self._param("max_obs_age")})')
                 continue
+            if -age > self._param('max_future_stamp'):  # the clock went back (sim time restarted)
+                self._reject('future_stamp', f'newest frame is stamped {-age:.3f} s ahead of the clock')
+                continue
+            self.stats.count('frames_used')
             try:
-                self._infer(history, instruction, version)
-            except NonFiniteLogits as exc:
-                self._reject('non_finite_output', str(exc))
+                self._infer(history, instruction, version, epoch)
             except Exception as exc:  # never let one bad inference kill the worker
-                if not self.context.ok():
+                if not self.context.ok() or not self._running:
                     return  # shutting down
+                from worldvla_ros.model import NonFiniteLogits
+
+                if isinstance(exc, NonFiniteLogits):
+                    self._reject('non_finite_output', str(exc))
+                    continue
                 self.stats.count('inference_errors')
                 self.get_logger().error(f'inference failed: {exc!r}', throttle_duration_sec=2.0)
 
-    def _infer(self, history: list[tuple[np.ndarray, TimeMsg]], instruction: str, version: int) -> None:
+    def _infer(self, history: list[tuple[np.ndarray, TimeMsg]], instruction: str, version: int, epoch: int) -> None:
         t0 = time.perf_counter()
         pred = self.policy.predict([f for f, _ in history], instruction, batched=self._param('batched_decoding'))
         latency = time.perf_counter() - t0
@@ -264,14 +308,13 @@ class ActionNode(Node):
         chunk.raw_actions = pred.actions.reshape(-1).astype(float).tolist()
         chunk.inference_latency = latency
         chunk.model_id = self.policy.model_id
-        dry = not self._param('enabled')
         with self._lock:
-            if version != self._instruction_version or self._estop:
-                self.stats.count('chunks_discarded')  # the task changed while we were thinking
+            if version != self._instruction_version or epoch != self._epoch or self._estop or self._closing:
+                self.stats.count('chunks_discarded')  # the task changed, or an e-stop came, while we thought
                 return
             chunk.sequence = self._sequence
             self._sequence += 1
-            chunk.commands = [self._command(a, i, len(safe), chunk, dry) for i, a in enumerate(safe)]
+            chunk.commands = [self._command(a, i, len(safe), chunk) for i, a in enumerate(safe)]
             self._queue = deque(chunk.commands)
             self._queue_time = time.monotonic()
             self._active = True
@@ -279,9 +322,9 @@ class ActionNode(Node):
         self.path_pub.publish(self._planned_path(chunk, safe))
         self.stats.count('chunks')
 
-    @staticmethod
-    def _command(action: np.ndarray, index: int, size: int, chunk: ActionChunk, dry: bool) -> EndEffectorCommand:
-        cmd = EndEffectorCommand(index=index, chunk_size=size, chunk_sequence=chunk.sequence, dry_run=dry)
+    def _command(self, action: np.ndarray, index: int, size: int, chunk: ActionChunk) -> EndEffectorCommand:
+        cmd = EndEffectorCommand(index=index, chunk_size=size, chunk_sequence=chunk.sequence,
+                                 dry_run=not self._param('enabled'))
         cmd.header = chunk.header
         cmd.action = np.asarray(action, dtype=np.float64)
         return cmd
@@ -302,8 +345,17 @@ class ActionNode(Node):
         return MarkerArray(markers=[line, dots])
 
     # -- control (timer) --------------------------------------------------------------------
+    def _hold(self) -> EndEffectorCommand:
+        cmd = EndEffectorCommand(hold=True, dry_run=not self._param('enabled'), chunk_sequence=self._sequence)
+        cmd.header.stamp = self.get_clock().now().to_msg()
+        cmd.header.frame_id = self._param('command_frame_id')
+        cmd.action = self.safety.hold(self._last_sent)
+        return cmd
+
     def _on_control_tick(self) -> None:
         with self._lock:
+            if self._closing:
+                return  # close() sends the last command
             fresh = time.monotonic() - self._queue_time <= self._param('watchdog_timeout')
             if self._estop:
                 cmd, reason = None, 'estop'
@@ -316,17 +368,15 @@ class ActionNode(Node):
                 return  # nothing commanded yet: stay silent
             limited = 0
             if cmd is None:  # stopping is never rate-limited
-                cmd = EndEffectorCommand(hold=True, dry_run=not self._param('enabled'), chunk_sequence=self._sequence)
-                cmd.header.stamp = self.get_clock().now().to_msg()
-                cmd.header.frame_id = self._param('command_frame_id')
-                cmd.action = hold_action(self._last_sent[6] if np.isfinite(self._last_sent[6]) else 0.0)
+                cmd = self._hold()
             else:
-                # the chunk was limited against the command sent when it was computed; commands of the
-                # old chunk or holds may have gone out since, so the step is checked again here
+                # every limit as it stands now, against the command actually sent last: limits changed
+                # at runtime and holds sent since the chunk was computed count
                 planned = np.asarray(cmd.action, dtype=np.float64)
-                action = self.safety.limit_step(planned, self._last_sent)
+                action = self.safety.limit(planned, self._last_sent)
                 limited = changed_values(action, planned)
                 cmd.action = action
+                cmd.dry_run = not self._param('enabled')
                 if len(self._queue) <= self._param('replan_threshold'):
                     self._frame_event.set()
             self._last_sent = np.asarray(cmd.action, dtype=np.float64)
@@ -338,14 +388,26 @@ class ActionNode(Node):
 
     def _publish_diagnostics(self) -> None:
         values = {'model': self.policy.model_id, 'device': str(self.policy.device),
-                  'enabled': str(self._param('enabled')), 'estop': str(self._estop), **self.stats.snapshot()}
+                  'enabled': str(self._param('enabled')), 'estop': str(self._estop),
+                  'instruction': self._instruction or '', **self.stats.snapshot()}
         level, message = (1, 'e-stop latched') if self._estop else (0, 'running')
         self.diag_pub.publish(diagnostics_msg(self, 'worldvla: action node', level, message, values))
 
-    def close(self) -> None:
-        self._running = False
+    def close(self) -> bool:
+        """Stop the worker and, if anything was commanded, send one last hold (delivery awaited briefly)."""
+        with self._lock:
+            self._closing = True
+            self._running = False
+            self._queue.clear()
+            commanded = self._active or self._estop
+            last = self._hold() if commanded else None
         self._frame_event.set()
-        self._worker.join(timeout=5.0)
+        if last is not None and self.context.ok():
+            self.command_pub.publish(last)
+            self.stats.count('holds_shutdown')
+            self.command_pub.wait_for_all_acked(Duration(seconds=0.5))
+        self._worker.join(timeout=2.0)
+        return not self._worker.is_alive()
 
 
 def main(args: list[str] | None = None) -> int:

@@ -1,6 +1,11 @@
-"""Plumbing shared by the nodes: parameter tables, counters, diagnostics, QoS, main()."""
+"""Plumbing shared by the nodes: parameter tables, guarded callbacks, camera input, counters,
+diagnostics, QoS, and a main() that always ends with the robot held."""
 from __future__ import annotations
 
+import functools
+import os
+import signal
+import sys
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
@@ -12,9 +17,12 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import CallbackGroup
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.signals import SignalHandlerOptions
+from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
@@ -50,6 +58,12 @@ MODEL_PARAMETERS: dict[str, Param] = {
     'device': Param('auto', 'torch device: auto, cpu, cuda, cuda:1 …', read_only=True),
     'dtype': Param('auto', 'auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32', read_only=True),
 }
+CAMERA_PARAMETERS: dict[str, Param] = {
+    'use_compressed': Param(False, 'subscribe to sensor_msgs/CompressedImage on <camera>/compressed',
+                            read_only=True),
+    'max_future_stamp': Param(0.1, 'seconds; camera frames stamped further ahead of this node’s clock are '
+                              'rejected (clock skew tolerance)', 0.0, 10.0),
+}
 
 
 def load_node_policy(p: dict[str, Any], **overrides: Any):
@@ -66,9 +80,58 @@ def load_node_policy(p: dict[str, Any], **overrides: Any):
 
 
 def declare_all(node: Node, table: dict[str, Param]) -> dict[str, Any]:
+    """Declare every parameter; a value given at start-up that does not fit is a StartupError."""
     for name, p in table.items():
-        node.declare_parameter(name, p.default, p.descriptor())
+        try:
+            node.declare_parameter(name, p.default, p.descriptor())
+        except ParameterException as exc:
+            kind = type(p.default).__name__.replace('str', 'string').replace('float', 'double')
+            hint = f' in {p.low:g} … {p.high:g}' if p.low is not None and p.high is not None else ''
+            raise StartupError(f'parameter {name}: expected a {kind}{hint} ({exc})') from exc
     return {name: node.get_parameter(name).value for name in table}
+
+
+class GuardedNode(Node):
+    """A Node none of whose callbacks can end the process.
+
+    Every subscription, timer and service callback is wrapped: an exception is counted
+    (``callback_errors`` on /diagnostics) and logged, and the node keeps running.
+    """
+
+    def __init__(self, node_name: str, **kwargs: Any) -> None:
+        self.stats = Stats()  # before Node.__init__: its parameter services are guarded too
+        super().__init__(node_name, **kwargs)
+
+    def _guard(self, callback: Callable, what: str, fallback: Callable[[], Any] = lambda: None) -> Callable:
+        @functools.wraps(callback)  # rclpy reads the signature (message info, timer info) through __wrapped__
+        def guarded(*args: Any) -> Any:
+            try:
+                return callback(*args)
+            except Exception as exc:
+                if not self.context.ok():
+                    return fallback()
+                self.stats.count('callback_errors')
+                self.get_logger().error(f'{what} failed, the node goes on: {type(exc).__name__}: {exc}',
+                                        throttle_duration_sec=2.0)
+                return fallback()
+
+        return guarded
+
+    def create_subscription(self, msg_type: Any, topic: str, callback: Callable, *args: Any, **kwargs: Any):
+        return super().create_subscription(msg_type, topic, self._guard(callback, f'callback of {topic}'),
+                                           *args, **kwargs)
+
+    def create_timer(self, timer_period_sec: float, callback: Callable, *args: Any, **kwargs: Any):
+        return super().create_timer(timer_period_sec, self._guard(callback, f'timer {callback.__name__}'),
+                                    *args, **kwargs)
+
+    def create_service(self, srv_type: Any, srv_name: str, callback: Callable, **kwargs: Any):
+        return super().create_service(srv_type, srv_name,
+                                      self._guard(callback, f'service {srv_name}', srv_type.Response), **kwargs)
+
+    def close(self) -> bool:
+        """Stop background work before the node is destroyed; False if some of it did not stop."""
+        return True
 
 
 def image_qos(depth: int = 1) -> QoSProfile:
@@ -77,22 +140,63 @@ def image_qos(depth: int = 1) -> QoSProfile:
     return qos
 
 
-def subscribe_camera(node: Node, compressed: bool, stats: Stats, on_frame: Callable[[np.ndarray, Header], None],
-                     on_reject: Callable[[ImageRejected], None], group: CallbackGroup) -> None:
-    """``camera/image_raw`` (Image) or ``camera/image_raw/compressed``, decoded to RGB by the shared conversion."""
-    convert = compressed_msg_to_rgb if compressed else image_msg_to_rgb
+class CameraInput:
+    """``camera/image_raw`` (Image) or ``camera/image_raw/compressed``: checked, decoded, counted.
 
-    def callback(msg: Image | CompressedImage) -> None:
-        stats.count('frames_received')
+    Counters on /diagnostics: ``frames_received`` (reached the callback), ``frames_lost_in_transport``
+    (gaps in the publisher's sequence numbers: overwritten in the depth-1 queue or lost on the
+    wire before the callback ran), ``rejected_<reason>`` (unusable: encoding, size, decode,
+    future stamp …). What a node then does with a good frame it counts itself.
+    """
+
+    def __init__(self, node: GuardedNode, compressed: bool, on_frame: Callable[[np.ndarray, Header], None],
+                 on_reject: Callable[[ImageRejected], None], group: CallbackGroup) -> None:
+        self.node = node
+        self.stats = node.stats
+        self._on_frame = on_frame
+        self._on_reject = on_reject
+        self._convert = compressed_msg_to_rgb if compressed else image_msg_to_rgb
+        self._last_sequence: dict[Any, int] = {}
+        msg_type, topic = (CompressedImage, 'camera/image_raw/compressed') if compressed else (Image,
+                                                                                             'camera/image_raw')
+        from rclpy.subscription import Subscription
+
+        with_info = hasattr(Subscription, 'CallbackType')  # message info (sequence numbers): rclpy ≥ Jazzy
+        callback = self._callback if with_info else lambda msg: self._callback(msg, None)
+        node.create_subscription(msg_type, topic, callback, image_qos(), callback_group=group)
+
+    def _callback(self, msg: Image | CompressedImage, info: dict | None) -> None:
+        self.stats.count('frames_received')
+        self._count_lost(info)
         try:
-            rgb = convert(msg)
+            self._check_stamp(msg.header)
+            rgb = self._convert(msg)
         except ImageRejected as exc:
-            on_reject(exc)
+            self._on_reject(exc)
             return
-        on_frame(rgb, msg.header)
+        self._on_frame(rgb, msg.header)
 
-    msg_type, topic = (CompressedImage, 'camera/image_raw/compressed') if compressed else (Image, 'camera/image_raw')
-    node.create_subscription(msg_type, topic, callback, image_qos(), callback_group=group)
+    def _count_lost(self, info: dict | None) -> None:
+        seq = (info or {}).get('publication_sequence_number')
+        if not seq:
+            return
+        gid = (info or {}).get('publisher_gid') or {}
+        key = bytes(gid.get('data', b'')) if isinstance(gid, dict) else None
+        last = self._last_sequence.get(key)
+        if last is not None and seq > last + 1:
+            self.stats.count('frames_lost_in_transport', seq - last - 1)
+        self._last_sequence[key] = seq if last is None else max(seq, last)
+
+    def _check_stamp(self, header: Header) -> None:
+        try:
+            stamp = Time.from_msg(header.stamp)
+        except ValueError as exc:  # negative seconds
+            raise ImageRejected('stamp', f'invalid header stamp {header.stamp.sec} s: {exc}') from exc
+        ahead = (stamp - self.node.get_clock().now()).nanoseconds * 1e-9
+        limit = self.node.get_parameter('max_future_stamp').value
+        if ahead > limit:
+            raise ImageRejected('future_stamp', f'frame stamped {ahead:.3f} s ahead of this node’s clock '
+                                                f'(max_future_stamp {limit:g} s)')
 
 
 def latched_qos() -> QoSProfile:
@@ -168,29 +272,71 @@ def reject_changes_of(read_only: set[str], checks: dict[str, Callable[[Any], str
     return callback
 
 
-def spin_node(factory: Callable[[], Node], args: list[str] | None = None) -> int:
-    """init, build, spin on a multi-threaded executor, shut down cleanly; the exit code."""
-    rclpy.init(args=args)
-    node = None
+def _die_with_parent() -> None:
+    """SIGTERM to this process when the process that started it dies (launch killed, bringup crashed):
+    an orphaned node must not go on commanding a robot. Linux only."""
+    if not sys.platform.startswith('linux'):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # it died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def spin_node(factory: Callable[[], GuardedNode], args: list[str] | None = None) -> int:
+    """init, build, spin, and on SIGINT/SIGTERM (or any failure) close the node, which holds the robot.
+
+    rclpy's own signal handlers are off: they shut the context down at once, and a node whose
+    context is gone cannot send a last hold. A second signal during the shutdown is logged, not
+    acted on (no abort). Exit code 0 after a signal, 1 for a start-up or runtime failure.
+    """
+    _die_with_parent()
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    logger = rclpy.logging.get_logger('worldvla')
+    stop = threading.Event()
+    node: GuardedNode | None = None
+    executor: MultiThreadedExecutor | None = None
     code = 0
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            logger.warning(f'{signal.Signals(signum).name} again: already shutting down')
+        stop.set()
+
     try:
-        node = factory()
+        node = factory()  # a signal here interrupts loading (KeyboardInterrupt / default SIGTERM)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
         executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
-        executor.spin()
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except StartupError as exc:
-        rclpy.logging.get_logger('worldvla').fatal(str(exc))
+        logger.fatal(str(exc))
         code = 1
-    finally:
-        if node is not None:
-            close = getattr(node, 'close', None)
-            if close:
-                close()
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+    except Exception as exc:  # a defect: one clear line, and the robot is still held below
+        logger.fatal(f'{type(exc).__name__}: {exc}')
+        code = 1
+    clean = True
+    if node is not None:
+        try:
+            clean = node.close()
+        except Exception as exc:
+            logger.error(f'closing failed: {type(exc).__name__}: {exc}')
+            clean = False
+        if executor is not None:
+            clean = executor.shutdown(timeout_sec=2.0) and clean
+        node.destroy_node()
+    rclpy.try_shutdown()
+    if not clean:  # a worker is still inside the model: leave without waiting for it (no C++ abort)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 

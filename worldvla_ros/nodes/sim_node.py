@@ -14,15 +14,15 @@ from typing import Any
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
-from rclpy.node import Node
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 from worldvla.msg import EndEffectorCommand
 
 from worldvla_ros.image_conversion import fill_image_msg
 from worldvla_ros.nodes.common import (
+    GuardedNode,
     Param,
-    Stats,
+    StartupError,
     declare_all,
     diagnostics_msg,
     image_qos,
@@ -46,16 +46,13 @@ PARAMETERS: dict[str, Param] = {
 }
 
 
-class SimNode(Node):
+class SimNode(GuardedNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('worldvla_sim', **kwargs)
         p = declare_all(self, PARAMETERS)
         self.add_on_set_parameters_callback(reject_changes_of({n for n, q in PARAMETERS.items() if q.read_only}, {}))
         if p['image_size'] % 32:
-            from worldvla_ros.nodes.common import StartupError
-
             raise StartupError('image_size must be a multiple of 32')
-        self.stats = Stats()
         self.sim = TabletopSim(SimConfig(image_size=int(p['image_size']), max_steps=int(p['max_steps'])))
         self._lock = threading.Lock()
         self._seed = int(p['seed'])

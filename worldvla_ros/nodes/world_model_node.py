@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.node import Node
 from rclpy.time import Time
 from sensor_msgs.msg import Image
 from std_msgs.msg import Float64MultiArray, Header, MultiArrayDimension
@@ -24,49 +23,52 @@ from worldvla.msg import ActionChunk
 
 from worldvla_ros.image_conversion import ImageRejected, fill_image_msg
 from worldvla_ros.metrics import psnr, side_by_side, ssim
-from worldvla_ros.model.image_tokenizer import to_model_frame
 from worldvla_ros.nodes.common import (
+    CAMERA_PARAMETERS,
     MODEL_PARAMETERS,
+    CameraInput,
+    GuardedNode,
     Param,
-    Stats,
     declare_all,
     diagnostics_msg,
     load_node_policy,
     reject_changes_of,
     reliable_qos,
     spin_node,
-    subscribe_camera,
 )
+
+MAX_PENDING = 256  # imagined frames waiting for their real frame (older ones are dropped first)
 
 PARAMETERS: dict[str, Param] = {
     **MODEL_PARAMETERS,
+    **CAMERA_PARAMETERS,
     'horizon': Param(1, 'imagined frames per chunk (one per action, from the chunk start)', 1, 64),
     'control_rate_hz': Param(10.0, 'rate the chunk is executed at: imagined frame i is stamped t0 + i/rate',
                              0.5, 500.0),
     'match_tolerance': Param(0.05, 'seconds; a real frame this close to a predicted stamp is compared',
                              0.0, 10.0),
-    'history_size': Param(64, 'camera frames kept to find the frame a chunk was computed from', 2, 10000,
-                          read_only=True),
+    'history_size': Param(64, 'camera frames kept (as model-resolution crops, R×R×3 bytes each) to find '
+                          'the frame a chunk was computed from', 2, 10000, read_only=True),
     'temperature': Param(0.0, 'world-model sampling temperature; 0 = greedy (the release)', 0.0, 10.0),
     'top_k': Param(0, 'top-k for sampling; 0 = none', 0, 8192),
     'cfg_scale': Param(1.0, 'classifier-free guidance scale; 1 = none', 0.0, 20.0),
-    'use_compressed': Param(False, 'subscribe to sensor_msgs/CompressedImage on <camera>/compressed',
-                            read_only=True),
 }
 
 
-class WorldModelNode(Node):
+class WorldModelNode(GuardedNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('worldvla_world_model', **kwargs)
         p = declare_all(self, PARAMETERS)
         self.add_on_set_parameters_callback(reject_changes_of({n for n, q in PARAMETERS.items() if q.read_only}, {}))
-        self.stats = Stats()
         self.policy = load_node_policy(p)
         self._lock = threading.Lock()
-        self._frames: deque[tuple[int, np.ndarray]] = deque(maxlen=int(p['history_size']))  # (stamp ns, rgb)
-        self._pending: list[tuple[int, int, np.ndarray]] = []  # (predicted stamp ns, step, imagined)
+        # (stamp ns, model-resolution crop): all the model and the scoring read of a frame, so memory is
+        # history_size × R²×3 bytes whatever the camera's resolution
+        self._frames: deque[tuple[int, np.ndarray]] = deque(maxlen=int(p['history_size']))
+        self._pending: deque[tuple[int, int, np.ndarray]] = deque(maxlen=MAX_PENDING)  # (stamp ns, step, imagined)
         self._chunk: ActionChunk | None = None
         self._chunk_event = threading.Event()
+        self._cancel = threading.Event()
         self._running = True
 
         self.imagined_pub = self.create_publisher(Image, 'worldvla/imagined_image', reliable_qos(10))
@@ -74,7 +76,7 @@ class WorldModelNode(Node):
         self.surprise_pub = self.create_publisher(Float64MultiArray, 'worldvla/surprise', reliable_qos(10))
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', reliable_qos())
         sensors = MutuallyExclusiveCallbackGroup()
-        subscribe_camera(self, p['use_compressed'], self.stats, self._on_frame, self._on_reject, sensors)
+        CameraInput(self, p['use_compressed'], self._on_frame, self._on_reject, sensors)
         self.create_subscription(ActionChunk, 'worldvla/action_chunk', self._on_chunk, reliable_qos(1),
                                  callback_group=sensors)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
@@ -88,9 +90,10 @@ class WorldModelNode(Node):
 
     def _on_frame(self, rgb: np.ndarray, header: Header) -> None:
         stamp = Time.from_msg(header.stamp).nanoseconds
+        frame = self.policy.model_frame(rgb)
         with self._lock:
-            self._frames.append((stamp, rgb.copy()))
-        self._score(stamp, rgb, header)
+            self._frames.append((stamp, frame))
+        self._score(stamp, frame, header)
 
     def _on_chunk(self, msg: ActionChunk) -> None:
         if len(msg.commands) == 0:
@@ -141,8 +144,10 @@ class WorldModelNode(Node):
             frame = start
             try:
                 for step, action in enumerate(actions, start=1):
+                    if not self._running:
+                        return
                     t = time.perf_counter()
-                    frame = self.policy.imagine(frame, action, sampling)
+                    frame = self.policy.imagine(frame, action, sampling, self._cancel)
                     self.stats.latency(time.perf_counter() - t)
                     stamp_ns = t0 + round(step * period)
                     msg = fill_image_msg(Image(), frame)
@@ -156,8 +161,8 @@ class WorldModelNode(Node):
                     if real is not None:
                         self._score(stamp_ns, real, msg.header)
             except Exception as exc:  # a failed rollout must not kill the worker
-                if not self.context.ok():
-                    return  # shutting down
+                if not self.context.ok() or not self._running:
+                    return  # shutting down (a cancelled decoding ends here)
                 self.stats.count('imagine_errors')
                 self.get_logger().error(f'imagination failed: {exc!r}', throttle_duration_sec=2.0)
 
@@ -166,28 +171,31 @@ class WorldModelNode(Node):
         horizon_ns = 2 * 1e9  # predictions older than this without a matching frame are dropped
         with self._lock:
             matched = [p for p in self._pending if abs(p[0] - stamp_ns) <= tol]
-            self._pending = [p for p in self._pending
-                             if p not in matched and stamp_ns - p[0] <= horizon_ns]
-        for _, step, imagined in matched:
-            cfg = self.policy.config
-            real_m = to_model_frame(real, cfg.resolution, rotate_180=False)
-            p, s = psnr(real_m, imagined), ssim(real_m, imagined)
+            kept = [p for p in self._pending if abs(p[0] - stamp_ns) > tol and stamp_ns - p[0] <= horizon_ns]
+            self._pending = deque(kept, maxlen=MAX_PENDING)
+        for _, step, imagined in matched:  # ``real`` is already the model-resolution crop
+            p, s = psnr(real, imagined), ssim(real, imagined)
             score = Float64MultiArray(data=[float(step), p if np.isfinite(p) else 100.0, s])
             score.layout.dim = [MultiArrayDimension(label='horizon_step,psnr_db,ssim', size=3, stride=3)]
             self.surprise_pub.publish(score)
-            cmp_msg = fill_image_msg(Image(), side_by_side(real_m, imagined))
+            cmp_msg = fill_image_msg(Image(), side_by_side(real, imagined))
             cmp_msg.header = header
             self.compare_pub.publish(cmp_msg)
             self.stats.count('frames_scored')
 
     def _publish_diagnostics(self) -> None:
-        values = {'model': self.policy.model_id, 'device': str(self.policy.device), **self.stats.snapshot()}
+        with self._lock:
+            held = sum(f.nbytes for _, f in self._frames) + sum(f.nbytes for *_, f in self._pending)
+        values = {'model': self.policy.model_id, 'device': str(self.policy.device),
+                  'frame_memory_bytes': str(held), **self.stats.snapshot()}
         self.diag_pub.publish(diagnostics_msg(self, 'worldvla: world model node', 0, 'running', values))
 
-    def close(self) -> None:
+    def close(self) -> bool:
         self._running = False
+        self._cancel.set()  # an imagination in progress stops within one token
         self._chunk_event.set()
-        self._worker.join(timeout=10.0)
+        self._worker.join(timeout=2.0)
+        return not self._worker.is_alive()
 
 
 def main(args: list[str] | None = None) -> int:

@@ -1,0 +1,191 @@
+"""What the graph tests share: a harness node that publishes camera/instruction/e-stop and records
+every output, parameter calls through the real services, and node processes with their logs."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.qos import qos_profile_sensor_data
+from rclpy.time import Time
+from sensor_msgs.msg import Image
+from std_msgs.msg import Bool, Float64MultiArray, String
+from std_srvs.srv import Trigger
+from worldvla.msg import ActionChunk, EndEffectorCommand
+
+from worldvla_ros.bringup import node_command
+from worldvla_ros.image_conversion import fill_image_msg
+from worldvla_ros.nodes.common import latched_qos, reliable_qos
+from worldvla_ros.synthetic import SyntheticCamera
+
+
+class Harness:
+    """A test node: publishes camera/instruction/e-stop, records everything the nodes publish."""
+
+    def __init__(self, context: rclpy.Context | None = None, namespace: str = '') -> None:
+        self.node = rclpy.create_node('worldvla_test_harness', context=context, namespace=namespace)
+        n = self.node
+        self.image_pub = n.create_publisher(Image, 'camera/image_raw', qos_profile_sensor_data)
+        self.instruction_pub = n.create_publisher(String, 'instruction', latched_qos())
+        self.estop_pub = n.create_publisher(Bool, 'worldvla/estop', latched_qos())
+        self.reset_client = n.create_client(Trigger, 'worldvla/reset_estop')
+        self.lock = threading.RLock()  # predicates of wait_for may take it again
+        self.chunks: list[ActionChunk] = []
+        self.commands: list[tuple[float, EndEffectorCommand]] = []
+        self.imagined: list[Image] = []
+        self.surprise: list[list[float]] = []
+        self.diag: dict[str, dict[str, str]] = {}
+        self.sent_stamps: list[int] = []
+        rec = self._recorder
+        n.create_subscription(ActionChunk, 'worldvla/action_chunk', rec(self.chunks), reliable_qos())
+        n.create_subscription(EndEffectorCommand, 'worldvla/ee_command',
+                              lambda m: self._add(self.commands, (time.monotonic(), m)), reliable_qos(100))
+        n.create_subscription(Image, 'worldvla/imagined_image', rec(self.imagined), reliable_qos())
+        n.create_subscription(Float64MultiArray, 'worldvla/surprise',
+                              lambda m: self._add(self.surprise, list(m.data)), reliable_qos())
+        n.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, reliable_qos())
+        self.executor = SingleThreadedExecutor(context=context)
+        self.executor.add_node(n)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        self.camera = SyntheticCamera(seed=3)
+
+    def _add(self, store: list, item: Any) -> None:
+        with self.lock:
+            store.append(item)
+
+    def _recorder(self, store: list) -> Callable:
+        return lambda m: self._add(store, m)
+
+    def _on_diag(self, m: DiagnosticArray) -> None:
+        for s in m.status:
+            with self.lock:
+                self.diag[s.hardware_id] = {kv.key: kv.value for kv in s.values}
+
+    def now_ns(self) -> int:
+        return self.node.get_clock().now().nanoseconds
+
+    def frame_msg(self, stamp_offset: float = 0.0) -> Image:
+        msg = fill_image_msg(Image(), self.camera.step(np.zeros(7)))
+        msg.header.stamp = Time(nanoseconds=self.now_ns() + int(stamp_offset * 1e9)).to_msg()
+        return msg
+
+    def send_frame(self, stamp_offset: float = 0.0) -> int:
+        msg = self.frame_msg(stamp_offset)
+        self.image_pub.publish(msg)
+        stamp = Time.from_msg(msg.header.stamp).nanoseconds
+        self.sent_stamps.append(stamp)
+        return stamp
+
+    def stream(self, seconds: float, hz: float = 10.0) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.send_frame()
+            time.sleep(1.0 / hz)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float, hz: float = 10.0,
+                 frames: bool = True) -> bool:
+        """Stream camera frames (unless ``frames`` is false) until the predicate holds."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self.lock:
+                if predicate():
+                    return True
+            if frames:
+                self.send_frame()
+            time.sleep(1.0 / hz)
+        return False
+
+    def counter(self, node: str, key: str) -> int:
+        with self.lock:
+            return int(self.diag.get(node, {}).get(key, 0))
+
+    def set_parameter(self, node: str, name: str, value: Any):
+        """One parameter through the node's real SetParameters service; the SetParametersResult."""
+        return self.set_parameters(node, {name: value})
+
+    def set_parameters(self, node: str, values: dict[str, Any], atomically: bool = False):
+        """Parameters through the node's real SetParameters(Atomically) service: the first result."""
+        from rcl_interfaces.srv import SetParameters, SetParametersAtomically
+        from rclpy.parameter import Parameter
+
+        srv, suffix = (SetParametersAtomically, 'set_parameters_atomically') if atomically else (
+            SetParameters, 'set_parameters')
+        client = self.node.create_client(srv, f'{node}/{suffix}')
+        assert client.wait_for_service(timeout_sec=10), f'{node}/{suffix} not available'
+        request = srv.Request(parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
+        response = client.call(request, timeout_sec=10)
+        self.node.destroy_client(client)
+        assert response is not None
+        return response.result if atomically else response.results[0]
+
+    def get_parameter(self, node: str, name: str) -> Any:
+        from rcl_interfaces.srv import GetParameters
+        from rclpy.parameter import parameter_value_to_python
+
+        client = self.node.create_client(GetParameters, f'{node}/get_parameters')
+        assert client.wait_for_service(timeout_sec=10), f'{node}/get_parameters not available'
+        response = client.call(GetParameters.Request(names=[name]), timeout_sec=10)
+        self.node.destroy_client(client)
+        assert response is not None
+        return parameter_value_to_python(response.values[0])
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.thread.join(timeout=5)
+        self.node.destroy_node()
+
+
+class NodeProcess:
+    """One worldvla executable in its own process, its log in a file (``log()`` reads it)."""
+
+    def __init__(self, executable: str, log_dir: Path, params: dict[str, str], config: Any = (),
+                 namespace: str = '', env: dict[str, str] | None = None) -> None:
+        self.log_path = Path(log_dir) / f'{executable}-{time.monotonic_ns()}.log'
+        self._log = open(self.log_path, 'w')
+        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'RCUTILS_COLORIZED_OUTPUT': '0', **(env or {})}
+        self.command = node_command(executable, list(config), params, namespace)
+        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors='replace')
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int = signal.SIGINT) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._log.close()
+
+    def stop(self, timeout: float = 15.0) -> int:
+        self.signal(signal.SIGINT)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, poll: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return predicate()
