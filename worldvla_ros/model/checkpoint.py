@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
 
-from .config import VQGANConfig, WorldVLAConfig
+from .config import BackboneConfig, VQGANConfig, WorldVLAConfig
 from .vqgan import VQGAN
 
 
@@ -62,10 +62,10 @@ def find_checkpoint_files(checkpoint_dir: str | Path, tokenizer_dir: str | Path 
     index = root / 'model.safetensors.index.json'
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())['weight_map']
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f'{index}: not a safetensors index ({exc})') from exc
-        weights = tuple(root / name for name in sorted(set(weight_map.values())))
+            weight_map = json.loads(index.read_bytes().decode('utf-8'))['weight_map']
+            weights = tuple(root / name for name in sorted(set(weight_map.values())))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f'{index}: not a safetensors index ({type(exc).__name__}: {exc})') from exc
         missing = [w.name for w in weights if not w.is_file()]
         if missing:
             raise CheckpointError(f'{root}: shards named in the index are missing: {missing}')
@@ -92,9 +92,13 @@ def find_checkpoint_files(checkpoint_dir: str | Path, tokenizer_dir: str | Path 
 
 def read_config(files: CheckpointFiles) -> dict[str, Any]:
     try:
-        cfg = json.loads(files.config.read_text())
+        cfg = json.loads(files.config.read_bytes().decode('utf-8'))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f'{files.config}: not UTF-8 text ({exc})') from exc
     except json.JSONDecodeError as exc:
         raise CheckpointError(f'{files.config}: invalid JSON ({exc})') from exc
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f'{files.config}: a JSON {type(cfg).__name__}, expected an object of settings')
     if cfg.get('model_type') != 'chameleon':
         raise CheckpointError(f"{files.config}: model_type is {cfg.get('model_type')!r}, expected 'chameleon'")
     return cfg
@@ -102,11 +106,16 @@ def read_config(files: CheckpointFiles) -> dict[str, Any]:
 
 def worldvla_settings(cfg: dict[str, Any], root: Path, overrides: dict[str, Any] | None = None) -> WorldVLAConfig:
     """Our ``worldvla`` key when present, else the release's values read off the directory names."""
-    if 'worldvla' in cfg:
-        base = WorldVLAConfig.from_dict(cfg['worldvla'])
-    else:
-        m = re.search(r'model_(256|512)', str(root))
-        base = WorldVLAConfig.for_release(resolution=int(m.group(1)) if m else 256, suite=root.name)
+    try:
+        if 'worldvla' in cfg:
+            if not isinstance(cfg['worldvla'], dict):
+                raise TypeError(f'"worldvla" is a JSON {type(cfg["worldvla"]).__name__}, expected an object')
+            base = WorldVLAConfig.from_dict(cfg['worldvla'])
+        else:
+            m = re.search(r'model_(256|512)', str(root))
+            base = WorldVLAConfig.for_release(resolution=int(m.group(1)) if m else 256, suite=root.name)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f'{root / "config.json"}: invalid "worldvla" settings: {exc}') from exc
     try:
         return base.replace(**(overrides or {}))
     except (TypeError, ValueError) as exc:
@@ -128,9 +137,16 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 def resolve_device(device: str | torch.device) -> torch.device:
     if device == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise CheckpointError(f'device {device!r} is not a torch device (use auto, cpu, cuda or cuda:N)') from exc
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise CheckpointError(f'device {device!r} requested but CUDA is not available (use device:=cpu)')
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CheckpointError(f'device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    if dev.type not in ('cpu', 'cuda'):
+        raise CheckpointError(f'device {device!r}: only cpu and cuda are supported')
     return dev
 
 
@@ -148,11 +164,12 @@ def load_backbone(
     cfg = {k: v for k, v in cfg.items() if k != 'worldvla'}
     cfg['vocabulary_map'] = vocab
     try:
+        BackboneConfig.from_hf_dict(cfg)  # sizes that fit together (heads dividing the hidden size …)
         hf_config = ChameleonConfig.from_dict(cfg)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f'{files.config}: not a valid Chameleon config ({exc})') from exc
-    with torch.device('meta'):
-        lm = ChameleonForConditionalGeneration._from_config(hf_config, attn_implementation='sdpa')
+        with torch.device('meta'):
+            lm = ChameleonForConditionalGeneration._from_config(hf_config, attn_implementation='sdpa')
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise CheckpointError(f'{files.config}: not a valid Chameleon config ({type(exc).__name__}: {exc})') from exc
     del lm.model.vqmodel  # the VQGAN ships separately (vqgan.ckpt); the LM never runs it
     expected = {k: v.shape for k, v in lm.state_dict().items()}
 
@@ -192,9 +209,10 @@ def load_backbone(
 def load_vqgan(files: CheckpointFiles, device: torch.device) -> VQGAN:
     """The VQGAN in float32: it is small, and fp32 keeps its codes identical on every device."""
     try:
-        vq_cfg = VQGANConfig.from_yaml_dict(yaml.safe_load(files.vqgan_yaml.read_text()))
-    except (yaml.YAMLError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f'{files.vqgan_yaml}: {exc}') from exc
+        vq_cfg = VQGANConfig.from_yaml_dict(yaml.safe_load(files.vqgan_yaml.read_bytes().decode('utf-8')))
+        vqgan = VQGAN(vq_cfg)
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f'{files.vqgan_yaml}: {type(exc).__name__}: {exc}') from exc
     try:
         ckpt = torch.load(files.vqgan_ckpt, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -207,9 +225,12 @@ def load_vqgan(files: CheckpointFiles, device: torch.device) -> VQGAN:
     state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f'{files.vqgan_ckpt}: no state_dict inside')
-    vqgan = VQGAN(vq_cfg)
     wanted = vqgan.state_dict()
     state = {k: v for k, v in state.items() if k in wanted or not k.startswith('loss.')}
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        kinds = ', '.join(f'{k} ({type(state[k]).__name__})' for k in not_tensors[:3])
+        raise CheckpointError(f'{files.vqgan_ckpt}: values that are not tensors: {kinds}')
     missing = sorted(set(wanted) - set(state))
     unexpected = sorted(set(state) - set(wanted))
     if missing or unexpected:

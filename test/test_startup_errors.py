@@ -1,0 +1,81 @@
+"""A node that cannot start says why in one FATAL line and exits 1: never a traceback.
+
+Broken checkpoints (as a user's download or a failed save leaves them) and out-of-range start-up
+parameters, each through a real action-node process.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.ros
+
+
+def _edit_config(change: Callable[[dict], object]) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        cfg = json.loads((root / 'config.json').read_text())
+        out = change(cfg)
+        (root / 'config.json').write_text(json.dumps(cfg if out is None else out))
+
+    return apply
+
+
+def _vqgan_with_a_non_tensor(root: Path) -> None:
+    path = root / 'tokenizer' / 'vqgan.ckpt'
+    ckpt = torch.load(path, weights_only=True)
+    state = ckpt.get('state_dict', ckpt)
+    state[next(iter(state))] = 3.5
+    torch.save(ckpt, path)
+
+
+BROKEN: dict[str, tuple[Callable[[Path], None], list[str], str]] = {
+    # name: (how the checkpoint is broken, extra parameters, what the FATAL line must say)
+    'config is a JSON list': (lambda r: (r / 'config.json').write_text('[1, 2, 3]'), [], 'expected an object'),
+    'config is not UTF-8': (lambda r: (r / 'config.json').write_bytes(b'{"model_type": "\xff\xfe"}'), [],
+                            'not UTF-8'),
+    'worldvla value out of range': (_edit_config(lambda c: c['worldvla'].update(chunk_size=500)), [],
+                                    'chunk_size must be in 1'),
+    'worldvla is not an object': (_edit_config(lambda c: c.update(worldvla=[1])), [], 'expected an object'),
+    'heads do not divide hidden': (_edit_config(lambda c: c.update(num_attention_heads=3, num_key_value_heads=3)),
+                                   [], 'divisible'),
+    'non-tensor in vqgan.ckpt': (_vqgan_with_a_non_tensor, [], 'not tensors'),
+    'device gpu9': (lambda r: None, ['device:=gpu9'], 'not a torch device'),
+    'device cuda:7 without CUDA': (lambda r: None, ['device:=cuda:7'], 'CUDA'),
+    'control rate -1 (an integer)': (lambda r: None, ['control_rate_hz:=-1'], 'control_rate_hz'),
+    'control rate -1.0': (lambda r: None, ['control_rate_hz:=-1.0'], 'control_rate_hz'),
+    'chunk size 99': (lambda r: None, ['chunk_size:=99'], 'chunk_size'),
+}
+
+
+def _start(root: Path, extra: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, '-m', 'worldvla_ros.nodes.action_node', '--ros-args', '-p', f'checkpoint:={root}',
+           '-p', 'device:=cpu']
+    for p in extra:
+        cmd += ['-p', p]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def test_every_broken_start_is_one_fatal_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    cases = {}
+    for i, (name, (breaker, extra, _)) in enumerate(BROKEN.items()):
+        root = tmp_path / f'case{i}'
+        shutil.copytree(tiny_checkpoint, root)
+        breaker(root)
+        cases[name] = (root, extra)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # each start imports torch: two at a time on 2 cores
+        results = dict(zip(cases, pool.map(lambda c: _start(*c), cases.values()), strict=True))
+    problems = []
+    for name, proc in results.items():
+        out = proc.stdout + proc.stderr
+        fatal = [line for line in out.splitlines() if 'FATAL' in line]
+        if proc.returncode != 1 or 'Traceback' in out or len(fatal) != 1 or BROKEN[name][2] not in fatal[0]:
+            problems.append(f'{name}: exit {proc.returncode}\n{out[-1500:]}')
+    assert not problems, '\n\n'.join(problems)
