@@ -1,67 +1,93 @@
-"""ros2 launch worldvla bringup.launch.py [checkpoint:=/path/to/model_256/libero_goal] [use_sim:=true]
-[use_sim_time:=true].
+"""ros2 launch worldvla bringup.launch.py [checkpoint:=DIR] [use_sim:=true] [namespace:=robot1] …
 
-Starts the action node and (by default) the world-model node in their own processes,
-parameters from config/worldvla.yaml, optionally the tabletop sim as the robot and rviz2 with
-config/worldvla.rviz. The default checkpoint is the bundled tabletop model.
+Starts the action node and (by default) the world-model node in their own processes, optionally
+the tabletop sim as the robot and rviz2. Which nodes start, with which parameters and remaps, is
+decided by ``worldvla_ros.launch_plan``, the plan ``worldvla_bringup`` follows too:
+
+- parameter files apply under any namespace (a section keyed by the bare node name applies to that
+  node wherever it runs; ``/robot1/worldvla_action`` only there), later files win, arguments last;
+- optional parts are checked before anything starts: ``use_rviz:=true`` without rviz2 installed
+  starts nothing and says why;
+- every node is required: when one exits the launch shuts the others down, so a failed start or
+  a crash never leaves half a graph commanding the robot (closing rviz ends the launch as well).
+
+``ros2 launch worldvla bringup.launch.py --show-args`` lists the arguments.
 """
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument, GroupAction
-from launch.conditions import IfCondition, UnlessCondition
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction, Shutdown
 from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node, PushRosNamespace
+from launch_ros.actions import Node
 
 from launch import LaunchDescription
 
+SHARE = get_package_share_directory('worldvla')
+ARGUMENTS = {
+    'checkpoint': (os.path.join(SHARE, 'models', 'tabletop'),
+                   'WorldVLA checkpoint directory (default: the bundled tabletop model)'),
+    'device': ('auto', 'torch device of both model nodes: auto, cpu, cuda, cuda:N'),
+    'config': (os.path.join(SHARE, 'config', 'worldvla.yaml'),
+               'parameter file; sections keyed by the bare node name apply in any namespace'),
+    'namespace': ('', 'namespace of every node (e.g. robot1)'),
+    'camera_topic': ('camera/image_raw', 'camera topic (its /compressed sibling is remapped with it)'),
+    'instruction_topic': ('instruction', 'instruction topic (std_msgs/String)'),
+    'use_world_model': ('true', 'also start the world-model node (imagined frames, surprise)'),
+    'use_rviz': ('false', 'also start rviz2 with config/worldvla.rviz (must be installed)'),
+    'use_sim': ('false', 'the tabletop sim as the robot (loads config/tabletop_sim.yaml after config)'),
+    'use_sim_time': ('false', 'every node follows /clock, e.g. beside `ros2 bag play --clock`'),
+    'enabled': ('', 'true: execute commands; false: dry run; empty: as the parameter files say '
+                    '(worldvla.yaml: false; with the sim: true)'),
+}
+
+
+def _flag(text: str) -> bool:
+    return text.strip().lower() in ('true', '1', 'yes', 'on')
+
+
+def _setup(context):
+    from pathlib import Path
+
+    from worldvla_ros.launch_plan import (
+        BringupOptions,
+        missing_packages,
+        normalize_namespace,
+        parameter_directory,
+        plan,
+        rviz_config,
+    )
+
+    arg = {name: LaunchConfiguration(name).perform(context) for name in ARGUMENTS}
+    use_rviz = _flag(arg['use_rviz'])
+    missing = missing_packages(['rviz2'] if use_rviz else [])
+    if missing:
+        reason = f'{", ".join(missing)} is not installed (apt install ros-$ROS_DISTRO-rviz2, or use_rviz:=false)'
+        return [LogInfo(msg=f'[worldvla] nothing started: {reason}'), Shutdown(reason=reason)]
+    pushed = context.launch_configurations.get('ros_namespace', '')  # from a launch file including this one
+    options = BringupOptions(
+        checkpoint=arg['checkpoint'], configs=(Path(arg['config']),), device=arg['device'],
+        namespace=normalize_namespace(pushed, arg['namespace']), camera_topic=arg['camera_topic'],
+        instruction_topic=arg['instruction_topic'], use_world_model=_flag(arg['use_world_model']),
+        use_sim=_flag(arg['use_sim']), sim_config=Path(SHARE, 'config', 'tabletop_sim.yaml'),
+        use_sim_time=_flag(arg['use_sim_time']),
+        enabled=_flag(arg['enabled']) if arg['enabled'].strip() else None)
+    directory = parameter_directory()
+    specs = plan(options)
+    namespace = normalize_namespace(arg['namespace']) or None  # launch_ros adds the pushed one itself
+    actions = [
+        Node(package='worldvla', executable=spec.executable, name=spec.name, namespace=namespace, output='screen',
+             parameters=[str(spec.write_parameters(directory))], remappings=list(spec.remaps.items()),
+             on_exit=Shutdown(reason=f'{spec.name} exited'))
+        for spec in specs
+    ]
+    if use_rviz:
+        rviz = rviz_config(Path(SHARE, 'config', 'worldvla.rviz'), options.namespace, specs[0].remaps, directory)
+        actions.append(Node(package='rviz2', executable='rviz2', name='rviz2', namespace=namespace,
+                            arguments=['-d', str(rviz)], on_exit=Shutdown(reason='rviz2 exited')))
+    return actions
+
 
 def generate_launch_description() -> LaunchDescription:
-    share = get_package_share_directory('worldvla')
-    checkpoint = LaunchConfiguration('checkpoint')
-    device = LaunchConfiguration('device')
-    config = LaunchConfiguration('config')
-    sim_config = os.path.join(share, 'config', 'tabletop_sim.yaml')  # the sim's overrides, after `config`
-    use_sim = LaunchConfiguration('use_sim')
-    sim_time = {'use_sim_time': LaunchConfiguration('use_sim_time')}
-    overrides = {'checkpoint': checkpoint, 'device': device, **sim_time}
-    action_overrides = {**overrides, 'enabled': LaunchConfiguration('enabled')}
-    camera_remap = ('camera/image_raw', LaunchConfiguration('camera_topic'))
-    instruction_remap = ('instruction', LaunchConfiguration('instruction_topic'))
-
-    args = [
-        DeclareLaunchArgument('checkpoint', default_value=os.path.join(share, 'models', 'tabletop'),
-                              description='WorldVLA checkpoint directory (default: the bundled tabletop model)'),
-        DeclareLaunchArgument('device', default_value='auto', description='auto, cpu, cuda, cuda:N'),
-        DeclareLaunchArgument('config', default_value=os.path.join(share, 'config', 'worldvla.yaml'),
-                              description='parameter file'),
-        DeclareLaunchArgument('namespace', default_value='', description='namespace of both nodes'),
-        DeclareLaunchArgument('camera_topic', default_value='camera/image_raw'),
-        DeclareLaunchArgument('instruction_topic', default_value='instruction'),
-        DeclareLaunchArgument('use_world_model', default_value='true'),
-        DeclareLaunchArgument('use_rviz', default_value='false'),
-        DeclareLaunchArgument('use_sim', default_value='false', description='the tabletop sim as the robot'),
-        DeclareLaunchArgument('use_sim_time', default_value='false',
-                              description='follow /clock, e.g. with `ros2 bag play --clock`'),
-        DeclareLaunchArgument('enabled', default_value=use_sim,
-                              description='execute commands (false: dry run); true by default with the sim'),
-    ]
-    nodes = GroupAction([
-        PushRosNamespace(LaunchConfiguration('namespace')),
-        Node(package='worldvla', executable='action_node', name='worldvla_action', output='screen',
-             parameters=[config, action_overrides], remappings=[camera_remap, instruction_remap],
-             condition=UnlessCondition(use_sim)),
-        Node(package='worldvla', executable='action_node', name='worldvla_action', output='screen',
-             parameters=[config, sim_config, action_overrides], remappings=[camera_remap, instruction_remap],
-             condition=IfCondition(use_sim)),
-        Node(package='worldvla', executable='world_model_node', name='worldvla_world_model', output='screen',
-             parameters=[config, overrides], remappings=[camera_remap],
-             condition=IfCondition(LaunchConfiguration('use_world_model'))),
-        Node(package='worldvla', executable='sim_node', name='worldvla_sim', output='screen',
-             parameters=[config, sim_time], remappings=[camera_remap, instruction_remap],
-             condition=IfCondition(use_sim)),
-        Node(package='rviz2', executable='rviz2', name='rviz2',
-             arguments=['-d', os.path.join(share, 'config', 'worldvla.rviz')],
-             condition=IfCondition(LaunchConfiguration('use_rviz'))),
-    ])
-    return LaunchDescription([*args, nodes])
+    args = [DeclareLaunchArgument(name, default_value=default, description=description)
+            for name, (default, description) in ARGUMENTS.items()]
+    return LaunchDescription([*args, OpaqueFunction(function=_setup)])

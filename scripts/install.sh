@@ -58,7 +58,7 @@ numpy_dir=$("$venv/bin/python" -c 'import numpy, os; print(os.path.dirname(numpy
 echo "import os, sys; os.environ.setdefault('AMENT_PREFIX_PATH', sys.prefix)" > "$site/worldvla_ament_prefix.pth"
 
 msgs_stamp=$(stamp_of "$repo"/msg/*.msg "$repo/CMakeLists.txt" "$repo/package.xml" \
-  "$repo"/scripts/action_node "$repo"/scripts/world_model_node "$repo"/scripts/bringup \
+  "$repo"/scripts/action_node "$repo"/scripts/world_model_node "$repo"/scripts/worldvla_bringup \
   "$repo"/scripts/make_tiny_checkpoint "$repo"/scripts/evaluate_bag "$repo"/scripts/convert_to_bag \
   "$repo"/scripts/sim_node "$repo"/scripts/record_demos "$repo"/scripts/worldvla_train \
   "$repo"/scripts/worldvla_sim_eval "$repo"/launch/* "$repo"/config/*)
@@ -66,6 +66,7 @@ if [ "$(cat "$venv/.worldvla-msgs" 2>/dev/null)" != "$msgs_stamp" ]; then
   log "building msg/ and installing the package into the venv prefix"
   build="$venv/build-worldvla"
   rm -rf "$build"
+  rm -rf "$venv/lib/worldvla" "$venv/share/worldvla"  # no stale executables or configs of an earlier install
   export AMENT_PREFIX_PATH="$venv" CMAKE_PREFIX_PATH="$venv"
   cmake -S "$repo" -B "$build" -DCMAKE_INSTALL_PREFIX="$venv" \
     -DPython3_EXECUTABLE="$venv/bin/python" -DBUILD_TESTING=OFF \

@@ -24,6 +24,7 @@ from worldvla.msg import ActionChunk, EndEffectorCommand
 
 from worldvla_ros.bringup import node_command
 from worldvla_ros.image_conversion import fill_image_msg
+from worldvla_ros.launch_plan import NODES, NodeSpec, node_parameters, normalize_namespace, parse_value
 from worldvla_ros.nodes.common import latched_qos, reliable_qos
 from worldvla_ros.synthetic import SyntheticCamera
 
@@ -153,7 +154,9 @@ class NodeProcess:
         self.log_path = Path(log_dir) / f'{executable}-{time.monotonic_ns()}.log'
         self._log = open(self.log_path, 'w')
         env = {**os.environ, 'OMP_NUM_THREADS': '1', 'RCUTILS_COLORIZED_OUTPUT': '0', **(env or {})}
-        self.command = node_command(executable, list(config), params, namespace)
+        name, ns = NODES[executable], normalize_namespace(namespace)
+        values = {**node_parameters(list(config), name, ns), **{k: parse_value(v) for k, v in params.items()}}
+        self.command = node_command(NodeSpec(executable, name, ns, values), Path(log_dir))
         self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def log(self) -> str:

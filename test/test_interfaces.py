@@ -37,9 +37,11 @@ def test_action_chunk_round_trip() -> None:
 
 @pytest.mark.skipif(not (PREFIX / 'lib' / 'worldvla').is_dir(), reason='not the standalone venv install')
 def test_ros_layout_in_prefix() -> None:
-    for exe in ('action_node', 'world_model_node', 'bringup', 'make_tiny_checkpoint'):
+    for exe in ('action_node', 'world_model_node', 'sim_node', 'worldvla_bringup', 'make_tiny_checkpoint',
+                'evaluate_bag', 'convert_to_bag', 'record_demos', 'worldvla_train', 'worldvla_sim_eval'):
         path = PREFIX / 'lib' / 'worldvla' / exe
         assert path.is_file() and os.access(path, os.X_OK), path
+        assert path.read_text().splitlines()[0] == f'#!{sys.executable}'  # not `env python3`: see below
     share = PREFIX / 'share' / 'worldvla'
     assert (share / 'package.xml').is_file()
     assert (share / 'launch' / 'bringup.launch.py').is_file()
@@ -47,3 +49,18 @@ def test_ros_layout_in_prefix() -> None:
     from ament_index_python.packages import get_package_share_directory
 
     assert Path(get_package_share_directory('worldvla')) == share
+
+
+@pytest.mark.skipif(not (PREFIX / 'lib' / 'worldvla').is_dir(), reason='not the standalone venv install')
+def test_executables_run_without_an_activated_environment(tmp_path: Path) -> None:
+    """`ros2 run worldvla X` / launch_ros exec lib/worldvla/X directly: it must find its Python itself."""
+    import subprocess
+
+    env = {'PATH': '/usr/bin:/bin', 'HOME': str(tmp_path), 'ROS_LOG_DIR': str(tmp_path)}
+    lib = PREFIX / 'lib' / 'worldvla'
+    node = subprocess.run([str(lib / 'action_node'), '--ros-args', '-p', f'checkpoint:={tmp_path / "none"}'],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert node.returncode == 1 and 'cannot load checkpoint' in node.stderr, node.stderr[-2000:]
+    bringup = subprocess.run([str(lib / 'worldvla_bringup'), '--help'], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert bringup.returncode == 0 and '--namespace' in bringup.stdout, bringup.stderr[-2000:]

@@ -16,8 +16,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from worldvla_ros.launch_plan import (
+    CAMERA,
+    INSTRUCTION,
+    BringupOptions,
+    NodeSpec,
+    parameter_directory,
+    parse_value,
+    plan,
+)
+
 REPO = Path(__file__).resolve().parent.parent
-NODES = {'action_node': 'worldvla_action', 'world_model_node': 'worldvla_world_model', 'sim_node': 'worldvla_sim'}
 
 
 def installed_config(name: str) -> Path:
@@ -37,38 +46,42 @@ def sim_config() -> Path:
     return installed_config('tabletop_sim.yaml')
 
 
-def node_command(executable: str, config: Path | Sequence[Path], params: dict[str, str], namespace: str = '',
-                 remaps: dict[str, str] | None = None) -> list[str]:
-    """The command line launch_ros would run for this node; later parameter files override earlier ones."""
-    installed = Path(sys.prefix) / 'lib' / 'worldvla' / executable
-    cmd = [sys.executable, str(installed)] if installed.is_file() else [
-        sys.executable, '-m', f'worldvla_ros.nodes.{executable}']
-    cmd += ['--ros-args', '-r', f'__node:={NODES[executable]}']
-    for path in [config] if isinstance(config, (str, Path)) else config:
-        cmd += ['--params-file', str(path)]
-    if namespace:
-        cmd += ['-r', f'__ns:=/{namespace.strip("/")}']
-    for src, dst in (remaps or {}).items():
+def node_command(spec: NodeSpec, parameter_dir: Path) -> list[str]:
+    """The command line launch_ros would run for this node (one parameter file, keyed by its name)."""
+    installed = Path(sys.prefix) / 'lib' / 'worldvla' / spec.executable
+    cmd = [str(installed)] if os.access(installed, os.X_OK) else [
+        sys.executable, '-m', f'worldvla_ros.nodes.{spec.executable}']
+    cmd += ['--ros-args', '-r', f'__node:={spec.name}']
+    if spec.namespace:
+        cmd += ['-r', f'__ns:={spec.namespace}']
+    cmd += ['--params-file', str(spec.write_parameters(parameter_dir))]
+    for src, dst in spec.remaps.items():
         cmd += ['-r', f'{src}:={dst}']
-    for key, value in params.items():
-        cmd += ['-p', f'{key}:={value}']
     return cmd
 
 
 def start_nodes(checkpoint: str, config: Path | Sequence[Path], device: str = 'auto', namespace: str = '',
                 use_world_model: bool = True, extra: dict[str, str] | None = None,
                 remaps: dict[str, str] | None = None, use_sim: bool = False,
-                sim_params: dict[str, str] | None = None) -> list[subprocess.Popen]:
-    """The action node, the world-model node and the sim, each in its own process (in that order)."""
+                sim_params: dict[str, str] | None = None, camera_topic: str = '',
+                instruction_topic: str = '') -> list[subprocess.Popen]:
+    """The action node, the world-model node and the sim, each in its own process (in that order).
+
+    ``extra`` and ``sim_params`` are ``-p``-style strings (``'true'``, ``'20.0'``, ``'[0.1, …]'``).
+    """
+    configs = (config,) if isinstance(config, (str, Path)) else tuple(config)
+    options = BringupOptions(
+        checkpoint=checkpoint, configs=tuple(Path(c) for c in configs), device=device, namespace=namespace,
+        camera_topic=camera_topic or (remaps or {}).get(CAMERA, ''),
+        instruction_topic=instruction_topic or (remaps or {}).get(INSTRUCTION, ''),
+        use_world_model=use_world_model, use_sim=use_sim,
+        extra={k: parse_value(v) for k, v in (extra or {}).items()},
+        sim_extra={k: parse_value(v) for k, v in (sim_params or {}).items()})
     env = dict(os.environ)
     if device in ('cpu', 'auto'):
         env.setdefault('OMP_NUM_THREADS', '1')  # two torch processes on a small CPU share it fairly
-    params = {'checkpoint': checkpoint, 'device': device, **(extra or {})}
-    names = ['action_node'] + (['world_model_node'] if use_world_model else [])
-    procs = [subprocess.Popen(node_command(n, config, params, namespace, remaps), env=env) for n in names]
-    if use_sim:
-        procs.append(subprocess.Popen(node_command('sim_node', config, sim_params or {}, namespace, remaps), env=env))
-    return procs
+    directory = parameter_directory()
+    return [subprocess.Popen(node_command(spec, directory), env=env) for spec in plan(options)]
 
 
 def default_checkpoint() -> str:
@@ -91,7 +104,7 @@ def stop_nodes(procs: list[subprocess.Popen], timeout: float = 10.0) -> list[int
     return codes
 
 
-def run_demo(seconds: float, episodes: int) -> int:
+def run_demo(seconds: float, episodes: int, namespace: str = '') -> int:
     """Watch the sim, the action node and the world model work; print flow and task success."""
     import json
 
@@ -104,7 +117,7 @@ def run_demo(seconds: float, episodes: int) -> int:
     from worldvla_ros.nodes.common import reliable_qos
 
     rclpy.init()
-    node = rclpy.create_node('worldvla_demo')
+    node = rclpy.create_node('worldvla_demo', namespace=namespace or None)
     seen = {'chunks': 0, 'commands': 0, 'holds': 0, 'imagined': 0, 'scored': 0}
     last: dict[str, object] = {}
     results: list[dict] = []
@@ -157,10 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--checkpoint', default='', help='default: the bundled tabletop model')
     parser.add_argument('--device', default='auto')
-    parser.add_argument('--config', type=Path, default=None)
+    parser.add_argument('--config', type=Path, action='append', default=[],
+                        help='parameter file (default: the installed config/worldvla.yaml); repeat it to layer '
+                             'files, later ones win; sections keyed by the bare node name apply in any namespace')
     parser.add_argument('--namespace', default='')
-    parser.add_argument('--camera-topic', default='')
+    parser.add_argument('--camera-topic', default='', help='remap camera/image_raw (and its /compressed)')
     parser.add_argument('--instruction-topic', default='')
+    parser.add_argument('--enabled', choices=('true', 'false'), default=None,
+                        help='execute commands (false: dry run); default: as the parameter files say')
     parser.add_argument('--no-world-model', action='store_true')
     parser.add_argument('--use-sim-time', action='store_true', help='follow /clock (e.g. ros2 bag play --clock)')
     parser.add_argument('--sim', action='store_true', help='also start the tabletop sim as the robot')
@@ -168,29 +185,33 @@ def main(argv: list[str] | None = None) -> int:
                         help='run the sim and print what flows and the task success, for at most this long')
     parser.add_argument('--episodes', type=int, default=5, help='with --demo: stop after this many episodes')
     args = parser.parse_args(argv)
-    config = args.config or default_config()
+    missing = [str(c) for c in args.config if not c.is_file()]
+    if missing:
+        parser.error(f'no parameter file {", ".join(missing)}')
+    configs = args.config or [default_config()]
     try:
         checkpoint = args.checkpoint or default_checkpoint()
     except FileNotFoundError as exc:
         parser.error(str(exc))
     use_sim = args.sim or bool(args.demo)
-    configs = [config, sim_config()] if use_sim else [config]
     if use_sim:
+        configs = [*configs, sim_config()]
         print(f'[bringup] sim + action node{"" if args.no_world_model else " + world-model node"} on {checkpoint}',
               flush=True)
-    remaps = {}
-    if args.camera_topic:
-        remaps['camera/image_raw'] = args.camera_topic
-    if args.instruction_topic:
-        remaps['instruction'] = args.instruction_topic
     extra = {'use_sim_time': 'true'} if args.use_sim_time else {}
-    procs = start_nodes(checkpoint, configs, args.device, args.namespace, not args.no_world_model, extra, remaps,
-                        use_sim=use_sim, sim_params=extra)
+    if args.enabled is not None:
+        extra['enabled'] = args.enabled
+    try:
+        procs = start_nodes(checkpoint, configs, args.device, args.namespace, not args.no_world_model, extra,
+                            use_sim=use_sim, sim_params={k: v for k, v in extra.items() if k == 'use_sim_time'},
+                            camera_topic=args.camera_topic, instruction_topic=args.instruction_topic)
+    except ValueError as exc:  # a parameter file that is not one
+        parser.error(str(exc))
     try:
         if args.demo:
-            code = run_demo(args.demo, args.episodes)
+            code = run_demo(args.demo, args.episodes, args.namespace)
         else:
-            while all(p.poll() is None for p in procs):
+            while all(p.poll() is None for p in procs):  # one node ending ends them all: never half a graph
                 time.sleep(0.5)
             code = max(p.returncode or 0 for p in procs)
     except KeyboardInterrupt:

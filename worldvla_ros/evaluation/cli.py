@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from worldvla_ros.launch_plan import node_parameters
+
 from .bag_io import BagError
 from .episode import Episode, TopicMap, read_episode
-from .node_config import action_scale, node_parameters, parse_action_scale, safety_limits
+from .node_config import action_scale, parse_action_scale, safety_limits
 from .scoring import RunRecord, action_scores, timing_scores, world_model_scores
 
 

@@ -1,26 +1,12 @@
 """The nodes' YAML read without ROS, so offline evaluation runs with the robot's settings."""
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN, LIBERO_ACTION_SCALE
 from worldvla_ros.safety import SafetyLimits
-
-
-def node_parameters(configs: Path | Sequence[Path], node: str) -> dict[str, Any]:
-    """One node's parameters from parameter files applied in order (a later file overrides), as ROS does."""
-    out: dict[str, Any] = {}
-    for config in [configs] if isinstance(configs, (str, Path)) else configs:
-        data = yaml.safe_load(Path(config).read_text()) or {}
-        for key, section in data.items():
-            if key.strip('/').split('/')[-1] == node:
-                out.update((section or {}).get('ros__parameters', {}))
-    return out
 
 
 def safety_limits(params: dict[str, Any]) -> SafetyLimits:

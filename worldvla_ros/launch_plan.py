@@ -1,0 +1,181 @@
+"""What the bringup starts, decided once for ``ros2 launch`` and ``worldvla_bringup`` alike.
+
+Parameter files are resolved here rather than left to rcl, so that they apply under any
+namespace: rcl reads a section keyed ``worldvla_action`` as ``/worldvla_action`` and ignores it
+for ``/robot1/worldvla_action``. Here a section applies to a node when its key is
+
+- the bare node name (``worldvla_action``): in any namespace (how our files and most users'
+  files are written),
+- a fully qualified name with rcl's wildcards (``/robot1/worldvla_action``, ``/**/worldvla_action``,
+  ``/*/worldvla_action``, ``/**``): as rcl matches it.
+
+Files apply in order, later values win, launch arguments last; each node then gets one
+generated file keyed by its exact name. No ROS imports: the launch file and the tests use it.
+"""
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NODES = {'action_node': 'worldvla_action', 'world_model_node': 'worldvla_world_model', 'sim_node': 'worldvla_sim'}
+CAMERA = 'camera/image_raw'
+INSTRUCTION = 'instruction'
+
+
+def normalize_namespace(*namespaces: str) -> str:
+    """'' or '/a/b' (no trailing slash); several are joined, outermost first."""
+    parts = [p for ns in namespaces for p in (ns or '').strip().split('/') if p]
+    return '/' + '/'.join(parts) if parts else ''
+
+
+def key_applies(key: str, namespace: str, name: str) -> bool:
+    """Does a parameter-file section keyed ``key`` apply to node ``name`` in ``namespace``?"""
+    key = str(key).strip()
+    if key in ('**', '/**'):
+        return True
+    if '/' not in key:
+        return _match([key], [name])
+    pattern = [p for p in key.split('/') if p]
+    target = [p for p in normalize_namespace(namespace).split('/') if p] + [name]
+    return _match(pattern, target)
+
+
+def _match(pattern: list[str], target: list[str]) -> bool:
+    if not pattern:
+        return not target
+    head, rest = pattern[0], pattern[1:]
+    if head == '**':
+        return any(_match(rest, target[i:]) for i in range(len(target) + 1))
+    if not target:
+        return False
+    return (head == '*' or head == target[0]) and _match(rest, target[1:])
+
+
+def node_parameters(configs: Path | str | Sequence[Path | str], node: str, namespace: str = '') -> dict[str, Any]:
+    """One node's parameters from parameter files applied in order (later values win)."""
+    out: dict[str, Any] = {}
+    for config in [configs] if isinstance(configs, (str, Path)) else configs:
+        data = yaml.safe_load(Path(config).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f'{config}: not a ROS parameter file (a YAML mapping of node names)')
+        for key, section in data.items():
+            if key_applies(key, namespace, node):
+                params = (section or {}).get('ros__parameters', {}) if isinstance(section, dict) else {}
+                if not isinstance(params, dict):
+                    raise ValueError(f'{config}: {key}: ros__parameters is not a mapping')
+                out.update(params)
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """A ``-p name:=value`` string as rcl reads it (YAML: true → bool, 5 → int, [..] → list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    executable: str
+    name: str
+    namespace: str
+    parameters: dict[str, Any]
+    remaps: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fqn(self) -> str:
+        return f'{self.namespace}/{self.name}'
+
+    def write_parameters(self, directory: Path) -> Path:
+        """This node's parameters as a file of its own, keyed ``/**/<name>``: it reaches the node under
+        whatever namespace it ends up in (a launch file including ours may push one more)."""
+        path = Path(directory) / f'{self.fqn.strip("/").replace("/", "__")}.yaml'
+        path.write_text(yaml.safe_dump({f'/**/{self.name}': {'ros__parameters': self.parameters}}, sort_keys=False))
+        return path
+
+
+@dataclass(frozen=True)
+class BringupOptions:
+    checkpoint: str
+    configs: tuple[Path, ...]
+    device: str = 'auto'
+    namespace: str = ''
+    camera_topic: str = ''
+    instruction_topic: str = ''
+    use_world_model: bool = True
+    use_sim: bool = False
+    sim_config: Path | None = None  # applied after ``configs`` with the sim
+    use_sim_time: bool = False
+    enabled: bool | None = None  # None: as the parameter files say (the sim's file enables)
+    extra: dict[str, Any] = field(default_factory=dict)  # more parameters of the model nodes
+    sim_extra: dict[str, Any] = field(default_factory=dict)  # more parameters of the sim
+
+
+def plan(options: BringupOptions) -> list[NodeSpec]:
+    """The nodes to start, in order: action node, world-model node, sim."""
+    ns = normalize_namespace(options.namespace)
+    configs = list(options.configs)
+    if options.use_sim and options.sim_config is not None:
+        configs.append(options.sim_config)
+    remaps = {}
+    if options.camera_topic and options.camera_topic != CAMERA:
+        remaps[CAMERA] = options.camera_topic
+        remaps[f'{CAMERA}/compressed'] = f'{options.camera_topic.rstrip("/")}/compressed'
+    if options.instruction_topic and options.instruction_topic != INSTRUCTION:
+        remaps[INSTRUCTION] = options.instruction_topic
+    model = {'checkpoint': options.checkpoint, 'device': options.device, **options.extra}
+    time = {'use_sim_time': True} if options.use_sim_time else {}
+    executables = ['action_node'] + (['world_model_node'] if options.use_world_model else []) + (
+        ['sim_node'] if options.use_sim else [])
+    specs = []
+    for exe in executables:
+        name = NODES[exe]
+        params = node_parameters(configs, name, ns)
+        params.update(options.sim_extra if exe == 'sim_node' else model)
+        if exe == 'action_node' and options.enabled is not None:
+            params['enabled'] = options.enabled
+        params.update(time)
+        specs.append(NodeSpec(exe, name, ns, params, dict(remaps)))
+    return specs
+
+
+def parameter_directory() -> Path:
+    return Path(tempfile.mkdtemp(prefix='worldvla-params-'))
+
+
+def missing_packages(wanted: Iterable[str]) -> list[str]:
+    """The ROS packages of ``wanted`` that are not installed (checked before anything starts)."""
+    from ament_index_python.packages import PackageNotFoundError, get_package_prefix
+
+    missing = []
+    for package in wanted:
+        try:
+            get_package_prefix(package)
+        except PackageNotFoundError:
+            missing.append(package)
+    return missing
+
+
+def resolve_topic(topic: str, namespace: str, remaps: dict[str, str]) -> str:
+    """The absolute name a node in ``namespace`` with ``remaps`` uses for ``topic``."""
+    topic = remaps.get(topic, topic)
+    return topic if topic.startswith('/') else f'{normalize_namespace(namespace)}/{topic}'
+
+
+def rviz_config(template: Path, namespace: str, remaps: dict[str, str], directory: Path) -> Path:
+    """config/worldvla.rviz with every display's topic resolved for this namespace and these remaps
+    (rviz shows absolute names; the template's relative ones would only fit the root namespace)."""
+    data = yaml.safe_load(Path(template).read_text())
+    for display in data['Visualization Manager']['Displays']:
+        topic = display.get('Topic')
+        if isinstance(topic, dict) and topic.get('Value'):
+            topic['Value'] = resolve_topic(topic['Value'], namespace, remaps)
+    path = Path(directory) / 'worldvla.rviz'
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
