@@ -253,5 +253,33 @@ def test_package_xml_is_valid() -> None:
     assert pkg.name == 'worldvla' and pkg.package_format == 3
     deps = {d.name for d in pkg.exec_depends + pkg.build_depends + pkg.buildtool_depends}
     for name in ('rclpy', 'sensor_msgs', 'visualization_msgs', 'diagnostic_msgs', 'cv_bridge', 'launch_ros',
-                 'rosidl_default_generators', 'python3-torch', 'python3-tqdm', 'python3-matplotlib', 'python3-h5py'):
+                 'rosidl_default_generators', 'python3-pil', 'python3-tqdm', 'python3-matplotlib', 'python3-h5py'):
         assert name in deps
+
+
+# Python keys of ros/rosdistro rosdep/python.yaml, read there on 2026-12-01. Not keys (rosdep install
+# fails on them): python3-torch, python3-safetensors, python3-tokenizers-pip, python3-rosbags-pip.
+ROSDEP_PYTHON_KEYS = {'python3-numpy', 'python3-opencv', 'python3-pil', 'python3-yaml', 'python3-skimage',
+                      'python3-tqdm', 'python3-matplotlib', 'python3-h5py', 'python3-psutil', 'python3-pytest',
+                      'python3-pytest-timeout', 'python3-transformers-pip'}
+# setup.py's distributions → the rosdep key that provides them
+ROSDEP_FOR = {'numpy': 'python3-numpy', 'opencv-python-headless': 'python3-opencv', 'pillow': 'python3-pil',
+              'pyyaml': 'python3-yaml', 'scikit-image': 'python3-skimage', 'tqdm': 'python3-tqdm'}
+
+
+def test_package_xml_names_only_real_rosdep_keys_and_requirements_cover_the_rest() -> None:
+    import re
+
+    from catkin_pkg.package import parse_package
+
+    pkg = parse_package(str(REPO / 'package.xml'))
+    python_keys = {d.name for d in pkg.exec_depends + pkg.test_depends if d.name.startswith('python')}
+    assert python_keys <= ROSDEP_PYTHON_KEYS, python_keys - ROSDEP_PYTHON_KEYS
+    setup = (REPO / 'setup.py').read_text()
+    install_requires = re.search(r'install_requires=\[(.*?)\]', setup, re.S).group(1)
+    wanted = {re.split(r'[<>=]', r)[0] for r in re.findall(r"'([^']+)'", install_requires)}
+    pip_only = {re.split(r'[<>=]', line)[0] for line in (REPO / 'requirements.txt').read_text().splitlines()
+                if line and not line.startswith('#')}
+    for dist in wanted:
+        assert dist in pip_only or ROSDEP_FOR.get(dist) in python_keys, f'{dist}: neither a rosdep key nor pip'
+    assert pip_only <= wanted
