@@ -177,7 +177,8 @@ def test_libero_hdf5_converts_with_the_release_rotation_and_evaluates(tmp_path: 
     demos = {}
     with h5py.File(path, 'w') as f:
         data = f.create_group('data')
-        data.attrs['problem_info'] = json.dumps({'language_instruction': 'turn on the stove'})
+        # the BDDL text differs from the task name in the file name, as for 34 of LIBERO's 130 tasks
+        data.attrs['problem_info'] = json.dumps({'language_instruction': 'switch the stove on'})
         for d, n in (('demo_0', 6), ('demo_1', 5)):
             rgb = rng.integers(0, 256, (n, 128, 128, 3), dtype=np.uint8)
             act = rng.uniform(-0.5, 0.5, (n, 7))
@@ -190,7 +191,9 @@ def test_libero_hdf5_converts_with_the_release_rotation_and_evaluates(tmp_path: 
     assert [b.name for b in bags] == [f'KITCHEN_SCENE3_turn_on_the_stove_demo_{i}' for i in (0, 1)]
     ep = read_episode(bags[0])
     rgb, act = demos['demo_0']
-    assert ep.instruction == 'turn on the stove'
+    assert ep.instruction == 'turn on the stove'  # the release's instruction: the file name's task name
+    assert convert_to_bag(['libero', str(path), str(tmp_path / 'bddl'), '--instruction-source', 'bddl']) == 0
+    assert read_episode(sorted((tmp_path / 'bddl').iterdir())[0]).instruction == 'switch the stove on'
     np.testing.assert_array_equal(np.stack(ep.frames), rgb)
     np.testing.assert_allclose(ep.actions, act)
     # what the model sees is the simulator frame turned by 180°, as in the release's LIBERO evaluation
@@ -203,6 +206,13 @@ def test_libero_hdf5_converts_with_the_release_rotation_and_evaluates(tmp_path: 
     report = json.loads((tmp_path / 'r' / 'report.json').read_text())
     assert report['frames'] == 11 and report['actions']['actions_compared'] == 11
     assert [e['frames'] for e in report['episodes']] == [6, 5]
+    # scored at the bag's 20 Hz (LIBERO's control rate), not the YAML's 10 Hz: jerk and deadlines follow it
+    assert report['control_rate_hz'] == 20.0 and report['control_rate_source'] == "the bags' camera stamps"
+    assert report['timing']['deadline'] == 'chunk length / control_rate_hz'
+    assert 'control period: 50.0 ms (20 Hz)' in (tmp_path / 'r' / 'report.md').read_text()
+    # one trace plot per bag
+    assert {p.name for p in (tmp_path / 'r').glob('action_traces_*.png')} == {f'action_traces_{b.name}.png'
+                                                                              for b in bags}
 
 
 def test_folder_of_frames_converts(tmp_path: Path) -> None:
@@ -250,11 +260,25 @@ def test_twist_gripper_float_array_and_chunk_ground_truth(tmp_path: Path) -> Non
                                         raw_actions=np.zeros(21), inference_latency=0.1, model_id='m', sequence=0)
                 bag.write('/old_policy/chunk', ACTION_CHUNK, t + 30, chunk)
         bag.write('/gripper', 'std_msgs/msg/Bool', t0 + dt + 50, T['std_msgs/msg/Bool'](data=True))
-    twist = read_episode(tmp_path / 'bag', TopicMap(actions='/cmd_twist', gripper='/gripper'))
+        for i, width in enumerate((0.08, 0.04, 0.0)):  # a parallel gripper's opening in metres
+            bag.write('/gripper_width', 'std_msgs/msg/Float64', t0 + i * dt + 1, T['std_msgs/msg/Float64'](data=width))
+    libero = (0.05, 0.05, 0.05, 0.5, 0.5, 0.5, 1.0)
+    with pytest.raises(BagError, match='needs the action scale'):
+        read_episode(tmp_path / 'bag', TopicMap(actions='/cmd_twist'))
+    twist = read_episode(tmp_path / 'bag', TopicMap(actions='/cmd_twist', gripper='/gripper'), action_scale=libero)
     assert twist.instruction == 'stack the cups'
-    np.testing.assert_allclose(twist.actions[:, 0], [0, 1, 2])
-    np.testing.assert_allclose(twist.actions[:, 5], [0, -1, -2])
-    np.testing.assert_allclose(twist.actions[:, 6], [-1, 1, 1])  # closed during step 1
+    # a = v · T / scale: T = 0.1 s (the camera's period), 0.05 m and 0.5 rad per action unit
+    np.testing.assert_allclose(twist.actions[:, 0], np.array([0, 1, 2]) * 0.1 / 0.05)
+    np.testing.assert_allclose(twist.actions[:, 5], np.array([0, -1, -2]) * 0.1 / 0.5)
+    np.testing.assert_allclose(twist.actions[:, 6], [-1, 1, 1])  # Bool: true = closed, during step 1
+    assert 'TwistStamped (m/s, rad/s) × 100.0 ms' in twist.conversion
+    slower = read_episode(tmp_path / 'bag', TopicMap(actions='/cmd_twist'), action_scale=libero, period_s=0.2)
+    np.testing.assert_allclose(slower.actions[:, 0], np.array([0, 1, 2]) * 0.2 / 0.05)
+    with pytest.raises(BagError, match='--gripper-open and --gripper-closed'):
+        read_episode(tmp_path / 'bag', TopicMap(actions='/cmd_twist', gripper='/gripper_width'), action_scale=libero)
+    width = read_episode(tmp_path / 'bag', TopicMap(actions='/cmd_twist', gripper='/gripper_width',
+                                                    gripper_open=0.08, gripper_closed=0.0), action_scale=libero)
+    np.testing.assert_allclose(width.actions[:, 6], [-1, 0, 1])  # 0.08 m open → -1, 0.04 → 0, 0 closed → +1
     arr = read_episode(tmp_path / 'bag', TopicMap(actions='/cmd_array', time_source='bag'))
     np.testing.assert_allclose(arr.actions[2], np.arange(7) + 20)
     chunk = read_episode(tmp_path / 'bag', TopicMap(actions='/old_policy/chunk'))
@@ -291,11 +315,45 @@ def test_bad_bags_give_a_clear_error_and_exit_2(tmp_path: Path, eval_checkpoint:
     raw[100:] = bytes(len(raw) - 100)
     db.write_bytes(bytes(raw))
 
+    killed = tmp_path / 'killed'  # a recorder stopped before it wrote metadata.yaml
+    shutil.copytree(good['mcap'], killed)
+    (killed / 'metadata.yaml').unlink()
+    not_a_bag = tmp_path / 'not_a_bag'
+    not_a_bag.mkdir()
+    (not_a_bag / 'notes.txt').write_text('hello')
+    json_bag = tmp_path / 'json_bag'
+    shutil.copytree(good['mcap'], json_bag)
+    meta = json_bag / 'metadata.yaml'
+    meta.write_text(meta.read_text().replace('serialization_format: cdr', 'serialization_format: json'))
+    short_array = tmp_path / 'short_array'
+    depth = tmp_path / 'depth'
+    T = typestore().types  # noqa: N806
+    with BagWriter(short_array, 'mcap') as bag, BagWriter(depth, 'mcap') as depth_bag:
+        for i in range(3):
+            bag.write('/camera/image_raw', IMAGE, i, image_msg(frames[i], i))
+            arr = T[FLOAT_ARRAY](layout=T['std_msgs/msg/MultiArrayLayout'](dim=[], data_offset=0),
+                                 data=np.zeros(3))
+            bag.write('/arm/command', FLOAT_ARRAY, i, arr)
+            msg = image_msg(frames[i], i)
+            msg.encoding = '16UC1'
+            depth_bag.write('/camera/depth', IMAGE, i, msg)
+            depth_bag.write('/arm/command', FLOAT_ARRAY, i, T[FLOAT_ARRAY](
+                layout=T['std_msgs/msg/MultiArrayLayout'](dim=[], data_offset=0), data=np.zeros(7)))
+        bag.write('/instruction', STRING, 0, string_msg('x'))
+        depth_bag.write('/instruction', STRING, 0, string_msg('x'))
+
     cases = {
         no_actions: 'no ground-truth action topic',
         truncated: 'truncated or corrupt',
         corrupt: 'corrupt',
         tmp_path / 'missing': 'no such bag',
+        killed: 'ros2 bag reindex',
+        not_a_bag: 'not a rosbag2 bag (no metadata.yaml)',
+        killed / 'metadata.yaml.gone': 'no such bag',
+        next(good['sqlite3'].glob('*.db3')): 'is a file; a rosbag2 bag is a directory',
+        json_bag: 'only CDR',
+        short_array: f'{short_array}: topic /arm/command: a Float64MultiArray action has 3 values',
+        depth: "unsupported encoding '16UC1'",
     }
     for bag, message in cases.items():
         r = _cli(str(bag), '--checkpoint', str(eval_checkpoint), '--out', str(tmp_path / 'r'))
@@ -308,8 +366,28 @@ def test_bad_bags_give_a_clear_error_and_exit_2(tmp_path: Path, eval_checkpoint:
     assert r.returncode == 2 and 'neither a preset' in r.stderr and 'Traceback' not in r.stderr
     r = _cli(str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--config', str(tmp_path / 'none.yaml'))
     assert r.returncode == 2 and 'no parameter file' in r.stderr and 'Traceback' not in r.stderr
-    r = _cli(str(good['mcap']), '--checkpoint', str(tmp_path / 'nope'))
+    r = _cli(str(good['mcap']), '--checkpoint', str(tmp_path / 'nope'), '--out', str(tmp_path / 'r1'))
     assert r.returncode == 1 and 'cannot load checkpoint' in r.stderr and 'Traceback' not in r.stderr
+    # a single .mcap file is a bag too (ros2 bag record -s mcap writes one)
+    assert len(read_episode(next(good['mcap'].glob('*.mcap'))).frames) == 30
+
+    # the output is checked before any work: unwritable, or holding another run's report
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('')
+    r = _cli(str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--out', str(blocker / 'report'))
+    assert r.returncode == 2 and 'cannot write the report' in r.stderr and 'Traceback' not in r.stderr
+    old = tmp_path / 'old_report'
+    old.mkdir()
+    (old / 'report.json').write_text('{}')
+    (old / 'action_traces_another_bag.png').write_bytes(b'')
+    r = _cli(str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--out', str(old), '--device', 'cpu',
+             '--no-world-model')
+    assert r.returncode == 2 and 'already holds a report' in r.stderr and '--overwrite' in r.stderr
+    r = _cli(str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--out', str(old), '--device', 'cpu',
+             '--no-world-model', '--overwrite')
+    assert r.returncode == 0, r.stderr
+    assert not (old / 'action_traces_another_bag.png').exists()  # no stale plot of another bag beside it
+    assert json.loads((old / 'report.json').read_text())['bags'] == [str(good['mcap'])]
 
 
 # -- live: the real nodes answer a replayed bag ---------------------------------------------------
@@ -328,10 +406,23 @@ def test_live_mode_records_node_outputs_and_scores_them(tmp_path: Path, eval_che
     from worldvla_ros.evaluation.bag_io import BagReader
 
     with BagReader(recording) as r:
-        assert r.counts.get('worldvla/action_chunk', 0) >= 1
-        assert r.counts.get('worldvla/ee_command', 0) >= K
-        assert r.counts.get('/diagnostics', 0) >= 1
-        assert r.counts.get('worldvla/imagined_image', 0) >= 1  # the world-model node answered too
+        assert set(r.topics) == {'/worldvla/action_chunk', '/worldvla/ee_command', '/worldvla/imagined_image',
+                                 '/worldvla/surprise', '/diagnostics'}  # full names, as rosbag2 records them
+        assert r.counts.get('/worldvla/action_chunk', 0) >= 1
+        assert r.counts.get('/worldvla/ee_command', 0) >= K
+        assert r.counts.get('/worldvla/imagined_image', 0) >= 1  # the world-model node answered too
+        diag = [(m.time_ns, s.hardware_id, {kv.key: kv.value for kv in s.values})
+                for m in r.messages(['/diagnostics']) for s in m.msg.status]
+    # the replay ran until both nodes had nothing left to do, and stopped then (not on a timer)
+    end = max(t for t, _, _ in diag)
+    idle_at = {}
+    for t, node, values in sorted(diag):
+        if values.get('idle') == 'true':
+            idle_at.setdefault(node, t)
+        else:
+            idle_at.pop(node, None)
+    assert set(idle_at) == {'worldvla_action', 'worldvla_world_model'}, diag[-4:]
+    assert end - max(idle_at.values()) <= 1.5e9  # one report period after both were idle
     report = json.loads((out / 'report.json').read_text())
     t, a = report['timing'], report['actions']
     assert report['mode'] == 'live' and report['chunk_size'] == K
@@ -342,3 +433,70 @@ def test_live_mode_records_node_outputs_and_scores_them(tmp_path: Path, eval_che
     assert 20 >= t['frames_received_by_node'] >= 20 - t['frames_never_used'] > 0
     assert t['frames_never_used'] == 20 - t['chunks'] - t.get('outputs_without_frame', 0)
     assert a['actions_compared'] >= K
+
+
+def test_control_rate_from_the_bag_unless_given_and_jerk_follows_it(tmp_path: Path, eval_checkpoint: Path) -> None:
+    frames, actions, instruction = synthetic_episode(frames=12, seed=2, size=64)
+    bag = write_episode(tmp_path / 'bag20', frames, actions, instruction, rate_hz=20.0)
+    reports = {}
+    for name, extra in (('bag', []), ('given', ['--control-rate', '10'])):
+        out = tmp_path / name
+        assert _run_cli(str(bag), '--checkpoint', str(eval_checkpoint), '--device', 'cpu', '--out', str(out),
+                        '--no-world-model', *extra) == 0
+        reports[name] = json.loads((out / 'report.json').read_text())
+    assert reports['bag']['control_rate_hz'] == 20.0 and reports['given']['control_rate_hz'] == 10.0
+    jerk = {k: reports[k]['actions']['physical']['jerk_within_chunks']['dx'] for k in reports}
+    assert jerk['bag'] == pytest.approx(8 * jerk['given'], rel=1e-6)  # jerk ∝ rate³
+    other = write_episode(tmp_path / 'bag10', frames, actions, instruction, rate_hz=10.0)
+    r = _cli(str(bag), str(other), '--checkpoint', str(eval_checkpoint), '--out', str(tmp_path / 'mixed'))
+    assert r.returncode == 2 and 'different rates' in r.stderr and '--control-rate' in r.stderr
+
+
+def test_report_plots_have_units_seconds_and_upright_libero_frames(tmp_path: Path, eval_checkpoint: Path) -> None:
+    """Plots are read by people: axes in m / rad and seconds, labelled histograms, LIBERO frames upright."""
+    from worldvla_ros.evaluation.report import write_report
+    from worldvla_ros.evaluation.scoring import ExecutedAction
+
+    gt = np.zeros((4, 7))
+    run = RunRecord('ep', 'lockstep', gt, times_s=np.array([0.0, 0.05, 0.1, 0.15]))
+    run.executed = [ExecutedAction(i, np.full(7, 0.5), i == 2) for i in range(4)]
+    real = np.zeros((32, 32, 3), np.uint8)
+    real[:8] = 255  # a white band at the top of the stored (rendered) frame
+    run.strip = [(1, real, real.copy())]
+    summary = {'mode': 'lockstep', 'model_id': 'm', 'device': 'cpu', 'chunk_size': 2, 'history_frames': 1,
+               'bags': ['ep'], 'frames': 4, 'action_sources': ['x'], 'control_rate_hz': 20.0, 'rotate_180': True,
+               'actions': action_scores([run], action_scale=(0.05,) * 3 + (0.5,) * 3 + (1.0,), control_rate_hz=20.0)}
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    figures = []
+    original = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        figures.append(fig)
+        return original(fig, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        paths = write_report(tmp_path, summary, [run])
+    finally:
+        plt.Figure.savefig = original
+    traces, hists, strip = figures
+    assert traces.axes[0].get_ylabel() == 'dx\n(m per step)' and traces.axes[3].get_ylabel() == 'droll\n(rad per step)'
+    assert traces.axes[-1].get_xlabel() == 'time since the first frame (s)'
+    assert traces.axes[0].lines[1].get_xdata()[-1] == pytest.approx(0.15)  # seconds, not frame numbers
+    assert traces.axes[0].lines[1].get_ydata()[0] == pytest.approx(0.5 * 0.05)  # metres
+    assert hists.axes[0].get_xlabel() == 'policy − recorded (m)' and hists.axes[0].get_ylabel() == 'commands'
+    assert 'positive: the policy commanded more' in hists._suptitle.get_text()
+    shown = strip.axes[0].images[0].get_array()
+    assert shown[-1].mean() == 255 and shown[0].mean() == 0  # turned 180°: the band is at the bottom
+    assert paths['markdown'].read_text().count('| jerk |') == 1
+
+    from worldvla_ros.evaluation.report import markdown
+
+    run.executed = run.executed[::2]  # no three consecutive commands: no jerk, and no empty table for it
+    summary['actions'] = action_scores([run], action_scale=(0.05,) * 6 + (1.0,), control_rate_hz=20.0)
+    text = markdown(summary)
+    assert '## Actions in physical units' in text and '| jerk |' not in text

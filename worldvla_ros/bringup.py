@@ -64,7 +64,7 @@ def start_nodes(checkpoint: str, config: Path | Sequence[Path], device: str = 'a
                 use_world_model: bool = True, extra: dict[str, str] | None = None,
                 remaps: dict[str, str] | None = None, use_sim: bool = False,
                 sim_params: dict[str, str] | None = None, camera_topic: str = '',
-                instruction_topic: str = '') -> list[subprocess.Popen]:
+                instruction_topic: str = '', env: dict[str, str] | None = None) -> list[subprocess.Popen]:
     """The action node, the world-model node and the sim, each in its own process (in that order).
 
     ``extra`` and ``sim_params`` are ``-p``-style strings (``'true'``, ``'20.0'``, ``'[0.1, …]'``).
@@ -77,7 +77,7 @@ def start_nodes(checkpoint: str, config: Path | Sequence[Path], device: str = 'a
         use_world_model=use_world_model, use_sim=use_sim,
         extra={k: parse_value(v) for k, v in (extra or {}).items()},
         sim_extra={k: parse_value(v) for k, v in (sim_params or {}).items()})
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     if device in ('cpu', 'auto'):
         env.setdefault('OMP_NUM_THREADS', '1')  # two torch processes on a small CPU share it fairly
     directory = parameter_directory()

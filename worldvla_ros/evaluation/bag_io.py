@@ -73,12 +73,15 @@ class BagReader:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise BagError(f'{self.path}: no such bag')
-        self._reader = Reader(self.path)
+        _check_bag_path(self.path)
         try:
+            self._reader = Reader(self.path)
             self._reader.open()
         except Exception as exc:
+            text = str(exc)
+            if 'Serialization format' in text:
+                raise BagError(f'{self.path}: {text.removesuffix(".")}: only CDR, the ROS 2 serialization, '
+                               'can be read') from exc
             raise BagError(f'{self.path}: cannot open bag (truncated or corrupt?): {exc}') from exc
         self.topics: dict[str, str] = {c.topic: c.msgtype for c in self._reader.connections}
         self.counts: dict[str, int] = {}
@@ -114,6 +117,26 @@ class BagReader:
                 yield conn.topic, conn.msgtype, int(t), bytes(raw)
         except Exception as exc:
             raise BagError(f'{self.path}: bag is truncated or corrupt ({type(exc).__name__}: {exc})') from exc
+
+
+def _check_bag_path(path: Path) -> None:
+    """A rosbag2 bag is a directory with metadata.yaml (or a single .mcap file): say what else it is."""
+    if not path.exists():
+        raise BagError(f'{path}: no such bag')
+    if path.is_file():
+        if path.suffix == '.mcap':
+            return
+        raise BagError(f'{path}: is a file; a rosbag2 bag is a directory (metadata.yaml and its data files) '
+                       'or a single .mcap file')
+    if not path.is_dir():
+        raise BagError(f'{path}: neither a directory nor a file')
+    if not (path / 'metadata.yaml').is_file():
+        data = sorted(p.name for p in path.iterdir() if p.suffix in ('.mcap', '.db3'))
+        if data:
+            raise BagError(f'{path}: no metadata.yaml beside {", ".join(data[:3])}: a recording that was stopped '
+                           'before it finished? `ros2 bag reindex` rebuilds it (an .mcap file can also be given '
+                           'directly)')
+        raise BagError(f'{path}: not a rosbag2 bag (no metadata.yaml)')
 
 
 class BagWriter:

@@ -15,10 +15,13 @@ Float64MultiArray; topics are found by type when a bag has one of a kind. Exit s
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from worldvla_ros.launch_plan import node_parameters
 
@@ -40,13 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the nodes' parameter file (default: the installed config/worldvla.yaml); repeat it to "
                         'layer files as ROS does, e.g. --config worldvla.yaml --config tabletop_sim.yaml')
     p.add_argument('--mode', choices=('lockstep', 'live'), default='lockstep')
-    p.add_argument('--out', default='eval_report', help='report directory')
+    p.add_argument('--out', default='eval_report',
+                   help='report directory; one that already holds files is refused unless --overwrite')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace the report files (report.*, *.png, outputs_*) an earlier run left in --out')
     t = p.add_argument_group('topics')
     t.add_argument('--image-topic', default='')
     t.add_argument('--instruction-topic', default='')
     t.add_argument('--instruction', default='', help='instruction text (instead of a topic)')
     t.add_argument('--action-topic', default='', help='recorded (ground-truth) actions')
-    t.add_argument('--gripper-topic', default='', help='gripper state with TwistStamped actions')
+    t.add_argument('--gripper-topic', default='',
+                   help='gripper state with TwistStamped actions: Bool (true = closed) or Float64/Float32 '
+                        'with --gripper-open/--gripper-closed')
+    t.add_argument('--gripper-open', type=float, default=None, help="a Float gripper topic's value when open (→ -1)")
+    t.add_argument('--gripper-closed', type=float, default=None,
+                   help="a Float gripper topic's value when closed (→ +1)")
     t.add_argument('--time-source', choices=('header', 'bag'), default='header')
     e = p.add_argument_group('evaluation')
     e.add_argument('--replan-every', type=int, default=0, help='lockstep: frames between chunks (0: chunk length)')
@@ -55,12 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--wm-horizon', type=int, default=1, help='imagined frames per rollout')
     e.add_argument('--wm-every', type=int, default=1, help='lockstep: roll out from every n-th chunk')
     e.add_argument('--deadline', type=float, default=0.0, help='s; default: the chunk’s duration')
+    e.add_argument('--control-rate', type=float, default=None, metavar='HZ',
+                   help="rate the actions are executed at (jerk, deadlines, twist conversion, live nodes); "
+                        "default: the bags' camera rate")
     e.add_argument('--gripper-threshold', type=float, default=0.0)
     e.add_argument('--action-scale', type=_action_scale, default=None, metavar='PRESET|7 VALUES',
                    help='metres/radians per action unit for errors and jerk in physical units: libero '
                         '(0.05 m, 0.5 rad), tabletop (0.02 m, 0.1 rad) or 7 comma-separated values '
                         "(default: the action node's action_scale in the config)")
     e.add_argument('--rate', type=float, default=1.0, help='live: playback speed factor')
+    e.add_argument('--domain-id', type=int, default=None,
+                   help='live: ROS domain of the replay (default: a random one, localhost only, so that its '
+                        '/clock and commands never reach a running robot)')
     e.add_argument('--no-progress', action='store_true')
     e.add_argument('--debug', action='store_true', help='show the traceback of unexpected errors')
     return p
@@ -85,7 +102,8 @@ def _config_paths(given: list[str]) -> list[Path]:
 
 
 def summarize(args: argparse.Namespace, policy_info: dict[str, Any], episodes: list[Episode],
-              runs: list[RunRecord], control_rate_hz: float, scale: tuple[float, ...]) -> dict[str, Any]:
+              runs: list[RunRecord], control_rate_hz: float, scale: tuple[float, ...],
+              rate_source: str = '') -> dict[str, Any]:
     return {
         'mode': args.mode,
         **policy_info,
@@ -93,6 +111,8 @@ def summarize(args: argparse.Namespace, policy_info: dict[str, Any], episodes: l
         'frames': sum(len(e.frames) for e in episodes),
         'action_sources': [e.action_source for e in episodes],
         'control_rate_hz': control_rate_hz,
+        'control_rate_source': rate_source,
+        'action_conversion': sorted({e.conversion for e in episodes if e.conversion}),
         'actions': action_scores(runs, args.gripper_threshold, action_scale=scale, control_rate_hz=control_rate_hz),
         'world_model': world_model_scores(runs),
         'timing': timing_scores(runs, control_rate_hz, args.deadline),
@@ -101,21 +121,66 @@ def summarize(args: argparse.Namespace, policy_info: dict[str, Any], episodes: l
     }
 
 
+def control_rate_of(episodes: list[Episode], given: float | None, configured: float) -> tuple[float, str]:
+    """The rate the recorded actions were executed at: given, else the bags' camera rate, else the YAML's."""
+    if given is not None:
+        if not given > 0:
+            raise BagError(f'--control-rate must be > 0, got {given}')
+        return float(given), '--control-rate'
+    periods = [e.period_s for e in episodes if e.period_s > 0]
+    if not periods:
+        return configured, "the action node's control_rate_hz (no bag has two frames)"
+    if max(periods) > 1.01 * min(periods):
+        rates = ', '.join(f'{e.name} {1 / e.period_s:.3g} Hz' for e in episodes if e.period_s > 0)
+        raise BagError(f'the bags were recorded at different rates ({rates}): evaluate them separately or give '
+                       '--control-rate')
+    return round(1.0 / float(np.median(periods)), 6), "the bags' camera stamps"
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Before any work: --out is writable, and holds no report of another run unless --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise BagError(f'--out {out} is a file, not a directory')
+    ours = [p for p in (out.iterdir() if out.is_dir() else ())
+            if p.name in ('report.json', 'report.md') or p.suffix == '.png' or p.name.startswith('outputs_')]
+    others = [p for p in (out.iterdir() if out.is_dir() else ()) if p not in ours]
+    if ours and not overwrite:
+        raise BagError(f'--out {out} already holds a report ({", ".join(sorted(p.name for p in ours)[:4])}); '
+                       'choose another directory or pass --overwrite to replace it')
+    if others and not ours:
+        raise BagError(f'--out {out} is not empty and holds no report: choose an empty or new directory')
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / '.write-test'
+        probe.write_text('')
+        probe.unlink()
+    except OSError as exc:
+        raise BagError(f'cannot write the report to {out}: {exc.strerror or exc}') from exc
+    for p in ours:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
     from tqdm import tqdm
 
     config = _config_paths(args.config)
     action_params = node_parameters(config, 'worldvla_action')
-    control_rate = float(action_params.get('control_rate_hz', 10.0))
     scale = args.action_scale or action_scale(action_params)
+    prepare_out_dir(Path(args.out), args.overwrite)
     topics = TopicMap(args.image_topic, args.instruction_topic, args.action_topic, args.gripper_topic,
-                      args.instruction, args.time_source)
-    episodes = [read_episode(b, topics) for b in args.bags]  # every bag checked before the model loads
+                      args.instruction, args.time_source, args.gripper_open, args.gripper_closed)
+    period = 1.0 / args.control_rate if args.control_rate and args.control_rate > 0 else None
+    # every bag checked before the model loads
+    episodes = [read_episode(b, topics, action_scale=scale, period_s=period) for b in args.bags]
+    control_rate, source = control_rate_of(episodes, args.control_rate,
+                                           float(action_params.get('control_rate_hz', 10.0)))
+    print(f'evaluate_bag: control period {1e3 / control_rate:.1f} ms ({control_rate:g} Hz), from {source}',
+          file=sys.stderr)
     if args.mode == 'live':
         from .live import evaluate_live
 
         runs, policy_info = evaluate_live(args, episodes, config, control_rate)
-        return summarize(args, policy_info, episodes, runs, control_rate, scale), runs
+        return summarize(args, policy_info, episodes, runs, control_rate, scale, source), runs
 
     from worldvla_ros.model import load_policy
     from worldvla_ros.safety import SafetyFilter
@@ -135,14 +200,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
             bar.set_postfix_str(ep.name)
             runs.append(evaluate_lockstep(policy, ep, safety, settings, bar.update))
     info = {'model_id': policy.model_id, 'device': str(policy.device), 'chunk_size': policy.chunk_size,
-            'history_frames': policy.config.history_frames,
+            'history_frames': policy.config.history_frames, 'rotate_180': policy.config.rotate_180,
             'throughput_frames_per_s': round(sum(len(e.frames) for e in episodes) / (time.perf_counter() - t0), 3)}
-    return summarize(args, info, episodes, runs, control_rate, scale), runs
+    return summarize(args, info, episodes, runs, control_rate, scale, source), runs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from worldvla_ros.model.checkpoint import CheckpointError
+    from worldvla_ros.model.errors import CheckpointError
 
     try:
         summary, runs = run(args)

@@ -12,6 +12,11 @@ LIBERO frames are stored as the simulator rendered them. The released checkpoint
 (``rotate_180: true``) turn them by 180° before tokenizing, exactly as the release's LIBERO
 evaluation does (``img[::-1, ::-1]``), so the model sees what it was trained on. Use
 ``--rotate-180`` only for a configuration with ``rotate_180: false``.
+
+The instruction is the task name taken from the file name (``KITCHEN_SCENE3_turn_on_the_stove_demo.hdf5``
+→ "turn on the stove"), which is what the released checkpoints were trained and evaluated with; the
+BDDL ``:language`` text in ``problem_info`` differs for 34 of the 130 LIBERO tasks
+(``--instruction-source bddl`` takes it instead).
 """
 from __future__ import annotations
 
@@ -30,15 +35,23 @@ from .episode import write_episode
 FRAME_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp')
 
 
-def libero_instruction(h5file: object, path: Path) -> str:
-    info = getattr(h5file['data'], 'attrs', {}).get('problem_info')  # type: ignore[index]
-    if info is not None:
+def libero_instruction(h5file: object, path: Path, source: str = 'filename') -> str:
+    """The task's instruction: from the file name (``source='filename'``, what the released checkpoints
+    were trained and evaluated with) or from the BDDL ``:language`` text in ``problem_info`` (``'bddl'``).
+
+    The two differ for 34 of LIBERO's 130 tasks; a model must see the text it was trained on.
+    """
+    if source == 'bddl':
+        info = getattr(h5file['data'], 'attrs', {}).get('problem_info')  # type: ignore[index]
+        if info is None:
+            raise BagError(f'{path}: no problem_info attribute: use --instruction-source filename')
         text = json.loads(info if isinstance(info, str) else info.decode()).get('language_instruction', '')
-        if text:
-            return ' '.join(str(text).split())
+        if not str(text).strip():
+            raise BagError(f'{path}: problem_info has no language_instruction: use --instruction-source filename')
+        return ' '.join(str(text).split())
     stem = re.sub(r'_demo$', '', path.stem)
     stem = re.sub(r'^([A-Z_]+SCENE\d+_)', '', stem)  # LIBERO-90/10 names start with the scene
-    return stem.replace('_', ' ')
+    return ' '.join(stem.replace('_', ' ').split())
 
 
 def libero_to_bags(
@@ -50,6 +63,7 @@ def libero_to_bags(
     rotate_180: bool = False,
     max_demos: int = 0,
     compressed: str = '',
+    instruction_source: str = 'filename',
 ) -> list[Path]:
     """One bag per ``data/demo_*`` group of a LIBERO demonstration file."""
     import h5py
@@ -62,7 +76,7 @@ def libero_to_bags(
     with f:
         if 'data' not in f:
             raise BagError(f'{hdf5}: no "data" group; not a LIBERO/robomimic demonstration file')
-        instruction = libero_instruction(f, hdf5)
+        instruction = libero_instruction(f, hdf5, instruction_source)
         demos = sorted(f['data'].keys(), key=lambda k: int(re.sub(r'\D', '', k) or 0))
         if max_demos:
             demos = demos[:max_demos]
@@ -150,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     lib.add_argument('--rate', type=float, default=20.0, help='Hz (LIBERO control rate: 20)')
     lib.add_argument('--rotate-180', action='store_true', help='store frames turned by 180° (see above)')
     lib.add_argument('--max-demos', type=int, default=0)
+    lib.add_argument('--instruction-source', choices=('filename', 'bddl'), default='filename',
+                     help="filename: the task name from the file name, as the released checkpoints were trained "
+                          "and evaluated (default); bddl: problem_info's language_instruction")
     fol = sub.add_parser('folder', help='frames + actions + instruction.txt → one bag')
     fol.add_argument('folder')
     fol.add_argument('out')
@@ -168,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.source == 'libero':
             bags = libero_to_bags(args.hdf5, args.out_dir, args.image_key, args.rate, args.storage,
-                                  args.rotate_180, args.max_demos, args.compressed)
+                                  args.rotate_180, args.max_demos, args.compressed, args.instruction_source)
         elif args.source == 'folder':
             bags = [folder_to_bag(args.folder, args.out, args.rate, args.storage, args.instruction, args.compressed)]
         else:

@@ -42,6 +42,8 @@ class TopicMap:
     gripper: str = ''  # with TwistStamped ground truth: Float64/Float32 (value) or Bool (closed)
     instruction_text: str = ''  # overrides the instruction topic
     time_source: str = 'header'  # header stamps where a message has one, else the recording time
+    gripper_open: float | None = None  # a Float64/Float32 gripper topic's value when open (→ −1) …
+    gripper_closed: float | None = None  # … and when closed (→ +1)
 
 
 @dataclass
@@ -53,10 +55,17 @@ class Episode:
     actions: np.ndarray  # (N, 7) ground truth per frame; NaN where the bag has none
     action_source: str = ''
     rejected_frames: dict[str, int] = field(default_factory=dict)
+    conversion: str = ''  # how the recorded actions were turned into action units, when they were
 
     @property
     def period_s(self) -> float:
+        """The camera's period: the median interval between frames (0 with fewer than two)."""
         return float(np.median(np.diff(self.frame_ns)) * 1e-9) if len(self.frame_ns) > 1 else 0.0
+
+    @property
+    def times_s(self) -> np.ndarray:
+        """Seconds since the first frame, per frame."""
+        return (self.frame_ns - self.frame_ns[0]) * 1e-9 if len(self.frame_ns) else np.zeros(0)
 
     def frame_index(self, ns: int, tolerance_ns: int = 1_000_000) -> int | None:
         i = int(np.searchsorted(self.frame_ns, ns))
@@ -93,26 +102,58 @@ def _time(m: Any, use_header: bool) -> int:
 def _action_of(msgtype: str, msg: Any) -> np.ndarray:
     if msgtype == EE_COMMAND:
         return np.asarray(msg.action, dtype=np.float64)
-    if msgtype == TWIST:
+    if msgtype == TWIST:  # velocities here; twist_to_actions converts them once the period is known
         t = msg.twist
         return np.array([t.linear.x, t.linear.y, t.linear.z, t.angular.x, t.angular.y, t.angular.z, np.nan])
     data = np.asarray(msg.data, dtype=np.float64)
     if data.size < 7:
-        raise BagError(f'Float64MultiArray action has {data.size} values, 7 are needed')
+        raise ValueError(f'a Float64MultiArray action has {data.size} values, 7 are needed (Δxyz, Δrpy, gripper)')
     return data[:7]
 
 
-def read_episode(path: str | Path, topics: TopicMap | None = None) -> Episode:
-    """Frames (decoded with the action node's own conversion) and per-frame ground truth."""
+def twist_to_actions(velocity: np.ndarray, period_s: float, action_scale: Sequence[float]) -> np.ndarray:
+    """Recorded twists (m/s, rad/s) → action units per control period: a = v · T / s.
+
+    ``s`` is the action scale (metres / radians one action unit moves in one period). The angular
+    velocity ω is taken as a constant rotation over the period, so ω·T is the axis-angle Δrotation.
+    """
+    scale = np.asarray(action_scale, dtype=np.float64)[:6]
+    if np.any(scale <= 0):
+        raise BagError(f'TwistStamped ground truth needs an action scale > 0 in every motion dimension, got '
+                       f'{list(scale)}')
+    return velocity[..., :6] * period_s / scale
+
+
+def gripper_to_action(value: np.ndarray, opened: float, closed: float) -> np.ndarray:
+    """A gripper reading (position, width …) → the model's −1 (open) … +1 (closed), linear, clipped."""
+    return np.clip(-1.0 + 2.0 * (value - opened) / (closed - opened), -1.0, 1.0)
+
+
+def read_episode(path: str | Path, topics: TopicMap | None = None, action_scale: Sequence[float] | None = None,
+                 period_s: float | None = None) -> Episode:
+    """Frames (decoded with the action node's own conversion) and per-frame ground truth.
+
+    TwistStamped ground truth is converted to action units with ``action_scale`` and the control
+    period (``period_s``, else the camera's); a Float gripper topic needs ``gripper_open/closed``.
+    """
     topics = topics or TopicMap()
     use_header = topics.time_source == 'header'
     with BagReader(path) as reader:
         image_topic = _pick(reader, topics.image, (IMAGE, COMPRESSED), 'camera image', '--image-topic')
         action_topic = _pick(reader, topics.actions, ACTION_TYPES, 'ground-truth action', '--action-topic')
         action_type = reader.topics[action_topic]
+        if action_type == TWIST and action_scale is None:
+            raise BagError(f'{reader.path}: TwistStamped ground truth on {action_topic} needs the action scale '
+                           '(m and rad per action unit) to be compared with actions')
         gripper_topic = ''
         if action_type == TWIST and topics.gripper:
             gripper_topic = _pick(reader, topics.gripper, GRIPPER_TYPES, 'gripper', '--gripper-topic')
+            if not reader.topics[gripper_topic].endswith('Bool') and (
+                    topics.gripper_open is None or topics.gripper_closed is None
+                    or topics.gripper_open == topics.gripper_closed):
+                raise BagError(f'{reader.path}: gripper topic {gripper_topic} is {reader.topics[gripper_topic]}: '
+                               'give --gripper-open and --gripper-closed (its values when open and when closed) '
+                               'to map it to the model\'s -1 (open) … +1 (closed)')
         instruction = topics.instruction_text
         instruction_topic = ''
         if not instruction:
@@ -120,7 +161,7 @@ def read_episode(path: str | Path, topics: TopicMap | None = None) -> Episode:
         if reader.counts.get(image_topic, 0) == 0:
             raise BagError(f'{reader.path}: topic {image_topic} holds no messages')
 
-        frame_ns, frames, rejected = [], [], {}
+        frame_ns, frames, rejected, why = [], [], {}, {}
         act_ns, acts, grip_ns, grips = [], [], [], []
         wanted = [t for t in (image_topic, action_topic, gripper_topic, instruction_topic) if t]
         for m in reader.messages(wanted):
@@ -129,6 +170,7 @@ def read_episode(path: str | Path, topics: TopicMap | None = None) -> Episode:
                     rgb = compressed_msg_to_rgb(m.msg) if m.msgtype == COMPRESSED else image_msg_to_rgb(m.msg)
                 except ImageRejected as exc:
                     rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
+                    why.setdefault(exc.reason, str(exc))
                     continue
                 frame_ns.append(_time(m, use_header))
                 frames.append(np.array(rgb))
@@ -139,30 +181,47 @@ def read_episode(path: str | Path, topics: TopicMap | None = None) -> Episode:
                         act_ns.append((t0, i))
                         acts.append(np.asarray(c.action, dtype=np.float64))
                 else:
+                    try:
+                        acts.append(_action_of(m.msgtype, m.msg))
+                    except ValueError as exc:
+                        raise BagError(f'{reader.path}: topic {action_topic}: {exc}') from exc
                     act_ns.append((_time(m, use_header), 0))
-                    acts.append(_action_of(m.msgtype, m.msg))
             elif m.topic == gripper_topic:
                 grip_ns.append(_time(m, False))
                 grips.append((1.0 if m.msg.data else -1.0) if m.msgtype.endswith('Bool') else float(m.msg.data))
             elif m.topic == instruction_topic and not instruction:
                 instruction = ' '.join(m.msg.data.split())
     if not frames:
-        raise BagError(f'{path}: every frame on {image_topic} was rejected ({rejected})')
+        reasons = '; '.join(f'{n} × {why[r]}' for r, n in rejected.items())
+        raise BagError(f'{path}: every frame on {image_topic} was rejected: {reasons}')
     if not instruction:
         raise BagError(f'{path}: no instruction (topic {instruction_topic} is empty); give --instruction')
     order = np.argsort(frame_ns, kind='stable')
     frame_ns_arr = np.asarray(frame_ns, dtype=np.int64)[order]
     frames = [frames[i] for i in order]
     gt = align_actions(frame_ns_arr, act_ns, acts)
+    conversion = ''
+    if action_type == TWIST:
+        period = period_s or (float(np.median(np.diff(frame_ns_arr)) * 1e-9) if len(frame_ns_arr) > 1 else 0.0)
+        if period <= 0:
+            raise BagError(f'{path}: one frame only: give the control rate to convert its twists')
+        gt[:, :6] = twist_to_actions(gt, period, action_scale)
+        conversion = (f'TwistStamped (m/s, rad/s) × {period * 1e3:.1f} ms / action scale '
+                      f'{list(np.round(np.asarray(action_scale, dtype=float)[:6], 6))}')
     if gripper_topic:
         # the gripper command in force during step i: the last one before frame i+1
         step_end = np.append(frame_ns_arr[1:] - 1, np.iinfo(np.int64).max)
-        gt[:, 6] = _hold_values(step_end, np.asarray(grip_ns, dtype=np.int64), np.asarray(grips))
+        values = _hold_values(step_end, np.asarray(grip_ns, dtype=np.int64), np.asarray(grips))
+        if not reader.topics[gripper_topic].endswith('Bool'):
+            values = gripper_to_action(values, topics.gripper_open, topics.gripper_closed)
+            conversion += (f'; gripper {topics.gripper_open:g} (open) … {topics.gripper_closed:g} (closed) '
+                           '→ -1 … +1')
+        gt[:, 6] = values
     if np.all(np.isnan(gt[:, :6])):
         raise BagError(f'{path}: no action on {action_topic} lines up with a camera frame; '
                        'try --time-source bag')
     return Episode(Path(path).name, instruction, frame_ns_arr, frames, gt, f'{action_topic} [{action_type}]',
-                   rejected)
+                   rejected, conversion.lstrip('; '))
 
 
 def align_actions(frame_ns: np.ndarray, act_ns: Sequence[tuple[int, int]], acts: Sequence[np.ndarray]) -> np.ndarray:

@@ -8,6 +8,8 @@ output topic into ``OUT/outputs_<bag>`` (mcap), stop the nodes, and score that r
 from __future__ import annotations
 
 import argparse
+import os
+import random
 import sys
 import threading
 import time
@@ -16,21 +18,21 @@ from typing import Any
 
 import numpy as np
 
-from worldvla_ros.model.checkpoint import CheckpointError
+from worldvla_ros.model.errors import CheckpointError
 
 from .bag_io import ACTION_CHUNK, COMPRESSED, EE_COMMAND, FLOAT_ARRAY, IMAGE, BagReader, BagWriter, stamp_ns
 from .episode import Episode, _pick
 from .scoring import ChunkRecord, ExecutedAction, ImaginedFrame, RunRecord
 
-OUTPUTS = {
-    'worldvla/action_chunk': ACTION_CHUNK,
-    'worldvla/ee_command': EE_COMMAND,
-    'worldvla/imagined_image': IMAGE,
-    'worldvla/surprise': FLOAT_ARRAY,
+OUTPUTS = {  # recorded under their full names, as `ros2 bag record` writes them
+    '/worldvla/action_chunk': ACTION_CHUNK,
+    '/worldvla/ee_command': EE_COMMAND,
+    '/worldvla/imagined_image': IMAGE,
+    '/worldvla/surprise': FLOAT_ARRAY,
     '/diagnostics': 'diagnostic_msgs/msg/DiagnosticArray',
 }
 READY_TIMEOUT_S = 180.0
-FINAL_REPORT_TIMEOUT_S = 10.0
+DRAIN_TIMEOUT_S = 180.0  # after the last frame: until every node reports it has nothing left to do
 
 
 def evaluate_live(args: argparse.Namespace, episodes: list[Episode], config: list[Path],
@@ -47,7 +49,19 @@ def evaluate_live(args: argparse.Namespace, episodes: list[Episode], config: lis
         played = play_and_record(args, Path(bag), episode, config, recording, control_rate_hz)
         run, info = score_recording(recording, episode, played)
         runs.append(run)
+    info['rotate_180'] = _rotates(Path(args.checkpoint))
     return runs, info
+
+
+def _rotates(checkpoint: Path) -> bool:
+    """The checkpoint's rotate_180 setting (the release's LIBERO frames are turned), read without torch."""
+    import json
+
+    try:
+        cfg = json.loads((checkpoint / 'config.json').read_text())
+        return bool(cfg.get('worldvla', {}).get('rotate_180', True))
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, config: list[Path], recording: Path,
@@ -67,12 +81,16 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
         messages = list(reader.raw_messages([image_topic]))
     use_wm = not args.no_world_model
     extra = {'use_sim_time': 'true', 'horizon': str(args.wm_horizon), 'dtype': args.dtype,
-             'use_compressed': str(compressed).lower()}
+             'use_compressed': str(compressed).lower(), 'control_rate_hz': repr(float(control_rate_hz))}
     if args.tokenizer_dir:
         extra['tokenizer_dir'] = args.tokenizer_dir
-    procs = start_nodes(args.checkpoint, config, args.device, use_world_model=use_wm, extra=extra)
+    # a ROS domain of its own, on this machine only: the replay's /clock and commands never reach a robot
+    domain = args.domain_id if args.domain_id is not None else random.randint(120, 230)
+    isolation = {'ROS_DOMAIN_ID': str(domain), 'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST'}
+    procs = start_nodes(args.checkpoint, config, args.device, use_world_model=use_wm, extra=extra, env=isolation)
     context = rclpy.Context()
-    rclpy.init(context=context)
+    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    rclpy.init(context=context, domain_id=domain)
     node = rclpy.create_node('worldvla_bag_player', context=context)
     executor = SingleThreadedExecutor(context=context)
     writer = BagWriter(recording, 'mcap')
@@ -83,13 +101,14 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
     def sim_now() -> int:
         return t0 + int((time.monotonic() - wall0[0]) * rate * 1e9)
 
-    diagnostics_seen: list[float] = []
+    idle_since: dict[str, float] = {}  # node → wall time of its newest report saying it had nothing to do
+    names = {'worldvla_action'} | ({'worldvla_world_model'} if not args.no_world_model else set())
 
     def recorder(topic: str, msgtype: str):
         def callback(data: bytes) -> None:
             writer.write_raw(topic, msgtype, sim_now(), data)
             if topic == '/diagnostics':
-                diagnostics_seen.append(time.monotonic())
+                _note_idle(data, idle_since)
         return callback
 
     try:
@@ -128,8 +147,6 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
                    file=sys.stderr)
         wall0[0] = time.monotonic()
         i = 0
-        tail_ns = int((2 * args.wm_horizon + 2 * 10) / control_rate_hz * 1e9)  # let queued commands run out
-        end = messages[-1][2] + tail_ns
         last_frame_wall = float('inf')
         while True:
             now = sim_now()
@@ -140,13 +157,16 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
                 bar.update(1)
                 if i == len(messages):
                     last_frame_wall = time.monotonic()
-            # the counters come from /diagnostics: run on until every node has reported after the last frame
-            fresh = sum(t > last_frame_wall + 0.1 for t in diagnostics_seen)
-            if now >= end and (fresh >= len(procs) or time.monotonic() > last_frame_wall + FINAL_REPORT_TIMEOUT_S):
+            # run on (the clock too) until every node has said, after the last frame, that it has nothing
+            # left to do: the last chunk executed, the last imagination done, the final counters sent
+            if all(idle_since.get(n, 0.0) > last_frame_wall + 0.05 for n in names):
+                break
+            if time.monotonic() > last_frame_wall + DRAIN_TIMEOUT_S:
+                print(f'evaluate_bag: warning: the nodes were still busy {DRAIN_TIMEOUT_S:.0f} s after the last '
+                      'frame; scoring what they did so far', file=sys.stderr)
                 break
             time.sleep(0.005)
         bar.close()
-        time.sleep(0.3)
     finally:
         stop_nodes(procs)
         executor.shutdown()
@@ -154,6 +174,16 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
         rclpy.shutdown(context=context)
         writer.close()
     return len(messages)
+
+
+def _note_idle(data: bytes, idle_since: dict[str, float]) -> None:
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.serialization import deserialize_message
+
+    for status in deserialize_message(data, DiagnosticArray).status:
+        values = {kv.key: kv.value for kv in status.values}
+        if values.get('idle') == 'true':
+            idle_since[status.hardware_id] = time.monotonic()
 
 
 def _rclpy_type(msgtype: str) -> type:
@@ -167,7 +197,7 @@ def score_recording(recording: Path, episode: Episode, frames_played: int) -> tu
     """Chunks, executed commands, surprise and counters of a recording, against the episode."""
     from worldvla_ros.model.image_tokenizer import to_model_frame
 
-    run = RunRecord(episode.name, 'live', episode.actions)
+    run = RunRecord(episode.name, 'live', episode.actions, times_s=episode.times_s)
     diag: dict[str, str] = {}
     info: dict[str, Any] = {'model_id': '', 'device': '', 'chunk_size': 0, 'history_frames': 0}
     holds = unmatched = 0

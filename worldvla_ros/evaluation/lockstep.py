@@ -40,7 +40,7 @@ def evaluate_lockstep(
 ) -> RunRecord:
     n = len(episode.frames)
     hist = policy.config.history_frames
-    run = RunRecord(episode.name, 'lockstep', episode.actions)
+    run = RunRecord(episode.name, 'lockstep', episode.actions, times_s=episode.times_s)
     run.counts = {'frames': n, 'frames_dropped': 0, 'frames_stale': 0,
                   **{f'frames_rejected_{k}': v for k, v in episode.rejected_frames.items()}}
     previous = at_rest()  # as the node: the first command ramps up from no motion

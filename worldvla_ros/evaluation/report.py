@@ -14,7 +14,7 @@ from .scoring import DIMS, RunRecord
 def write_report(out_dir: Path, summary: dict[str, Any], runs: Sequence[RunRecord]) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {'json': out_dir / 'report.json', 'markdown': out_dir / 'report.md'}
-    paths.update(_plots(out_dir, runs))
+    paths.update(_plots(out_dir, runs, summary))
     summary = {**summary, 'files': {k: p.name for k, p in paths.items()}}
     paths['json'].write_text(json.dumps(summary, indent=2, allow_nan=False, default=_plain) + '\n')
     paths['markdown'].write_text(markdown(summary))
@@ -47,8 +47,11 @@ def markdown(s: dict[str, Any]) -> str:
         f'ground truth from {", ".join(sorted(set(s["action_sources"])))}',
         f'- actions compared: {a.get("actions_compared", 0)}; gripper accuracy: {_fmt(a.get("gripper_accuracy"))}; '
         f'direction agreement Δx/Δy/Δz: {"/".join(_fmt(v) for v in (a.get("direction_agreement") or {}).values())}',
-        '',
     ]
+    if s.get('control_rate_hz'):
+        lines.append(f'- control period: {1e3 / s["control_rate_hz"]:.1f} ms ({s["control_rate_hz"]:g} Hz), from '
+                     f'{s.get("control_rate_source") or "the configuration"}')
+    lines += [f'- recorded actions converted: {c}' for c in s.get('action_conversion', [])] + ['']
     phys = a.get('physical')
     if phys:
         lines += _physical_lines(phys)
@@ -87,7 +90,10 @@ def markdown(s: dict[str, Any]) -> str:
             lines += ['| count | value |', '|---|---|'] + [f'| {k} | {v} |' for k, v in sorted(counts.items())] + ['']
     plots = [v for k, v in s.get('files', {}).items() if v.endswith('.png')]
     if plots:
-        lines += ['## Plots', ''] + [f'![{p}]({p})' for p in plots] + ['']
+        lines += ['## Plots', '']
+        if len(s.get('bags', [])) > MAX_TRACE_PLOTS:
+            lines += [f'Action traces of the first {MAX_TRACE_PLOTS} bags.', '']
+        lines += [f'![{p}]({p})' for p in plots] + ['']
     return '\n'.join(lines)
 
 
@@ -101,62 +107,96 @@ def _physical_lines(phys: dict[str, Any]) -> list[str]:
              '| | ' + ' | '.join(f'{d} ({units[d] or "–"})' for d in DIMS) + ' |', rule]
     for key, label in (('l1', 'L1'), ('rmse', 'RMSE')):
         lines.append(f'| {label} | ' + ' | '.join(_fmt(phys[key][d]) for d in DIMS) + ' |')
-    lines += ['', '| jerk | ' + ' | '.join(f'{d} ({jerk_units[d] or "–"})' for d in DIMS) + ' |', rule]
-    for key, label in (('jerk_at_seams', f'across chunk seams ({phys["seam_windows"]} windows)'),
-                       ('jerk_within_chunks', 'within chunks'), ('recorded_jerk_at_seams', 'recorded, at seams')):
-        if phys.get(key):
-            lines.append(f'| {label} | ' + ' | '.join(_fmt(phys[key][d]) for d in DIMS) + ' |')
+    jerk = [(key, label) for key, label in (
+        ('jerk_at_seams', f'across chunk seams ({phys["seam_windows"]} windows)'),
+        ('jerk_within_chunks', 'within chunks'), ('recorded_jerk_at_seams', 'recorded, at seams')) if phys.get(key)]
+    if jerk:  # none when no three consecutive frames were executed
+        lines += ['', '| jerk | ' + ' | '.join(f'{d} ({jerk_units[d] or "–"})' for d in DIMS) + ' |', rule]
+        lines += [f'| {label} | ' + ' | '.join(_fmt(phys[key][d]) for d in DIMS) + ' |' for key, label in jerk]
     return [*lines, '']
 
 
-def _plots(out_dir: Path, runs: Sequence[RunRecord]) -> dict[str, Path]:
+MAX_TRACE_PLOTS = 12
+GRIPPER_LABEL = 'gripper\n(-1 open, +1 closed)'
+
+
+def _units(summary: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
+    """Per-dimension factor and unit label of the plots: metres and radians when the scale is known."""
+    phys = (summary.get('actions') or {}).get('physical')
+    if not phys:
+        return np.ones(len(DIMS)), ['action units'] * (len(DIMS) - 1) + ['']
+    return np.asarray(phys['action_scale'], dtype=np.float64), [phys['units'][d] for d in DIMS]
+
+
+def _plots(out_dir: Path, runs: Sequence[RunRecord], summary: dict[str, Any]) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     paths: dict[str, Path] = {}
-    run = next((r for r in runs if r.executed), None)
-    if run is not None:
+    scale, units = _units(summary)
+    rate = float(summary.get('control_rate_hz') or 10.0)
+    traced = [r for r in runs if r.executed]
+    for run in traced[:MAX_TRACE_PLOTS]:
+        t = run.times_s if run.times_s is not None and len(run.times_s) == len(run.gt) else (
+            np.arange(len(run.gt)) / rate)
         idx = np.array([e.gt_index for e in run.executed])
-        pred = np.array([e.action for e in run.executed])
-        seams = idx[[e.seam for e in run.executed]]
+        keep = idx < len(t)
+        pred = np.array([e.action for e in run.executed])[keep] * scale
+        idx = idx[keep]
+        seams = idx[[e.seam for e, k in zip(run.executed, keep, strict=True) if k]]
         fig, axes = plt.subplots(7, 1, figsize=(10, 12), sharex=True)
         for d, ax in enumerate(axes):
-            ax.plot(np.arange(len(run.gt)), run.gt[:, d], color='0.3', label='recorded')
-            ax.plot(idx, pred[:, d], '.-', color='tab:blue', ms=3, label='policy')
-            for s in seams:
-                ax.axvline(s, color='tab:orange', lw=0.5, alpha=0.5)
-            ax.set_ylabel(DIMS[d])
+            ax.plot(t, run.gt[:, d] * scale[d], color='0.3', label='recorded')
+            ax.plot(t[idx], pred[:, d], '.-', color='tab:blue', ms=3, label='policy')
+            for s_ in t[seams]:
+                ax.axvline(s_, color='tab:orange', lw=0.5, alpha=0.5)
+            ax.set_ylabel(GRIPPER_LABEL if d == len(DIMS) - 1 else f'{DIMS[d]}\n({units[d]} per step)', fontsize=8)
         axes[0].legend(loc='upper right', fontsize=8)
-        axes[0].set_title(f'{run.episode}: actions, policy vs recorded (orange: chunk seams)')
-        axes[-1].set_xlabel('frame')
-        paths['action_traces'] = _save(fig, out_dir / 'action_traces.png')
+        axes[0].set_title(f'{run.episode}: commanded actions, policy vs recorded (orange: chunk seams)')
+        axes[-1].set_xlabel('time since the first frame (s)')
+        key = 'action_traces' if len(traced) == 1 else f'action_traces_{_safe(run.episode)}'
+        paths[key] = _save(fig, out_dir / f'{key}.png')
 
-    errors = [e.action - r.gt[e.gt_index] for r in runs for e in r.executed if e.gt_index < len(r.gt)]
+    errors = [(e.action - r.gt[e.gt_index]) for r in runs for e in r.executed if e.gt_index < len(r.gt)]
     if errors:
-        err = np.asarray(errors)
-        fig, axes = plt.subplots(1, 7, figsize=(16, 2.8))
+        err = np.asarray(errors) * scale
+        fig, axes = plt.subplots(1, 7, figsize=(18, 3.4))
         for d, ax in enumerate(axes):
             col = err[:, d][~np.isnan(err[:, d])]
             if len(col):
                 ax.hist(col, bins=30, color='tab:blue')
-            ax.set_title(f'{DIMS[d]} error', fontsize=9)
+            ax.set_title(DIMS[d], fontsize=9)
+            ax.set_xlabel(f'policy − recorded ({units[d] or "-1 … +1"})', fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
+            ax.tick_params(labelsize=7)
+        axes[0].set_ylabel('commands')
+        fig.suptitle('Error per dimension: policy − recorded (positive: the policy commanded more)', fontsize=10)
         paths['error_histograms'] = _save(fig, out_dir / 'error_histograms.png')
 
-    strip = [s for r in runs for s in r.strip]
+    strip = [(r, s) for r in runs for s in r.strip]
     if strip:
-        fig, axes = plt.subplots(2, len(strip), figsize=(2.2 * len(strip), 4.6), squeeze=False)
-        for j, (frame, real, imagined) in enumerate(strip):
-            axes[0, j].imshow(real)
-            axes[0, j].set_title(f'frame {frame}', fontsize=8)
-            axes[1, j].imshow(imagined)
+        turn = bool(summary.get('rotate_180'))  # LIBERO renders upside down; show what the model sees, upright
+        fig, axes = plt.subplots(2, len(strip), figsize=(2.2 * len(strip), 4.8), squeeze=False)
+        for j, (run, (frame, real, imagined)) in enumerate(strip):
+            when = run.times_s[frame] if run.times_s is not None and frame < len(run.times_s) else frame / rate
+            axes[0, j].imshow(real[::-1, ::-1] if turn else real)
+            axes[0, j].set_title(f'{run.episode[:18]}\nt = {when:.2f} s', fontsize=7)
+            axes[1, j].imshow(imagined[::-1, ::-1] if turn else imagined)
             for ax in axes[:, j]:
                 ax.axis('off')
         axes[0, 0].text(-0.1, 0.5, 'recorded', transform=axes[0, 0].transAxes, rotation=90, va='center', ha='right')
         axes[1, 0].text(-0.1, 0.5, 'imagined', transform=axes[1, 0].transAxes, rotation=90, va='center', ha='right')
+        if turn:
+            fig.suptitle('turned 180°, as the model sees the frames', fontsize=8)
         paths['world_model_strip'] = _save(fig, out_dir / 'world_model_strip.png')
     return paths
+
+
+def _safe(name: str) -> str:
+    return ''.join(c if c.isalnum() or c in '-_.' else '_' for c in name)[:80]
 
 
 def _save(fig: Any, path: Path) -> Path:

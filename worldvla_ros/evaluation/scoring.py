@@ -55,6 +55,7 @@ class RunRecord:
     imagined: list[ImaginedFrame] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # frames, dropped, stale, holds, rejected …
     strip: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)  # (frame, real, imagined)
+    times_s: np.ndarray | None = None  # (N,) seconds since the first frame, per frame
 
 
 def executed_from_chunks(chunks: Sequence[ChunkRecord], n_frames: int, replan_every: int = 0) -> list[ExecutedAction]:

@@ -13,7 +13,7 @@ from typing import Any
 _WHERE = {
     'ActionTokenizer': 'action_tokenizer',
     'action_attention_mask': 'attention_mask',
-    'CheckpointError': 'checkpoint',
+    'CheckpointError': 'errors',
     'BackboneConfig': 'config',
     'VQGANConfig': 'config',
     'WorldVLAConfig': 'config',

@@ -25,11 +25,8 @@ from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
 
 from .config import BackboneConfig, VQGANConfig, WorldVLAConfig
+from .errors import CheckpointError
 from .vqgan import VQGAN
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory that cannot be loaded; the message says which file and why."""
 
 
 @dataclass(frozen=True)

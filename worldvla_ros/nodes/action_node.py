@@ -127,6 +127,7 @@ class ActionNode(GuardedNode):
         self._sequence = 0
         self._running = True
         self._closing = False
+        self._inferring = False
 
         sensors = MutuallyExclusiveCallbackGroup()
         control = MutuallyExclusiveCallbackGroup()
@@ -261,29 +262,37 @@ class ActionNode(GuardedNode):
                 if threshold >= 0 and len(self._queue) > threshold:
                     continue  # the current chunk runs on; the control tick wakes us when it is short
                 self._fresh = False
+                self._inferring = True
                 history = list(self._history)
                 instruction, version, epoch = self._instruction, self._instruction_version, self._epoch
-            newest_stamp = history[-1][1]
-            age = (self.get_clock().now() - Time.from_msg(newest_stamp)).nanoseconds * 1e-9
-            if age > self._param('max_obs_age'):
-                self._reject('stale', f'newest frame is {age:.3f} s old (max_obs_age {self._param("max_obs_age")})')
-                continue
-            if -age > self._param('max_future_stamp'):  # the clock went back (sim time restarted)
-                self._reject('future_stamp', f'newest frame is stamped {-age:.3f} s ahead of the clock')
-                continue
-            self.stats.count('frames_used')
             try:
-                self._infer(history, instruction, version, epoch)
-            except Exception as exc:  # never let one bad inference kill the worker
-                if not self.context.ok() or not self._running:
-                    return  # shutting down
-                from worldvla_ros.model import NonFiniteLogits
+                self._check_and_infer(history, instruction, version, epoch)
+            finally:
+                self._inferring = False
 
-                if isinstance(exc, NonFiniteLogits):
-                    self._reject('non_finite_output', str(exc))
-                    continue
-                self.stats.count('inference_errors')
-                self.get_logger().error(f'inference failed: {exc!r}', throttle_duration_sec=2.0)
+    def _check_and_infer(self, history: list[tuple[np.ndarray, TimeMsg]], instruction: str, version: int,
+                         epoch: int) -> None:
+        newest_stamp = history[-1][1]
+        age = (self.get_clock().now() - Time.from_msg(newest_stamp)).nanoseconds * 1e-9
+        if age > self._param('max_obs_age'):
+            self._reject('stale', f'newest frame is {age:.3f} s old (max_obs_age {self._param("max_obs_age")})')
+            return
+        if -age > self._param('max_future_stamp'):  # the clock went back (sim time restarted)
+            self._reject('future_stamp', f'newest frame is stamped {-age:.3f} s ahead of the clock')
+            return
+        self.stats.count('frames_used')
+        try:
+            self._infer(history, instruction, version, epoch)
+        except Exception as exc:  # never let one bad inference kill the worker
+            if not self.context.ok() or not self._running:
+                return  # shutting down
+            from worldvla_ros.model import NonFiniteLogits
+
+            if isinstance(exc, NonFiniteLogits):
+                self._reject('non_finite_output', str(exc))
+                return
+            self.stats.count('inference_errors')
+            self.get_logger().error(f'inference failed: {exc!r}', throttle_duration_sec=2.0)
 
     def _infer(self, history: list[tuple[np.ndarray, TimeMsg]], instruction: str, version: int, epoch: int) -> None:
         t0 = time.perf_counter()
@@ -387,9 +396,11 @@ class ActionNode(GuardedNode):
         self.command_pub.publish(cmd)
 
     def _publish_diagnostics(self) -> None:
+        with self._lock:  # idle: no chunk left to run, no inference running or waiting for one
+            idle = not self._queue and not self._inferring and not self._fresh
         values = {'model': self.policy.model_id, 'device': str(self.policy.device),
                   'enabled': str(self._param('enabled')), 'estop': str(self._estop),
-                  'instruction': self._instruction or '', **self.stats.snapshot()}
+                  'instruction': self._instruction or '', 'idle': str(idle).lower(), **self.stats.snapshot()}
         level, message = (1, 'e-stop latched') if self._estop else (0, 'running')
         self.diag_pub.publish(diagnostics_msg(self, 'worldvla: action node', level, message, values))
 

@@ -70,6 +70,7 @@ class WorldModelNode(GuardedNode):
         self._chunk_event = threading.Event()
         self._cancel = threading.Event()
         self._running = True
+        self._imagining = False
 
         self.imagined_pub = self.create_publisher(Image, 'worldvla/imagined_image', reliable_qos(10))
         self.compare_pub = self.create_publisher(Image, 'worldvla/imagined_comparison', reliable_qos(5))
@@ -117,54 +118,62 @@ class WorldModelNode(GuardedNode):
         return self.get_parameter('match_tolerance').value * 1e9
 
     def _imagine_loop(self) -> None:
-        from worldvla_ros.model import ImageSampling
-
         while self._running:
             if not self._chunk_event.wait(timeout=0.1):
                 continue
             self._chunk_event.clear()
             with self._lock:
                 chunk, self._chunk = self._chunk, None
+                self._imagining = chunk is not None
             if chunk is None:
                 continue
-            t0 = Time.from_msg(chunk.header.stamp).nanoseconds
-            start = self._frame_at(t0)
-            deadline = time.monotonic() + 0.5  # the chunk may overtake its frame between processes
-            while start is None and time.monotonic() < deadline and self._running:
-                time.sleep(0.01)
-                start = self._frame_at(t0)
-            if start is None:
-                self.stats.count('chunks_without_frame')
-                self.get_logger().warning('no camera frame with the chunk’s stamp; skipping', throttle_duration_sec=2.0)
-                continue
-            g = self.get_parameter
-            sampling = ImageSampling(g('temperature').value, g('top_k').value, g('cfg_scale').value)
-            period = 1e9 / g('control_rate_hz').value
-            actions = np.array([c.action for c in chunk.commands])[: g('horizon').value]
-            frame = start
             try:
-                for step, action in enumerate(actions, start=1):
-                    if not self._running:
-                        return
-                    t = time.perf_counter()
-                    frame = self.policy.imagine(frame, action, sampling, self._cancel)
-                    self.stats.latency(time.perf_counter() - t)
-                    stamp_ns = t0 + round(step * period)
-                    msg = fill_image_msg(Image(), frame)
-                    msg.header.stamp = Time(nanoseconds=stamp_ns).to_msg()
-                    msg.header.frame_id = chunk.header.frame_id or 'camera'
-                    self.imagined_pub.publish(msg)
-                    self.stats.count('frames_imagined')
-                    with self._lock:
-                        self._pending.append((stamp_ns, step, frame))
-                    real = self._frame_at(stamp_ns)  # the real frame may already be here
-                    if real is not None:
-                        self._score(stamp_ns, real, msg.header)
-            except Exception as exc:  # a failed rollout must not kill the worker
-                if not self.context.ok() or not self._running:
-                    return  # shutting down (a cancelled decoding ends here)
-                self.stats.count('imagine_errors')
-                self.get_logger().error(f'imagination failed: {exc!r}', throttle_duration_sec=2.0)
+                self._imagine_chunk(chunk)
+            finally:
+                self._imagining = False
+
+    def _imagine_chunk(self, chunk: ActionChunk) -> None:
+        """Roll the world model out from the chunk's frame; each imagined frame is published and scored."""
+        from worldvla_ros.model import ImageSampling
+
+        t0 = Time.from_msg(chunk.header.stamp).nanoseconds
+        start = self._frame_at(t0)
+        deadline = time.monotonic() + 0.5  # the chunk may overtake its frame between processes
+        while start is None and time.monotonic() < deadline and self._running:
+            time.sleep(0.01)
+            start = self._frame_at(t0)
+        if start is None:
+            self.stats.count('chunks_without_frame')
+            self.get_logger().warning('no camera frame with the chunk’s stamp; skipping', throttle_duration_sec=2.0)
+            return
+        g = self.get_parameter
+        sampling = ImageSampling(g('temperature').value, g('top_k').value, g('cfg_scale').value)
+        period = 1e9 / g('control_rate_hz').value
+        actions = np.array([c.action for c in chunk.commands])[: g('horizon').value]
+        frame = start
+        try:
+            for step, action in enumerate(actions, start=1):
+                if not self._running:
+                    return
+                t = time.perf_counter()
+                frame = self.policy.imagine(frame, action, sampling, self._cancel)
+                self.stats.latency(time.perf_counter() - t)
+                stamp_ns = t0 + round(step * period)
+                msg = fill_image_msg(Image(), frame)
+                msg.header.stamp = Time(nanoseconds=stamp_ns).to_msg()
+                msg.header.frame_id = chunk.header.frame_id or 'camera'
+                self.imagined_pub.publish(msg)
+                self.stats.count('frames_imagined')
+                with self._lock:
+                    self._pending.append((stamp_ns, step, frame))
+                real = self._frame_at(stamp_ns)  # the real frame may already be here
+                if real is not None:
+                    self._score(stamp_ns, real, msg.header)
+        except Exception as exc:  # a failed rollout must not kill the worker
+            if not self.context.ok() or not self._running:
+                return  # shutting down (a cancelled decoding ends here)
+            self.stats.count('imagine_errors')
+            self.get_logger().error(f'imagination failed: {exc!r}', throttle_duration_sec=2.0)
 
     def _score(self, stamp_ns: int, real: np.ndarray, header: Any) -> None:
         tol = self._tolerance_ns()
@@ -186,7 +195,8 @@ class WorldModelNode(GuardedNode):
     def _publish_diagnostics(self) -> None:
         with self._lock:
             held = sum(f.nbytes for _, f in self._frames) + sum(f.nbytes for *_, f in self._pending)
-        values = {'model': self.policy.model_id, 'device': str(self.policy.device),
+            idle = self._chunk is None and not self._imagining
+        values = {'model': self.policy.model_id, 'device': str(self.policy.device), 'idle': str(idle).lower(),
                   'frame_memory_bytes': str(held), **self.stats.snapshot()}
         self.diag_pub.publish(diagnostics_msg(self, 'worldvla: world model node', 0, 'running', values))
 
