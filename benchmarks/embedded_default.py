@@ -1,4 +1,4 @@
-"""The README's table for the bundled model: closed-loop success and world-model quality.
+"""The table of docs/embedded-default.md for the bundled model: closed-loop success and world-model quality.
 
     python benchmarks/embedded_default.py --episodes 150 --heldout-episodes 10 --wm-horizon 2 \\
         --world-model 'world-model only, 2500 steps=artifacts/wm_only' \\

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The training chain behind the first tabletop models that solve tasks in closed loop, as one
-# command (README, "First solved episodes"):
+# command (docs/embedded-default.md):
 #
 #   scripts/train_dagger_chain.sh [WORK_DIR] [OUT]     # defaults: artifacts/chain, WORK_DIR/model
 #   scripts/train_dagger_chain.sh artifacts/chain worldvla_ros/data/tabletop_model  # the bundled model

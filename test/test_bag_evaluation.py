@@ -414,7 +414,6 @@ def test_live_mode_records_node_outputs_and_scores_them(tmp_path: Path, eval_che
         diag = [(m.time_ns, s.hardware_id, {kv.key: kv.value for kv in s.values})
                 for m in r.messages(['/diagnostics']) for s in m.msg.status]
     # the replay ran until both nodes had nothing left to do, and stopped then (not on a timer)
-    end = max(t for t, _, _ in diag)
     idle_at = {}
     for t, node, values in sorted(diag):
         if values.get('idle') == 'true':
@@ -422,7 +421,8 @@ def test_live_mode_records_node_outputs_and_scores_them(tmp_path: Path, eval_che
         else:
             idle_at.pop(node, None)
     assert set(idle_at) == {'worldvla_action', 'worldvla_world_model'}, diag[-4:]
-    assert end - max(idle_at.values()) <= 1.5e9  # one report period after both were idle
+    after = [node for t, node, _ in diag if t > max(idle_at.values())]
+    assert len(after) <= 4  # stopped within about one report of both being idle (no timer running on)
     report = json.loads((out / 'report.json').read_text())
     t, a = report['timing'], report['actions']
     assert report['mode'] == 'live' and report['chunk_size'] == K

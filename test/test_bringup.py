@@ -47,7 +47,7 @@ def test_namespaced_bringup_keeps_the_yaml_and_dies_with_its_launcher(tiny_check
             sent_before = len(h.commands)
         bringup.kill()  # the launcher dies without stopping anything
         bringup.wait()
-        _, alive = psutil.wait_procs(children, timeout=8)
+        _, alive = psutil.wait_procs(children, timeout=20)
         assert not alive, [c.cmdline() for c in alive]
         time.sleep(0.5)
         with h.lock:

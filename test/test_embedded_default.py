@@ -1,7 +1,7 @@
 """The bundled tabletop model: closed-loop success and what it has learned above chance, and the sim
 as a ROS robot.
 
-Margins come from the README's measurements: open loop on 10 held-out episodes (seeds 100000…),
+Margins come from the measurements in docs/embedded-default.md: open loop on 10 held-out episodes (seeds 100000…),
 tested on 6 others (seeds 100500…); closed loop on 150 layouts (100000–100149), tested on 100 others
 (100500–100599).
 """
@@ -21,20 +21,20 @@ from worldvla_ros.sim.closed_loop import HELD_OUT_SEED, evaluate
 from worldvla_ros.sim.record import record_demos
 
 HELDOUT_EPISODES = 6
-SEEDS = HELD_OUT_SEED + 500  # layouts neither in the training data nor in the README's evaluation
-# Closed loop: the README's measurement solved 7 of the 150 layouts 100000–100149 (4.7 %), random
+SEEDS = HELD_OUT_SEED + 500  # layouts neither in the training data nor in the evaluation of docs/embedded-default.md
+# Closed loop: the measurement in docs/embedded-default.md solved 7 of the 150 layouts 100000–100149 (4.7 %), random
 # commands 0 of 1000 (95 % upper bound 0.4 %). MIN_SOLVED is the largest count a 4.7 % policy
 # reaches in 100 episodes with probability ≥ 0.95 (binomial: 2, p = 0.950); random commands at
 # 0.4 % reach it with probability 0.056, at their measured 0 % never.
 CLOSED_LOOP_EPISODES = 100
 MIN_SOLVED = 2
-# Direction agreement (Δx, Δy of clear moves) with the expert: chance 0.5; README 0.90 / 0.86 (the
+# Direction agreement (Δx, Δy of clear moves) with the expert: chance 0.5; measured 0.90 / 0.86 (the
 # first bundled model, which solved nothing: 0.64 / 0.57).
 MIN_DIRECTION = 0.55
-# Gripper open/closed: README 0.89 vs 0.50 for always answering the majority state (the majority
+# Gripper open/closed: measured 0.89 vs 0.50 for always answering the majority state (the majority
 # share depends on the episodes, so the margin is a gain over it; first bundled model 0.85).
 MIN_GRIPPER_GAIN = 0.10
-# World model, one step: README 23.95 dB against the recorded frame vs 17.8 dB for a frame of
+# World model, one step: measured 23.95 dB against the recorded frame vs 17.8 dB for a frame of
 # another layout (first bundled model 19.6). Repeating the observed frame scores 28.8 dB: the
 # bundled world model does not beat that, and no test claims it does.
 MIN_WM_GAIN_DB = 1.0

@@ -99,7 +99,7 @@ def test_received_used_dropped_and_lost_frames_add_up(tiny_checkpoint: Path, iso
             send()
         time.sleep(1.0)
         send()  # the last one reveals the gap before it
-        assert wait_until(lambda: sum(counts()) - base == burst + 1, 10), (counts(), base, burst + 1)
+        assert wait_until(lambda: sum(counts()) - base == burst + 1, 30), (counts(), base, burst + 1)
         received, lost = counts()
         assert lost > 0 and received > 1
         used, dropped = int(diag.get('frames_used', 0)), int(diag.get('frames_dropped', 0))
@@ -141,7 +141,7 @@ def test_world_model_node_stops_within_launchs_sigint_window(tiny_checkpoint: Pa
     world.signal(signal.SIGINT)
     code = world.wait(timeout=10)
     took = time.monotonic() - t0
-    assert code == 0 and took < 3.0, (code, took, world.log()[-2000:])
+    assert code == 0 and took < 5.0, (code, took, world.log()[-2000:])  # launch's SIGINT → SIGTERM window
 
     world = _imagining_world_model(tiny_checkpoint, tmp_path, isolated_graph)
     world.signal(signal.SIGINT)

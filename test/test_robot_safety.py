@@ -24,7 +24,7 @@ from rclpy.duration import Duration
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.qos import qos_profile_sensor_data
 from rclpy.time import Time
-from sensor_msgs.msg import CompressedImage
+from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Bool, String
 from std_srvs.srv import Trigger
 from worldvla.msg import ActionChunk, EndEffectorCommand
@@ -61,7 +61,7 @@ def action_graph(fixed_chunk_checkpoint: Path, tmp_path_factory: pytest.TempPath
     rclpy.init()
     h = Harness()
     h.instruction_pub.publish(String(data=INSTRUCTION))
-    if not h.wait_for(lambda: len(h.chunks) > 0, timeout=120):
+    if not h.wait_for(lambda: len(h.chunks) > 0, timeout=300):
         node.stop()
         pytest.fail(f'no ActionChunk within 120 s:\n{node.log()[-3000:]}')
     yield h, node
@@ -147,31 +147,38 @@ def test_no_command_after_an_estop_reset_comes_from_older_frames(action_graph) -
     for trial in range(6):
         assert h.wait_for(lambda: len(h.chunks) > 0, timeout=30)
         h.stream(0.6 + 0.1 * trial)  # the e-stop lands at a different point of an inference each time
+        stopped = time.monotonic()
         h.estop_pub.publish(Bool(data=True))
-        time.sleep(0.1)
+        # latched once a hold goes out (the next control tick); the inference in flight is still running
+        assert h.wait_for(lambda t=stopped: any(m.hold for when, m in h.commands if when > t), timeout=30,
+                          frames=False)
+        time.sleep(0.05)
         reset_at_ns = h.now_ns()
         reset_at = time.monotonic()
-        assert h.reset_client.call(Trigger.Request(), timeout_sec=5).success
+        response = h.reset_client.call(Trigger.Request(), timeout_sec=10)
+        assert response.success and response.message.startswith('e-stop reset'), response.message
         h.estop_pub.publish(Bool(data=False))  # the latched topic must not re-trigger it
-        assert h.wait_for(lambda t=reset_at: len(_motion_after(h, t)) >= 3, timeout=30), node.log()[-2000:]
+        assert h.wait_for(lambda t=reset_at: len(_motion_after(h, t)) >= 3, timeout=60), node.log()[-2000:]
         stamps = [Time.from_msg(m.header.stamp).nanoseconds for m in _motion_after(h, reset_at)]
         early = (reset_at_ns - min(stamps)) / 1e9
         assert early <= 0, f'trial {trial}: a command from a frame {early:.3f} s before the reset'
-    assert h.wait_for(lambda: h.counter(ACTION, 'estops') >= 6, timeout=5)
+    assert h.wait_for(lambda: h.counter(ACTION, 'estops') >= 6, timeout=30)
 
 
 # -- 5: frames from the future ---------------------------------------------------------------
 def test_frames_stamped_in_the_future_are_rejected(action_graph) -> None:
-    h, _ = action_graph
-    before = h.counter(ACTION, 'rejected_future_stamp')
+    h, node = action_graph
     hour_ahead = h.frame_msg(stamp_offset=3600.0)
     max_stamp = h.frame_msg()
     max_stamp.header.stamp = TimeMsg(sec=2**31 - 1, nanosec=999_999_999)
     t0 = time.monotonic()
-    for msg in (hour_ahead, max_stamp) * 3:
-        h.image_pub.publish(msg)
-        time.sleep(0.15)
-    assert h.wait_for(lambda: h.counter(ACTION, 'rejected_future_stamp') >= before + 2, timeout=10)
+    for msg in (hour_ahead, max_stamp):  # each until counted: best effort, depth 1, may drop one
+
+        def counted(b: int = h.counter(ACTION, 'rejected_future_stamp'), m: Image = msg) -> bool:
+            h.image_pub.publish(m)
+            return h.counter(ACTION, 'rejected_future_stamp') > b
+
+        assert h.wait_for(counted, timeout=30, hz=3, frames=False), (h.diag.get(ACTION), node.log()[-3000:])
     h.stream(1.0)
     with h.lock:
         later = [c for c in h.chunks]
@@ -183,12 +190,12 @@ def test_frames_stamped_in_the_future_are_rejected(action_graph) -> None:
 # -- 12: hostile instructions ------------------------------------------------------------------
 def test_control_characters_are_refused_and_a_flood_is_not_logged_line_by_line(action_graph) -> None:
     h, node = action_graph
-    before = h.counter(ACTION, 'rejected_instruction')
     # (a NUL never crosses the wire: ROS strings end at it; check_instruction's unit test covers it)
     for text in ('\x1b[31mput the block\x1b[0m in the bowl', 'put \u202eeht lwob', 'put the block\x7f in'):
-        h.instruction_pub.publish(String(data=text))
-        time.sleep(0.2)
-    assert h.wait_for(lambda: h.counter(ACTION, 'rejected_instruction') >= before + 3, timeout=10)
+        before = h.counter(ACTION, 'rejected_instruction')
+        h.instruction_pub.publish(String(data=text))  # one at a time: the topic keeps only the newest
+        assert h.wait_for(lambda b=before: h.counter(ACTION, 'rejected_instruction') > b, timeout=30), (
+            text, h.diag.get(ACTION), node.log()[-3000:])
     with h.lock:
         assert h.diag[ACTION]['instruction'] == INSTRUCTION
     log = node.log()
@@ -198,21 +205,29 @@ def test_control_characters_are_refused_and_a_flood_is_not_logged_line_by_line(a
     lines_before = node.log().count('instruction: ')
     changes_before = h.counter(ACTION, 'instruction_changes')
     t0 = time.monotonic()
-    for i in range(200):
+    for i in range(100):  # 50 new instructions a second for 2 s
         h.instruction_pub.publish(String(data=f'put the red block in the bowl number {i}'))
-        time.sleep(0.005)
-    h.instruction_pub.publish(String(data=INSTRUCTION))
+        time.sleep(0.02)
+    h.instruction_pub.publish(String(data=INSTRUCTION))  # the last word: later tests run on it
+
+    def settled() -> bool:  # the node acts on the last one and has reported the flood
+        d = h.diag.get(ACTION, {})
+        return d.get('instruction') == INSTRUCTION and int(d.get('instruction_changes', 0)) > changes_before + 1
+
+    assert h.wait_for(settled, timeout=60, frames=False)
     elapsed = time.monotonic() - t0
-    assert h.wait_for(lambda: h.counter(ACTION, 'instruction_changes') >= changes_before + 20, timeout=10)
+    changes = h.counter(ACTION, 'instruction_changes') - changes_before
     logged = node.log().count('instruction: ') - lines_before
-    assert logged <= elapsed / 1.0 + 2, f'{logged} INFO lines for a {elapsed:.1f} s flood'
+    assert logged <= elapsed / 1.0 + 2, f'{logged} INFO lines in {elapsed:.1f} s'  # at most one a second
+    assert changes > logged + 3, (changes, logged)  # every change counted, far fewer logged
 
 
 # -- 1, 10: the last command before a stop is a hold; a killed node is visible to the consumer ----
 def test_sigterm_ends_with_a_hold_and_a_kill_misses_the_deadline(action_graph, fixed_chunk_checkpoint: Path,
                                                                   tmp_path: Path) -> None:
     h, node = action_graph
-    assert h.wait_for(lambda: len(_motion_after(h, time.monotonic() - 1.0)) > 0, timeout=30)
+    h.instruction_pub.publish(String(data=INSTRUCTION))  # (latched: the next node gets it too)
+    assert h.wait_for(lambda: len(_motion_after(h, time.monotonic() - 1.0)) > 0, timeout=60)
     h.send_frame()
     stopped = time.monotonic()
     node.signal(signal.SIGTERM)
@@ -238,7 +253,7 @@ def test_sigterm_ends_with_a_hold_and_a_kill_misses_the_deadline(action_graph, f
         n = len(missed)
         second.proc.kill()
         second.wait()
-        assert wait_until(lambda: len(missed) > n, timeout=2.0)  # the consumer is told within ~the deadline
+        assert wait_until(lambda: len(missed) > n, timeout=10.0)  # the consumer is told (deadline 0.5 s)
     finally:
         second.stop()
 
@@ -345,13 +360,17 @@ def test_an_exception_in_any_callback_is_counted_and_the_node_goes_on(isolated_g
     pub = harness.create_publisher(String, 'guard_probe', reliable_qos())
     assert wait_until(lambda: pub.get_subscription_count() > 0, 10)
     try:
-        for text in ('one', 'boom', 'two'):
+        for text, expected in (('one', ['one']), ('boom', ['one']), ('two', ['one', 'two'])):
+            errors = node.stats.counts['callback_errors']
             pub.publish(String(data=text))
-            end = time.monotonic() + 1.0
-            while time.monotonic() < end:
+            end = time.monotonic() + 30
+            while time.monotonic() < end and (received != expected or (
+                    text == 'boom' and node.stats.counts['callback_errors'] == errors)):
                 executor.spin_once(timeout_sec=0.05)  # raises here if a callback's exception escaped
+        while len(ticks) <= 3:
+            executor.spin_once(timeout_sec=0.05)
         assert received == ['one', 'two'] and len(ticks) > 3
-        assert node.stats.counts['callback_errors'] == 2
+        assert node.stats.counts['callback_errors'] == 2  # the subscription's and the timer's
     finally:
         executor.shutdown()
         node.destroy_node()
