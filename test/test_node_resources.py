@@ -147,8 +147,10 @@ def test_world_model_node_stops_within_launchs_sigint_window(tiny_checkpoint: Pa
     world.signal(signal.SIGINT)
     time.sleep(0.05)
     world.signal(signal.SIGINT)  # the impatient second Ctrl-C
-    time.sleep(0.05)
-    world.signal(signal.SIGTERM)
+    end = time.monotonic() + 10
+    while world.alive() and time.monotonic() < end:  # and a SIGTERM at every moment of the shutdown
+        world.signal(signal.SIGTERM)
+        time.sleep(0.02)
     code = world.wait(timeout=10)
     log = world.log()
     assert code == 0 and 'terminate called' not in log and 'Traceback' not in log, log[-2000:]

@@ -332,7 +332,11 @@ def spin_node(factory: Callable[[], GuardedNode], args: list[str] | None = None)
         if executor is not None:
             clean = executor.shutdown(timeout_sec=2.0) and clean
         node.destroy_node()
-    rclpy.try_shutdown()
+    rclpy.try_shutdown(uninstall_handlers=False)  # rclpy would put the default handlers back
+    # Python's own finalization restores SIG_DFL for signals that have a Python handler: a late SIGTERM
+    # would then kill the process mid-exit (exit code -15). Ignored signals stay ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     if not clean:  # a worker is still inside the model: leave without waiting for it (no C++ abort)
         sys.stdout.flush()
         sys.stderr.flush()
