@@ -17,8 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from worldvla_ros.launch_plan import (
-    CAMERA,
-    INSTRUCTION,
     BringupOptions,
     NodeSpec,
     parameter_directory,
@@ -61,8 +59,7 @@ def node_command(spec: NodeSpec, parameter_dir: Path) -> list[str]:
 
 
 def start_nodes(checkpoint: str, config: Path | Sequence[Path], device: str = 'auto', namespace: str = '',
-                use_world_model: bool = True, extra: dict[str, str] | None = None,
-                remaps: dict[str, str] | None = None, use_sim: bool = False,
+                use_world_model: bool = True, extra: dict[str, str] | None = None, use_sim: bool = False,
                 sim_params: dict[str, str] | None = None, camera_topic: str = '',
                 instruction_topic: str = '', env: dict[str, str] | None = None) -> list[subprocess.Popen]:
     """The action node, the world-model node and the sim, each in its own process (in that order).
@@ -72,8 +69,7 @@ def start_nodes(checkpoint: str, config: Path | Sequence[Path], device: str = 'a
     configs = (config,) if isinstance(config, (str, Path)) else tuple(config)
     options = BringupOptions(
         checkpoint=checkpoint, configs=tuple(Path(c) for c in configs), device=device, namespace=namespace,
-        camera_topic=camera_topic or (remaps or {}).get(CAMERA, ''),
-        instruction_topic=instruction_topic or (remaps or {}).get(INSTRUCTION, ''),
+        camera_topic=camera_topic, instruction_topic=instruction_topic,
         use_world_model=use_world_model, use_sim=use_sim,
         extra={k: parse_value(v) for k, v in (extra or {}).items()},
         sim_extra={k: parse_value(v) for k, v in (sim_params or {}).items()})
