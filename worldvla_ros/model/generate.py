@@ -29,25 +29,34 @@ class DecodeCancelled(RuntimeError):
 
 
 class DecodeSession:
-    """One sequence (B=1) being extended token by token over a KV cache, with the action mask."""
+    """One sequence (B=1) being extended token by token over a KV cache, with the action mask.
 
-    def __init__(self, lm: ChameleonForConditionalGeneration, prompt: Sequence[int], causal: bool = False) -> None:
+    ``vocab`` (token ids) limits the logits to the tokens the caller can pick from: ``last_logits[i]``
+    is then the logit of ``vocab[i]``. The output projection is most of the work of a small model
+    (65536 rows), and argmax over the allowed tokens is the same either way.
+    """
+
+    def __init__(self, lm: ChameleonForConditionalGeneration, prompt: Sequence[int], causal: bool = False,
+                 vocab: torch.Tensor | None = None, prompt_logits: bool = True) -> None:
         self.lm = lm
         self.mask_rows = causal_mask_rows if causal else action_attention_mask_rows
         self.device = lm.lm_head.weight.device
         self.dtype = lm.lm_head.weight.dtype
+        self.vocab = None if vocab is None else vocab.to(self.device)
         self.cache = DynamicCache(config=lm.config)
         self.ids = torch.empty((1, 0), dtype=torch.long, device=self.device)
-        self.last_logits = self.feed(prompt)
+        self.last_logits = self.feed(prompt, logits=prompt_logits)
 
-    def feed(self, new_ids: Sequence[int]) -> torch.Tensor:
-        """Append tokens; return the (V,) float32 logits after the last one."""
+    def feed(self, new_ids: Sequence[int], logits: bool = True) -> torch.Tensor | None:
+        """Append tokens; return the float32 logits after the last one (over ``vocab``), or None."""
         start = self.ids.shape[1]
         new = torch.as_tensor(list(new_ids), dtype=torch.long, device=self.device)[None]
         self.ids = torch.cat([self.ids, new], dim=1)
         mask = additive_mask(self.mask_rows(self.ids, start), self.dtype)
         positions = torch.arange(start, self.ids.shape[1], device=self.device)[None]
-        self.last_logits = forward_logits(self.lm, new, positions, mask, self.cache)[0]
+        rows = self.vocab if logits else torch.empty(0, dtype=torch.long, device=self.device)
+        out = forward_logits(self.lm, new, positions, mask, self.cache, rows)[0]
+        self.last_logits = out if logits else None
         return self.last_logits
 
 
@@ -64,11 +73,26 @@ def forward_logits(
     positions: torch.Tensor,  # (B, Q) RoPE positions
     mask: torch.Tensor,  # (B, 1, Q, KV) additive
     cache: DynamicCache,
+    rows: torch.Tensor | None = None,  # (R,) token ids whose logits are wanted; None: all
 ) -> torch.Tensor:
-    """Logits of the last query position only, (B, V) float32; image tokens are not blocked."""
+    """Logits of the last query position only, (B, V) or (B, R) float32; image tokens are not blocked.
+
+    With ``rows`` empty only the cache is extended (a forced next token needs no logits); the last
+    hidden state is still checked, so a model producing NaN is caught either way.
+    """
     out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                    **{_cache_kwarg(type(lm.model)): cache})
-    logits = lm.lm_head(out.last_hidden_state[:, -1]).float()
+    hidden = out.last_hidden_state[:, -1]
+    if rows is None:
+        logits = lm.lm_head(hidden).float()
+    elif rows.numel():
+        bias = lm.lm_head.bias
+        logits = torch.nn.functional.linear(hidden, lm.lm_head.weight[rows], None if bias is None else bias[rows])
+        logits = logits.float()
+    else:
+        logits = hidden.float()[:, :0]
+        if not bool(torch.isfinite(hidden).all()):
+            raise NonFiniteLogits('the model produced a NaN/inf hidden state (broken weights or overflow)')
     if not bool(torch.isfinite(logits).all()):
         raise NonFiniteLogits('the model produced NaN/inf logits (broken weights or numerical overflow)')
     return logits
@@ -149,11 +173,13 @@ def generate_chunk_batched(
     ``generate_chunk_sequential(constrain=True)``. Whether the chunk goes on after action k is
     read from row k's prediction after its 15004 (10004 vs 8710).
     """
-    session = DecodeSession(lm, prompt)
-    device, p, k = session.device, len(prompt), max_actions
+    device, p, k = lm.lm_head.weight.device, len(prompt), max_actions
+    session = DecodeSession(lm, prompt, prompt_logits=False)  # the first token is placed: 10004
     cache = session.cache
     cache.batch_repeat_interleave(k)
     bins = _BIN_IDS.to(device)
+    stop_or_go = torch.tensor([T.ACTION_START, T.END_OF_TURN], device=device)
+    placed = torch.empty(0, dtype=torch.long, device=device)
     rows = torch.arange(k, device=device)
     values = torch.empty((k, T.ACTION_DIMS), dtype=torch.long, device=device)
     inputs = torch.full((k, 1), T.ACTION_START, dtype=torch.long, device=device)
@@ -162,15 +188,17 @@ def generate_chunk_batched(
         positions = (p + T.TOKENS_PER_ACTION * rows + j)[:, None]
         # each row's cache is exactly prompt + its own tokens: nothing to mask
         mask = torch.zeros((k, 1, 1, p + j + 1), dtype=session.dtype, device=device)
-        logits = forward_logits(lm, inputs, positions, mask, cache)
+        # only the logits this step can act on: the 256 value bins, none (15004 is placed), or 10004 vs 8710
+        wanted = bins if j < T.ACTION_DIMS else (placed if j == T.ACTION_DIMS else stop_or_go)
+        logits = forward_logits(lm, inputs, positions, mask, cache, wanted)
         passes += 1
         if j < T.ACTION_DIMS:
-            values[:, j] = bins[torch.argmax(logits[:, bins], dim=1)]
+            values[:, j] = bins[torch.argmax(logits, dim=1)]
             inputs = values[:, j : j + 1]
         elif j == T.ACTION_DIMS:
             inputs = torch.full((k, 1), T.ACTION_END, dtype=torch.long, device=device)
         else:
-            go_on = logits[:, T.ACTION_START] >= logits[:, T.END_OF_TURN]  # ties: argmax takes 10004
+            go_on = logits[:, 0] >= logits[:, 1]  # ties: argmax takes 10004
     n = k
     for i in range(max(min_actions, 1) - 1, k - 1):  # the last action always ends the chunk
         if not bool(go_on[i]):
@@ -214,9 +242,9 @@ def generate_image_block(
     """
     sampling = sampling or ImageSampling()
     header = [T.IMAGE_START, grid_token, grid_token]
-    cond = DecodeSession(lm, [*prompt, *header])
-    uncond = DecodeSession(lm, [T.BOS, *header]) if sampling.cfg_scale != 1.0 else None
-    allowed = image_token_ids.to(cond.device)
+    allowed = image_token_ids.to(lm.lm_head.weight.device)
+    cond = DecodeSession(lm, [*prompt, *header], vocab=allowed)  # logits of the 8192 image tokens only
+    uncond = DecodeSession(lm, [T.BOS, *header], vocab=allowed) if sampling.cfg_scale != 1.0 else None
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=cond.device).manual_seed(sampling.seed)
@@ -225,9 +253,9 @@ def generate_image_block(
         for c in range(grid):
             if should_stop is not None and should_stop():
                 raise DecodeCancelled('image decoding cancelled')
-            logits = cond.last_logits[allowed]
+            logits = cond.last_logits
             if uncond is not None:
-                logits = uncond.last_logits[allowed] + sampling.cfg_scale * (logits - uncond.last_logits[allowed])
+                logits = uncond.last_logits + sampling.cfg_scale * (logits - uncond.last_logits)
             token = int(allowed[_sample(logits, sampling, generator)])
             block.append(token)
             last = r == grid - 1 and c == grid - 1
