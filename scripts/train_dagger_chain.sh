@@ -36,7 +36,7 @@ steps() { echo "$1"; }
 if [[ ${WORLDVLA_CHAIN_SMOKE:-0} == 1 ]]; then
   n_demos=2 n_snippets=6 n_near=4 n_dagger=2 n_held=2 n_held_near=2 n_eval=2
   steps() { echo 2; }
-  extra=(--vq-steps 2 --batch-size 4 --hidden-size 64 --layers 2 --heads 2)
+  extra=(--vq-steps 2 --batch-size 4 --hidden-size 64 --layers 2 --heads 2 --diagnostic-frames 16)
 fi
 mkdir -p "$work"
 SECONDS=0

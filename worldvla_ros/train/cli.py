@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='random image-token embeddings instead of projections of the VQ codebook')
     p.add_argument('--checkpoint-every', type=int, default=0, help='also write OUT/step_N every N steps')
     p.add_argument('--fp32', action='store_true', help='no bf16 autocast in the backbone’s forward pass')
+    p.add_argument('--diagnostic-frames', type=int, default=256,
+                   help='frames (and up to 32 episodes) the VQGAN reconstruction and stability figures use')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: all cores)')
     p.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda, cuda:N')
@@ -184,10 +186,12 @@ def main(argv: list[str] | None = None) -> int:
                 stability_weight=args.stability_weight)
     timings['vqgan_s'] = time.perf_counter() - t0
     images = ImageTokenizer(vqgan, vocab, cfg.resolution, cfg.rotate_180)
-    recon_psnr = reconstruction_psnr(vqgan, model_frames[:: max(1, len(model_frames) // 256)])
+    n_diag = max(1, args.diagnostic_frames)
+    recon_psnr = reconstruction_psnr(vqgan, model_frames[:: -(-len(model_frames) // n_diag)])
     starts = np.cumsum([0] + [len(fr) for fr, *_ in episodes])
     per_episode = [model_frames[a:b] for a, b in itertools.pairwise(starts)]
-    stability = token_stability(vqgan, per_episode[:: max(1, len(episodes) // 32)])
+    n_episodes = min(32, max(1, n_diag // 8))
+    stability = token_stability(vqgan, per_episode[:: -(-len(episodes) // n_episodes)])
 
     tok = ActionTokenizer(cfg.action_min, cfg.action_max)
     samples = []
