@@ -31,12 +31,14 @@ out=$(realpath -m "${2:-$work/model}")
 bin=$repo/.venv/bin
 device=${WORLDVLA_DEVICE:-auto}
 extra=()
+dagger_extra=()
 n_demos=300 n_snippets=12000 n_near=4000 n_dagger=250 n_held=4000 n_held_near=1500 n_eval=50
 steps() { echo "$1"; }
 if [[ ${WORLDVLA_CHAIN_SMOKE:-0} == 1 ]]; then
   n_demos=2 n_snippets=6 n_near=4 n_dagger=2 n_held=2 n_held_near=2 n_eval=2
   steps() { echo 2; }
   extra=(--vq-steps 2 --batch-size 4 --hidden-size 64 --layers 2 --heads 2 --diagnostic-frames 16)
+  dagger_extra=(--max-steps 10)
 fi
 mkdir -p "$work"
 SECONDS=0
@@ -90,7 +92,8 @@ train "$work/m2" --data "$work/mix2" --mode action --steps "$(steps 2500)" $(fro
 
 prev=$work/m2
 dagger() {  # dagger ROUND: the expert's snippets from the states $prev visits
-  record "$work/dagger$1" --snippets 5 --dagger "$prev" --episodes "$n_dagger" --seed $((400000 + 250 * ($1 - 1)))
+  record "$work/dagger$1" --snippets 5 --dagger "$prev" --episodes "$n_dagger" --seed $((400000 + 250 * ($1 - 1))) \
+    "${dagger_extra[@]}"
 }
 for round in 1 2; do
   dagger $round

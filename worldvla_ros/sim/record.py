@@ -181,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--dagger', default='', metavar='CHECKPOINT',
                         help='with --snippets: label the states this checkpoint visits in closed loop (DAgger), '
                              '--episodes layouts from --seed')
+    parser.add_argument('--max-steps', type=int, default=0,
+                        help='with --dagger: closed-loop episodes end after this many commands (0: the sim’s '
+                             f'{SimConfig().max_steps})')
     args = parser.parse_args(argv)
+    if args.max_steps < 0 or (args.max_steps and not args.dagger):
+        parser.error('--max-steps is a positive number of commands, with --dagger')
     if (args.near or args.dagger) and not args.snippets:
         parser.error('--near and --dagger need --snippets')
     if args.held is not None and (args.dagger or not args.snippets):
@@ -194,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dagger:
         from worldvla_ros.model import load_policy
 
+        config = SimConfig(max_steps=args.max_steps) if args.max_steps else None
         bags = record_dagger(load_policy(args.dagger), args.out_dir, args.episodes, args.seed, args.snippets,
-                             args.noise, args.storage)
+                             args.noise, args.storage, config=config)
         print(f'{len(bags)} snippets of {args.snippets} steps from the states of {args.dagger} written to '
               f'{args.out_dir}')
         return 0
