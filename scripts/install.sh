@@ -57,7 +57,7 @@ numpy_dir=$("$venv/bin/python" -c 'import numpy, os; print(os.path.dirname(numpy
 # ament_index_python finds packages installed into the venv prefix.
 echo "import os, sys; os.environ.setdefault('AMENT_PREFIX_PATH', sys.prefix)" > "$site/worldvla_ament_prefix.pth"
 
-msgs_stamp=$(stamp_of "$repo"/msg/*.msg "$repo/CMakeLists.txt" "$repo/package.xml" \
+msgs_stamp=$(stamp_of "$repo"/msg/*.msg "$repo"/action/*.action "$repo/CMakeLists.txt" "$repo/package.xml" \
   "$repo"/scripts/action_node "$repo"/scripts/world_model_node "$repo"/scripts/worldvla_bringup \
   "$repo"/scripts/make_tiny_checkpoint "$repo"/scripts/evaluate_bag "$repo"/scripts/convert_to_bag \
   "$repo"/scripts/sim_node "$repo"/scripts/record_demos "$repo"/scripts/worldvla_train \
@@ -77,6 +77,6 @@ if [ "$(cat "$venv/.worldvla-msgs" 2>/dev/null)" != "$msgs_stamp" ]; then
   echo "$msgs_stamp" > "$venv/.worldvla-msgs"
 fi
 
-"$venv/bin/python" -c 'import rclpy, worldvla.msg, worldvla_ros' \
-  || { echo "error: the virtualenv does not import rclpy / worldvla.msg" >&2; exit 1; }
+"$venv/bin/python" -c 'import rclpy, worldvla.msg, worldvla.action, worldvla_ros' \
+  || { echo "error: the virtualenv does not import rclpy / worldvla.msg / worldvla.action" >&2; exit 1; }
 log "ready: $venv"

@@ -1,9 +1,12 @@
 """Shared fixtures: an isolated ROS 2 domain per test session and a tiny checkpoint."""
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 import tempfile
+from pathlib import Path
 
 # Isolate every test session's ROS graph before rclpy is imported anywhere.
 os.environ.setdefault('ROS_DOMAIN_ID', str(random.randint(1, 101)))
@@ -60,3 +63,14 @@ def isolated_graph(monkeypatch: pytest.MonkeyPatch):
     spinner.join(timeout=5)
     node.destroy_node()
     rclpy.shutdown(context=context)
+
+
+@pytest.fixture(scope='session')
+def fixed_chunk_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with chunks of exactly 5 actions (min_actions = chunk_size), so queues are long."""
+    root = tmp_path_factory.mktemp('fixed') / 'tiny_fixed'
+    shutil.copytree(tiny_checkpoint, root)
+    cfg = json.loads((root / 'config.json').read_text())
+    cfg['worldvla']['min_actions'] = cfg['worldvla']['chunk_size']
+    (root / 'config.json').write_text(json.dumps(cfg))
+    return root

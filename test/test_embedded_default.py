@@ -11,7 +11,8 @@ import json
 import time
 
 import pytest
-from std_msgs.msg import String
+from harness import wait_until
+from std_msgs.msg import Bool, String
 
 from worldvla_ros.bringup import default_config, sim_config, start_nodes, stop_nodes
 from worldvla_ros.nodes.common import reliable_qos, watch_diagnostics
@@ -105,6 +106,8 @@ def test_sim_node_runs_episodes_with_the_action_node(isolated_graph) -> None:
 
     node.create_subscription(String, 'sim/episode_result', lambda m: results.append(json.loads(m.data)),
                              reliable_qos(10))
+    successes: list[bool] = []  # the success signal of RunInstruction goals
+    node.create_subscription(Bool, 'sim/success', lambda m: successes.append(m.data), reliable_qos(10))
     sim_diag = watch_diagnostics(node, 'worldvla_sim')
     try:
         end = time.monotonic() + 180
@@ -113,6 +116,7 @@ def test_sim_node_runs_episodes_with_the_action_node(isolated_graph) -> None:
         assert len(results) == 2, (results, sim_diag)
         assert [r['episode'] for r in results] == [0, 1]
         assert all(isinstance(r['success'], bool) and r['steps'] > 0 for r in results)
+        assert wait_until(lambda: len(successes) == 2, 10) and successes == [r['success'] for r in results]
         end = time.monotonic() + 15  # the 1 Hz report after the second episode
         while time.monotonic() < end and sim_diag.get('episodes_done') != '2':
             time.sleep(0.2)

@@ -35,6 +35,20 @@ def test_action_chunk_round_trip() -> None:
     assert len(back.observation_stamps) == 2 and back.sequence == 7
 
 
+def test_run_instruction_action_types() -> None:
+    from worldvla.action import RunInstruction
+
+    goal = RunInstruction.Goal(instruction='open the drawer', max_steps=200, time_limit=60.0)
+    back = deserialize_message(serialize_message(goal), RunInstruction.Goal)
+    assert (back.instruction, back.max_steps, back.time_limit) == ('open the drawer', 200, 60.0)
+    outcomes = [RunInstruction.Result.SUCCEEDED, RunInstruction.Result.STEP_LIMIT, RunInstruction.Result.TIME_LIMIT,
+                RunInstruction.Result.CANCELED, RunInstruction.Result.PREEMPTED, RunInstruction.Result.ESTOPPED,
+                RunInstruction.Result.MODEL_ERROR, RunInstruction.Result.SHUTDOWN]
+    assert len(set(outcomes)) == 8
+    assert {'chunks', 'commands_sent', 'last_inference_latency', 'surprise_psnr'} <= set(
+        RunInstruction.Feedback.get_fields_and_field_types())
+
+
 @pytest.mark.skipif(not (PREFIX / 'lib' / 'worldvla').is_dir(), reason='not the standalone venv install')
 def test_ros_layout_in_prefix() -> None:
     for exe in ('action_node', 'world_model_node', 'sim_node', 'worldvla_bringup', 'make_tiny_checkpoint',
@@ -46,6 +60,7 @@ def test_ros_layout_in_prefix() -> None:
     assert (share / 'package.xml').is_file()
     assert (share / 'launch' / 'bringup.launch.py').is_file()
     assert (share / 'config' / 'worldvla.yaml').is_file()
+    assert (share / 'action' / 'RunInstruction.action').is_file()  # what `ros2 interface show` reads
     from ament_index_python.packages import get_package_share_directory
 
     assert Path(get_package_share_directory('worldvla')) == share

@@ -5,8 +5,6 @@ and checks what reaches the command topic.
 """
 from __future__ import annotations
 
-import json
-import shutil
 import signal
 import struct
 import subprocess
@@ -37,17 +35,6 @@ pytestmark = pytest.mark.ros
 ACTION = 'worldvla_action'
 RATE = 10.0
 INSTRUCTION = 'put the red block in the bowl'
-
-
-@pytest.fixture(scope='module')
-def fixed_chunk_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint with chunks of exactly 5 actions (min_actions = chunk_size), so queues are long."""
-    root = tmp_path_factory.mktemp('fixed') / 'tiny_fixed'
-    shutil.copytree(tiny_checkpoint, root)
-    cfg = json.loads((root / 'config.json').read_text())
-    cfg['worldvla']['min_actions'] = cfg['worldvla']['chunk_size']
-    (root / 'config.json').write_text(json.dumps(cfg))
-    return root
 
 
 @pytest.fixture(scope='module')

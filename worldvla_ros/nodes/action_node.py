@@ -5,6 +5,12 @@ a control timer publishes the chunk's commands at ``control_rate_hz`` and a hold
 no fresh chunk is there (watchdog) or the e-stop is latched. Every limit (clamp, step limit,
 dry run) is applied to each command as it goes out, with the values in force at that moment.
 
+A task can also come as a goal of the ``worldvla/run_instruction`` action (RunInstruction): it
+runs until the success signal (a ``std_msgs/Bool`` on ``success_topic``), its step or time
+limit, a cancel, a newer goal (preempted, or the newer one rejected: ``goal_policy``), an e-stop
+or a model error; whatever ends it, the robot holds. While a goal runs, ``instruction`` messages
+are counted and ignored.
+
 What a command consumer sees: one command per control period while the node runs (motion or
 hold), a hold as the last command when it shuts down or fails, and silence only if the process
 is killed outright. The command publisher offers a deadline of two control periods, so a
@@ -13,9 +19,11 @@ then stop the robot (each command is a displacement for one period, never a stan
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,12 +31,15 @@ from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Point
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.action.server import ServerGoalHandle
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.duration import Duration
 from rclpy.time import Time
-from std_msgs.msg import Bool, Header, String
+from std_msgs.msg import Bool, Float64MultiArray, Header, String
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker, MarkerArray
+from worldvla.action import RunInstruction
 from worldvla.msg import ActionChunk, EndEffectorCommand
 
 from worldvla_ros.image_conversion import ImageRejected
@@ -72,7 +83,32 @@ PARAMETERS: dict[str, Param] = {
     'warmup': Param(True, 'run one inference before going active', read_only=True),
     'replan_threshold': Param(-1, 'next inference only once at most this many commands are queued; '
                               '-1 = on every new frame (the new chunk replaces the queue)', -1, 64),
+    'success_topic': Param('', 'std_msgs/Bool topic whose true ends a running goal as succeeded '
+                           '(the tabletop sim: sim/success); empty: goals end on their limits', read_only=True),
+    'goal_policy': Param('preempt', 'a goal arriving while one runs: preempt (the running one ends as PREEMPTED) '
+                         'or reject (the new one is refused)', choices=('preempt', 'reject')),
 }
+
+Outcome = RunInstruction.Result
+OUTCOME_NAMES = {getattr(Outcome, n): n.lower() for n in (
+    'SUCCEEDED', 'STEP_LIMIT', 'TIME_LIMIT', 'CANCELED', 'PREEMPTED', 'ESTOPPED', 'MODEL_ERROR', 'SHUTDOWN')}
+
+
+@dataclass
+class Goal:
+    """A RunInstruction goal as the control loop sees it; ``outcome`` is set once, under the node's lock."""
+
+    handle: ServerGoalHandle
+    instruction: str
+    max_steps: int
+    time_limit: float
+    start: float = field(default_factory=time.monotonic)
+    chunks: int = 0
+    steps: int = 0
+    outcome: int | None = None
+    message: str = ''
+    end: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 LIMIT_PARAMETERS = ('action_min', 'action_max', 'max_step')  # SafetyLimits' fields, in order
@@ -106,7 +142,8 @@ class ActionNode(GuardedNode):
             {n for n, q in PARAMETERS.items() if q.read_only},
             {'action_min': _check_seven('action_min'), 'action_max': _check_seven('action_max'),
              'max_step': _check_seven('max_step', non_negative=True),
-             'action_scale': _check_seven('action_scale', non_negative=True)},
+             'action_scale': _check_seven('action_scale', non_negative=True),
+             'goal_policy': PARAMETERS['goal_policy'].check_choice},
         )
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
@@ -128,6 +165,11 @@ class ActionNode(GuardedNode):
         self._running = True
         self._closing = False
         self._inferring = False
+        self._goal: Goal | None = None  # the running RunInstruction goal
+        self._goal_end_hold = False  # a goal ended: the next tick holds, whatever is queued
+        self._accepted: dict[bytes, Goal] = {}  # accepted goals whose execute callback has not picked them up
+        self._last_latency = math.nan
+        self._surprise_psnr = math.nan
 
         sensors = MutuallyExclusiveCallbackGroup()
         control = MutuallyExclusiveCallbackGroup()
@@ -143,6 +185,19 @@ class ActionNode(GuardedNode):
                                  callback_group=MutuallyExclusiveCallbackGroup())
         self.create_subscription(Bool, 'worldvla/estop', self._on_estop, latched_qos(), callback_group=control)
         self.create_service(Trigger, 'worldvla/reset_estop', self._on_reset_estop, callback_group=control)
+        goals = ReentrantCallbackGroup()  # a running goal's execute callback waits; cancels and new goals must not
+        self._action_server = ActionServer(
+            self, RunInstruction, 'worldvla/run_instruction',
+            execute_callback=self._execute_goal,
+            goal_callback=self._guard(self._on_goal_request, 'goal request', lambda: GoalResponse.REJECT),
+            handle_accepted_callback=self._guard(self._on_goal_accepted, 'goal start'),
+            cancel_callback=self._guard(self._on_cancel_request, 'cancel request', lambda: CancelResponse.ACCEPT),
+            callback_group=goals)
+        if p['success_topic']:
+            self.create_subscription(Bool, p['success_topic'], self._on_success, reliable_qos(10),
+                                     callback_group=control)
+        self.create_subscription(Float64MultiArray, 'worldvla/surprise', self._on_surprise, reliable_qos(10),
+                                 callback_group=MutuallyExclusiveCallbackGroup())
         self.create_timer(1.0 / self.rate, self._on_control_tick, callback_group=control)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
         self._worker = threading.Thread(target=self._inference_loop, name='worldvla-inference', daemon=True)
@@ -207,6 +262,9 @@ class ActionNode(GuardedNode):
             self._reject('instruction', str(exc))
             return
         with self._lock:
+            if self._goal is not None:
+                self.stats.count('instructions_ignored_during_goal')
+                return
             if text == self._instruction:
                 return
             self._instruction = text
@@ -223,6 +281,8 @@ class ActionNode(GuardedNode):
             newly = not self._estop
             self._estop = True
             self._epoch += 1
+            if self._goal is not None:
+                self._end_goal(Outcome.ESTOPPED, 'e-stop')
             self._queue.clear()
             self._history.clear()
             self._fresh = False
@@ -244,6 +304,113 @@ class ActionNode(GuardedNode):
             else 'e-stop was not latched'
         self.get_logger().warning(resp.message)
         return resp
+
+    # -- task action (RunInstruction) ---------------------------------------------------------
+    def _on_goal_request(self, request: RunInstruction.Goal) -> GoalResponse:
+        try:
+            self.policy.check_instruction(request.instruction)
+            if not math.isfinite(request.time_limit) or request.time_limit < 0:
+                raise ValueError(f'time_limit must be a finite number of seconds ≥ 0, got {request.time_limit}')
+        except ValueError as exc:
+            self._reject('goal', str(exc))
+            return GoalResponse.REJECT
+        with self._lock:
+            if self._estop:
+                self._reject('goal', 'e-stop latched: call worldvla/reset_estop first')
+                return GoalResponse.REJECT
+            if self._goal is not None and self._param('goal_policy') == 'reject':
+                self._reject('goal', 'a goal is running (goal_policy reject)')
+                return GoalResponse.REJECT
+        return GoalResponse.ACCEPT
+
+    def _on_goal_accepted(self, handle: ServerGoalHandle) -> None:
+        request = handle.request
+        text = self.policy.check_instruction(request.instruction)
+        goal = Goal(handle, text, int(request.max_steps), float(request.time_limit))
+        with self._lock:
+            self._accepted[bytes(handle.goal_id.uuid)] = goal
+            if self._estop:  # latched between the request and now
+                goal.outcome, goal.message = Outcome.ESTOPPED, 'e-stop'
+                goal.end = goal.start
+                goal.done.set()
+            else:
+                if self._goal is not None:
+                    self._end_goal(Outcome.PREEMPTED, 'preempted by a newer goal')
+                self._goal = goal
+                self._instruction = text
+                self._instruction_version += 1
+                self._queue.clear()  # nothing computed for an earlier task runs
+        self.stats.count('goals_accepted')
+        self.get_logger().info(f'goal: {text!r} (max_steps {goal.max_steps}, time_limit {goal.time_limit:g} s)')
+        self._frame_event.set()
+        handle.execute()
+
+    def _on_cancel_request(self, handle: ServerGoalHandle) -> CancelResponse:
+        with self._lock:  # the robot holds from the next control tick on, before the goal reports canceled
+            if self._goal is not None and self._goal.handle is handle:
+                self._end_goal(Outcome.CANCELED, 'canceled')
+        return CancelResponse.ACCEPT
+
+    def _on_success(self, msg: Bool) -> None:
+        if msg.data:
+            with self._lock:
+                if self._goal is not None:
+                    self._end_goal(Outcome.SUCCEEDED, f'success signal on {self._param("success_topic")}')
+
+    def _on_surprise(self, msg: Float64MultiArray) -> None:
+        if len(msg.data) >= 2 and math.isfinite(msg.data[1]):
+            self._surprise_psnr = float(msg.data[1])
+
+    def _end_goal(self, outcome: int, message: str) -> None:
+        """Ends the running goal (lock held): no command of its task is sent after this."""
+        goal = self._goal
+        if goal is None:
+            return
+        goal.outcome, goal.message, goal.end = outcome, message, time.monotonic()
+        self._goal = None
+        self._instruction = None
+        self._instruction_version += 1
+        self._queue.clear()
+        self._goal_end_hold = True
+        goal.done.set()
+
+    def _check_goal_limits(self) -> bool:
+        """At each control tick (lock held): end the goal on its time limit or a cancel; True once after any end."""
+        goal = self._goal
+        if goal is not None:
+            if goal.time_limit and time.monotonic() - goal.start >= goal.time_limit:
+                self._end_goal(Outcome.TIME_LIMIT, f'time limit {goal.time_limit:g} s')
+            elif goal.handle.is_cancel_requested:
+                self._end_goal(Outcome.CANCELED, 'canceled')
+        ended, self._goal_end_hold = self._goal_end_hold, False
+        return ended
+
+    def _execute_goal(self, handle: ServerGoalHandle) -> RunInstruction.Result:
+        with self._lock:
+            goal = self._accepted.pop(bytes(handle.goal_id.uuid))
+        result = RunInstruction.Result()
+        feedback = RunInstruction.Feedback()
+        sent = None
+        while not goal.done.wait(0.1):
+            now = (goal.chunks, goal.steps)
+            if now != sent and handle.is_active:
+                feedback.chunks, feedback.commands_sent = now
+                feedback.last_inference_latency = self._last_latency
+                feedback.surprise_psnr = self._surprise_psnr
+                handle.publish_feedback(feedback)
+                sent = now
+        result.outcome, result.message = goal.outcome, goal.message
+        result.steps, result.duration = goal.steps, goal.end - goal.start
+        self.stats.count(f'goals_{OUTCOME_NAMES[goal.outcome]}')
+        self.get_logger().info(f'goal {goal.instruction!r} ended: {OUTCOME_NAMES[goal.outcome]} ({goal.message}), '
+                               f'{goal.steps} steps in {result.duration:.1f} s')
+        if goal.outcome == Outcome.SUCCEEDED:
+            handle.succeed()
+        elif goal.outcome == Outcome.CANCELED and handle.is_cancel_requested:
+            handle.canceled()
+        else:
+            handle.abort()
+        return result
 
     def _reject(self, reason: str, detail: str) -> None:
         self.stats.count(f'rejected_{reason}')
@@ -290,21 +457,28 @@ class ActionNode(GuardedNode):
 
             if isinstance(exc, NonFiniteLogits):
                 self._reject('non_finite_output', str(exc))
-                return
-            self.stats.count('inference_errors')
-            self.get_logger().error(f'inference failed: {exc!r}', throttle_duration_sec=2.0)
+            else:
+                self.stats.count('inference_errors')
+                self.get_logger().error(f'inference failed: {exc!r}', throttle_duration_sec=2.0)
+            with self._lock:
+                if self._goal is not None and version == self._instruction_version:
+                    self._end_goal(Outcome.MODEL_ERROR, f'inference failed: {exc}')
 
     def _infer(self, history: list[tuple[np.ndarray, TimeMsg]], instruction: str, version: int, epoch: int) -> None:
         t0 = time.perf_counter()
         pred = self.policy.predict([f for f, _ in history], instruction, batched=self._param('batched_decoding'))
         latency = time.perf_counter() - t0
         self.stats.latency(latency)
+        self._last_latency = latency
         with self._lock:
             previous = self._last_sent
         try:
             safe, changed = self.safety.apply(pred.actions, previous)
         except UnsafeChunk as exc:
             self._reject('unsafe_chunk', str(exc))
+            with self._lock:
+                if self._goal is not None and version == self._instruction_version:
+                    self._end_goal(Outcome.MODEL_ERROR, f'unsafe chunk: {exc}')
             return
         if changed:
             self.stats.count('values_limited', changed)
@@ -327,6 +501,8 @@ class ActionNode(GuardedNode):
             self._queue = deque(chunk.commands)
             self._queue_time = time.monotonic()
             self._active = True
+            if self._goal is not None:
+                self._goal.chunks += 1
         self.chunk_pub.publish(chunk)
         self.path_pub.publish(self._planned_path(chunk, safe))
         self.stats.count('chunks')
@@ -365,11 +541,18 @@ class ActionNode(GuardedNode):
         with self._lock:
             if self._closing:
                 return  # close() sends the last command
+            goal_ended = self._check_goal_limits()
             fresh = time.monotonic() - self._queue_time <= self._param('watchdog_timeout')
             if self._estop:
                 cmd, reason = None, 'estop'
+            elif goal_ended and self._active:
+                cmd, reason = None, 'goal_end'
             elif self._queue and fresh:
                 cmd, reason = self._queue.popleft(), ''
+                if self._goal is not None:
+                    self._goal.steps += 1
+                    if self._goal.max_steps and self._goal.steps >= self._goal.max_steps:
+                        self._end_goal(Outcome.STEP_LIMIT, f'{self._goal.steps} steps sent (max_steps)')
             elif self._active:
                 self._queue.clear()
                 cmd, reason = None, 'watchdog'
@@ -409,6 +592,7 @@ class ActionNode(GuardedNode):
         with self._lock:
             self._closing = True
             self._running = False
+            self._end_goal(Outcome.SHUTDOWN, 'the node is shutting down')
             self._queue.clear()
             commanded = self._active or self._estop
             last = self._hold() if commanded else None

@@ -38,6 +38,12 @@ class Param:
     low: float | None = None
     high: float | None = None
     read_only: bool = False
+    choices: tuple[str, ...] = ()  # the string values allowed
+
+    def check_choice(self, value: Any) -> str | None:
+        if self.choices and value not in self.choices:
+            return f'must be one of {", ".join(self.choices)}, got {value!r}'
+        return None
 
     def descriptor(self) -> ParameterDescriptor:
         d = ParameterDescriptor(description=self.description, read_only=self.read_only)
@@ -88,6 +94,9 @@ def declare_all(node: Node, table: dict[str, Param]) -> dict[str, Any]:
             kind = type(p.default).__name__.replace('str', 'string').replace('float', 'double')
             hint = f' in {p.low:g} … {p.high:g}' if p.low is not None and p.high is not None else ''
             raise StartupError(f'parameter {name}: expected a {kind}{hint} ({exc})') from exc
+        problem = p.check_choice(node.get_parameter(name).value)
+        if problem:
+            raise StartupError(f'parameter {name}: {problem}')
     return {name: node.get_parameter(name).value for name in table}
 
 

@@ -3,8 +3,9 @@
 Publishes ``camera/image_raw`` at ``rate_hz``, the episode's ``instruction`` (transient local),
 applies every ``worldvla/ee_command`` it receives (one sim step each; ``dry_run`` commands only
 with ``execute_dry_run``), and ends an episode on success, after ``max_steps`` commands or after
-``episode_timeout`` seconds. Each result goes out on ``sim/episode_result`` (JSON) and into the
-log; ``/diagnostics`` carries the running success rate.
+``episode_timeout`` seconds. Each result goes out on ``sim/episode_result`` (JSON), as
+``sim/success`` (``std_msgs/Bool``: the success signal of the action node's RunInstruction goals)
+and into the log; ``/diagnostics`` carries the running success rate.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from sensor_msgs.msg import Image
-from std_msgs.msg import String
+from std_msgs.msg import Bool, String
 from worldvla.msg import EndEffectorCommand
 
 from worldvla_ros.image_conversion import fill_image_msg
@@ -62,6 +63,7 @@ class SimNode(GuardedNode):
         self.image_pub = self.create_publisher(Image, 'camera/image_raw', image_qos(5))
         self.instruction_pub = self.create_publisher(String, 'instruction', latched_qos())
         self.result_pub = self.create_publisher(String, 'sim/episode_result', reliable_qos(50))
+        self.success_pub = self.create_publisher(Bool, 'sim/success', reliable_qos(10))
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', reliable_qos())
         self.create_subscription(EndEffectorCommand, 'worldvla/ee_command', self._on_command, reliable_qos(50))
         self.create_timer(1.0 / float(p['rate_hz']), self._publish_frame)
@@ -100,6 +102,7 @@ class SimNode(GuardedNode):
                   'success': success, 'steps': self.sim.state.steps,
                   'success_rate': float(np.mean(self._results)), 'episodes_done': len(self._results)}
         self.result_pub.publish(String(data=json.dumps(result)))
+        self.success_pub.publish(Bool(data=bool(success)))
         self.get_logger().info(
             f'episode {self._episode}: {"SUCCESS" if success else "failed"} after {self.sim.state.steps} steps; '
             f'success rate {np.mean(self._results):.0%} over {len(self._results)}')

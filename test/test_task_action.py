@@ -1,0 +1,246 @@
+"""The RunInstruction task action: real action node process, real action client, real commands.
+
+Each goal's end is checked where it matters, on the command topic: after a goal ends for any
+reason the next command is a hold, and no command of an ended or preempted task goes out.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+import rclpy
+from action_msgs.msg import GoalStatus
+from harness import Harness, NodeProcess, wait_until
+from rclpy.action import ActionClient
+from std_msgs.msg import Bool, String
+from std_srvs.srv import Trigger
+from worldvla.action import RunInstruction
+from worldvla.msg import EndEffectorCommand
+
+from worldvla_ros.bringup import default_config
+from worldvla_ros.nodes.common import latched_qos, reliable_qos
+
+pytestmark = pytest.mark.ros
+ACTION = 'worldvla_action'
+RATE = 10.0
+PERIOD = 1.0 / RATE
+TASK = 'put the red block in the bowl'
+Outcome = RunInstruction.Result
+
+
+class GoalClient:
+    """An action client on the harness node; every time is taken in the harness's executor thread,
+    in the same order as the commands it records."""
+
+    def __init__(self, h: Harness) -> None:
+        self.h = h
+        self.client = ActionClient(h.node, RunInstruction, 'worldvla/run_instruction')
+        self.feedback: list[RunInstruction.Feedback] = []
+        assert self.client.wait_for_server(timeout_sec=30), 'no worldvla/run_instruction server'
+
+    def send(self, instruction: str, max_steps: int = 0, time_limit: float = 0.0):
+        """(goal handle, monotonic time the accept/reject answer arrived)."""
+        answered: list[float] = []
+        goal = RunInstruction.Goal(instruction=instruction, max_steps=max_steps, time_limit=time_limit)
+        future = self.client.send_goal_async(goal, feedback_callback=lambda m: self.h._add(self.feedback, m.feedback))
+        future.add_done_callback(lambda _f: answered.append(time.monotonic()))
+        assert wait_until(lambda: bool(answered), 20), 'no answer to the goal request'
+        return future.result(), answered[0]
+
+    def cancel(self, handle) -> float:
+        answered: list[float] = []
+        handle.cancel_goal_async().add_done_callback(lambda _f: answered.append(time.monotonic()))
+        assert wait_until(lambda: bool(answered), 20), 'no answer to the cancel request'
+        return answered[0]
+
+    def result(self, handle, timeout: float = 60.0):
+        """(result, status, monotonic time it arrived); camera frames keep coming meanwhile."""
+        arrived: list[float] = []
+        future = handle.get_result_async()
+        future.add_done_callback(lambda _f: arrived.append(time.monotonic()))
+        assert self.h.wait_for(lambda: bool(arrived), timeout), 'no goal result'
+        response = future.result()
+        return response.result, response.status, arrived[0]
+
+
+@pytest.fixture(scope='module')
+def task_graph(fixed_chunk_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    logs = tmp_path_factory.mktemp('logs')
+    node = NodeProcess('action_node', logs, {
+        'checkpoint': str(fixed_chunk_checkpoint), 'device': 'cpu', 'enabled': 'true',
+        'control_rate_hz': str(RATE), 'max_obs_age': '2.0', 'watchdog_timeout': '2.0',
+        'replan_threshold': '1', 'success_topic': 'test/success'}, config=[default_config()])
+    rclpy.init()
+    h = Harness()
+    h.success_pub = h.node.create_publisher(Bool, 'test/success', reliable_qos(10))
+    try:
+        goals = GoalClient(h)
+    except AssertionError:
+        node.stop()
+        pytest.fail(f'the action node offers no task action:\n{node.log()[-3000:]}')
+    yield h, goals, node
+    h.close()
+    rclpy.shutdown()
+    node.stop()
+
+
+def _commands(h: Harness, after: float, before: float = math.inf) -> list[tuple[float, EndEffectorCommand]]:
+    with h.lock:
+        return [(t, m) for t, m in h.commands if after < t < before]
+
+
+def _motion(h: Harness, after: float, before: float = math.inf) -> list[EndEffectorCommand]:
+    return [m for _, m in _commands(h, after, before) if not m.hold]
+
+
+def _first_command_after(h: Harness, t: float, timeout: float = 5.0) -> tuple[float, EndEffectorCommand]:
+    assert wait_until(lambda: bool(_commands(h, t)), timeout), 'no command after the goal ended'
+    return _commands(h, t)[0]
+
+
+def test_a_goal_runs_to_its_step_limit_with_feedback_then_holds(task_graph) -> None:
+    h, goals, _node = task_graph
+    handle, accepted = goals.send(TASK, max_steps=7)
+    assert handle.accepted
+    result, status, ended = goals.result(handle)
+    assert status == GoalStatus.STATUS_ABORTED and result.outcome == Outcome.STEP_LIMIT, result
+    assert result.steps == 7 and result.duration > 0
+    h.wait_for(lambda: False, 1.0)
+    sent = [m for _, m in _commands(h, accepted)]
+    moving = [i for i, m in enumerate(sent) if not m.hold]
+    assert len(moving) == 7, [m.hold for m in sent]
+    assert moving[-1] + 1 < len(sent) and sent[moving[-1] + 1].hold  # the seventh motion is followed by a hold
+    assert not _motion(h, ended), 'motion after the goal ended'
+    with h.lock:
+        fb = list(goals.feedback)
+    assert fb and fb[-1].chunks >= 2 and 0 < fb[-1].commands_sent <= 7, fb[-1:]
+    assert math.isfinite(fb[-1].last_inference_latency) and fb[-1].last_inference_latency > 0
+    assert math.isnan(fb[-1].surprise_psnr)  # no world-model node in this graph
+    assert h.wait_for(lambda: h.counter(ACTION, 'goals_step_limit') == 1, 5, frames=False)
+
+
+def test_cancel_holds_on_the_next_command_within_one_period(task_graph) -> None:
+    h, goals, node = task_graph
+    handle, accepted = goals.send(TASK)
+    assert handle.accepted
+    assert h.wait_for(lambda: len(_motion(h, accepted)) >= 3, 60), node.log()[-2000:]
+    canceled = goals.cancel(handle)
+    result, status, _ = goals.result(handle)
+    assert status == GoalStatus.STATUS_CANCELED and result.outcome == Outcome.CANCELED, result
+    when, first = _first_command_after(h, canceled)
+    assert first.hold, 'a motion command went out after the cancel was answered'
+    assert when - canceled <= PERIOD + 0.05, when - canceled
+    h.wait_for(lambda: False, 1.0)
+    assert not _motion(h, canceled)
+
+
+def test_a_new_goal_preempts_the_running_one_and_only_its_task_moves(task_graph) -> None:
+    h, goals, _node = task_graph
+    first, accepted = goals.send(TASK)
+    assert h.wait_for(lambda: len(_motion(h, accepted)) >= 2, 60)
+    other = 'stack the blocks'
+    second, preempted = goals.send(other)
+    assert second.accepted
+    result, status, _ = goals.result(first)
+    assert status == GoalStatus.STATUS_ABORTED and result.outcome == Outcome.PREEMPTED, result
+    assert h.wait_for(lambda: len(_motion(h, preempted)) >= 3, 60)
+    with h.lock:
+        task_of = {c.sequence: c.instruction for c in h.chunks}
+    assert {task_of[m.chunk_sequence] for m in _motion(h, preempted)} == {other}
+    canceled = goals.cancel(second)
+    assert goals.result(second)[0].outcome == Outcome.CANCELED
+    assert _first_command_after(h, canceled)[1].hold
+
+
+def test_goal_policy_reject_refuses_a_second_goal(task_graph) -> None:
+    h, goals, _node = task_graph
+    assert h.set_parameter(ACTION, 'goal_policy', 'reject').successful
+    assert not h.set_parameter(ACTION, 'goal_policy', 'sometimes').successful
+    try:
+        first, accepted = goals.send(TASK)
+        assert first.accepted
+        second, _ = goals.send('stack the blocks')
+        assert not second.accepted
+        assert h.wait_for(lambda: len(_motion(h, accepted)) >= 2, 60)  # the first one runs on
+        with h.lock:
+            task_of = {c.sequence: c.instruction for c in h.chunks}
+        assert {task_of[m.chunk_sequence] for m in _motion(h, accepted)} == {TASK}
+        goals.cancel(first)
+        assert goals.result(first)[0].outcome == Outcome.CANCELED
+    finally:
+        assert h.set_parameter(ACTION, 'goal_policy', 'preempt').successful
+
+
+def test_the_success_signal_ends_a_goal_as_succeeded(task_graph) -> None:
+    h, goals, _node = task_graph
+    handle, accepted = goals.send(TASK, time_limit=120.0)
+    assert h.wait_for(lambda: len(_motion(h, accepted)) >= 1, 60)
+    h.success_pub.publish(Bool(data=False))  # false is no success
+    h.wait_for(lambda: False, 0.3)
+    h.success_pub.publish(Bool(data=True))
+    result, status, ended = goals.result(handle)
+    assert status == GoalStatus.STATUS_SUCCEEDED and result.outcome == Outcome.SUCCEEDED, result
+    assert 'test/success' in result.message and result.steps >= 1
+    assert _first_command_after(h, ended - 0.05)[1].hold or not _motion(h, ended)
+    h.wait_for(lambda: False, 1.0)
+    assert not _motion(h, ended)
+
+
+def test_time_limit(task_graph) -> None:
+    h, goals, _node = task_graph
+    handle, _accepted = goals.send(TASK, time_limit=1.5)
+    result, status, ended = goals.result(handle)
+    assert status == GoalStatus.STATUS_ABORTED and result.outcome == Outcome.TIME_LIMIT, result
+    assert 1.5 <= result.duration <= 1.5 + 2 * PERIOD + 0.3, result.duration
+    h.wait_for(lambda: False, 1.0)
+    assert not _motion(h, ended)
+
+
+def test_estop_ends_the_goal_and_refuses_new_ones_until_reset(task_graph) -> None:
+    h, goals, _node = task_graph
+    handle, accepted = goals.send(TASK)
+    assert h.wait_for(lambda: len(_motion(h, accepted)) >= 1, 60)
+    h.estop_pub.publish(Bool(data=True))
+    result, status, stopped = goals.result(handle)
+    assert status == GoalStatus.STATUS_ABORTED and result.outcome == Outcome.ESTOPPED, result
+    assert _first_command_after(h, stopped - 0.05)[1].hold
+    refused, _ = goals.send(TASK)
+    assert not refused.accepted
+    h.estop_pub.publish(Bool(data=False))
+    assert h.reset_client.wait_for_service(timeout_sec=10)
+    assert h.reset_client.call(Trigger.Request(), timeout_sec=10).success
+    again, resumed = goals.send(TASK, max_steps=2)
+    assert again.accepted
+    assert goals.result(again)[0].outcome == Outcome.STEP_LIMIT
+    assert not _motion(h, stopped, resumed)
+
+
+def test_instruction_topic_is_ignored_while_a_goal_runs(task_graph) -> None:
+    h, goals, _node = task_graph
+    before = h.counter(ACTION, 'instructions_ignored_during_goal')
+    handle, accepted = goals.send(TASK)
+    pub = h.node.create_publisher(String, 'instruction', latched_qos())
+    pub.publish(String(data='knock everything over'))
+    assert h.wait_for(lambda: h.counter(ACTION, 'instructions_ignored_during_goal') > before, 20)
+    assert h.wait_for(lambda: len(_motion(h, accepted)) >= 3, 60)
+    with h.lock:
+        task_of = {c.sequence: c.instruction for c in h.chunks}
+    assert {task_of[m.chunk_sequence] for m in _motion(h, accepted)} == {TASK}
+    goals.cancel(handle)
+    assert goals.result(handle)[0].outcome == Outcome.CANCELED
+    h.node.destroy_publisher(pub)
+
+
+@pytest.mark.parametrize('goal', [
+    dict(instruction=''), dict(instruction='open\x1b[2J the drawer'), dict(instruction='x' * 100000),
+    dict(instruction=TASK, time_limit=-1.0), dict(instruction=TASK, time_limit=math.nan),
+], ids=['empty', 'ansi', 'huge', 'negative-time', 'nan-time'])
+def test_malformed_goals_are_rejected_and_counted(task_graph, goal: dict) -> None:
+    h, goals, node = task_graph
+    before = h.counter(ACTION, 'rejected_goal')
+    handle, _ = goals.send(**goal)
+    assert not handle.accepted
+    assert h.wait_for(lambda: h.counter(ACTION, 'rejected_goal') > before, 5, frames=False)
+    assert node.alive()
