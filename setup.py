@@ -19,6 +19,7 @@ setup(
         'rosbags>=0.10',
         'tqdm>=4.60',
         'scikit-image>=0.21',
+        'scipy>=1.10',
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-timeout>=2', 'ruff>=0.6', 'psutil>=5'],

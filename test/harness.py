@@ -34,6 +34,7 @@ class Harness:
 
     def __init__(self, context: rclpy.Context | None = None, namespace: str = '') -> None:
         self.node = rclpy.create_node('worldvla_test_harness', context=context, namespace=namespace)
+        self.namespace = namespace.strip('/')
         n = self.node
         self.image_pub = n.create_publisher(Image, 'camera/image_raw', qos_profile_sensor_data)
         self.instruction_pub = n.create_publisher(String, 'instruction', latched_qos())
@@ -107,8 +108,10 @@ class Harness:
         return False
 
     def counter(self, node: str, key: str) -> int:
+        """A /diagnostics value of ``node`` in the harness's namespace."""
+        name = f'{self.namespace}/{node}' if self.namespace else node
         with self.lock:
-            return int(self.diag.get(node, {}).get(key, 0))
+            return int(self.diag.get(name, {}).get(key, 0))
 
     def set_parameter(self, node: str, name: str, value: Any):
         """One parameter through the node's real SetParameters service; the SetParametersResult."""

@@ -261,10 +261,11 @@ def test_package_xml_is_valid() -> None:
 # fails on them): python3-torch, python3-safetensors, python3-tokenizers-pip, python3-rosbags-pip.
 ROSDEP_PYTHON_KEYS = {'python3-numpy', 'python3-opencv', 'python3-pil', 'python3-yaml', 'python3-skimage',
                       'python3-tqdm', 'python3-matplotlib', 'python3-h5py', 'python3-psutil', 'python3-pytest',
-                      'python3-pytest-timeout', 'python3-transformers-pip'}
+                      'python3-pytest-timeout', 'python3-transformers-pip', 'python3-scipy'}
 # setup.py's distributions → the rosdep key that provides them
 ROSDEP_FOR = {'numpy': 'python3-numpy', 'opencv-python-headless': 'python3-opencv', 'pillow': 'python3-pil',
-              'pyyaml': 'python3-yaml', 'scikit-image': 'python3-skimage', 'tqdm': 'python3-tqdm'}
+              'pyyaml': 'python3-yaml', 'scikit-image': 'python3-skimage', 'tqdm': 'python3-tqdm',
+              'scipy': 'python3-scipy'}
 
 
 def test_package_xml_names_only_real_rosdep_keys_and_requirements_cover_the_rest() -> None:

@@ -29,15 +29,17 @@ from typing import Any
 import numpy as np
 from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray
-from geometry_msgs.msg import Point
+from geometry_msgs.msg import Point, PoseStamped, TwistStamped
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.action.server import ServerGoalHandle
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.duration import Duration
+from rclpy.qos import qos_profile_sensor_data
 from rclpy.time import Time
 from std_msgs.msg import Bool, Float64MultiArray, Header, String
 from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from visualization_msgs.msg import Marker, MarkerArray
 from worldvla.action import RunInstruction
 from worldvla.msg import ActionChunk, EndEffectorCommand
@@ -59,6 +61,7 @@ from worldvla_ros.nodes.common import (
     reliable_qos,
     spin_node,
 )
+from worldvla_ros.robot_outputs import gripper_positions, pose_target, twist_from_action
 from worldvla_ros.safety import SafetyFilter, SafetyLimits, UnsafeChunk, at_rest, changed_values
 
 PARAMETERS: dict[str, Param] = {
@@ -87,6 +90,23 @@ PARAMETERS: dict[str, Param] = {
                            '(the tabletop sim: sim/success); empty: goals end on their limits', read_only=True),
     'goal_policy': Param('preempt', 'a goal arriving while one runs: preempt (the running one ends as PREEMPTED) '
                          'or reject (the new one is refused)', choices=('preempt', 'reject')),
+    # the same commands in forms drivers take (worldvla_ros/robot_outputs.py has the conventions)
+    'twist_topic': Param('', 'geometry_msgs/TwistStamped out, m/s and rad/s (MoveIt Servo: '
+                         '/servo_node/delta_twist_cmds); empty: off', read_only=True),
+    'twist_frame_id': Param('base_link', 'frame_id of the twists: the frame the actions are expressed in'),
+    'pose_topic': Param('', 'geometry_msgs/PoseStamped absolute end-effector targets out (pose-tracking '
+                        'controllers); empty: off', read_only=True),
+    'pose_feedback_topic': Param('', 'geometry_msgs/PoseStamped in: the measured end-effector pose targets start '
+                                 'from (needed with pose_topic); targets are in its frame', read_only=True),
+    'pose_feedback_timeout': Param(0.5, 'seconds; a measured pose stamped longer ago gives no target (counted)',
+                                   0.0, 600.0),
+    'gripper_output': Param('none', 'none, forward_command (std_msgs/Float64MultiArray for ros2_control’s forward '
+                            'command controller) or joint_trajectory (trajectory_msgs/JointTrajectory)',
+                            read_only=True, choices=('none', 'forward_command', 'joint_trajectory')),
+    'gripper_topic': Param('gripper_controller/commands', 'topic of gripper_output', read_only=True),
+    'gripper_joints': Param(['gripper_joint'], 'gripper joint names (joint_trajectory)', read_only=True),
+    'gripper_open': Param([0.04], 'gripper joint positions when open (action −1), one per joint'),
+    'gripper_closed': Param([0.0], 'gripper joint positions when closed (action +1), one per joint'),
 }
 
 Outcome = RunInstruction.Result
@@ -136,6 +156,7 @@ class ActionNode(GuardedNode):
             self.safety = SafetyFilter(SafetyLimits(*(tuple(p[n]) for n in LIMIT_PARAMETERS)))
         except ValueError as exc:
             raise StartupError(f'invalid safety limits: {exc}') from exc
+        self._check_outputs(p)
         self.policy = self._load_policy(p)
         self.rate = float(p['control_rate_hz'])
         self._guard_params = reject_changes_of(
@@ -143,7 +164,8 @@ class ActionNode(GuardedNode):
             {'action_min': _check_seven('action_min'), 'action_max': _check_seven('action_max'),
              'max_step': _check_seven('max_step', non_negative=True),
              'action_scale': _check_seven('action_scale', non_negative=True),
-             'goal_policy': PARAMETERS['goal_policy'].check_choice},
+             'goal_policy': PARAMETERS['goal_policy'].check_choice,
+             'gripper_open': self._check_gripper, 'gripper_closed': self._check_gripper},
         )
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
@@ -179,6 +201,17 @@ class ActionNode(GuardedNode):
         self.command_pub = self.create_publisher(EndEffectorCommand, 'worldvla/ee_command', command_qos)
         self.path_pub = self.create_publisher(MarkerArray, 'worldvla/planned_path', reliable_qos(1))
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', reliable_qos())
+        self._measured_pose: PoseStamped | None = None
+        self.twist_pub = self.create_publisher(TwistStamped, p['twist_topic'], command_qos) \
+            if p['twist_topic'] else None
+        self.pose_pub = self.create_publisher(PoseStamped, p['pose_topic'], command_qos) if p['pose_topic'] else None
+        if p['pose_topic']:
+            self.create_subscription(PoseStamped, p['pose_feedback_topic'], self._on_measured_pose,
+                                     qos_profile_sensor_data, callback_group=sensors)
+        gripper_type = {'forward_command': Float64MultiArray, 'joint_trajectory': JointTrajectory}.get(
+            p['gripper_output'])
+        self.gripper_pub = self.create_publisher(gripper_type, p['gripper_topic'], command_qos) \
+            if gripper_type else None
         CameraInput(self, p['use_compressed'], self._store_frame, self._on_camera_reject, sensors)
         # its own group: a slow frame never delays a new instruction
         self.create_subscription(String, 'instruction', self._on_instruction, latched_qos(),
@@ -208,6 +241,21 @@ class ActionNode(GuardedNode):
         )
 
     # -- start-up ---------------------------------------------------------------------------
+    def _check_outputs(self, p: dict[str, Any]) -> None:
+        if p['pose_topic'] and not p['pose_feedback_topic']:
+            raise StartupError('pose_topic needs pose_feedback_topic: targets start from the measured pose')
+        if p['gripper_output'] != 'none':
+            for name in ('gripper_open', 'gripper_closed'):
+                problem = self._check_gripper(p[name])
+                if problem:
+                    raise StartupError(f'{name}: {problem}')
+
+    def _check_gripper(self, value: Any) -> str | None:
+        joints = len(self._param('gripper_joints'))
+        if len(value) != joints or not all(np.isfinite(value)):
+            return f'needs {joints} finite joint positions (one per gripper_joints entry), got {list(value)}'
+        return None
+
     def _load_policy(self, p: dict[str, Any]):
         overrides = {k: p[k] for k in ('chunk_size', 'history_frames') if p[k]}
         t0 = time.perf_counter()
@@ -378,7 +426,9 @@ class ActionNode(GuardedNode):
         """At each control tick (lock held): end the goal on its time limit or a cancel; True once after any end."""
         goal = self._goal
         if goal is not None:
-            if goal.time_limit and time.monotonic() - goal.start >= goal.time_limit:
+            if goal.max_steps and goal.steps >= goal.max_steps:
+                self._end_goal(Outcome.STEP_LIMIT, f'{goal.steps} steps sent (max_steps)')
+            elif goal.time_limit and time.monotonic() - goal.start >= goal.time_limit:
                 self._end_goal(Outcome.TIME_LIMIT, f'time limit {goal.time_limit:g} s')
             elif goal.handle.is_cancel_requested:
                 self._end_goal(Outcome.CANCELED, 'canceled')
@@ -550,9 +600,7 @@ class ActionNode(GuardedNode):
             elif self._queue and fresh:
                 cmd, reason = self._queue.popleft(), ''
                 if self._goal is not None:
-                    self._goal.steps += 1
-                    if self._goal.max_steps and self._goal.steps >= self._goal.max_steps:
-                        self._end_goal(Outcome.STEP_LIMIT, f'{self._goal.steps} steps sent (max_steps)')
+                    self._goal.steps += 1  # the limit ends the goal at the next tick: its last step is sent first
             elif self._active:
                 self._queue.clear()
                 cmd, reason = None, 'watchdog'
@@ -572,11 +620,72 @@ class ActionNode(GuardedNode):
                 if len(self._queue) <= self._param('replan_threshold'):
                     self._frame_event.set()
             self._last_sent = np.asarray(cmd.action, dtype=np.float64)
+            # sent under the lock: a cancel, e-stop or new goal is either before this command (then it is a
+            # hold) or after it was published, never in between
+            self._send(cmd)
         if reason:
             self.stats.count(f'holds_{reason}')
         if limited:
             self.stats.count('values_limited', limited)
+
+    def _send(self, cmd: EndEffectorCommand) -> None:
+        """The command, and the same command in every configured driver form (none of them in a dry run)."""
         self.command_pub.publish(cmd)
+        if cmd.dry_run or not (self.twist_pub or self.pose_pub or self.gripper_pub):
+            if cmd.dry_run and (self.twist_pub or self.pose_pub or self.gripper_pub):
+                self.stats.count('driver_outputs_dry_run')
+            return
+        action = np.asarray(cmd.action, dtype=np.float64)
+        scale = np.asarray(self._param('action_scale'), dtype=np.float64)
+        now = self.get_clock().now()
+        if self.twist_pub is not None:
+            linear, angular = twist_from_action(action, scale, 1.0 / self.rate)
+            twist = TwistStamped()
+            twist.header.stamp, twist.header.frame_id = now.to_msg(), self._param('twist_frame_id')
+            twist.twist.linear.x, twist.twist.linear.y, twist.twist.linear.z = map(float, linear)
+            twist.twist.angular.x, twist.twist.angular.y, twist.twist.angular.z = map(float, angular)
+            self.twist_pub.publish(twist)
+        if self.pose_pub is not None:
+            self._send_pose_target(action, scale, now)
+        if self.gripper_pub is not None:
+            q = gripper_positions(action[EndEffectorCommand.GRIPPER], self._param('gripper_open'),
+                                  self._param('gripper_closed'))
+            if self._param('gripper_output') == 'forward_command':
+                self.gripper_pub.publish(Float64MultiArray(data=q.tolist()))
+            else:  # a zero stamp: the controller starts the point on receipt
+                point = JointTrajectoryPoint(positions=q.tolist(), time_from_start=Duration(
+                    seconds=1.0 / self.rate).to_msg())
+                self.gripper_pub.publish(JointTrajectory(joint_names=list(self._param('gripper_joints')),
+                                                         points=[point]))
+
+    def _on_measured_pose(self, msg: PoseStamped) -> None:
+        self._measured_pose = msg
+
+    def _send_pose_target(self, action: np.ndarray, scale: np.ndarray, now: Time) -> None:
+        measured = self._measured_pose
+        if measured is None:
+            self.stats.count('pose_targets_skipped_no_pose')
+            return
+        age = (now - Time.from_msg(measured.header.stamp)).nanoseconds * 1e-9
+        if age > self._param('pose_feedback_timeout'):
+            self.stats.count('pose_targets_skipped_stale_pose')
+            self.get_logger().warning(f'no pose target: the measured pose is {age:.2f} s old',
+                                      throttle_duration_sec=2.0)
+            return
+        m = measured.pose
+        try:
+            position, quat = pose_target(np.array([m.position.x, m.position.y, m.position.z]),
+                                         np.array([m.orientation.x, m.orientation.y, m.orientation.z,
+                                                   m.orientation.w]), action, scale)
+        except ValueError as exc:
+            self._reject('measured_pose', str(exc))
+            return
+        target = PoseStamped()
+        target.header.stamp, target.header.frame_id = now.to_msg(), measured.header.frame_id
+        target.pose.position.x, target.pose.position.y, target.pose.position.z = map(float, position)
+        o = target.pose.orientation
+        o.x, o.y, o.z, o.w = map(float, quat)
+        self.pose_pub.publish(target)
 
     def _publish_diagnostics(self) -> None:
         with self._lock:  # idle: no chunk left to run, no inference running or waiting for one
@@ -598,7 +707,7 @@ class ActionNode(GuardedNode):
             last = self._hold() if commanded else None
         self._frame_event.set()
         if last is not None and self.context.ok():
-            self.command_pub.publish(last)
+            self._send(last)
             self.stats.count('holds_shutdown')
             self.command_pub.wait_for_all_acked(Duration(seconds=0.5))
         self._worker.join(timeout=2.0)

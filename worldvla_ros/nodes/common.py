@@ -246,7 +246,9 @@ class Stats:
 def diagnostics_msg(node: Node, name: str, level: int, message: str, values: dict[str, str]) -> DiagnosticArray:
     arr = DiagnosticArray()
     arr.header.stamp = node.get_clock().now().to_msg()
-    status = DiagnosticStatus(level=bytes([level]), name=name, message=message, hardware_id=node.get_name())
+    # the node's full name: robots in different namespaces must not report as one
+    status = DiagnosticStatus(level=bytes([level]), name=name, message=message,
+                              hardware_id=node.get_fully_qualified_name().lstrip('/'))
     status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
     arr.status = [status]
     return arr
