@@ -500,3 +500,26 @@ def test_report_plots_have_units_seconds_and_upright_libero_frames(tmp_path: Pat
     summary['actions'] = action_scores([run], action_scale=(0.05,) * 6 + (1.0,), control_rate_hz=20.0)
     text = markdown(summary)
     assert '## Actions in physical units' in text and '| jerk |' not in text
+
+
+def test_chunk_merge_is_applied_and_every_choice_is_reported(tmp_path: Path, eval_checkpoint: Path) -> None:
+    """Overlapping chunks (a new one every 2 frames): the report gives seam jerk for replace and ensemble,
+    computed on the same chunks; the choice used drives the main scores."""
+    frames, actions, instruction = synthetic_episode(frames=14, seed=4, size=64)
+    bag = write_episode(tmp_path / 'bag', frames, actions, instruction)
+    reports = {}
+    for merge in ('replace', 'ensemble'):
+        out = tmp_path / merge
+        assert _run_cli(str(bag), '--checkpoint', str(eval_checkpoint), '--device', 'cpu', '--out', str(out),
+                        '--no-world-model', '--replan-every', '2', '--chunk-merge', merge,
+                        '--ensemble-decay', '0') == 0
+        reports[merge] = json.loads((out / 'report.json').read_text())
+        assert '## Chunk merge' in (out / 'report.md').read_text()
+    for merge, r in reports.items():
+        assert r['chunk_merge']['used'] == merge and set(r['chunk_merge']['by_choice']) == {'replace', 'ensemble'}
+        assert r['chunk_merge']['by_choice'][merge]['jerk_at_seams'] == r['actions']['physical']['jerk_at_seams']
+    assert reports['replace']['chunk_merge']['by_choice'] == reports['ensemble']['chunk_merge']['by_choice']
+    assert reports['replace']['actions']['physical']['l1'] != reports['ensemble']['actions']['physical']['l1']
+    r = _cli(str(bag), '--checkpoint', str(eval_checkpoint), '--out', str(tmp_path / 'bad'), '--chunk-merge',
+             'ensemble', '--ensemble-decay', '-1')
+    assert r.returncode == 2 and 'ensemble decay' in r.stderr

@@ -18,17 +18,19 @@ import argparse
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from worldvla_ros.chunk_merge import MERGES
 from worldvla_ros.launch_plan import node_parameters
 
 from .bag_io import BagError
 from .episode import Episode, TopicMap, read_episode
 from .node_config import action_scale, parse_action_scale, safety_limits
-from .scoring import RunRecord, action_scores, timing_scores, world_model_scores
+from .scoring import RunRecord, action_scores, executed_from_chunks, timing_scores, world_model_scores
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group('evaluation')
     e.add_argument('--replan-every', type=int, default=0, help='lockstep: frames between chunks (0: chunk length)')
     e.add_argument('--sequential', action='store_true', help='release decoding loop instead of batched')
+    e.add_argument('--chunk-merge', choices=MERGES, default=None,
+                   help="lockstep: a new chunk vs the actions still queued (default: the action node's chunk_merge); "
+                        'the report compares every choice on the same chunks')
+    e.add_argument('--ensemble-decay', type=float, default=None,
+                   help="lockstep, ensemble: weights exp(-decay·i) (default: the action node's ensemble_decay)")
     e.add_argument('--no-world-model', action='store_true')
     e.add_argument('--wm-horizon', type=int, default=1, help='imagined frames per rollout')
     e.add_argument('--wm-every', type=int, default=1, help='lockstep: roll out from every n-th chunk')
@@ -190,8 +197,12 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
     overrides = {k: int(action_params[k]) for k in ('chunk_size', 'history_frames') if action_params.get(k)}
     policy = load_policy(args.checkpoint, args.device, args.dtype, args.tokenizer_dir or None, **overrides)
     safety = SafetyFilter(safety_limits(action_params))
+    merge = args.chunk_merge or action_params.get('chunk_merge', 'replace')
+    decay = args.ensemble_decay if args.ensemble_decay is not None else float(action_params.get('ensemble_decay', 0.01))
+    if merge not in MERGES or not 0.0 <= decay <= 10.0:
+        raise BagError(f'chunk merge {merge!r} / ensemble decay {decay}: use replace|ensemble, decay in [0, 10]')
     settings = LockstepSettings(args.replan_every, not args.sequential, not args.no_world_model,
-                                args.wm_horizon, args.wm_every)
+                                args.wm_horizon, args.wm_every, chunk_merge=merge, ensemble_decay=decay)
     runs = []
     t0 = time.perf_counter()
     with tqdm(total=sum(len(e.frames) for e in episodes), unit='frame', disable=args.no_progress,
@@ -202,7 +213,22 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
     info = {'model_id': policy.model_id, 'device': str(policy.device), 'chunk_size': policy.chunk_size,
             'history_frames': policy.config.history_frames, 'rotate_180': policy.config.rotate_180,
             'throughput_frames_per_s': round(sum(len(e.frames) for e in episodes) / (time.perf_counter() - t0), 3)}
-    return summarize(args, info, episodes, runs, control_rate, scale, source), runs
+    summary = summarize(args, info, episodes, runs, control_rate, scale, source)
+    summary['chunk_merge'] = merge_comparison(runs, merge, decay, args.gripper_threshold, scale, control_rate)
+    return summary, runs
+
+
+def merge_comparison(runs: list[RunRecord], used: str, decay: float, gripper_threshold: float,
+                     scale: tuple[float, ...], control_rate: float) -> dict[str, Any]:
+    """The same chunks executed with every chunk merge: jerk at seams and within chunks, L1, for each."""
+    out: dict[str, Any] = {'used': used, 'ensemble_decay': decay, 'by_choice': {}}
+    for merge in MERGES:
+        again = [replace(r, executed=executed_from_chunks(r.chunks, len(r.gt), merge, decay)) for r in runs]
+        scores = action_scores(again, gripper_threshold, action_scale=scale, control_rate_hz=control_rate)
+        phys = scores.get('physical') or {}
+        out['by_choice'][merge] = {k: phys.get(k) for k in ('jerk_at_seams', 'jerk_within_chunks', 'l1')}
+        out['by_choice'][merge]['seam_windows'] = phys.get('seam_windows')
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

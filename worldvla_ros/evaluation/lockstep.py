@@ -29,6 +29,8 @@ class LockstepSettings:
     wm_horizon: int = 1  # imagined frames per rollout (recorded actions, scored against recorded frames)
     wm_every: int = 1  # roll out from every n-th chunk's frame
     strip_frames: int = 6  # real/imagined pairs kept for the report
+    chunk_merge: str = 'replace'  # a new chunk vs the queued actions: replace | ensemble (chunk_merge.py)
+    ensemble_decay: float = 0.01
 
 
 def evaluate_lockstep(
@@ -64,7 +66,7 @@ def evaluate_lockstep(
                 _rollout(policy, episode, f, settings, run)
         if progress:
             progress(1)
-    run.executed = executed_from_chunks(run.chunks, n)
+    run.executed = executed_from_chunks(run.chunks, n, settings.chunk_merge, settings.ensemble_decay)
     return run
 
 

@@ -88,6 +88,7 @@ def markdown(s: dict[str, Any]) -> str:
         counts = {k: v for k, v in t.items() if isinstance(v, int) and k not in ('chunks', 'deadline_misses')}
         if counts:
             lines += ['| count | value |', '|---|---|'] + [f'| {k} | {v} |' for k, v in sorted(counts.items())] + ['']
+    lines += _merge_lines(s.get('chunk_merge'))
     plots = [v for k, v in s.get('files', {}).items() if v.endswith('.png')]
     if plots:
         lines += ['## Plots', '']
@@ -113,6 +114,26 @@ def _physical_lines(phys: dict[str, Any]) -> list[str]:
     if jerk:  # none when no three consecutive frames were executed
         lines += ['', '| jerk | ' + ' | '.join(f'{d} ({jerk_units[d] or "–"})' for d in DIMS) + ' |', rule]
         lines += [f'| {label} | ' + ' | '.join(_fmt(phys[key][d]) for d in DIMS) + ' |' for key, label in jerk]
+    return [*lines, '']
+
+
+def _merge_lines(merge: dict[str, Any] | None) -> list[str]:
+    """Jerk (translation and rotation, mean over axes) for every chunk merge, on the same chunks."""
+    if not merge or not any((v or {}).get('jerk_at_seams') for v in merge['by_choice'].values()):
+        return []
+    lines = ['## Chunk merge', '', f"Used: **{merge['used']}** (ensemble decay {merge['ensemble_decay']:g}). The "
+             'same chunks executed with each choice; mean |jerk| over x, y, z (m/s³) and roll, pitch, yaw (rad/s³).',
+             '', '| merge | at seams, xyz | at seams, rpy | within chunks, xyz | within chunks, rpy | seam windows |',
+             '|---|---|---|---|---|---|']
+
+    def mean(per_dim: dict[str, float | None] | None, dims: tuple[str, ...]) -> str:
+        values = [per_dim[d] for d in dims if per_dim and per_dim.get(d) is not None]
+        return _fmt(float(np.mean(values))) if values else '–'
+
+    for name, v in merge['by_choice'].items():
+        lines.append(f"| {name} | {mean(v['jerk_at_seams'], DIMS[:3])} | {mean(v['jerk_at_seams'], DIMS[3:6])} | "
+                     f"{mean(v['jerk_within_chunks'], DIMS[:3])} | {mean(v['jerk_within_chunks'], DIMS[3:6])} | "
+                     f"{v.get('seam_windows') or 0} |")
     return [*lines, '']
 
 

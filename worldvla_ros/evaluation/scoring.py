@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from worldvla_ros.chunk_merge import ensemble_steps
+
 DIMS = ('dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper')
 UNITS = ('m', 'm', 'm', 'rad', 'rad', 'rad', '')  # per control step, with the action scale
 JERK_UNITS = ('m/s³', 'm/s³', 'm/s³', 'rad/s³', 'rad/s³', 'rad/s³', '')
@@ -58,8 +60,13 @@ class RunRecord:
     times_s: np.ndarray | None = None  # (N,) seconds since the first frame, per frame
 
 
-def executed_from_chunks(chunks: Sequence[ChunkRecord], n_frames: int, replan_every: int = 0) -> list[ExecutedAction]:
-    """Lockstep execution: each chunk runs until the next one was computed (its frame)."""
+def executed_from_chunks(chunks: Sequence[ChunkRecord], n_frames: int, merge: str = 'replace',
+                         decay: float = 0.01) -> list[ExecutedAction]:
+    """Lockstep execution: with ``replace`` each chunk runs until the next one was computed (its frame);
+    with ``ensemble`` every chunk runs to its end, each frame the weighted mean of the chunks covering it."""
+    if merge == 'ensemble':
+        steps = ensemble_steps([(c.frame, c.actions) for c in chunks], n_frames, decay)
+        return [ExecutedAction(t, a, seam) for t, a, seam in steps]
     out: list[ExecutedAction] = []
     for j, c in enumerate(chunks):
         stop = chunks[j + 1].frame if j + 1 < len(chunks) else min(n_frames, c.frame + len(c.actions))

@@ -44,6 +44,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 from worldvla.action import RunInstruction
 from worldvla.msg import ActionChunk, EndEffectorCommand
 
+from worldvla_ros.chunk_merge import merge_chunk
 from worldvla_ros.image_conversion import ImageRejected
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN, LIBERO_ACTION_SCALE
 from worldvla_ros.nodes.common import (
@@ -86,6 +87,11 @@ PARAMETERS: dict[str, Param] = {
     'warmup': Param(True, 'run one inference before going active', read_only=True),
     'replan_threshold': Param(-1, 'next inference only once at most this many commands are queued; '
                               '-1 = on every new frame (the new chunk replaces the queue)', -1, 64),
+    'chunk_merge': Param('replace', 'a new chunk and the actions still queued: replace (the newest wins) or '
+                         'ensemble (ACT temporal ensembling: each step runs the weighted mean of all its '
+                         'predictions, weights exp(-ensemble_decay·i), i = 0 the oldest)',
+                         choices=('replace', 'ensemble')),
+    'ensemble_decay': Param(0.01, 'chunk_merge ensemble: larger = older predictions count more', 0.0, 10.0),
     'success_topic': Param('', 'std_msgs/Bool topic whose true ends a running goal as succeeded '
                            '(the tabletop sim: sim/success); empty: goals end on their limits', read_only=True),
     'goal_policy': Param('preempt', 'a goal arriving while one runs: preempt (the running one ends as PREEMPTED) '
@@ -165,6 +171,7 @@ class ActionNode(GuardedNode):
              'max_step': _check_seven('max_step', non_negative=True),
              'action_scale': _check_seven('action_scale', non_negative=True),
              'goal_policy': PARAMETERS['goal_policy'].check_choice,
+             'chunk_merge': PARAMETERS['chunk_merge'].check_choice,
              'gripper_open': self._check_gripper, 'gripper_closed': self._check_gripper},
         )
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -180,6 +187,7 @@ class ActionNode(GuardedNode):
         self._epoch = 0  # +1 at every e-stop and reset: an inference from an older epoch never moves the robot
         self._reset_stamp_ns = 0  # frames stamped before the last e-stop reset are never used
         self._queue: deque[EndEffectorCommand] = deque()
+        self._blended: deque[int] = deque()  # per queued command: the predictions it averages (chunk_merge)
         self._queue_time = 0.0  # monotonic time the current chunk arrived
         self._last_sent = at_rest()  # the step limit applies from here, holds included
         self._active = False
@@ -317,7 +325,7 @@ class ActionNode(GuardedNode):
                 return
             self._instruction = text
             self._instruction_version += 1
-            self._queue.clear()  # commands of the old task must not run
+            self._clear_queue()  # commands of the old task must not run
         self.stats.count('instruction_changes')
         self.get_logger().info(f'instruction: {text!r}', throttle_duration_sec=1.0)  # the newest is on /diagnostics
         self._frame_event.set()
@@ -331,7 +339,7 @@ class ActionNode(GuardedNode):
             self._epoch += 1
             if self._goal is not None:
                 self._end_goal(Outcome.ESTOPPED, 'e-stop')
-            self._queue.clear()
+            self._clear_queue()
             self._history.clear()
             self._fresh = False
         if newly:
@@ -387,7 +395,7 @@ class ActionNode(GuardedNode):
                 self._goal = goal
                 self._instruction = text
                 self._instruction_version += 1
-                self._queue.clear()  # nothing computed for an earlier task runs
+                self._clear_queue()  # nothing computed for an earlier task runs
         self.stats.count('goals_accepted')
         self.get_logger().info(f'goal: {text!r} (max_steps {goal.max_steps}, time_limit {goal.time_limit:g} s)')
         self._frame_event.set()
@@ -418,7 +426,7 @@ class ActionNode(GuardedNode):
         self._goal = None
         self._instruction = None
         self._instruction_version += 1
-        self._queue.clear()
+        self._clear_queue()
         self._goal_end_hold = True
         goal.done.set()
 
@@ -461,6 +469,10 @@ class ActionNode(GuardedNode):
         else:
             handle.abort()
         return result
+
+    def _clear_queue(self) -> None:
+        self._queue.clear()
+        self._blended.clear()
 
     def _reject(self, reason: str, detail: str) -> None:
         self.stats.count(f'rejected_{reason}')
@@ -547,14 +559,18 @@ class ActionNode(GuardedNode):
                 return
             chunk.sequence = self._sequence
             self._sequence += 1
-            chunk.commands = [self._command(a, i, len(safe), chunk) for i, a in enumerate(safe)]
+            queued = np.array([c.action for c in self._queue], dtype=np.float64).reshape(-1, 7)
+            merged, blended = merge_chunk(queued, np.array(self._blended), safe, self._param('chunk_merge'),
+                                          self._param('ensemble_decay'))
+            chunk.commands = [self._command(a, i, len(merged), chunk) for i, a in enumerate(merged)]
             self._queue = deque(chunk.commands)
+            self._blended = deque(int(b) for b in blended)
             self._queue_time = time.monotonic()
             self._active = True
             if self._goal is not None:
                 self._goal.chunks += 1
         self.chunk_pub.publish(chunk)
-        self.path_pub.publish(self._planned_path(chunk, safe))
+        self.path_pub.publish(self._planned_path(chunk, merged))
         self.stats.count('chunks')
 
     def _command(self, action: np.ndarray, index: int, size: int, chunk: ActionChunk) -> EndEffectorCommand:
@@ -599,10 +615,11 @@ class ActionNode(GuardedNode):
                 cmd, reason = None, 'goal_end'
             elif self._queue and fresh:
                 cmd, reason = self._queue.popleft(), ''
+                self._blended.popleft()
                 if self._goal is not None:
                     self._goal.steps += 1  # the limit ends the goal at the next tick: its last step is sent first
             elif self._active:
-                self._queue.clear()
+                self._clear_queue()
                 cmd, reason = None, 'watchdog'
             else:
                 return  # nothing commanded yet: stay silent
@@ -702,7 +719,7 @@ class ActionNode(GuardedNode):
             self._closing = True
             self._running = False
             self._end_goal(Outcome.SHUTDOWN, 'the node is shutting down')
-            self._queue.clear()
+            self._clear_queue()
             commanded = self._active or self._estop
             last = self._hold() if commanded else None
         self._frame_event.set()
