@@ -38,6 +38,8 @@ ARGUMENTS = {
     'use_sim_time': ('false', 'every node follows /clock, e.g. beside `ros2 bag play --clock`'),
     'enabled': ('', 'true: execute commands; false: dry run; empty: as the parameter files say '
                     '(worldvla.yaml: false; with the sim: true)'),
+    'autostart': ('true', 'the action node (a lifecycle node) configures and activates itself; false: it waits '
+                          'unconfigured for your lifecycle manager (change_state service)'),
 }
 
 
@@ -70,7 +72,7 @@ def _setup(context):
         instruction_topic=arg['instruction_topic'], use_world_model=_flag(arg['use_world_model']),
         use_sim=_flag(arg['use_sim']), sim_config=Path(SHARE, 'config', 'tabletop_sim.yaml'),
         use_sim_time=_flag(arg['use_sim_time']),
-        enabled=_flag(arg['enabled']) if arg['enabled'].strip() else None)
+        enabled=_flag(arg['enabled']) if arg['enabled'].strip() else None, autostart=_flag(arg['autostart']))
     directory = parameter_directory()
     specs = plan(options)
     namespace = normalize_namespace(arg['namespace']) or None  # launch_ros adds the pushed one itself

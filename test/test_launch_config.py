@@ -114,7 +114,7 @@ def test_every_launch_argument_has_a_description(launch_file: Any) -> None:
     declared = [e.record for e in entities if e.record.kind == 'DeclareLaunchArgument']
     names = [r.args[0] if r.args else r.kwargs['name'] for r in declared]
     assert set(names) == {'checkpoint', 'device', 'config', 'namespace', 'camera_topic', 'instruction_topic',
-                          'use_world_model', 'use_rviz', 'use_sim', 'use_sim_time', 'enabled'}
+                          'use_world_model', 'use_rviz', 'use_sim', 'use_sim_time', 'enabled', 'autostart'}
     assert all(len(r.kwargs.get('description', '')) > 10 for r in declared)
 
 
@@ -163,6 +163,13 @@ def test_rviz_missing_starts_nothing(launch_file: Any) -> None:
 def test_enabled_argument_overrides_the_files(launch_file: Any) -> None:
     assert _params(_run_launch(launch_file, enabled='true')[0])['enabled'] is True
     assert _params(_run_launch(launch_file, use_sim='true', enabled='false')[0])['enabled'] is False
+
+
+def test_autostart_false_leaves_the_action_node_to_a_lifecycle_manager(launch_file: Any) -> None:
+    nodes = _run_launch(launch_file, autostart='false')
+    assert _params(nodes[0])['autostart'] is False
+    assert 'autostart' not in _params(nodes[1])  # the world-model node is not managed
+    assert _params(_run_launch(launch_file)[0])['autostart'] is True  # worldvla.yaml
 
 
 # -- the plan's parameter-file semantics ---------------------------------------------------------------

@@ -61,7 +61,8 @@ def node_command(spec: NodeSpec, parameter_dir: Path) -> list[str]:
 def start_nodes(checkpoint: str, config: Path | Sequence[Path], device: str = 'auto', namespace: str = '',
                 use_world_model: bool = True, extra: dict[str, str] | None = None, use_sim: bool = False,
                 sim_params: dict[str, str] | None = None, camera_topic: str = '',
-                instruction_topic: str = '', env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+                instruction_topic: str = '', env: dict[str, str] | None = None,
+                autostart: bool = True) -> list[subprocess.Popen]:
     """The action node, the world-model node and the sim, each in its own process (in that order).
 
     ``extra`` and ``sim_params`` are ``-p``-style strings (``'true'``, ``'20.0'``, ``'[0.1, …]'``).
@@ -70,7 +71,7 @@ def start_nodes(checkpoint: str, config: Path | Sequence[Path], device: str = 'a
     options = BringupOptions(
         checkpoint=checkpoint, configs=tuple(Path(c) for c in configs), device=device, namespace=namespace,
         camera_topic=camera_topic, instruction_topic=instruction_topic,
-        use_world_model=use_world_model, use_sim=use_sim,
+        use_world_model=use_world_model, use_sim=use_sim, autostart=autostart,
         extra={k: parse_value(v) for k, v in (extra or {}).items()},
         sim_extra={k: parse_value(v) for k, v in (sim_params or {}).items()})
     env = {**os.environ, **(env or {})}
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--enabled', choices=('true', 'false'), default=None,
                         help='execute commands (false: dry run); default: as the parameter files say')
     parser.add_argument('--no-world-model', action='store_true')
+    parser.add_argument('--no-autostart', action='store_true',
+                        help='the action node waits unconfigured for a lifecycle manager (change_state service)')
     parser.add_argument('--use-sim-time', action='store_true', help='follow /clock (e.g. ros2 bag play --clock)')
     parser.add_argument('--sim', action='store_true', help='also start the tabletop sim as the robot')
     parser.add_argument('--demo', type=float, default=0.0, metavar='SECONDS',
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         procs = start_nodes(checkpoint, configs, args.device, args.namespace, not args.no_world_model, extra,
                             use_sim=use_sim, sim_params={k: v for k, v in extra.items() if k == 'use_sim_time'},
-                            camera_topic=args.camera_topic, instruction_topic=args.instruction_topic)
+                            camera_topic=args.camera_topic, instruction_topic=args.instruction_topic,
+                            autostart=not args.no_autostart)
     except ValueError as exc:  # a parameter file that is not one
         parser.error(str(exc))
     try:

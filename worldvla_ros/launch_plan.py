@@ -113,6 +113,7 @@ class BringupOptions:
     sim_config: Path | None = None  # applied after ``configs`` with the sim
     use_sim_time: bool = False
     enabled: bool | None = None  # None: as the parameter files say (the sim's file enables)
+    autostart: bool = True  # false: the action node waits unconfigured for a lifecycle manager
     extra: dict[str, Any] = field(default_factory=dict)  # more parameters of the model nodes
     sim_extra: dict[str, Any] = field(default_factory=dict)  # more parameters of the sim
 
@@ -140,6 +141,8 @@ def plan(options: BringupOptions) -> list[NodeSpec]:
         params.update(options.sim_extra if exe == 'sim_node' else model)
         if exe == 'action_node' and options.enabled is not None:
             params['enabled'] = options.enabled
+        if exe == 'action_node' and not options.autostart:
+            params['autostart'] = False
         params.update(time)
         specs.append(NodeSpec(exe, name, ns, params, dict(remaps)))
     return specs

@@ -35,6 +35,7 @@ from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.action.server import ServerGoalHandle
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.duration import Duration
+from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data
 from rclpy.time import Time
 from std_msgs.msg import Bool, Float64MultiArray, Header, String
@@ -47,11 +48,12 @@ from worldvla.msg import ActionChunk, EndEffectorCommand
 from worldvla_ros.chunk_merge import merge_chunk
 from worldvla_ros.image_conversion import ImageRejected
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN, LIBERO_ACTION_SCALE
+from worldvla_ros.model.policy import WorldVLAPolicy, check_instruction
 from worldvla_ros.nodes.common import (
     CAMERA_PARAMETERS,
     MODEL_PARAMETERS,
     CameraInput,
-    GuardedNode,
+    GuardedLifecycleNode,
     Param,
     StartupError,
     declare_all,
@@ -59,6 +61,7 @@ from worldvla_ros.nodes.common import (
     latched_qos,
     load_node_policy,
     reject_changes_of,
+    release_memory,
     reliable_qos,
     spin_node,
 )
@@ -84,7 +87,9 @@ PARAMETERS: dict[str, Param] = {
     'action_scale': Param(list(LIBERO_ACTION_SCALE), 'metres (Δxyz) and radians (Δrotation) one action unit '
                           'moves, gripper 1, all ≥ 0: the planned path is drawn in metres; evaluate_bag reports '
                           'errors with it (default: LIBERO OSC_POSE, 0.05 m and 0.5 rad)'),
-    'warmup': Param(True, 'run one inference before going active', read_only=True),
+    'warmup': Param(True, 'run one inference when configuring, before going active', read_only=True),
+    'autostart': Param(True, 'configure and activate at start-up; false: stay unconfigured for a lifecycle manager '
+                       '(the change_state service, or launch with autostart:=false)', read_only=True),
     'replan_threshold': Param(-1, 'next inference only once at most this many commands are queued; '
                               '-1 = on every new frame (the new chunk replaces the queue)', -1, 64),
     'chunk_merge': Param('replace', 'a new chunk and the actions still queued: replace (the newest wins) or '
@@ -117,7 +122,8 @@ PARAMETERS: dict[str, Param] = {
 
 Outcome = RunInstruction.Result
 OUTCOME_NAMES = {getattr(Outcome, n): n.lower() for n in (
-    'SUCCEEDED', 'STEP_LIMIT', 'TIME_LIMIT', 'CANCELED', 'PREEMPTED', 'ESTOPPED', 'MODEL_ERROR', 'SHUTDOWN')}
+    'SUCCEEDED', 'STEP_LIMIT', 'TIME_LIMIT', 'CANCELED', 'PREEMPTED', 'ESTOPPED', 'MODEL_ERROR', 'SHUTDOWN',
+    'DEACTIVATED')}
 
 
 @dataclass
@@ -138,6 +144,7 @@ class Goal:
 
 
 LIMIT_PARAMETERS = ('action_min', 'action_max', 'max_step')  # SafetyLimits' fields, in order
+UNCONFIGURED_MAX_INSTRUCTION_CHARS = 4096  # before a model says its own limit (checked again at configure)
 
 
 def _check_seven(name: str, non_negative: bool = False):
@@ -151,10 +158,14 @@ def _check_seven(name: str, non_negative: bool = False):
     return check
 
 
-class ActionNode(GuardedNode):
+class ActionNode(GuardedLifecycleNode):
+    """A managed node: configure loads the model and warms it up, activate starts commanding, deactivate
+    holds and stops, cleanup releases the model. ``autostart`` (default) goes to active by itself."""
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('worldvla_action', **kwargs)
         p = declare_all(self, PARAMETERS)
+        self._start_params = p
         problem = _check_seven('action_scale', non_negative=True)(p['action_scale'])
         if problem:
             raise StartupError(f'invalid action_scale: {problem}')
@@ -163,7 +174,9 @@ class ActionNode(GuardedNode):
         except ValueError as exc:
             raise StartupError(f'invalid safety limits: {exc}') from exc
         self._check_outputs(p)
-        self.policy = self._load_policy(p)
+        self.policy: WorldVLAPolicy | None = None  # loaded by configure, released by cleanup
+        self._commanding = False  # lifecycle state active
+        self._configure_error = ''
         self.rate = float(p['control_rate_hz'])
         self._guard_params = reject_changes_of(
             {n for n, q in PARAMETERS.items() if q.read_only},
@@ -178,7 +191,7 @@ class ActionNode(GuardedNode):
 
         self._lock = threading.Lock()
         # model-resolution crops, not camera frames: bounded memory whatever the camera sends
-        self._history: deque[tuple[np.ndarray, TimeMsg]] = deque(maxlen=self.policy.config.history_frames)
+        self._history: deque[tuple[np.ndarray, TimeMsg]] = deque(maxlen=1)  # the model's length at configure
         self._fresh = False  # a frame arrived that no inference has used yet
         self._frame_event = threading.Event()
         self._instruction: str | None = None
@@ -192,7 +205,8 @@ class ActionNode(GuardedNode):
         self._last_sent = at_rest()  # the step limit applies from here, holds included
         self._active = False
         self._sequence = 0
-        self._running = True
+        self._running = False  # the inference worker runs (configured)
+        self._worker: threading.Thread | None = None
         self._closing = False
         self._inferring = False
         self._goal: Goal | None = None  # the running RunInstruction goal
@@ -241,12 +255,92 @@ class ActionNode(GuardedNode):
                                  callback_group=MutuallyExclusiveCallbackGroup())
         self.create_timer(1.0 / self.rate, self._on_control_tick, callback_group=control)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
+        if p['autostart']:
+            if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                raise StartupError(self._configure_error or 'configure failed')
+            self.trigger_activate()
+        else:
+            self.get_logger().info('unconfigured (autostart:=false): waiting for lifecycle transitions')
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Load and warm up the model; start the inference worker (nothing is commanded yet)."""
+        try:
+            policy = self._load_policy(self._start_params)
+        except StartupError as exc:
+            self._configure_error = str(exc)
+            self.get_logger().error(f'configure failed: {exc}')
+            return TransitionCallbackReturn.FAILURE
+        with self._lock:
+            self.policy = policy
+            self._history = deque(maxlen=policy.config.history_frames)
+            self._fresh = False
+            if self._instruction is not None:  # received while unconfigured: now the model's own limits
+                try:
+                    self._instruction = policy.check_instruction(self._instruction)
+                except ValueError as exc:
+                    self._reject('instruction', str(exc))
+                    self._instruction = None
+            self._running = True
         self._worker = threading.Thread(target=self._inference_loop, name='worldvla-inference', daemon=True)
         self._worker.start()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        with self._lock:
+            # frames are taken from now on (older ones by their age, max_obs_age); nothing computed before moves
+            self._epoch += 1
+            self._history.clear()
+            self._fresh = False
+            self._commanding = True
         self.get_logger().info(
-            f'ready: model {self.policy.model_id} on {self.policy.device}, K={self.policy.chunk_size}, '
+            f'active: model {self.policy.model_id} on {self.policy.device}, K={self.policy.chunk_size}, '
             f'{self.rate:g} Hz, {"ENABLED" if self._param("enabled") else "dry run (enabled:=false)"}'
         )
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Hold, then stop commanding: no command goes out until activated again."""
+        with self._lock:
+            self._end_goal(Outcome.DEACTIVATED, 'the node was deactivated')
+            self._clear_queue()
+            self._epoch += 1
+            if self._active:
+                self._last_sent = np.asarray((hold := self._hold()).action, dtype=np.float64)
+                self._send(hold)
+                self.stats.count('holds_deactivate')
+            self._active = False
+            self._commanding = False
+        self.get_logger().info('inactive: holding, no commands until activated')
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Stop the worker and release the model (and its GPU memory)."""
+        if not self._stop_worker():
+            self.get_logger().error('cleanup: the inference worker did not stop')
+            return TransitionCallbackReturn.FAILURE
+        with self._lock:
+            device = str(self.policy.device) if self.policy is not None else 'cpu'
+            self.policy = None
+            self._history.clear()
+            self._fresh = False
+        release_memory(device)
+        self.get_logger().info('unconfigured: model released')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stop_worker(self) -> bool:
+        with self._lock:
+            self._running = False
+        self._frame_event.set()
+        if self._worker is not None:
+            self._worker.join(timeout=5.0)
+            if self._worker.is_alive():
+                return False
+        self._worker = None
+        return True
 
     # -- start-up ---------------------------------------------------------------------------
     def _check_outputs(self, p: dict[str, Any]) -> None:
@@ -295,8 +389,12 @@ class ActionNode(GuardedNode):
 
     # -- inputs (fast: validate, store, return) ---------------------------------------------
     def _store_frame(self, rgb: np.ndarray, header: Header) -> None:
+        policy = self.policy
+        if policy is None or not self._commanding:
+            self.stats.count('frames_ignored_inactive')  # read again after activation, never before
+            return
         stamp_ns = Time.from_msg(header.stamp).nanoseconds
-        frame = self.policy.model_frame(rgb)
+        frame = policy.model_frame(rgb)
         with self._lock:
             if stamp_ns < self._reset_stamp_ns:
                 self._reject('before_reset', 'frame stamped before the last e-stop reset')
@@ -312,8 +410,10 @@ class ActionNode(GuardedNode):
 
     def _on_instruction(self, msg: String) -> None:
         self.stats.count('instructions_received')
+        policy = self.policy
         try:
-            text = self.policy.check_instruction(msg.data)
+            text = policy.check_instruction(msg.data) if policy is not None else check_instruction(
+                msg.data, UNCONFIGURED_MAX_INSTRUCTION_CHARS)
         except ValueError as exc:
             self._reject('instruction', str(exc))
             return
@@ -363,6 +463,9 @@ class ActionNode(GuardedNode):
 
     # -- task action (RunInstruction) ---------------------------------------------------------
     def _on_goal_request(self, request: RunInstruction.Goal) -> GoalResponse:
+        if not self._commanding or self.policy is None:
+            self._reject('goal', 'the node is not active (lifecycle)')
+            return GoalResponse.REJECT
         try:
             self.policy.check_instruction(request.instruction)
             if not math.isfinite(request.time_limit) or request.time_limit < 0:
@@ -381,12 +484,13 @@ class ActionNode(GuardedNode):
 
     def _on_goal_accepted(self, handle: ServerGoalHandle) -> None:
         request = handle.request
-        text = self.policy.check_instruction(request.instruction)
+        text = check_instruction(request.instruction, UNCONFIGURED_MAX_INSTRUCTION_CHARS)
         goal = Goal(handle, text, int(request.max_steps), float(request.time_limit))
         with self._lock:
             self._accepted[bytes(handle.goal_id.uuid)] = goal
-            if self._estop:  # latched between the request and now
-                goal.outcome, goal.message = Outcome.ESTOPPED, 'e-stop'
+            if self._estop or not self._commanding:  # latched, or deactivated, between the request and now
+                goal.outcome, goal.message = (Outcome.ESTOPPED, 'e-stop') if self._estop else (
+                    Outcome.DEACTIVATED, 'the node was deactivated')
                 goal.end = goal.start
                 goal.done.set()
             else:
@@ -486,8 +590,9 @@ class ActionNode(GuardedNode):
             self._frame_event.clear()
             threshold = self._param('replan_threshold')
             with self._lock:
-                if not self._fresh or self._instruction is None or self._estop:
+                if not self._fresh or self._instruction is None or self._estop or not self._commanding:
                     continue
+                policy = self.policy
                 if threshold >= 0 and len(self._queue) > threshold:
                     continue  # the current chunk runs on; the control tick wakes us when it is short
                 self._fresh = False
@@ -495,12 +600,12 @@ class ActionNode(GuardedNode):
                 history = list(self._history)
                 instruction, version, epoch = self._instruction, self._instruction_version, self._epoch
             try:
-                self._check_and_infer(history, instruction, version, epoch)
+                self._check_and_infer(policy, history, instruction, version, epoch)
             finally:
                 self._inferring = False
 
-    def _check_and_infer(self, history: list[tuple[np.ndarray, TimeMsg]], instruction: str, version: int,
-                         epoch: int) -> None:
+    def _check_and_infer(self, policy: WorldVLAPolicy, history: list[tuple[np.ndarray, TimeMsg]], instruction: str,
+                         version: int, epoch: int) -> None:
         newest_stamp = history[-1][1]
         age = (self.get_clock().now() - Time.from_msg(newest_stamp)).nanoseconds * 1e-9
         if age > self._param('max_obs_age'):
@@ -511,7 +616,7 @@ class ActionNode(GuardedNode):
             return
         self.stats.count('frames_used')
         try:
-            self._infer(history, instruction, version, epoch)
+            self._infer(policy, history, instruction, version, epoch)
         except Exception as exc:  # never let one bad inference kill the worker
             if not self.context.ok() or not self._running:
                 return  # shutting down
@@ -526,9 +631,10 @@ class ActionNode(GuardedNode):
                 if self._goal is not None and version == self._instruction_version:
                     self._end_goal(Outcome.MODEL_ERROR, f'inference failed: {exc}')
 
-    def _infer(self, history: list[tuple[np.ndarray, TimeMsg]], instruction: str, version: int, epoch: int) -> None:
+    def _infer(self, policy: WorldVLAPolicy, history: list[tuple[np.ndarray, TimeMsg]], instruction: str,
+               version: int, epoch: int) -> None:
         t0 = time.perf_counter()
-        pred = self.policy.predict([f for f, _ in history], instruction, batched=self._param('batched_decoding'))
+        pred = policy.predict([f for f, _ in history], instruction, batched=self._param('batched_decoding'))
         latency = time.perf_counter() - t0
         self.stats.latency(latency)
         self._last_latency = latency
@@ -552,7 +658,7 @@ class ActionNode(GuardedNode):
         chunk.instruction = instruction
         chunk.raw_actions = pred.actions.reshape(-1).astype(float).tolist()
         chunk.inference_latency = latency
-        chunk.model_id = self.policy.model_id
+        chunk.model_id = policy.model_id
         with self._lock:
             if version != self._instruction_version or epoch != self._epoch or self._estop or self._closing:
                 self.stats.count('chunks_discarded')  # the task changed, or an e-stop came, while we thought
@@ -605,8 +711,8 @@ class ActionNode(GuardedNode):
 
     def _on_control_tick(self) -> None:
         with self._lock:
-            if self._closing:
-                return  # close() sends the last command
+            if self._closing or not self._commanding:
+                return  # close() sends the last command; inactive: nothing is commanded
             goal_ended = self._check_goal_limits()
             fresh = time.monotonic() - self._queue_time <= self._param('watchdog_timeout')
             if self._estop:
@@ -707,7 +813,9 @@ class ActionNode(GuardedNode):
     def _publish_diagnostics(self) -> None:
         with self._lock:  # idle: no chunk left to run, no inference running or waiting for one
             idle = not self._queue and not self._inferring and not self._fresh
-        values = {'model': self.policy.model_id, 'device': str(self.policy.device),
+        policy = self.policy
+        values = {'lifecycle': self._state_machine.current_state[1], 'model': policy.model_id if policy else '',
+                  'device': str(policy.device) if policy else '',
                   'enabled': str(self._param('enabled')), 'estop': str(self._estop),
                   'instruction': self._instruction or '', 'idle': str(idle).lower(), **self.stats.snapshot()}
         level, message = (1, 'e-stop latched') if self._estop else (0, 'running')
@@ -720,15 +828,18 @@ class ActionNode(GuardedNode):
             self._running = False
             self._end_goal(Outcome.SHUTDOWN, 'the node is shutting down')
             self._clear_queue()
-            commanded = self._active or self._estop
+            commanded = self._active or (self._estop and self._commanding)
             last = self._hold() if commanded else None
         self._frame_event.set()
         if last is not None and self.context.ok():
             self._send(last)
             self.stats.count('holds_shutdown')
             self.command_pub.wait_for_all_acked(Duration(seconds=0.5))
-        self._worker.join(timeout=2.0)
-        return not self._worker.is_alive()
+        worker = self._worker
+        if worker is None:
+            return True
+        worker.join(timeout=2.0)
+        return not worker.is_alive()
 
 
 def main(args: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.callback_groups import CallbackGroup
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.signals import SignalHandlerOptions
@@ -353,6 +354,25 @@ def spin_node(factory: Callable[[], GuardedNode], args: list[str] | None = None)
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+class GuardedLifecycleNode(GuardedNode, LifecycleNode):
+    """A managed (lifecycle) node whose callbacks cannot end the process either."""
+
+
+def release_memory(device: str) -> None:
+    """Give freed model memory back: the CUDA cache on a GPU, glibc's free lists on the host."""
+    import gc
+
+    gc.collect()
+    if device.startswith('cuda'):
+        import torch
+
+        torch.cuda.empty_cache()
+    if sys.platform.startswith('linux'):
+        import ctypes
+
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
 
 
 class StartupError(RuntimeError):

@@ -1,0 +1,104 @@
+"""The action node as a managed (lifecycle) node, driven through its real lifecycle services."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import rclpy
+from harness import Harness, NodeProcess, wait_until
+from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState, GetState
+from rclpy.action import ActionClient
+from std_msgs.msg import String
+from worldvla.action import RunInstruction
+
+from worldvla_ros.bringup import default_config
+
+pytestmark = pytest.mark.ros
+ACTION = 'worldvla_action'
+TASK = 'put the red block in the bowl'
+
+
+class Lifecycle:
+    def __init__(self, h: Harness) -> None:
+        self.h = h
+        self.change = h.node.create_client(ChangeState, f'{ACTION}/change_state')
+        self.get = h.node.create_client(GetState, f'{ACTION}/get_state')
+        assert self.change.wait_for_service(timeout_sec=60) and self.get.wait_for_service(timeout_sec=10)
+
+    def state(self) -> str:
+        return self.get.call(GetState.Request(), timeout_sec=10).current_state.label
+
+    def transition(self, transition: int, timeout: float = 120.0) -> bool:
+        future = self.change.call_async(ChangeState.Request(transition=Transition(id=transition)))
+        assert wait_until(future.done, timeout), 'no answer from change_state'
+        return future.result().success
+
+
+def _rss_mb(node: NodeProcess) -> float:
+    return psutil.Process(node.proc.pid).memory_info().rss / 2**20
+
+
+@pytest.fixture(scope='module')
+def managed(fixed_chunk_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    node = NodeProcess('action_node', tmp_path_factory.mktemp('logs'), {
+        'checkpoint': str(fixed_chunk_checkpoint), 'device': 'cpu', 'enabled': 'true', 'control_rate_hz': '10.0',
+        'max_obs_age': '2.0', 'watchdog_timeout': '2.0', 'autostart': 'false'}, config=[default_config()])
+    rclpy.init()
+    h = Harness()
+    try:
+        life = Lifecycle(h)
+    except AssertionError:
+        node.stop()
+        pytest.fail(f'no lifecycle services:\n{node.log()[-3000:]}')
+    yield h, life, node
+    h.close()
+    rclpy.shutdown()
+    node.stop()
+
+
+def test_configure_activate_deactivate_cleanup_through_the_services(managed) -> None:
+    h, life, node = managed
+    assert life.state() == 'unconfigured'
+    h.instruction_pub.publish(String(data=TASK))  # latched: kept until the model is there
+    h.wait_for(lambda: False, 2.0)
+    assert not h.commands and not h.chunks, 'commands from an unconfigured node'
+    rss = {'unconfigured': _rss_mb(node)}
+
+    assert life.transition(Transition.TRANSITION_CONFIGURE) and life.state() == 'inactive'
+    rss['configured'] = _rss_mb(node)
+    goals = ActionClient(h.node, RunInstruction, 'worldvla/run_instruction')
+    assert goals.wait_for_server(timeout_sec=10)
+    future = goals.send_goal_async(RunInstruction.Goal(instruction=TASK))
+    assert wait_until(future.done, 10) and not future.result().accepted  # inactive: no tasks
+    h.wait_for(lambda: False, 2.0)
+    assert not h.commands and not h.chunks, 'commands from an inactive node'
+
+    assert life.transition(Transition.TRANSITION_ACTIVATE) and life.state() == 'active'
+    assert h.wait_for(lambda: any(not m.hold for _, m in h.commands), 60), node.log()[-2000:]
+
+    assert life.transition(Transition.TRANSITION_DEACTIVATE) and life.state() == 'inactive'
+    answered = time.monotonic()
+    h.wait_for(lambda: False, 1.5)
+    with h.lock:
+        after = [m for t, m in h.commands if t > answered]
+        last = h.commands[-1][1]
+    assert last.hold, 'the last command before going inactive is not a hold'
+    assert len(after) <= 1 and all(m.hold for m in after), f'{len(after)} commands while inactive'
+
+    assert life.transition(Transition.TRANSITION_CLEANUP) and life.state() == 'unconfigured'
+    time.sleep(0.5)
+    rss['cleaned_up'] = _rss_mb(node)
+    model_mb = rss['configured'] - rss['cleaned_up']
+    print(f'action node RSS (MiB): {rss}; released by cleanup: {model_mb:.0f}')
+    assert model_mb > 20, rss  # the tiny model's weights (≈ 35 MB of float32) are given back
+
+    # and round again: a second configure/activate works and does not keep the first model
+    assert life.transition(Transition.TRANSITION_CONFIGURE)
+    assert _rss_mb(node) < rss['configured'] + 40, (_rss_mb(node), rss)
+    assert life.transition(Transition.TRANSITION_ACTIVATE)
+    n = len(h.commands)
+    assert h.wait_for(lambda: len(h.commands) > n + 3, 60)
+    assert node.alive()
