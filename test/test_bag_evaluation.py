@@ -507,19 +507,17 @@ def test_chunk_merge_is_applied_and_every_choice_is_reported(tmp_path: Path, eva
     computed on the same chunks; the choice used drives the main scores."""
     frames, actions, instruction = synthetic_episode(frames=14, seed=4, size=64)
     bag = write_episode(tmp_path / 'bag', frames, actions, instruction)
-    reports = {}
-    for merge in ('replace', 'ensemble'):
-        out = tmp_path / merge
-        assert _run_cli(str(bag), '--checkpoint', str(eval_checkpoint), '--device', 'cpu', '--out', str(out),
-                        '--no-world-model', '--replan-every', '2', '--chunk-merge', merge,
-                        '--ensemble-decay', '0') == 0
-        reports[merge] = json.loads((out / 'report.json').read_text())
-        assert '## Chunk merge' in (out / 'report.md').read_text()
-    for merge, r in reports.items():
-        assert r['chunk_merge']['used'] == merge and set(r['chunk_merge']['by_choice']) == {'replace', 'ensemble'}
-        assert r['chunk_merge']['by_choice'][merge]['jerk_at_seams'] == r['actions']['physical']['jerk_at_seams']
-    assert reports['replace']['chunk_merge']['by_choice'] == reports['ensemble']['chunk_merge']['by_choice']
-    assert reports['replace']['actions']['physical']['l1'] != reports['ensemble']['actions']['physical']['l1']
-    r = _cli(str(bag), '--checkpoint', str(eval_checkpoint), '--out', str(tmp_path / 'bad'), '--chunk-merge',
-             'ensemble', '--ensemble-decay', '-1')
-    assert r.returncode == 2 and 'ensemble decay' in r.stderr
+    out = tmp_path / 'report'
+    assert _run_cli(str(bag), '--checkpoint', str(eval_checkpoint), '--device', 'cpu', '--out', str(out),
+                    '--no-world-model', '--replan-every', '2', '--chunk-merge', 'ensemble',
+                    '--ensemble-decay', '0') == 0
+    r = json.loads((out / 'report.json').read_text())
+    assert '## Chunk merge' in (out / 'report.md').read_text()
+    merge = r['chunk_merge']
+    assert merge['used'] == 'ensemble' and merge['ensemble_decay'] == 0.0
+    assert merge['by_choice']['ensemble']['jerk_at_seams'] == r['actions']['physical']['jerk_at_seams']
+    assert merge['by_choice']['ensemble']['l1'] == r['actions']['physical']['l1']
+    assert merge['by_choice']['replace']['l1'] != merge['by_choice']['ensemble']['l1']  # the chunks overlap
+    bad = _cli(str(bag), '--checkpoint', str(eval_checkpoint), '--out', str(tmp_path / 'bad'), '--chunk-merge',
+               'ensemble', '--ensemble-decay', '-1')
+    assert bad.returncode == 2 and 'ensemble decay' in bad.stderr

@@ -194,13 +194,13 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
 
     from .lockstep import LockstepSettings, evaluate_lockstep
 
-    overrides = {k: int(action_params[k]) for k in ('chunk_size', 'history_frames') if action_params.get(k)}
-    policy = load_policy(args.checkpoint, args.device, args.dtype, args.tokenizer_dir or None, **overrides)
-    safety = SafetyFilter(safety_limits(action_params))
     merge = args.chunk_merge or action_params.get('chunk_merge', 'replace')
     decay = args.ensemble_decay if args.ensemble_decay is not None else float(action_params.get('ensemble_decay', 0.01))
     if merge not in MERGES or not 0.0 <= decay <= 10.0:
         raise BagError(f'chunk merge {merge!r} / ensemble decay {decay}: use replace|ensemble, decay in [0, 10]')
+    overrides = {k: int(action_params[k]) for k in ('chunk_size', 'history_frames') if action_params.get(k)}
+    policy = load_policy(args.checkpoint, args.device, args.dtype, args.tokenizer_dir or None, **overrides)
+    safety = SafetyFilter(safety_limits(action_params))
     settings = LockstepSettings(args.replan_every, not args.sequential, not args.no_world_model,
                                 args.wm_horizon, args.wm_every, chunk_merge=merge, ensemble_decay=decay)
     runs = []

@@ -269,7 +269,8 @@ class ActionNode(GuardedLifecycleNode):
             policy = self._load_policy(self._start_params)
         except StartupError as exc:
             self._configure_error = str(exc)
-            self.get_logger().error(f'configure failed: {exc}')
+            if not self._start_params['autostart']:  # with autostart the process ends with this as its FATAL line
+                self.get_logger().error(f'configure failed: {exc}')
             return TransitionCallbackReturn.FAILURE
         with self._lock:
             self.policy = policy
