@@ -153,8 +153,9 @@ def test_world_model_node_stops_within_launchs_sigint_window(tiny_checkpoint: Pa
         time.sleep(0.02)
     code = world.wait(timeout=10)
     log = world.log()
+    # (whether the later signals came while it was still shutting down, logged "already shutting down", or
+    # after its handlers were set to ignore them, depends on how fast it stops; neither may abort it)
     assert code == 0 and 'terminate called' not in log and 'Traceback' not in log, log[-2000:]
-    assert 'already shutting down' in log
 
 
 def test_sim_node_does_not_import_torch() -> None:

@@ -344,7 +344,11 @@ def spin_node(factory: Callable[[], GuardedNode], args: list[str] | None = None)
         if executor is not None:
             clean = executor.shutdown(timeout_sec=2.0) and clean
         node.destroy_node()
-    rclpy.try_shutdown(uninstall_handlers=False)  # rclpy would put the default handlers back
+    if rclpy.ok():  # Jazzy's try_shutdown cannot keep the handlers; shutdown can, on every distro
+        try:
+            rclpy.shutdown(uninstall_handlers=False)  # rclpy would put the default handlers back
+        except RuntimeError:  # shut down by someone else meanwhile
+            pass
     # Python's own finalization restores SIG_DFL for signals that have a Python handler: a late SIGTERM
     # would then kill the process mid-exit (exit code -15). Ignored signals stay ignored.
     for sig in (signal.SIGINT, signal.SIGTERM):
