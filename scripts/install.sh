@@ -43,7 +43,7 @@ deps_stamp=$(stamp_of "$ros_requirements" "$repo/setup.py" "$repo/scripts/instal
 if [ "$(cat "$venv/.worldvla-deps" 2>/dev/null)" != "$deps_stamp" ]; then
   log "installing torch ($torch_spec), ROS 2 $distro wheels and Python dependencies"
   quiet_pip install --upgrade pip
-  quiet_pip install "$torch_spec"
+  quiet_pip install --no-compile "$torch_spec"  # what is imported is byte-compiled on first import, not all of torch
   quiet_pip install -r "$ros_requirements"
   quiet_pip install -e "$repo[test,eval]"
   echo "$deps_stamp" > "$venv/.worldvla-deps"

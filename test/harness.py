@@ -7,11 +7,13 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
@@ -22,7 +24,7 @@ from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import Trigger
 from worldvla.msg import ActionChunk, EndEffectorCommand
 
-from worldvla_ros.bringup import node_command
+from worldvla_ros.bringup import default_config, node_command
 from worldvla_ros.image_conversion import fill_image_msg
 from worldvla_ros.launch_plan import NODES, NodeSpec, node_parameters, normalize_namespace, parse_value
 from worldvla_ros.nodes.common import latched_qos, reliable_qos
@@ -196,3 +198,28 @@ def wait_until(predicate: Callable[[], bool], timeout: float, poll: float = 0.05
             return True
         time.sleep(poll)
     return predicate()
+
+
+@contextmanager
+def action_node_graph(checkpoint: Path, log_dir: Path, params: dict[str, str],
+                      ready: Callable[[Harness], Any], what: str) -> Iterator[tuple[Harness, NodeProcess, Any]]:
+    """An enabled 10 Hz action node in its own process and a harness; ``ready(harness)`` must pass (its
+    result is yielded) or the test fails with ``what`` and the node's log."""
+    node = NodeProcess('action_node', log_dir, {
+        'checkpoint': str(checkpoint), 'device': 'cpu', 'enabled': 'true', 'control_rate_hz': '10.0',
+        'max_obs_age': '2.0', 'watchdog_timeout': '2.0', **params}, config=[default_config()])
+    rclpy.init()
+    h = Harness()
+    try:
+        extra = ready(h)
+    except AssertionError as exc:
+        h.close()
+        rclpy.shutdown()
+        node.stop()
+        pytest.fail(f'{what}: {exc}\n{node.log()[-3000:]}')
+    try:
+        yield h, node, extra
+    finally:
+        h.close()
+        rclpy.shutdown()
+        node.stop()

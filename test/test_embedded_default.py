@@ -101,7 +101,7 @@ def test_sim_node_runs_episodes_with_the_action_node(isolated_graph) -> None:
     node = isolated_graph
     procs = start_nodes(str(bundled_checkpoint()), [default_config(), sim_config()], 'cpu', use_world_model=False,
                         use_sim=True,
-                        sim_params={'episodes': '2'})
+                        sim_params={'episodes': '2', 'max_steps': '30'})  # short episodes: the wiring, not skill
     results: list[dict] = []
 
     node.create_subscription(String, 'sim/episode_result', lambda m: results.append(json.loads(m.data)),

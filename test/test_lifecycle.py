@@ -6,15 +6,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-import rclpy
-from harness import Harness, NodeProcess, wait_until
+from harness import Harness, NodeProcess, action_node_graph, wait_until
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from rclpy.action import ActionClient
 from std_msgs.msg import String
 from worldvla.action import RunInstruction
-
-from worldvla_ros.bringup import default_config
 
 pytestmark = pytest.mark.ros
 ACTION = 'worldvla_action'
@@ -43,20 +40,9 @@ def _rss_mb(node: NodeProcess) -> float:
 
 @pytest.fixture(scope='module')
 def managed(fixed_chunk_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    node = NodeProcess('action_node', tmp_path_factory.mktemp('logs'), {
-        'checkpoint': str(fixed_chunk_checkpoint), 'device': 'cpu', 'enabled': 'true', 'control_rate_hz': '10.0',
-        'max_obs_age': '2.0', 'watchdog_timeout': '2.0', 'autostart': 'false'}, config=[default_config()])
-    rclpy.init()
-    h = Harness()
-    try:
-        life = Lifecycle(h)
-    except AssertionError:
-        node.stop()
-        pytest.fail(f'no lifecycle services:\n{node.log()[-3000:]}')
-    yield h, life, node
-    h.close()
-    rclpy.shutdown()
-    node.stop()
+    with action_node_graph(fixed_chunk_checkpoint, tmp_path_factory.mktemp('logs'), {'autostart': 'false'},
+                           Lifecycle, 'no lifecycle services') as (h, node, life):
+        yield h, life, node
 
 
 def test_configure_activate_deactivate_cleanup_through_the_services(managed) -> None:

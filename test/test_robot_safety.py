@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rclpy
 from builtin_interfaces.msg import Time as TimeMsg
-from harness import Harness, NodeProcess, wait_until
+from harness import Harness, NodeProcess, action_node_graph, wait_until
 from rclpy.duration import Duration
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.qos import qos_profile_sensor_data
@@ -40,21 +39,13 @@ INSTRUCTION = 'put the red block in the bowl'
 @pytest.fixture(scope='module')
 def action_graph(fixed_chunk_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     """One action node (enabled, sequential decoding: slow enough to race against) and a harness."""
-    logs = tmp_path_factory.mktemp('logs')
-    node = NodeProcess('action_node', logs, {
-        'checkpoint': str(fixed_chunk_checkpoint), 'device': 'cpu', 'enabled': 'true',
-        'control_rate_hz': str(RATE), 'max_obs_age': '2.0', 'watchdog_timeout': '2.0',
-        'batched_decoding': 'false'}, config=[default_config()])
-    rclpy.init()
-    h = Harness()
-    h.instruction_pub.publish(String(data=INSTRUCTION))
-    if not h.wait_for(lambda: len(h.chunks) > 0, timeout=300):
-        node.stop()
-        pytest.fail(f'no ActionChunk within 120 s:\n{node.log()[-3000:]}')
-    yield h, node
-    h.close()
-    rclpy.shutdown()
-    node.stop()
+    def first_chunk(h: Harness) -> None:
+        h.instruction_pub.publish(String(data=INSTRUCTION))
+        assert h.wait_for(lambda: len(h.chunks) > 0, timeout=300), 'no ActionChunk within 300 s'
+
+    with action_node_graph(fixed_chunk_checkpoint, tmp_path_factory.mktemp('logs'), {'batched_decoding': 'false'},
+                           first_chunk, 'the action node does not answer') as (h, node, _):
+        yield h, node
 
 
 def _motion_after(h: Harness, t: float) -> list[EndEffectorCommand]:

@@ -11,16 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rclpy
 from action_msgs.msg import GoalStatus
-from harness import Harness, NodeProcess, wait_until
+from harness import Harness, action_node_graph, wait_until
 from rclpy.action import ActionClient
 from std_msgs.msg import Bool, String
 from std_srvs.srv import Trigger
 from worldvla.action import RunInstruction
 from worldvla.msg import EndEffectorCommand
 
-from worldvla_ros.bringup import default_config
 from worldvla_ros.chunk_merge import merge_chunk
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
 from worldvla_ros.nodes.common import latched_qos, reliable_qos
@@ -70,23 +68,14 @@ class GoalClient:
 
 @pytest.fixture(scope='module')
 def task_graph(fixed_chunk_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    logs = tmp_path_factory.mktemp('logs')
-    node = NodeProcess('action_node', logs, {
-        'checkpoint': str(fixed_chunk_checkpoint), 'device': 'cpu', 'enabled': 'true',
-        'control_rate_hz': str(RATE), 'max_obs_age': '2.0', 'watchdog_timeout': '2.0',
-        'replan_threshold': '1', 'success_topic': 'test/success'}, config=[default_config()])
-    rclpy.init()
-    h = Harness()
-    h.success_pub = h.node.create_publisher(Bool, 'test/success', reliable_qos(10))
-    try:
-        goals = GoalClient(h)
-    except AssertionError:
-        node.stop()
-        pytest.fail(f'the action node offers no task action:\n{node.log()[-3000:]}')
-    yield h, goals, node
-    h.close()
-    rclpy.shutdown()
-    node.stop()
+    def goal_client(h: Harness) -> GoalClient:
+        h.success_pub = h.node.create_publisher(Bool, 'test/success', reliable_qos(10))
+        return GoalClient(h)
+
+    with action_node_graph(fixed_chunk_checkpoint, tmp_path_factory.mktemp('logs'),
+                           {'replan_threshold': '1', 'success_topic': 'test/success'}, goal_client,
+                           'the action node offers no task action') as (h, node, goals):
+        yield h, goals, node
 
 
 def _commands(h: Harness, after: float, before: float = math.inf) -> list[tuple[float, EndEffectorCommand]]:
