@@ -332,12 +332,12 @@ class ActionNode(GuardedLifecycleNode):
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         return TransitionCallbackReturn.SUCCESS
 
-    def _stop_worker(self) -> bool:
+    def _stop_worker(self, timeout: float = 5.0) -> bool:
         with self._lock:
             self._running = False
         self._frame_event.set()
         if self._worker is not None:
-            self._worker.join(timeout=5.0)
+            self._worker.join(timeout=timeout)
             if self._worker.is_alive():
                 return False
         self._worker = None
@@ -755,9 +755,10 @@ class ActionNode(GuardedLifecycleNode):
     def _send(self, cmd: EndEffectorCommand) -> None:
         """The command, and the same command in every configured driver form (none of them in a dry run)."""
         self.command_pub.publish(cmd)
-        if cmd.dry_run or not (self.twist_pub or self.pose_pub or self.gripper_pub):
-            if cmd.dry_run and (self.twist_pub or self.pose_pub or self.gripper_pub):
-                self.stats.count('driver_outputs_dry_run')
+        if not (self.twist_pub or self.pose_pub or self.gripper_pub):
+            return
+        if cmd.dry_run:
+            self.stats.count('driver_outputs_dry_run')
             return
         action = np.asarray(cmd.action, dtype=np.float64)
         scale = np.asarray(self._param('action_scale'), dtype=np.float64)
@@ -826,7 +827,7 @@ class ActionNode(GuardedLifecycleNode):
         """Stop the worker and, if anything was commanded, send one last hold (delivery awaited briefly)."""
         with self._lock:
             self._closing = True
-            self._running = False
+            self._running = False  # before the hold: no inference starts meanwhile
             self._end_goal(Outcome.SHUTDOWN, 'the node is shutting down')
             self._clear_queue()
             commanded = self._active or (self._estop and self._commanding)
@@ -836,11 +837,7 @@ class ActionNode(GuardedLifecycleNode):
             self._send(last)
             self.stats.count('holds_shutdown')
             self.command_pub.wait_for_all_acked(Duration(seconds=0.5))
-        worker = self._worker
-        if worker is None:
-            return True
-        worker.join(timeout=2.0)
-        return not worker.is_alive()
+        return self._stop_worker(timeout=2.0)
 
 
 def main(args: list[str] | None = None) -> int:
