@@ -9,16 +9,23 @@ decided by ``worldvla_ros.launch_plan``, the plan ``worldvla_bringup`` follows t
 - optional parts are checked before anything starts: ``use_rviz:=true`` without rviz2 installed
   starts nothing and says why;
 - every node is required: when one exits the launch shuts the others down, so a failed start or
-  a crash never leaves half a graph commanding the robot (closing rviz ends the launch as well).
+  a crash never leaves half a graph commanding the robot (closing rviz ends the launch as well);
+- the action node is a managed (lifecycle) node: this launch configures it (loads and warms up the
+  model) and, once inactive, activates it through launch_ros lifecycle events; a configure that
+  fails ends the launch. ``autostart:=false`` leaves it unconfigured for your lifecycle manager.
 
 ``ros2 launch worldvla bringup.launch.py --show-args`` lists the arguments.
 """
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction, Shutdown
+from launch.actions import DeclareLaunchArgument, EmitEvent, LogInfo, OpaqueFunction, RegisterEventHandler, Shutdown
+from launch.events import matches_action
 from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node
+from launch_ros.actions import LifecycleNode, Node
+from launch_ros.event_handlers import OnStateTransition
+from launch_ros.events.lifecycle import ChangeState
+from lifecycle_msgs.msg import Transition
 
 from launch import LaunchDescription
 
@@ -38,8 +45,8 @@ ARGUMENTS = {
     'use_sim_time': ('false', 'every node follows /clock, e.g. beside `ros2 bag play --clock`'),
     'enabled': ('', 'true: execute commands; false: dry run; empty: as the parameter files say '
                     '(worldvla.yaml: false; with the sim: true)'),
-    'autostart': ('true', 'the action node (a lifecycle node) configures and activates itself; false: it waits '
-                          'unconfigured for your lifecycle manager (change_state service)'),
+    'autostart': ('true', 'configure and activate the action node (a lifecycle node) through lifecycle events; '
+                          'false: it waits unconfigured for your lifecycle manager (change_state service)'),
 }
 
 
@@ -76,17 +83,39 @@ def _setup(context):
     directory = parameter_directory()
     specs = plan(options)
     namespace = normalize_namespace(arg['namespace']) or None  # launch_ros adds the pushed one itself
-    actions = [
-        Node(package='worldvla', executable=spec.executable, name=spec.name, namespace=namespace, output='screen',
-             parameters=[str(spec.write_parameters(directory))], remappings=list(spec.remaps.items()),
-             on_exit=Shutdown(reason=f'{spec.name} exited'))
-        for spec in specs
-    ]
+    actions = []
+    for spec in specs:
+        kind = LifecycleNode if spec.lifecycle else Node
+        node = kind(package='worldvla', executable=spec.executable, name=spec.name, namespace=namespace or '',
+                    output='screen', parameters=[str(spec.write_parameters(directory))],
+                    remappings=list(spec.remaps.items()), on_exit=Shutdown(reason=f'{spec.name} exited'))
+        actions.append(node)
+        if spec.lifecycle and options.autostart:
+            actions += _bring_to_active(node, spec.name)
     if use_rviz:
         rviz = rviz_config(Path(SHARE, 'config', 'worldvla.rviz'), options.namespace, specs[0].remaps, directory)
         actions.append(Node(package='rviz2', executable='rviz2', name='rviz2', namespace=namespace,
                             arguments=['-d', str(rviz)], on_exit=Shutdown(reason='rviz2 exited')))
     return actions
+
+
+def _bring_to_active(node: LifecycleNode, name: str) -> list:
+    """Configure now; activate once inactive; a configure that fails (or errors) ends the launch."""
+    def change(transition: int) -> EmitEvent:
+        return EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(node), transition_id=transition))
+
+    def on(start: str, goal: str | None, entities: list) -> RegisterEventHandler:
+        return RegisterEventHandler(OnStateTransition(target_lifecycle_node=node, start_state=start, goal_state=goal,
+                                                      entities=entities))
+
+    failed = f'{name} could not be configured (its log says why)'
+    return [
+        on('configuring', 'inactive', [LogInfo(msg=f'[worldvla] {name} configured: activating'),
+                                       change(Transition.TRANSITION_ACTIVATE)]),
+        on('configuring', 'unconfigured', [LogInfo(msg=f'[worldvla] {failed}'), Shutdown(reason=failed)]),
+        on('errorprocessing', None, [Shutdown(reason=f'{name} raised in a transition')]),
+        change(Transition.TRANSITION_CONFIGURE),
+    ]
 
 
 def generate_launch_description() -> LaunchDescription:

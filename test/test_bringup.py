@@ -1,5 +1,6 @@
-"""worldvla_bringup for real: a namespaced graph keeps every YAML parameter, and a killed launcher
-takes its nodes with it (each ending on a hold) instead of leaving them commanding."""
+"""worldvla_bringup for real: a namespaced graph keeps every YAML parameter, the managed action node is
+brought to active through its lifecycle services, a configure that fails stops everything, and a killed
+launcher takes its nodes with it (each ending on a hold) instead of leaving them commanding."""
 from __future__ import annotations
 
 import signal
@@ -37,6 +38,7 @@ def test_namespaced_bringup_keeps_the_yaml_and_dies_with_its_launcher(tiny_check
         assert h.get_parameter(action, 'enabled') is True  # the sim's overlay
         assert h.get_parameter(action, 'replan_threshold') == 1
         assert h.get_parameter(action, 'checkpoint') == str(tiny_checkpoint)
+        assert h.get_parameter(action, 'autostart') is False  # bringup drove it: configure, then activate
         with h.lock:
             times = np.array([t for t, _ in h.commands[-10:]])
         assert len(times) >= 5 and float(np.median(np.diff(times))) == pytest.approx(0.2, rel=0.3)  # 5 Hz
@@ -60,3 +62,22 @@ def test_namespaced_bringup_keeps_the_yaml_and_dies_with_its_launcher(tiny_check
             bringup.send_signal(signal.SIGINT)
             bringup.wait(timeout=20)
         h.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_configure_that_fails_stops_every_node(tiny_checkpoint: Path, isolated_graph, tmp_path: Path) -> None:
+    """The model cannot load: bringup says which node and why, exits 1, and no node is left running."""
+    import shutil
+
+    broken = tmp_path / 'broken'
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / 'config.json').write_text('[1, 2, 3]')
+    run = subprocess.run([sys.executable, '-m', 'worldvla_ros.bringup', '--checkpoint', str(broken), '--device',
+                          'cpu', '--namespace', 'broken', '--sim', '--no-world-model'], capture_output=True, text=True,
+                         timeout=100)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert '/broken/worldvla_action did not become active: configure failed' in run.stderr
+    assert 'configure failed: ' in run.stderr and 'expected an object' in run.stderr  # the node's own reason
+    assert 'Traceback' not in run.stderr
+    leftovers = [p for p in psutil.process_iter(['cmdline']) if '__ns:=/broken' in (p.info['cmdline'] or [])]
+    assert not leftovers, [p.info['cmdline'] for p in leftovers]

@@ -69,15 +69,26 @@ def launch_file(monkeypatch: pytest.MonkeyPatch):
     launch = types.ModuleType('launch')
     launch.LaunchDescription = lambda entities: list(entities)
     actions = types.ModuleType('launch.actions')
-    for kind in ('DeclareLaunchArgument', 'LogInfo', 'OpaqueFunction', 'Shutdown'):
+    for kind in ('DeclareLaunchArgument', 'EmitEvent', 'LogInfo', 'OpaqueFunction', 'RegisterEventHandler',
+                 'Shutdown'):
         setattr(actions, kind, _recorder(kind))
+    events = types.ModuleType('launch.events')
+    events.matches_action = lambda action: ('matches_action', action)
     substitutions = types.ModuleType('launch.substitutions')
     substitutions.LaunchConfiguration = _LaunchConfiguration
     launch_ros = types.ModuleType('launch_ros')
     ros_actions = types.ModuleType('launch_ros.actions')
     ros_actions.Node = _recorder('Node')
-    for name, module in (('launch', launch), ('launch.actions', actions), ('launch.substitutions', substitutions),
-                         ('launch_ros', launch_ros), ('launch_ros.actions', ros_actions)):
+    ros_actions.LifecycleNode = _recorder('LifecycleNode')
+    handlers = types.ModuleType('launch_ros.event_handlers')
+    handlers.OnStateTransition = _recorder('OnStateTransition')
+    lifecycle_events = types.ModuleType('launch_ros.events.lifecycle')
+    lifecycle_events.ChangeState = _recorder('ChangeState')
+    for name, module in (('launch', launch), ('launch.actions', actions), ('launch.events', events),
+                         ('launch.substitutions', substitutions), ('launch_ros', launch_ros),
+                         ('launch_ros.actions', ros_actions), ('launch_ros.event_handlers', handlers),
+                         ('launch_ros.events', types.ModuleType('launch_ros.events')),
+                         ('launch_ros.events.lifecycle', lifecycle_events)):
         monkeypatch.setitem(sys.modules, name, module)
     spec = importlib.util.spec_from_file_location('worldvla_bringup_launch', LAUNCH)
     module = importlib.util.module_from_spec(spec)
@@ -100,6 +111,10 @@ def _run_launch(module: Any, **arguments: str) -> list[Recorded]:
     return [a.record for a in opaque[0].record.kwargs['function'](context)]
 
 
+def _nodes(module: Any, **arguments: str) -> list[Recorded]:
+    return [a for a in _run_launch(module, **arguments) if a.kind in ('Node', 'LifecycleNode')]
+
+
 def _params(node: Recorded) -> dict[str, Any]:
     (path,) = node.kwargs['parameters']
     data = yaml.safe_load(Path(path).read_text())
@@ -119,11 +134,11 @@ def test_every_launch_argument_has_a_description(launch_file: Any) -> None:
 
 
 def test_default_launch_starts_the_two_model_nodes_every_one_required(launch_file: Any) -> None:
-    nodes = _run_launch(launch_file)
-    assert [(n.kwargs['executable'], n.kwargs['name']) for n in nodes] == [
-        ('action_node', 'worldvla_action'), ('world_model_node', 'worldvla_world_model')]
+    nodes = _nodes(launch_file)
+    assert [(n.kind, n.kwargs['executable'], n.kwargs['name']) for n in nodes] == [
+        ('LifecycleNode', 'action_node', 'worldvla_action'), ('Node', 'world_model_node', 'worldvla_world_model')]
     for n in nodes:
-        assert n.kwargs['package'] == 'worldvla' and n.kwargs['namespace'] is None
+        assert n.kwargs['package'] == 'worldvla' and n.kwargs['namespace'] == ''
         assert n.kwargs['on_exit'].record.kind == 'Shutdown'  # one exits: the launch ends, never half a graph
     action = _params(nodes[0])
     assert action['checkpoint'].endswith('models/tabletop') and action['enabled'] is False
@@ -134,7 +149,7 @@ def test_namespace_keeps_every_yaml_parameter(launch_file: Any, tmp_path: Path) 
     user = tmp_path / 'robot.yaml'
     user.write_text('worldvla_action:\n  ros__parameters:\n    control_rate_hz: 5.0\n'
                     '/robot2/worldvla_action:\n  ros__parameters:\n    watchdog_timeout: 9.0\n')
-    nodes = _run_launch(launch_file, namespace='robot1', config=str(user), use_sim='true')
+    nodes = _nodes(launch_file, namespace='robot1', config=str(user), use_sim='true')
     assert [n.kwargs['namespace'] for n in nodes] == ['/robot1'] * 3
     action = _params(nodes[0])
     assert action['control_rate_hz'] == 5.0  # the user's file, keyed by the bare name
@@ -143,7 +158,7 @@ def test_namespace_keeps_every_yaml_parameter(launch_file: Any, tmp_path: Path) 
 
 
 def test_camera_remap_covers_the_compressed_topic(launch_file: Any) -> None:
-    nodes = _run_launch(launch_file, camera_topic='/front/color/image_raw', instruction_topic='/task', use_sim='true')
+    nodes = _nodes(launch_file, camera_topic='/front/color/image_raw', instruction_topic='/task', use_sim='true')
     for n in nodes:
         assert dict(n.kwargs['remappings']) == {
             'camera/image_raw': '/front/color/image_raw',
@@ -161,15 +176,47 @@ def test_rviz_missing_starts_nothing(launch_file: Any) -> None:
 
 
 def test_enabled_argument_overrides_the_files(launch_file: Any) -> None:
-    assert _params(_run_launch(launch_file, enabled='true')[0])['enabled'] is True
-    assert _params(_run_launch(launch_file, use_sim='true', enabled='false')[0])['enabled'] is False
+    assert _params(_nodes(launch_file, enabled='true')[0])['enabled'] is True
+    assert _params(_nodes(launch_file, use_sim='true', enabled='false')[0])['enabled'] is False
 
 
-def test_autostart_false_leaves_the_action_node_to_a_lifecycle_manager(launch_file: Any) -> None:
-    nodes = _run_launch(launch_file, autostart='false')
-    assert _params(nodes[0])['autostart'] is False
-    assert 'autostart' not in _params(nodes[1])  # the world-model node is not managed
-    assert _params(_run_launch(launch_file)[0])['autostart'] is True  # worldvla.yaml
+def test_the_launch_brings_the_managed_action_node_to_active_through_lifecycle_events(launch_file: Any) -> None:
+    """Configure at once; activate on configuring → inactive; a failed or raising configure ends the launch.
+    The node's own autostart is off: the launch drives it (the real launch_ros types are checked by the
+    ros2 launch run, the event wiring here)."""
+    from lifecycle_msgs.msg import Transition
+
+    actions = _run_launch(launch_file)
+    node, world = (a for a in actions if a.kind in ('Node', 'LifecycleNode'))
+    assert actions[0] is node
+    assert node.kind == 'LifecycleNode' and _params(node)['autostart'] is False
+    assert 'autostart' not in _params(world)  # the world-model node is not managed
+
+    def change(emit: Recorded) -> int:
+        assert emit.kind == 'EmitEvent'
+        event = emit.kwargs['event'].record
+        assert event.kind == 'ChangeState' and event.kwargs['lifecycle_node_matcher'][1].record is node
+        return event.kwargs['transition_id']
+
+    handlers = {}
+    for a in actions:
+        if a.kind == 'RegisterEventHandler':
+            (handler,) = a.args
+            on = handler.record
+            assert on.kind == 'OnStateTransition' and on.kwargs['target_lifecycle_node'].record is node
+            handlers[on.kwargs['start_state'], on.kwargs['goal_state']] = [e.record for e in on.kwargs['entities']]
+    assert set(handlers) == {('configuring', 'inactive'), ('configuring', 'unconfigured'), ('errorprocessing', None)}
+    assert [change(e) for e in handlers['configuring', 'inactive'] if e.kind == 'EmitEvent'] == [
+        Transition.TRANSITION_ACTIVATE]
+    assert handlers['configuring', 'unconfigured'][-1].kind == 'Shutdown'
+    assert handlers['errorprocessing', None][-1].kind == 'Shutdown'
+    emitted = [a for a in actions if a.kind == 'EmitEvent']
+    assert [change(e) for e in emitted] == [Transition.TRANSITION_CONFIGURE]
+    assert actions.index(emitted[0]) > max(i for i, a in enumerate(actions) if a.kind == 'RegisterEventHandler')
+
+    # autostart:=false: unconfigured, for the user's lifecycle manager; nothing emitted, nothing registered
+    manual = _run_launch(launch_file, autostart='false')
+    assert [a.kind for a in manual] == ['LifecycleNode', 'Node'] and _params(manual[0])['autostart'] is False
 
 
 # -- the plan's parameter-file semantics ---------------------------------------------------------------

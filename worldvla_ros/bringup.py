@@ -3,7 +3,10 @@
     worldvla_bringup [--checkpoint DIR] [--device cuda] [--config config/worldvla.yaml]
     worldvla_bringup --demo 120 --episodes 5   # + the tabletop sim; prints what flows and task success
 
-Without ``--checkpoint`` the bundled tabletop model (trained on the sim) is used.
+Without ``--checkpoint`` the bundled tabletop model (trained on the sim) is used. The action node is a
+managed (lifecycle) node: as ``ros2 launch`` does, this configures it and then activates it through
+its ``change_state`` service, and stops everything when that fails (``--no-autostart``: left to
+your lifecycle manager).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from worldvla_ros.launch_plan import (
@@ -62,8 +65,9 @@ def start_nodes(checkpoint: str, config: Path | Sequence[Path], device: str = 'a
                 use_world_model: bool = True, extra: dict[str, str] | None = None, use_sim: bool = False,
                 sim_params: dict[str, str] | None = None, camera_topic: str = '',
                 instruction_topic: str = '', env: dict[str, str] | None = None,
-                autostart: bool = True) -> list[subprocess.Popen]:
-    """The action node, the world-model node and the sim, each in its own process (in that order).
+                autostart: bool = True, activate_timeout: float = 900.0) -> list[subprocess.Popen]:
+    """The action node, the world-model node and the sim, each in its own process (in that order); with
+    ``autostart`` the action node is configured and activated before this returns (BringupError if not).
 
     ``extra`` and ``sim_params`` are ``-p``-style strings (``'true'``, ``'20.0'``, ``'[0.1, …]'``).
     """
@@ -78,7 +82,67 @@ def start_nodes(checkpoint: str, config: Path | Sequence[Path], device: str = 'a
     if device in ('cpu', 'auto'):
         env.setdefault('OMP_NUM_THREADS', '1')  # two torch processes on a small CPU share it fairly
     directory = parameter_directory()
-    return [subprocess.Popen(node_command(spec, directory), env=env) for spec in plan(options)]
+    specs = plan(options)
+    procs = [subprocess.Popen(node_command(spec, directory), env=env) for spec in specs]
+    try:
+        for spec in specs if autostart else []:
+            running = {s.fqn: proc for s, proc in zip(specs, procs, strict=True)}
+            why = bring_to_active(spec.fqn, running, activate_timeout) if spec.lifecycle else None
+            if why:
+                raise BringupError(f'{spec.fqn} did not become active: {why}')
+    except BaseException:  # a failed transition, Ctrl-C while loading: never leave the other nodes running
+        stop_nodes(procs)
+        raise
+    return procs
+
+
+class BringupError(RuntimeError):
+    """A managed node could not be brought to active; every node was stopped."""
+
+
+def bring_to_active(node_name: str, procs: dict[str, subprocess.Popen], timeout: float = 900.0) -> str | None:
+    """Configure, then activate, a lifecycle node through its ``change_state`` service, as launch_ros
+    lifecycle events do; None when active, else why not (a transition refused, one of ``procs`` (by node
+    name) ended, timeout)."""
+    import rclpy
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
+
+    context = rclpy.Context()  # its own: the caller may have rclpy initialized, or not
+    rclpy.init(context=context, signal_handler_options=SignalHandlerOptions.NO)
+    node = rclpy.create_node('worldvla_bringup_lifecycle', context=context, start_parameter_services=False)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    client = node.create_client(ChangeState, f'{node_name}/change_state')
+    deadline = time.monotonic() + timeout
+
+    def wait(done: Callable[[], bool]) -> str | None:
+        while not done():
+            ended = [(name, p.returncode) for name, p in procs.items() if p.poll() is not None]
+            if ended:
+                return f'{ended[0][0]} exited with code {ended[0][1]}'
+            if time.monotonic() > deadline:
+                return f'no answer within {timeout:g} s'
+            executor.spin_once(timeout_sec=0.1)
+        return None
+
+    try:
+        if why := wait(client.service_is_ready):
+            return why
+        for transition, label in ((Transition.TRANSITION_CONFIGURE, 'configure'),
+                                  (Transition.TRANSITION_ACTIVATE, 'activate')):
+            future = client.call_async(ChangeState.Request(transition=Transition(id=transition)))
+            if why := wait(future.done):
+                return why
+            if not future.result().success:
+                return f'{label} failed (the node\'s log says why)'
+        return None
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
 
 
 def default_checkpoint() -> str:
@@ -207,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                             autostart=not args.no_autostart)
     except ValueError as exc:  # a parameter file that is not one
         parser.error(str(exc))
+    except BringupError as exc:
+        print(f'[bringup] {exc}; every node stopped', file=sys.stderr, flush=True)
+        return 1
     try:
         if args.demo:
             code = run_demo(args.demo, args.episodes, args.namespace)

@@ -87,6 +87,7 @@ class NodeSpec:
     namespace: str
     parameters: dict[str, Any]
     remaps: dict[str, str] = field(default_factory=dict)
+    lifecycle: bool = False  # a managed node: its launcher drives configure/activate (its own autostart is off)
 
     @property
     def fqn(self) -> str:
@@ -113,7 +114,7 @@ class BringupOptions:
     sim_config: Path | None = None  # applied after ``configs`` with the sim
     use_sim_time: bool = False
     enabled: bool | None = None  # None: as the parameter files say (the sim's file enables)
-    autostart: bool = True  # false: the action node waits unconfigured for a lifecycle manager
+    autostart: bool = True  # the launcher configures and activates the managed nodes; false: a manager does
     extra: dict[str, Any] = field(default_factory=dict)  # more parameters of the model nodes
     sim_extra: dict[str, Any] = field(default_factory=dict)  # more parameters of the sim
 
@@ -141,10 +142,11 @@ def plan(options: BringupOptions) -> list[NodeSpec]:
         params.update(options.sim_extra if exe == 'sim_node' else model)
         if exe == 'action_node' and options.enabled is not None:
             params['enabled'] = options.enabled
-        if exe == 'action_node' and not options.autostart:
-            params['autostart'] = False
+        managed = exe == 'action_node'
+        if managed:
+            params['autostart'] = False  # the launcher's lifecycle transitions (or the user's manager) instead
         params.update(time)
-        specs.append(NodeSpec(exe, name, ns, params, dict(remaps)))
+        specs.append(NodeSpec(exe, name, ns, params, dict(remaps), lifecycle=managed))
     return specs
 
 
