@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import cv2
@@ -293,7 +294,19 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args, '--no-progress'], capture_output=True, text=True, timeout=120)
 
 
-def test_bad_bags_give_a_clear_error_and_exit_2(tmp_path: Path, eval_checkpoint: Path) -> None:
+def _cli_here(capsys: pytest.CaptureFixture, *args: str) -> types.SimpleNamespace:
+    """evaluate_bag's main() in this process: exit code and stderr, as the executable gives them."""
+    capsys.readouterr()
+    try:
+        code = evaluate_bag([*args, '--no-progress'])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    return types.SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
+
+
+def test_bad_bags_give_a_clear_error_and_exit_2(tmp_path: Path, eval_checkpoint: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """Through the installed executable once, then in-process (the same main(), without 17 interpreter starts)."""
     frames, actions, instruction = synthetic_episode(frames=30, seed=0, size=64)
     good = {s: write_episode(tmp_path / f'good_{s}', frames, actions, instruction, storage=s)
             for s in ('mcap', 'sqlite3')}
@@ -355,18 +368,21 @@ def test_bad_bags_give_a_clear_error_and_exit_2(tmp_path: Path, eval_checkpoint:
         short_array: f'{short_array}: topic /arm/command: a Float64MultiArray action has 3 values',
         depth: "unsupported encoding '16UC1'",
     }
+    r = _cli(str(no_actions), '--checkpoint', str(eval_checkpoint), '--out', str(tmp_path / 'r'))
+    assert r.returncode == 2 and cases[no_actions] in r.stderr and 'Traceback' not in r.stderr, r.stderr
     for bag, message in cases.items():
-        r = _cli(str(bag), '--checkpoint', str(eval_checkpoint), '--out', str(tmp_path / 'r'))
+        r = _cli_here(capsys, str(bag), '--checkpoint', str(eval_checkpoint), '--out', str(tmp_path / 'r'))
         assert r.returncode == 2, (bag, r.stderr)
         assert message in r.stderr, (bag, r.stderr)
         assert 'Traceback' not in r.stderr, r.stderr
-    r = _cli(str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--image-topic', '/wrist/image')
+    r = _cli_here(capsys, str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--image-topic', '/wrist/image')
     assert r.returncode == 2 and "no topic '/wrist/image'" in r.stderr and '/camera/image_raw' in r.stderr
-    r = _cli(str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--action-scale', '0.05,0.05')
+    r = _cli_here(capsys, str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--action-scale', '0.05,0.05')
     assert r.returncode == 2 and 'neither a preset' in r.stderr and 'Traceback' not in r.stderr
-    r = _cli(str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--config', str(tmp_path / 'none.yaml'))
+    r = _cli_here(capsys, str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--config',
+                  str(tmp_path / 'none.yaml'))
     assert r.returncode == 2 and 'no parameter file' in r.stderr and 'Traceback' not in r.stderr
-    r = _cli(str(good['mcap']), '--checkpoint', str(tmp_path / 'nope'), '--out', str(tmp_path / 'r1'))
+    r = _cli_here(capsys, str(good['mcap']), '--checkpoint', str(tmp_path / 'nope'), '--out', str(tmp_path / 'r1'))
     assert r.returncode == 1 and 'cannot load checkpoint' in r.stderr and 'Traceback' not in r.stderr
     # a single .mcap file is a bag too (ros2 bag record -s mcap writes one)
     assert len(read_episode(next(good['mcap'].glob('*.mcap'))).frames) == 30
@@ -374,16 +390,16 @@ def test_bad_bags_give_a_clear_error_and_exit_2(tmp_path: Path, eval_checkpoint:
     # the output is checked before any work: unwritable, or holding another run's report
     blocker = tmp_path / 'a_file'
     blocker.write_text('')
-    r = _cli(str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--out', str(blocker / 'report'))
+    r = _cli_here(capsys, str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--out', str(blocker / 'report'))
     assert r.returncode == 2 and 'cannot write the report' in r.stderr and 'Traceback' not in r.stderr
     old = tmp_path / 'old_report'
     old.mkdir()
     (old / 'report.json').write_text('{}')
     (old / 'action_traces_another_bag.png').write_bytes(b'')
-    r = _cli(str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--out', str(old), '--device', 'cpu',
+    r = _cli_here(capsys, str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--out', str(old), '--device', 'cpu',
              '--no-world-model')
     assert r.returncode == 2 and 'already holds a report' in r.stderr and '--overwrite' in r.stderr
-    r = _cli(str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--out', str(old), '--device', 'cpu',
+    r = _cli_here(capsys, str(good['mcap']), '--checkpoint', str(eval_checkpoint), '--out', str(old), '--device', 'cpu',
              '--no-world-model', '--overwrite')
     assert r.returncode == 0, r.stderr
     assert not (old / 'action_traces_another_bag.png').exists()  # no stale plot of another bag beside it

@@ -301,6 +301,7 @@ def test_world_fraction_fixes_the_mixture_of_every_batch() -> None:
 
 
 @pytest.mark.timeout(1800)  # ~2.5 min idle; a guard against hangs, not a speed claim
+@pytest.mark.slow
 def test_dagger_chain_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     """scripts/train_dagger_chain.sh at toy sizes: every stage writes its output, the last is a joint model."""
     script = Path(__file__).resolve().parents[1] / 'scripts' / 'train_dagger_chain.sh'

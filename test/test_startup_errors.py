@@ -6,6 +6,7 @@ parameters, each through a real action-node process.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -63,9 +64,15 @@ def _start(root: Path, extra: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
 
+# Through a real process: one broken checkpoint and each kind of bad parameter (the FATAL line is written
+# by one code path for every start-up error); every broken checkpoint through the loader the node calls.
+THROUGH_A_PROCESS = ('config is a JSON list', 'device gpu9', 'control rate -1 (an integer)', 'chunk size 99')
+
+
 def test_every_broken_start_is_one_fatal_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
     cases = {}
-    for i, (name, (breaker, extra, _)) in enumerate(BROKEN.items()):
+    for i, name in enumerate(THROUGH_A_PROCESS):
+        breaker, extra, _ = BROKEN[name]
         root = tmp_path / f'case{i}'
         shutil.copytree(tiny_checkpoint, root)
         breaker(root)
@@ -79,3 +86,26 @@ def test_every_broken_start_is_one_fatal_line(tiny_checkpoint: Path, tmp_path: P
         if proc.returncode != 1 or 'Traceback' in out or len(fatal) != 1 or BROKEN[name][2] not in fatal[0]:
             problems.append(f'{name}: exit {proc.returncode}\n{out[-1500:]}')
     assert not problems, '\n\n'.join(problems)
+
+
+@pytest.mark.parametrize('name', [n for n, (_, extra, _) in BROKEN.items() if not extra])
+def test_every_broken_checkpoint_is_a_checkpoint_error(name: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """What the node turns into its FATAL line: a CheckpointError saying what is wrong, never another exception."""
+    from worldvla_ros.model import load_policy
+    from worldvla_ros.model.errors import CheckpointError
+
+    breaker, _, says = BROKEN[name]
+    root = tmp_path / 'ckpt'
+    shutil.copytree(tiny_checkpoint, root)
+    breaker(root)
+    with pytest.raises(CheckpointError, match=re.escape(says)):
+        load_policy(root, device='cpu')
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
+def test_a_cuda_device_without_cuda_is_a_checkpoint_error(tiny_checkpoint: Path) -> None:
+    from worldvla_ros.model import load_policy
+    from worldvla_ros.model.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match='CUDA is not available'):
+        load_policy(tiny_checkpoint, device='cuda:7')
