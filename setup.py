@@ -24,6 +24,7 @@ setup(
     extras_require={
         'test': ['pytest>=8', 'pytest-timeout>=2', 'ruff>=0.6', 'psutil>=5'],
         'eval': ['matplotlib>=3.7', 'h5py>=3.8'],
+        'train': ['peft>=0.13'],  # worldvla_finetune --method lora
     },
     zip_safe=False,
     maintainer='worldvla maintainers',
@@ -35,6 +36,7 @@ setup(
             'action_node = worldvla_ros.nodes.action_node:main',
             'world_model_node = worldvla_ros.nodes.world_model_node:main',
             'worldvla_bringup = worldvla_ros.bringup:main',
+            'worldvla_finetune = worldvla_ros.train.finetune:main',
             'make_tiny_checkpoint = worldvla_ros.model.tiny:main',
             'evaluate_bag = worldvla_ros.evaluation.cli:main',
             'convert_to_bag = worldvla_ros.evaluation.convert:main',

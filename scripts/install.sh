@@ -45,7 +45,7 @@ if [ "$(cat "$venv/.worldvla-deps" 2>/dev/null)" != "$deps_stamp" ]; then
   quiet_pip install --upgrade pip
   quiet_pip install --no-compile "$torch_spec"  # what is imported is byte-compiled on first import, not all of torch
   quiet_pip install -r "$ros_requirements"
-  quiet_pip install -e "$repo[test,eval]"
+  quiet_pip install -e "$repo[test,eval,train]"
   echo "$deps_stamp" > "$venv/.worldvla-deps"
   rm -f "$venv/.worldvla-msgs"
 fi
@@ -67,7 +67,7 @@ msgs_stamp=$(stamp_of "$repo"/msg/*.msg "$repo"/action/*.action "$repo/CMakeList
   "$repo"/scripts/action_node "$repo"/scripts/world_model_node "$repo"/scripts/worldvla_bringup \
   "$repo"/scripts/make_tiny_checkpoint "$repo"/scripts/evaluate_bag "$repo"/scripts/convert_to_bag \
   "$repo"/scripts/sim_node "$repo"/scripts/record_demos "$repo"/scripts/worldvla_train \
-  "$repo"/scripts/worldvla_sim_eval "$repo"/launch/* "$repo"/config/*)
+  "$repo"/scripts/worldvla_sim_eval "$repo"/scripts/worldvla_finetune "$repo"/launch/* "$repo"/config/*)
 if [ "$(cat "$venv/.worldvla-msgs" 2>/dev/null)" != "$msgs_stamp" ]; then
   log "building msg/ and installing the package into the venv prefix"
   build="$venv/build-worldvla"

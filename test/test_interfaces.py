@@ -52,7 +52,8 @@ def test_run_instruction_action_types() -> None:
 @pytest.mark.skipif(not (PREFIX / 'lib' / 'worldvla').is_dir(), reason='not the standalone venv install')
 def test_ros_layout_in_prefix() -> None:
     for exe in ('action_node', 'world_model_node', 'sim_node', 'worldvla_bringup', 'make_tiny_checkpoint',
-                'evaluate_bag', 'convert_to_bag', 'record_demos', 'worldvla_train', 'worldvla_sim_eval'):
+                'evaluate_bag', 'convert_to_bag', 'record_demos', 'worldvla_train', 'worldvla_sim_eval',
+                'worldvla_finetune'):
         path = PREFIX / 'lib' / 'worldvla' / exe
         assert path.is_file() and os.access(path, os.X_OK), path
         assert path.read_text().splitlines()[0] == f'#!{sys.executable}'  # not `env python3`: see below

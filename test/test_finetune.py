@@ -1,0 +1,240 @@
+"""worldvla_finetune on a tiny checkpoint of the published layout and bags written by the tests, whose
+actions span ranges unlike LIBERO's (a few cm per step instead of ±0.94)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from worldvla_ros.evaluation.bag_io import BagWriter
+from worldvla_ros.evaluation.convert import synthetic_episode
+from worldvla_ros.evaluation.episode import write_episode
+from worldvla_ros.train.finetune import main as finetune
+
+SCALE = np.array([0.05, 0.05, 0.05, 0.1, 0.1, 0.1, 1.0])  # the robot's actions: metres and radians per step
+
+
+def _episode_bag(path: Path, seed: int, frames: int = 12) -> Path:
+    images, actions, instruction = synthetic_episode(frames=frames, seed=seed, size=64)
+    return write_episode(path, images, actions * SCALE, instruction)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from worldvla_ros.model import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp('finetune')
+    for i in range(5):
+        _episode_bag(root / 'train' / f'ep{i}', seed=i)
+    _episode_bag(root / 'val' / 'held', seed=50)
+    return {'ckpt': make_tiny_checkpoint(root / 'ckpt'), 'train': root / 'train', 'val': root / 'val',
+            'cache': root / 'cache'}
+
+
+def _args(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ['--init', str(data['ckpt']), '--data', str(data['train']), '--val-data', str(data['val']), '--out',
+            str(out), '--cache-dir', str(data['cache']), '--no-progress', '--batch-size', '4', *extra]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(out.glob('model-*.safetensors')) for k, v in load_file(f).items()}
+
+
+def test_full_fine_tuning_lowers_held_out_loss_and_the_checkpoint_uses_the_data_ranges(data, tmp_path: Path,
+                                                                                         capsys) -> None:
+    from worldvla_ros.model import load_policy
+
+    out = tmp_path / 'full'
+    assert finetune(_args(data, out, '--method', 'full', '--steps', '24', '--lr', '3e-3', '--eval-every', '8')) == 0
+    printed = capsys.readouterr().out
+    assert 'action tokenizer ranges (quantile' in printed and 'your data' in printed  # shown before training
+    log = json.loads((out / 'train_log.json').read_text())
+    evals = log['validation']
+    assert [e['step'] for e in evals] == [0, 8, 16, 24]
+    assert min(e['loss_action'] for e in evals[1:]) < 0.8 * evals[0]['loss_action'], evals
+    assert log['best']['step'] > 0 and log['best']['score'] == min(e['loss_action'] for e in evals)
+
+    recorded = np.concatenate([synthetic_episode(12, s, 64)[1] * SCALE for s in range(5)])
+    policy = load_policy(out, device='cpu')
+    cfg = policy.config
+    assert cfg.action_max[0] < 0.06 and cfg.action_min[0] > -0.06  # metres per step, not LIBERO's ±0.94
+    assert cfg.action_min[6] == -1.0 and cfg.action_max[6] == 1.0
+    lo, hi = np.quantile(recorded[:, :6], 0.01, axis=0), np.quantile(recorded[:, :6], 0.99, axis=0)
+    assert cfg.action_min[:6] == pytest.approx(tuple(lo)) and cfg.action_max[:6] == pytest.approx(tuple(hi))
+    frame = synthetic_episode(12, 50, 64)[0][0]
+    chunk = policy.predict([frame], 'put the red block in the bowl').actions
+    assert np.all(np.abs(chunk[:, :3]) <= 0.06)  # decoded into the robot's ranges
+    for name in ('README.md', 'loss_curve.png', 'tokenizer/vqgan.ckpt'):
+        assert (out / name).is_file(), name
+    assert set(_weights(out)) == set(_weights(data['ckpt']))  # the published layout: the source's tensors
+
+
+def test_lora_merged_checkpoint_gives_the_adapter_models_logits(data, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from worldvla_ros.model import load_policy
+    from worldvla_ros.model.checkpoint import find_checkpoint_files, load_backbone, read_config
+    from worldvla_ros.model.text_tokenizer import TextTokenizer
+
+    out = tmp_path / 'lora'
+    assert finetune(_args(data, out, '--method', 'lora', '--steps', '6', '--lr', '1e-2', '--lora-rank', '4',
+                          '--eval-every', '3')) == 0
+    merged = load_policy(out, device='cpu', dtype='float32').lm
+    files = find_checkpoint_files(data['ckpt'])
+    base = load_backbone(files, read_config(files), TextTokenizer(files.text_tokenizer).vocab(), torch.device('cpu'),
+                         torch.float32)
+    adapter = PeftModel.from_pretrained(base, str(out / 'adapter')).eval()
+    ids = torch.randint(4, 8000, (2, 40))
+    with torch.no_grad():
+        a = adapter(input_ids=ids).logits
+        b = merged(input_ids=ids).logits
+        with adapter.disable_adapter():
+            c = adapter(input_ids=ids).logits
+    assert (a - c).abs().max() > 1e-3  # the adapter changed something
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(data, tmp_path: Path) -> None:
+    common = ('--method', 'full', '--steps', '10', '--lr', '1e-3', '--eval-every', '3', '--save-every', '1',
+              '--seed', '3')
+    whole = tmp_path / 'whole'
+    assert finetune(_args(data, whole, *common)) == 0
+
+    killed = tmp_path / 'killed'
+    cmd = [sys.executable, '-m', 'worldvla_ros.train.finetune', *_args(data, killed, *common)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = killed / 'run' / 'state.pt'
+    end = time.monotonic() + 120
+    while time.monotonic() < end and proc.poll() is None:
+        if state.is_file():
+            step = torch.load(state, weights_only=False)['trainer']['step']
+            if step >= 4:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / 'train_log.json').is_file(), 'the run finished before it was killed'
+    stopped = torch.load(state, weights_only=False)['trainer']['step']
+    assert 4 <= stopped < 10
+
+    assert finetune(['--out', str(killed), '--data', str(data['train'])]) == 2  # a run is there: never overwritten
+    assert finetune(['--out', str(killed), '--resume', '--no-progress']) == 0
+    a, b = _weights(whole), _weights(killed)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    assert json.loads((killed / 'train_log.json').read_text())['best'] == json.loads(
+        (whole / 'train_log.json').read_text())['best']
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_under_torchrun_follow_the_single_process_loss_curve(data, tmp_path: Path) -> None:
+    """DDP over gloo, 2 processes × 2 sequences, against 1 process × 4: the same global batches."""
+    common = ('--method', 'lora', '--steps', '5', '--lr', '1e-2', '--eval-every', '5', '--seed', '1')
+    single = tmp_path / 'single'
+    assert finetune(_args(data, single, *common)) == 0
+    pair = tmp_path / 'pair'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                          '-m', 'worldvla_ros.train.finetune', *_args(data, pair, *common)],
+                         capture_output=True, text=True, timeout=280, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = json.loads((single / 'train_log.json').read_text())
+    two = json.loads((pair / 'train_log.json').read_text())
+    assert two['processes'] == 2 and one['processes'] == 1
+    # same batches, same normalization: equal up to float32 summation order (tolerance 1e-4 relative)
+    np.testing.assert_allclose([e['loss'] for e in two['log']], [e['loss'] for e in one['log']], rtol=1e-4)
+    assert one['log'][-1]['loss'] < one['log'][0]['loss']
+
+
+def test_bad_data_and_an_occupied_out_directory_are_clear_errors(data, tmp_path: Path, capsys) -> None:
+    from worldvla_ros.evaluation.bag_io import FLOAT_ARRAY, IMAGE, STRING, image_msg, string_msg, typestore
+
+    images, actions, instruction = synthetic_episode(frames=12, seed=7, size=64)
+
+    def one_bag(name: str, acts: np.ndarray, frames: list | None = None) -> Path:
+        return write_episode(tmp_path / 'bad' / name / 'bag', frames or images, acts, instruction)
+
+    nan = actions.copy()
+    nan[5, 2] = np.nan
+    no_actions = tmp_path / 'bad' / 'none' / 'bag'
+    no_actions.parent.mkdir(parents=True)
+    with BagWriter(no_actions, 'mcap') as bag:
+        bag.write('/camera/image_raw', IMAGE, 1, image_msg(images[0], 1))
+        bag.write('/instruction', STRING, 1, string_msg('x'))
+    three = tmp_path / 'bad' / 'three' / 'bag'
+    three.parent.mkdir(parents=True)
+    T = typestore().types  # noqa: N806
+    with BagWriter(three, 'mcap') as bag:
+        for i in range(4):
+            bag.write('/camera/image_raw', IMAGE, i * 10**8, image_msg(images[i], i * 10**8))
+            bag.write('/arm/command', FLOAT_ARRAY, i * 10**8, T[FLOAT_ARRAY](
+                layout=T['std_msgs/msg/MultiArrayLayout'](dim=[], data_offset=0), data=np.zeros(3)))
+        bag.write('/instruction', STRING, 0, string_msg('x'))
+    cases = {
+        no_actions.parent: 'no ground-truth action topic',
+        one_bag('nan', nan).parent: 'NaN or infinite actions at frames [5]',
+        one_bag('short', actions[:2], images[:2]).parent: 'needs at least 3',
+        three.parent: 'a Float64MultiArray action has 3 values',
+        tmp_path / 'nowhere': 'no such bag or directory',
+    }
+    for bags, says in cases.items():
+        out = tmp_path / f'out_{bags.name}'
+        capsys.readouterr()
+        code = finetune(['--init', str(data['ckpt']), '--data', str(bags), '--out', str(out), '--no-progress',
+                         '--cache-dir', ''])
+        err = capsys.readouterr().err
+        assert code == 2 and says in err, (bags, err)
+        assert not (out / 'config.json').exists()
+
+    full = tmp_path / 'occupied'
+    full.mkdir()
+    (full / 'notes.txt').write_text('mine')
+    assert finetune(_args(data, full, '--steps', '1')) == 2
+    assert 'is not empty' in capsys.readouterr().err and (full / 'notes.txt').read_text() == 'mine'
+    assert finetune(['--out', str(tmp_path / 'never'), '--resume']) == 2
+    assert 'holds no run to resume' in capsys.readouterr().err
+    assert finetune(_args(data, tmp_path / 'x', '--world-fraction', '1.5')) == 2
+    assert finetune(['--init', str(tmp_path / 'no_ckpt'), '--data', str(data['train']), '--out',
+                     str(tmp_path / 'y'), '--no-progress']) == 1
+
+
+def test_the_token_cache_is_reused_and_follows_the_bags(data, tmp_path: Path) -> None:
+    from worldvla_ros.evaluation.episode import TopicMap
+    from worldvla_ros.model import load_policy
+    from worldvla_ros.train.finetune_data import bag_paths, load_episodes, tokenizer_key
+
+    policy = load_policy(data['ckpt'], device='cpu')
+    calls: list[int] = []
+
+    def encode(frames: list) -> list:
+        calls.append(len(frames))
+        return policy.images.encode(frames)
+
+    root = tmp_path / 'bags'
+    _episode_bag(root / 'a', seed=1)
+    _episode_bag(root / 'b', seed=2)
+    key = tokenizer_key(data['ckpt'] / 'tokenizer' / 'vqgan.ckpt', 256, True, policy.text.vocab())
+    cache = tmp_path / 'cache'
+    first = load_episodes(bag_paths([root]), TopicMap(), None, encode, key, cache, 3)
+    assert sum(calls) == 24 and len(list(cache.iterdir())) == 2
+    again = load_episodes(bag_paths([root]), TopicMap(), None, encode, key, cache, 3)
+    assert sum(calls) == 24  # nothing decoded or encoded again
+    for x, y in zip(first, again, strict=True):
+        assert np.array_equal(x.blocks, y.blocks) and np.array_equal(x.actions, y.actions)
+    shutil.rmtree(root / 'b')
+    _episode_bag(root / 'b', seed=3)  # the bag changed
+    load_episodes(bag_paths([root]), TopicMap(), None, encode, key, cache, 3)
+    assert sum(calls) == 36
+    load_episodes(bag_paths([root]), TopicMap(), None, encode, key + 'x', cache, 3)  # another tokenizer
+    assert sum(calls) == 60
