@@ -87,7 +87,8 @@ def start_nodes(checkpoint: str, config: Path | Sequence[Path], device: str = 'a
     try:
         for spec in specs if autostart else []:
             running = {s.fqn: proc for s, proc in zip(specs, procs, strict=True)}
-            why = bring_to_active(spec.fqn, running, activate_timeout) if spec.lifecycle else None
+            ros_env = {k: v for k, v in env.items() if k.startswith('ROS_')}  # the nodes' domain and discovery
+            why = bring_to_active(spec.fqn, running, activate_timeout, ros_env) if spec.lifecycle else None
             if why:
                 raise BringupError(f'{spec.fqn} did not become active: {why}')
     except BaseException:  # a failed transition, Ctrl-C while loading: never leave the other nodes running
@@ -100,10 +101,11 @@ class BringupError(RuntimeError):
     """A managed node could not be brought to active; every node was stopped."""
 
 
-def bring_to_active(node_name: str, procs: dict[str, subprocess.Popen], timeout: float = 900.0) -> str | None:
+def bring_to_active(node_name: str, procs: dict[str, subprocess.Popen], timeout: float = 900.0,
+                    ros_env: dict[str, str] | None = None) -> str | None:
     """Configure, then activate, a lifecycle node through its ``change_state`` service, as launch_ros
     lifecycle events do; None when active, else why not (a transition refused, one of ``procs`` (by node
-    name) ended, timeout)."""
+    name) ended, timeout). ``ros_env``: the nodes' ROS_* variables (a domain of their own, discovery range)."""
     import rclpy
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState
@@ -111,31 +113,45 @@ def bring_to_active(node_name: str, procs: dict[str, subprocess.Popen], timeout:
     from rclpy.signals import SignalHandlerOptions
 
     context = rclpy.Context()  # its own: the caller may have rclpy initialized, or not
-    rclpy.init(context=context, signal_handler_options=SignalHandlerOptions.NO)
+    saved = {k: os.environ.get(k) for k in ros_env or {}}
+    os.environ.update(ros_env or {})  # read by rcl as the context starts
+    try:
+        rclpy.init(context=context, signal_handler_options=SignalHandlerOptions.NO)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     node = rclpy.create_node('worldvla_bringup_lifecycle', context=context, start_parameter_services=False)
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
     client = node.create_client(ChangeState, f'{node_name}/change_state')
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
 
-    def wait(done: Callable[[], bool]) -> str | None:
+    def wait(done: Callable[[], bool], until: float) -> str | None:
+        """None once done; why not: a process that ended, or '' at ``until``."""
         while not done():
             ended = [(name, p.returncode) for name, p in procs.items() if p.poll() is not None]
             if ended:
                 return f'{ended[0][0]} exited with code {ended[0][1]}'
-            if time.monotonic() > deadline:
-                return f'no answer within {timeout:g} s'
+            if time.monotonic() > until:
+                return ''
             executor.spin_once(timeout_sec=0.1)
         return None
 
     try:
-        if why := wait(client.service_is_ready):
-            return why
+        # the service is up as soon as the process has imported its modules; loading the model takes longer
+        why = wait(client.service_is_ready, min(deadline, start + 120.0))
+        if why is not None:
+            return why or f'no {node_name}/change_state service within 120 s (another ROS domain?)'
         for transition, label in ((Transition.TRANSITION_CONFIGURE, 'configure'),
                                   (Transition.TRANSITION_ACTIVATE, 'activate')):
             future = client.call_async(ChangeState.Request(transition=Transition(id=transition)))
-            if why := wait(future.done):
-                return why
+            why = wait(future.done, deadline)
+            if why is not None:
+                return why or f'{label}: no answer within {timeout:g} s'
             if not future.result().success:
                 return f'{label} failed (the node\'s log says why)'
         return None
