@@ -90,9 +90,13 @@ def test_bundled_world_model_imagines_this_scene_not_just_a_table(heldout_report
 def test_closed_loop_success_is_clearly_above_chance(bundled_policy) -> None:
     chance = evaluate(None, CLOSED_LOOP_EPISODES, SEEDS, progress=False)
     assert chance['success_rate'] == 0.0
-    model = evaluate(bundled_policy, CLOSED_LOOP_EPISODES, SEEDS, progress=False)
-    solved = sum(r['success'] for r in model['results'])
-    assert solved >= MIN_SOLVED, {k: v for k, v in model.items() if k != 'results'}
+    results = []
+    for seed in range(SEEDS, SEEDS + CLOSED_LOOP_EPISODES):  # stops once MIN_SOLVED: the verdict of all 100
+        results += evaluate(bundled_policy, 1, seed, progress=False)['results']
+        if sum(r['success'] for r in results) >= MIN_SOLVED:
+            break
+    solved = sum(r['success'] for r in results)
+    assert solved >= MIN_SOLVED, f'{solved} of {len(results)} layouts solved'
 
 
 @pytest.mark.ros
@@ -101,7 +105,7 @@ def test_sim_node_runs_episodes_with_the_action_node(isolated_graph) -> None:
     node = isolated_graph
     procs = start_nodes(str(bundled_checkpoint()), [default_config(), sim_config()], 'cpu', use_world_model=False,
                         use_sim=True,
-                        sim_params={'episodes': '2', 'max_steps': '30'})  # short episodes: the wiring, not skill
+                        sim_params={'episodes': '2', 'max_steps': '15'})  # short episodes: the wiring, not skill
     results: list[dict] = []
 
     node.create_subscription(String, 'sim/episode_result', lambda m: results.append(json.loads(m.data)),

@@ -88,10 +88,10 @@ def test_configure_activate_deactivate_cleanup_through_the_services(managed) -> 
     # what cleanup gives back, measured from inactive (after inference, as every later round is) to unconfigured
     rounds = [_cleanup_round(life, node)]
     assert life.state() == 'unconfigured'
-    # three more rounds: each configure loads the model again and each cleanup gives it back. RSS after cleanup
+    # two more rounds: each configure loads the model again and each cleanup gives it back. RSS after cleanup
     # wanders by tens of MB between rounds (allocator arenas, also in-process without ROS), so the check is that
-    # it does not grow by a model per round: keeping every old model would add three between rounds 1 and 4
-    for _ in range(3):
+    # it does not grow by a model per round: keeping every old model would add two between rounds 1 and 3
+    for _ in range(2):
         assert life.transition(Transition.TRANSITION_CONFIGURE) and life.transition(Transition.TRANSITION_ACTIVATE)
         n = len(h.commands)
         assert h.wait_for(lambda n=n: len(h.commands) > n + 3, 60)
@@ -100,7 +100,7 @@ def test_configure_activate_deactivate_cleanup_through_the_services(managed) -> 
     print(f'action node RSS (MiB), (inactive, unconfigured) per round: {rounds}')
     released = [before - after for before, after in rounds]
     assert min(released) > 50, rounds  # the weights (≈ 140 MB of float32 on disk) are given back every time
-    assert rounds[3][1] - rounds[0][1] < 1.5 * min(released), rounds
+    assert rounds[2][1] - rounds[0][1] < min(released), rounds
     assert life.state() == 'unconfigured' and node.alive()
 
 

@@ -203,14 +203,12 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def trainable_state(module: torch.nn.Module, lm: torch.nn.Module, lora: bool, fsdp: bool) -> dict[str, torch.Tensor]:
-    """What the run changes: the adapter with LoRA, every weight otherwise (gathered from FSDP shards)."""
+    """What the run changes: the adapter with LoRA, every weight otherwise (under FSDP gathered from every
+    process's shards: a collective call; the full state lands on rank 0, the others get an empty dict)."""
     if fsdp:
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: N817 (its usual name)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        with FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
-            full = module.state_dict()
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k.removeprefix('lm.'): v for k, v in full.items()}
     if lora:
         from peft import get_peft_model_state_dict
@@ -222,12 +220,10 @@ def trainable_state(module: torch.nn.Module, lm: torch.nn.Module, lora: bool, fs
 def load_trainable(module: torch.nn.Module, lm: torch.nn.Module, state: dict[str, torch.Tensor], lora: bool,
                    fsdp: bool) -> None:
     if fsdp:
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: N817 (its usual name)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        with FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=False)):
-            module.load_state_dict({f'lm.{k}': v for k, v in state.items()})
+        set_model_state_dict(module, {f'lm.{k}': v for k, v in state.items()},
+                             options=StateDictOptions(full_state_dict=True))
         return
     if lora:
         from peft import set_peft_model_state_dict
@@ -235,6 +231,25 @@ def load_trainable(module: torch.nn.Module, lm: torch.nn.Module, state: dict[str
         set_peft_model_state_dict(lm, state)
         return
     lm.load_state_dict(state)
+
+
+def optimizer_state(module: torch.nn.Module, trainer: Trainer, fsdp: bool) -> Any:
+    if not fsdp:
+        return trainer.opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, trainer.opt, options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True))
+
+
+def load_optimizer_state(module: torch.nn.Module, trainer: Trainer, state: Any, fsdp: bool) -> None:
+    if not fsdp:
+        trainer.opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, trainer.opt, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -314,13 +329,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     emit = emit_ids(images.image_token_ids, images.codes_to_block(np.zeros((images.grid, images.grid), int))[1])
     module: torch.nn.Module = EmitHead(lm, emit)
     if world > 1:
-        if args.fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: N817 (its usual name)
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-            from transformers.models.chameleon.modeling_chameleon import ChameleonDecoderLayer
+        if args.fsdp:  # FSDP2: each decoder layer a unit, the rest (embeddings, head) the root's
+            from torch.distributed.fsdp import fully_shard
 
-            module = FSDP(module, auto_wrap_policy=ModuleWrapPolicy({ChameleonDecoderLayer}), use_orig_params=True,
-                          device_id=device if device.type == 'cuda' else None)
+            for layer in lm.model.layers:
+                fully_shard(layer)
+            fully_shard(module)
         else:
             module = torch.nn.parallel.DistributedDataParallel(
                 module, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -336,7 +350,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume and (run_dir / 'state.pt').is_file():
         state = torch.load(run_dir / 'state.pt', weights_only=False, map_location='cpu')
         load_trainable(module, lm, state['weights'], lora, args.fsdp)
-        trainer.load_state_dict(state['trainer'])
+        trainer.load_state_dict(state['trainer'], optimizer=False)
+        load_optimizer_state(module, trainer, state['optimizer'], args.fsdp)
         log, evals, best = state['log'], state['evals'], state['best']
         _log(rank, f'resumed at step {trainer.step_done} of {args.steps}')
     elif rank == 0:
@@ -359,9 +374,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def save_state() -> None:
         weights = trainable_state(module, lm, lora, args.fsdp)
+        opt = optimizer_state(module, trainer, args.fsdp)
         if rank == 0:
-            _atomic_save({'weights': weights, 'trainer': trainer.state_dict(), 'log': log, 'evals': evals,
-                          'best': best}, run_dir / 'state.pt')
+            _atomic_save({'weights': weights, 'optimizer': opt, 'trainer': trainer.state_dict(optimizer=False),
+                          'log': log, 'evals': evals, 'best': best}, run_dir / 'state.pt')
 
     t0 = time.perf_counter()
     with tqdm(total=args.steps, initial=trainer.step_done, desc=f'fine-tuning ({args.method})', unit='step',
@@ -398,10 +414,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if lora:
             peft_model.save_pretrained(str(out / 'adapter'))
             plain = peft_model.merge_and_unload()
+        elif final is not None:  # FSDP: the gathered weights into a plain model on this process
+            plain = load_backbone(files, source_cfg, vocab, torch.device('cpu'), torch.float32)
+            plain.load_state_dict(final)
         else:
             plain = lm
-            if final is not None:
-                plain.load_state_dict(final)
         write_finetuned(out, plain, files, source_cfg, cfg, torch.bfloat16 if weights_dtype == torch.bfloat16
                         else torch.float32)
         (out / 'train_log.json').write_text(json.dumps({**summary, 'log': log}, indent=2))

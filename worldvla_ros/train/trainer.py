@@ -169,8 +169,7 @@ class Trainer:
             both = torch.cat([sums, counts])
             torch.distributed.all_reduce(both)
             sums, counts = both[:3], both[3:]
-        clip = getattr(self.module, 'clip_grad_norm_', None)  # FSDP clips its shards together
-        clip(self.s.clip_norm) if clip else torch.nn.utils.clip_grad_norm_(self.params, self.s.clip_norm)
+        torch.nn.utils.clip_grad_norm_(self.params, self.s.clip_norm)  # with FSDP's sharded (DTensor) grads too
         self.opt.step()
         self.sched.step()
         if self.s.zero_other_rows:
@@ -219,13 +218,19 @@ class Trainer:
             out['action_l1'] = (l1 / n_l1).tolist()
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        return {'step': self.step_done, 'optimizer': self.opt.state_dict(), 'scheduler': self.sched.state_dict(),
-                'rng': self.rng.bit_generator.state, 'torch_rng': torch.get_rng_state()}
+    def state_dict(self, optimizer: bool = True) -> dict[str, Any]:
+        """Step, schedule and the generators' states (the data position); ``optimizer=False`` for a caller that
+        keeps the optimizer's state its own way (FSDP gathers it)."""
+        out = {'step': self.step_done, 'scheduler': self.sched.state_dict(), 'rng': self.rng.bit_generator.state,
+               'torch_rng': torch.get_rng_state()}
+        if optimizer:
+            out['optimizer'] = self.opt.state_dict()
+        return out
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], optimizer: bool = True) -> None:
         self.step_done = int(state['step'])
-        self.opt.load_state_dict(state['optimizer'])
+        if optimizer:
+            self.opt.load_state_dict(state['optimizer'])
         self.sched.load_state_dict(state['scheduler'])
         self.rng.bit_generator.state = state['rng']
         torch.set_rng_state(state['torch_rng'])
