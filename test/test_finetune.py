@@ -43,7 +43,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _args(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return ['--init', str(data['ckpt']), '--data', str(data['train']), '--val-data', str(data['val']), '--out',
-            str(out), '--cache-dir', str(data['cache']), '--no-progress', '--batch-size', '4', *extra]
+            str(out), '--cache-dir', str(data['cache']), '--no-progress', '--batch-size', '4', '--val-imagine', '0',
+            *extra]
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -55,7 +56,8 @@ def test_full_fine_tuning_lowers_held_out_loss_and_the_checkpoint_uses_the_data_
     from worldvla_ros.model import load_policy
 
     out = tmp_path / 'full'
-    assert finetune(_args(data, out, '--method', 'full', '--steps', '24', '--lr', '3e-3', '--eval-every', '8')) == 0
+    assert finetune(_args(data, out, '--method', 'full', '--steps', '24', '--lr', '3e-3', '--eval-every', '8',
+                          '--val-imagine', '1')) == 0
     printed = capsys.readouterr().out
     assert 'action tokenizer ranges (quantile' in printed and 'your data' in printed  # shown before training
     log = json.loads((out / 'train_log.json').read_text())
@@ -63,6 +65,7 @@ def test_full_fine_tuning_lowers_held_out_loss_and_the_checkpoint_uses_the_data_
     assert [e['step'] for e in evals] == [0, 8, 16, 24]
     assert min(e['loss_action'] for e in evals[1:]) < 0.8 * evals[0]['loss_action'], evals
     assert log['best']['step'] > 0 and log['best']['score'] == min(e['loss_action'] for e in evals)
+    assert all(5.0 < e['imagined_psnr_db'] <= 100.0 for e in evals)  # the world model imagined, and was scored
 
     recorded = np.concatenate([synthetic_episode(12, s, 64)[1] * SCALE for s in range(5)])
     policy = load_policy(out, device='cpu')

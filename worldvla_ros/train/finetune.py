@@ -62,7 +62,7 @@ from .trainer import EmitHead, Trainer, TrainSettings
 
 LORA_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 RESUME_KEYS = ('init', 'data', 'val_data', 'val_fraction', 'method', 'steps', 'batch_size', 'accumulation', 'lr',
-               'seed', 'mode', 'world_fraction', 'lora_rank', 'lora_alpha', 'action_stats', 'precision')
+               'seed', 'mode', 'world_fraction', 'lora_rank', 'lora_alpha', 'action_stats', 'precision', 'fsdp')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument('--fsdp', action='store_true', help='under torchrun: shard the model (full fine-tuning of 7B)')
     r.add_argument('--seed', type=int, default=0)
     r.add_argument('--eval-every', type=int, default=100)
+    r.add_argument('--val-imagine', type=int, default=4,
+                   help='held-out transitions the world model imagines at each validation, scored by PSNR (0: none)')
     r.add_argument('--save-every', type=int, default=100, help='steps between run states (for --resume)')
     p.add_argument('--cache-dir', default=os.path.join(os.environ.get('XDG_CACHE_HOME', '~/.cache'), 'worldvla',
                                                        'tokens'), help='token cache ("" for none)')
@@ -193,6 +195,30 @@ def build_samples(episodes: list[TokenizedEpisode], mode: str, text: TextTokeniz
         if mode in ('joint', 'world'):
             samples += world_model_samples(blocks, ep.actions, text, tok, cfg)
     return samples
+
+
+def imagined_psnr(lm: torch.nn.Module, images: ImageTokenizer, text: TextTokenizer, tok: ActionTokenizer, cfg: Any,
+                  episodes: list[TokenizedEpisode], n: int) -> float | None:
+    """Mean PSNR of the world model's greedy next frame against the real next frame, both decoded from their
+    tokens (so the tokenizer's own error is left out), over ``n`` held-out transitions spread evenly."""
+    from worldvla_ros.metrics import psnr
+    from worldvla_ros.model import tokens as T
+    from worldvla_ros.model.generate import generate_image_block
+    from worldvla_ros.model.prompts import world_model_prompt
+
+    picks = [(e, t) for e in episodes for t in range(len(e.blocks) - 1)]
+    if not picks or n <= 0:
+        return None
+    picks = picks[:: max(1, len(picks) // n)][:n]
+    image_ids = torch.as_tensor(images.image_token_ids, device=lm.lm_head.weight.device)
+    scores = []
+    with torch.no_grad():
+        for e, t in picks:
+            prompt = world_model_prompt(text, e.blocks[t].tolist(), tok.encode(e.actions[t : t + 1]).tolist(),
+                                        cfg.world_model_prompt)
+            block = generate_image_block(lm, prompt, images.grid, T.grid_token(cfg.resolution), image_ids)
+            scores.append(min(psnr(images.decode(e.blocks[t + 1].tolist()), images.decode(block)), 100.0))
+    return float(np.mean(scores))
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -365,6 +391,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return
         v = trainer.evaluate(val_samples, decode)
         v['step'] = trainer.step_done
+        if rank == 0 and not args.fsdp and args.mode != 'action':  # FSDP: no process holds the whole model
+            v['imagined_psnr_db'] = imagined_psnr(lm, images, text, tok, cfg, val_eps, args.val_imagine)
         evals.append(v)
         if not best or v[score_key] < best['score']:
             best.update(step=trainer.step_done, score=v[score_key])
@@ -459,6 +487,10 @@ def loss_plot(path: Path, log: list[dict[str, float]], evals: list[dict[str, Any
     plt.close(fig)
 
 
+def _num(v: Any) -> str:
+    return '–' if v is None else f'{v:.4g}'
+
+
 def model_card(s: dict[str, Any]) -> str:
     best = s['best']
     last = next((e for e in reversed(s['validation']) if e['step'] == best.get('step')), {})
@@ -477,9 +509,12 @@ def model_card(s: dict[str, Any]) -> str:
     ]
     if last:
         lines += ['## Held out, at the kept step (teacher-forced)', '',
-                  f'- loss: {last.get("loss", float("nan")):.4f}; action tokens {last.get("loss_action", "–")}; '
-                  f'image tokens {last.get("loss_world", "–")}',
-                  f'- action-bin accuracy: {last.get("action_token_accuracy", "–")}']
+                  f'- loss: {_num(last.get("loss"))}; action tokens {_num(last.get("loss_action"))}; '
+                  f'image tokens {_num(last.get("loss_world"))}',
+                  f'- action-bin accuracy: {_num(last.get("action_token_accuracy"))}']
+        if last.get('imagined_psnr_db') is not None:
+            lines.append(f'- world model: {last["imagined_psnr_db"]:.2f} dB PSNR of imagined next frames '
+                         '(against the real ones, both decoded from tokens)')
         if 'action_l1' in last:
             lines.append('- action L1 per dimension: ' + ', '.join(
                 f'{d} {v:.4g}' for d, v in zip(dims, last['action_l1'], strict=True)))
