@@ -8,7 +8,6 @@ tested on 6 others (seeds 100500…); closed loop on 150 layouts (100000–10014
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from harness import wait_until
@@ -101,31 +100,45 @@ def test_closed_loop_success_is_clearly_above_chance(bundled_policy) -> None:
 
 @pytest.mark.ros
 @pytest.mark.timeout(240)
-def test_sim_node_runs_episodes_with_the_action_node(isolated_graph) -> None:
+def test_a_goal_runs_to_success_in_the_sim_and_episodes_are_reported(isolated_graph) -> None:
+    """The bundled model on the sim as a ROS robot. Episodes start with the named block in the gripper 3 cm
+    from its target (from there it releases over the target in 17 of 20 held-out layouts), so a
+    RunInstruction goal ends SUCCEEDED on the sim's own success signal; every episode is reported."""
+    from action_msgs.msg import GoalStatus
+    from rclpy.action import ActionClient
+    from worldvla.action import RunInstruction
+
+    from worldvla_ros.sim.tabletop import TASKS
+
     node = isolated_graph
     procs = start_nodes(str(bundled_checkpoint()), [default_config(), sim_config()], 'cpu', use_world_model=False,
-                        use_sim=True,
-                        sim_params={'episodes': '2', 'max_steps': '15'})  # short episodes: the wiring, not skill
+                        use_sim=True, sim_params={'task': '0', 'max_steps': '15', 'start_holding_near': '0.03'})
     results: list[dict] = []
-
     node.create_subscription(String, 'sim/episode_result', lambda m: results.append(json.loads(m.data)),
-                             reliable_qos(10))
+                             reliable_qos(50))
     successes: list[bool] = []  # the success signal of RunInstruction goals
-    node.create_subscription(Bool, 'sim/success', lambda m: successes.append(m.data), reliable_qos(10))
+    node.create_subscription(Bool, 'sim/success', lambda m: successes.append(m.data), reliable_qos(50))
     sim_diag = watch_diagnostics(node, 'worldvla_sim')
+    goals = ActionClient(node, RunInstruction, 'worldvla/run_instruction')
     try:
-        end = time.monotonic() + 180
-        while time.monotonic() < end and len(results) < 2:
-            time.sleep(0.2)
-        assert len(results) == 2, (results, sim_diag)
-        assert [r['episode'] for r in results] == [0, 1]
+        assert goals.wait_for_server(timeout_sec=30)
+        sent = goals.send_goal_async(RunInstruction.Goal(instruction=TASKS[0][0], max_steps=200))
+        assert wait_until(sent.done, 20) and sent.result().accepted
+        done = sent.result().get_result_async()
+        assert wait_until(done.done, 120), (results, sim_diag)
+        result, status = done.result().result, done.result().status
+        assert status == GoalStatus.STATUS_SUCCEEDED and result.outcome == RunInstruction.Result.SUCCEEDED, result
+        assert 0 < result.steps <= 200 and result.duration > 0
+        assert wait_until(lambda: len(results) >= 2 and any(r['success'] for r in results), 60), results
+        episodes = [r['episode'] for r in results]
+        assert episodes == list(range(episodes[0], episodes[0] + len(episodes)))  # none lost once listening
         assert all(isinstance(r['success'], bool) and r['steps'] > 0 for r in results)
-        assert wait_until(lambda: len(successes) == 2, 10) and successes == [r['success'] for r in results]
-        end = time.monotonic() + 15  # the 1 Hz report after the second episode
-        while time.monotonic() < end and sim_diag.get('episodes_done') != '2':
-            time.sleep(0.2)
-        assert sim_diag.get('episodes_done') == '2', sim_diag
+        assert wait_until(lambda: len(successes) >= len(results), 10)
+        n = min(len(successes), len(results))  # the sim publishes both at every episode's end
+        assert successes[-n:] == [r['success'] for r in results][-n:]
+        assert wait_until(lambda: int(sim_diag.get('episodes_done', 0)) >= episodes[-1] + 1, 15), sim_diag
         assert int(sim_diag.get('commands_executed', 0)) >= sum(r['steps'] for r in results)
         assert all(p.poll() is None for p in procs)
     finally:
+        goals.destroy()
         stop_nodes(procs)

@@ -44,6 +44,8 @@ PARAMETERS: dict[str, Param] = {
     'episodes': Param(0, 'stop after this many episodes (0 = run forever)', 0, 1000000),
     'execute_dry_run': Param(False, 'also execute commands marked dry_run'),
     'frame_id': Param('camera', 'frame_id of the camera images'),
+    'start_holding_near': Param(0.0, 'metres; > 0: every episode starts with the named block in the closed gripper '
+                                     'within this distance of its target (only the release remains)', 0.0, 0.3),
 }
 
 
@@ -72,7 +74,8 @@ class SimNode(GuardedNode):
 
     def _start_episode(self) -> None:
         task = self.get_parameter('task').value
-        self.sim.reset(self._seed + self._episode, None if task < 0 else task)
+        self.sim.reset(self._seed + self._episode, None if task < 0 else task,
+                       holding_near=self.get_parameter('start_holding_near').value)
         self.sim.config = SimConfig(**{**self.sim.config.__dict__, 'max_steps': self.get_parameter('max_steps').value})
         self._episode_start = self.get_clock().now()
         self.instruction_pub.publish(String(data=self.sim.instruction))

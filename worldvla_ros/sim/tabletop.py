@@ -80,10 +80,19 @@ class TabletopSim:
     def done(self) -> bool:
         return self.state.success or self.state.steps >= self.config.max_steps
 
-    def reset(self, seed: int, task: int | None = None) -> np.ndarray:
+    def reset(self, seed: int, task: int | None = None, holding_near: float = 0.0) -> np.ndarray:
+        """A new layout; ``holding_near`` > 0: the named block starts in the closed gripper, 4 cm up and within
+        that many metres (xy) of its target, so only the release remains (the layout stays the seed's)."""
         rng = np.random.default_rng(seed)
         self.task = TASKS[int(rng.integers(len(TASKS))) if task is None else task % len(TASKS)]
         self.state = self._layout(rng)
+        if holding_near > 0:
+            s, (_, block, target) = self.state, self.task
+            r, phi = holding_near * np.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
+            xy = np.clip(s.targets[target] + r * np.array([np.cos(phi), np.sin(phi)]), 0.02, TABLE - 0.02)
+            s.gripper = np.array([*xy, 0.04])
+            s.held, s.closed = block, True
+            s.blocks[block] = np.array([xy[0], xy[1], 0.03])
         return self.render()
 
     @staticmethod
