@@ -56,13 +56,13 @@ def test_full_fine_tuning_lowers_held_out_loss_and_the_checkpoint_uses_the_data_
     from worldvla_ros.model import load_policy
 
     out = tmp_path / 'full'
-    assert finetune(_args(data, out, '--method', 'full', '--steps', '24', '--lr', '3e-3', '--eval-every', '8',
+    assert finetune(_args(data, out, '--method', 'full', '--steps', '24', '--lr', '3e-3', '--eval-every', '12',
                           '--val-imagine', '1')) == 0
     printed = capsys.readouterr().out
     assert 'action tokenizer ranges (quantile' in printed and 'your data' in printed  # shown before training
     log = json.loads((out / 'train_log.json').read_text())
     evals = log['validation']
-    assert [e['step'] for e in evals] == [0, 8, 16, 24]
+    assert [e['step'] for e in evals] == [0, 12, 24]
     assert min(e['loss_action'] for e in evals[1:]) < 0.8 * evals[0]['loss_action'], evals
     assert log['best']['step'] > 0 and log['best']['score'] == min(e['loss_action'] for e in evals)
     assert all(5.0 < e['imagined_psnr_db'] <= 100.0 for e in evals)  # the world model imagined, and was scored
@@ -141,10 +141,11 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(data, tmp_p
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize('method', ['lora', 'full'])
+# LoRA under DDP (the same Trainer split, a stock wrapper) runs with -m slow: CI has 15 minutes
+@pytest.mark.parametrize('method', ['full', pytest.param('lora', marks=pytest.mark.slow)])
 def test_two_processes_under_torchrun_follow_the_single_process_loss_curve(data, tmp_path: Path, method: str) -> None:
-    """2 processes × 2 sequences against 1 process × 4, the same global batches: LoRA under DDP, full fine-tuning
-    sharded with FSDP (gloo on this CPU)."""
+    """2 processes × 2 sequences against 1 process × 4, the same global batches: full fine-tuning sharded with
+    FSDP (gloo on this CPU); with method lora the same job under DDP."""
     common = ('--method', method, '--steps', '4', '--lr', '1e-2' if method == 'lora' else '1e-3', '--eval-every',
               '4', '--seed', '1')
     single = tmp_path / 'single'
