@@ -17,7 +17,7 @@ from worldvla_ros.bringup import default_config, sim_config, start_nodes, stop_n
 from worldvla_ros.nodes.common import reliable_qos, watch_diagnostics
 from worldvla_ros.sim.baselines import majority_gripper_accuracy, other_layout_baseline
 from worldvla_ros.sim.bundled import bundled_checkpoint
-from worldvla_ros.sim.closed_loop import HELD_OUT_SEED, evaluate
+from worldvla_ros.sim.closed_loop import HELD_OUT_SEED, evaluate, evaluate_parallel
 from worldvla_ros.sim.record import record_demos
 
 HELDOUT_EPISODES = 6
@@ -38,13 +38,6 @@ MIN_GRIPPER_GAIN = 0.10
 # another layout (first bundled model 19.6). Repeating the observed frame scores 28.8 dB: the
 # bundled world model does not beat that, and no test claims it does.
 MIN_WM_GAIN_DB = 1.0
-
-
-@pytest.fixture(scope='module')
-def bundled_policy():
-    from worldvla_ros.model import load_policy
-
-    return load_policy(bundled_checkpoint(), device='cpu')
 
 
 def test_bundled_model_is_small_and_in_the_published_layout() -> None:
@@ -86,14 +79,12 @@ def test_bundled_world_model_imagines_this_scene_not_just_a_table(heldout_report
 
 
 @pytest.mark.timeout(600)
-def test_closed_loop_success_is_clearly_above_chance(bundled_policy) -> None:
+def test_closed_loop_success_is_clearly_above_chance() -> None:
     chance = evaluate(None, CLOSED_LOOP_EPISODES, SEEDS, progress=False)
     assert chance['success_rate'] == 0.0
-    results = []
-    for seed in range(SEEDS, SEEDS + CLOSED_LOOP_EPISODES):  # stops once MIN_SOLVED: the verdict of all 100
-        results += evaluate(bundled_policy, 1, seed, progress=False)['results']
-        if sum(r['success'] for r in results) >= MIN_SOLVED:
-            break
+    # two processes, stopping once MIN_SOLVED are solved: the verdict of all 100 in about half the time
+    results = evaluate_parallel(str(bundled_checkpoint()), CLOSED_LOOP_EPISODES, SEEDS, workers=2,
+                                stop_after_successes=MIN_SOLVED, progress=False)['results']
     solved = sum(r['success'] for r in results)
     assert solved >= MIN_SOLVED, f'{solved} of {len(results)} layouts solved'
 

@@ -108,7 +108,7 @@ def test_lora_merged_checkpoint_gives_the_adapter_models_logits(data, tmp_path: 
 
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(data, tmp_path: Path) -> None:
-    common = ('--method', 'full', '--steps', '10', '--lr', '1e-3', '--eval-every', '3', '--save-every', '1',
+    common = ('--method', 'full', '--steps', '7', '--lr', '1e-3', '--eval-every', '3', '--save-every', '1',
               '--seed', '3')
     whole = tmp_path / 'whole'
     assert finetune(_args(data, whole, *common)) == 0
@@ -121,14 +121,14 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(data, tmp_p
     while time.monotonic() < end and proc.poll() is None:
         if state.is_file():
             step = torch.load(state, weights_only=False)['trainer']['step']
-            if step >= 4:
+            if step >= 3:
                 break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / 'train_log.json').is_file(), 'the run finished before it was killed'
     stopped = torch.load(state, weights_only=False)['trainer']['step']
-    assert 4 <= stopped < 10
+    assert 3 <= stopped < 7
 
     assert finetune(['--out', str(killed), '--data', str(data['train'])]) == 2  # a run is there: never overwritten
     assert finetune(['--out', str(killed), '--resume', '--no-progress']) == 0

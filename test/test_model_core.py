@@ -179,3 +179,32 @@ def test_world_model_block_and_image(tiny_policy, frames) -> None:
 def test_rollout(tiny_policy, frames) -> None:
     out = tiny_policy.imagine_rollout(frames[-1], np.zeros((2, 7)))
     assert len(out) == 2 and all(o.shape == (256, 256, 3) for o in out)
+
+
+def test_history_frames_are_encoded_once_with_the_same_tokens(tiny_policy) -> None:
+    """A frame's image block is reused by the next call that has it in its history (found by content), and the
+    chunk is the one a fresh encoding of every frame gives."""
+    rng = np.random.default_rng(7)
+    frames = [rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(3)]
+    encoded: list[int] = []
+    real = tiny_policy.images.encode
+
+    def counting(batch):
+        encoded.append(len(batch))
+        return real(batch)
+
+    tiny_policy._blocks.clear()
+    tiny_policy.images.encode = counting
+    try:
+        first = tiny_policy.predict(frames[0:2], 'put the red block in the bowl')
+        second = tiny_policy.predict(frames[1:3], 'put the red block in the bowl')
+        assert encoded == [1, 1, 1]  # f0, f1, then only f2
+        tiny_policy._blocks.clear()
+        fresh = tiny_policy.predict(frames[1:3], 'put the red block in the bowl')
+        assert fresh.tokens == second.tokens and first.tokens is not None
+        frames[2][0, 0] ^= 255  # the same array, changed in place: encoded again
+        tiny_policy.predict(frames[1:3], 'put the red block in the bowl')
+        assert encoded[-1] == 1 and len(encoded) == 6
+    finally:
+        tiny_policy.images.encode = real
+        tiny_policy._blocks.clear()

@@ -109,15 +109,18 @@ def test_received_used_dropped_and_lost_frames_add_up(tiny_checkpoint: Path, iso
 
 
 # -- 10: shutdown inside launch's window, no abort on a second signal -------------------------------
-def _imagining_world_model(tiny_checkpoint: Path, logs: Path, node) -> NodeProcess:
-    """A world-model node in the middle of a 10-frame imagination (several seconds on this CPU)."""
-    world = NodeProcess('world_model_node', logs, {'checkpoint': str(tiny_checkpoint), 'device': 'cpu',
-                                                    'horizon': '10', 'match_tolerance': '0.5'},
-                        config=[default_config()])
+def _world_model(tiny_checkpoint: Path, logs: Path, namespace: str) -> NodeProcess:
+    return NodeProcess('world_model_node', logs, {'checkpoint': str(tiny_checkpoint), 'device': 'cpu',
+                                                  'horizon': '10', 'match_tolerance': '0.5'},
+                       config=[default_config()], namespace=namespace)
+
+
+def _imagining(world: NodeProcess, node, namespace: str) -> NodeProcess:
+    """The world-model node in the middle of a 10-frame imagination (several seconds on this CPU)."""
     imagined: list[Image] = []
-    node.create_subscription(Image, 'worldvla/imagined_image', imagined.append, reliable_qos())
-    cam = node.create_publisher(Image, 'camera/image_raw', qos_profile_sensor_data)
-    chunks = node.create_publisher(ActionChunk, 'worldvla/action_chunk', reliable_qos())
+    node.create_subscription(Image, f'{namespace}/worldvla/imagined_image', imagined.append, reliable_qos())
+    cam = node.create_publisher(Image, f'{namespace}/camera/image_raw', qos_profile_sensor_data)
+    chunks = node.create_publisher(ActionChunk, f'{namespace}/worldvla/action_chunk', reliable_qos())
     assert wait_until(lambda: cam.get_subscription_count() > 0 and chunks.get_subscription_count() > 0, 120), \
         world.log()[-2000:]
     stamp = node.get_clock().now().to_msg()
@@ -136,14 +139,25 @@ def _imagining_world_model(tiny_checkpoint: Path, logs: Path, node) -> NodeProce
 @pytest.mark.timeout(300)
 def test_world_model_node_stops_within_launchs_sigint_window(tiny_checkpoint: Path, isolated_graph,
                                                              tmp_path: Path) -> None:
-    world = _imagining_world_model(tiny_checkpoint, tmp_path, isolated_graph)
+    # two nodes, started together in namespaces of their own: one Ctrl-C, then the impatient kind
+    first, second = _world_model(tiny_checkpoint, tmp_path, 'once'), _world_model(tiny_checkpoint, tmp_path, 'twice')
+    try:
+        _sigint_then_impatience(first, second, isolated_graph)
+    finally:
+        for w in (first, second):
+            if w.alive():
+                w.stop()
+
+
+def _sigint_then_impatience(first: NodeProcess, second: NodeProcess, graph) -> None:
+    world = _imagining(first, graph, '/once')
     t0 = time.monotonic()
     world.signal(signal.SIGINT)
     code = world.wait(timeout=10)
     took = time.monotonic() - t0
     assert code == 0 and took < 5.0, (code, took, world.log()[-2000:])  # launch's SIGINT → SIGTERM window
 
-    world = _imagining_world_model(tiny_checkpoint, tmp_path, isolated_graph)
+    world = _imagining(second, graph, '/twice')
     world.signal(signal.SIGINT)
     time.sleep(0.05)
     world.signal(signal.SIGINT)  # the impatient second Ctrl-C

@@ -1,9 +1,11 @@
 """The object the nodes, the bag evaluation and the benchmarks share: frames in, actions out."""
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +100,28 @@ class WorldVLAPolicy:
         self.last_timing = Timing()
         self._lock = threading.Lock()
         self._image_ids = torch.as_tensor(image_tokenizer.image_token_ids, device=self.device)
+        self._blocks: OrderedDict[bytes, list[int]] = OrderedDict()  # frame content → its image block
+
+    def encode_frames(self, frames: Sequence[np.ndarray]) -> list[list[int]]:
+        """Image blocks of ``frames``, each encoded on its own (as the release tokenizes images) and only once:
+        a history frame's tokens are reused from the call that encoded it, found by the frame's content (an
+        array changed in place is encoded again)."""
+        out = []
+        for frame in frames:
+            a = np.ascontiguousarray(frame)
+            h = hashlib.blake2b(repr((a.shape, a.dtype.str)).encode(), digest_size=16)
+            h.update(a.data)
+            key = h.digest()
+            block = self._blocks.get(key)
+            if block is None:
+                block = self.images.encode([a])[0]
+                self._blocks[key] = block
+                while len(self._blocks) > self.config.history_frames + 2:
+                    self._blocks.popitem(last=False)
+            else:
+                self._blocks.move_to_end(key)
+            out.append(block)
+        return out
 
     @property
     def chunk_size(self) -> int:
@@ -136,7 +160,7 @@ class WorldVLAPolicy:
         frames = list(frames)[-self.config.history_frames :]
         with self._lock:
             t0 = time.perf_counter()
-            blocks = self.images.encode(frames)
+            blocks = self.encode_frames(frames)
             prompt = action_prompt(self.text, blocks, instruction, self.config.action_prompt)
             t1 = time.perf_counter()
             if batched and action_mask:
@@ -171,7 +195,7 @@ class WorldVLAPolicy:
             raise ValueError('imagine takes one action; use imagine_rollout for several')
         with self._lock:
             t0 = time.perf_counter()
-            block = self.images.encode([frame])[0]
+            block = self.encode_frames([frame])[0]
             prompt = world_model_prompt(self.text, block, self.actions.encode(action), self.config.world_model_prompt)
             t1 = time.perf_counter()
             out = generate_image_block(

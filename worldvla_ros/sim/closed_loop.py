@@ -1,6 +1,6 @@
 """Closed-loop success rate of a checkpoint in the tabletop sim (no ROS: the policy object directly).
 
-    worldvla_sim_eval --checkpoint DIR [--episodes 50] [--no-action-mask] [--chance]
+    worldvla_sim_eval --checkpoint DIR [--episodes 50] [--no-action-mask] [--chance] [--workers 2]
 
 Each chunk is executed open-loop and the next one is computed from the newest frames, as the
 action node does; commands pass the node's safety filter with the release's ranges. Held-out
@@ -113,6 +113,44 @@ def evaluate(policy: Any | None, episodes: int, first_seed: int = HELD_OUT_SEED,
     return {**summarize(results), 'results': results}
 
 
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_start(checkpoint: str, device: str) -> None:
+    import torch
+
+    from worldvla_ros.model import load_policy
+
+    torch.set_num_threads(1)  # one core per worker: the small models here gain nothing from a second thread
+    _WORKER['policy'] = load_policy(checkpoint, device=device)
+
+
+def _worker_episode(job: tuple[int, bool]) -> dict[str, Any]:
+    return run_episode(_WORKER['policy'], job[0], job[1])
+
+
+def evaluate_parallel(checkpoint: str, episodes: int, first_seed: int = HELD_OUT_SEED, workers: int = 2,
+                      action_mask: bool = True, device: str = 'cpu', stop_after_successes: int = 0,
+                      progress: bool = True) -> dict[str, Any]:
+    """``evaluate`` over ``workers`` processes (seeds handed out in order, results kept in seed order).
+    ``stop_after_successes`` > 0: stop once that many layouts are solved (the rest is not run)."""
+    import multiprocessing
+
+    results: list[dict[str, Any]] = []
+    jobs = [(seed, action_mask) for seed in range(first_seed, first_seed + episodes)]
+    pool = multiprocessing.get_context('spawn').Pool(workers, _worker_start, (str(checkpoint), device))
+    try:
+        for r in tqdm(pool.imap(_worker_episode, jobs), total=episodes, desc='episodes', disable=not progress,
+                      file=sys.stderr):
+            results.append(r)
+            if stop_after_successes and sum(x['success'] for x in results) >= stop_after_successes:
+                break
+    finally:
+        pool.terminate()
+        pool.join()
+    return {**summarize(results), 'results': results}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='worldvla_sim_eval', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--chance', action='store_true', help='random commands instead of a model')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--json', default='', help='also write the result here')
+    parser.add_argument('--workers', type=int, default=1, help='episodes run in this many processes at once')
     args = parser.parse_args(argv)
     policy = None
     t0 = time.perf_counter()
@@ -136,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointError as exc:
             print(f'worldvla_sim_eval: error: {exc}', file=sys.stderr)
             return 1
-    result = evaluate(policy, args.episodes, args.first_seed, not args.no_action_mask)
+    if policy is not None and args.workers > 1:
+        result = evaluate_parallel(args.checkpoint or str(bundled_checkpoint()), args.episodes, args.first_seed,
+                                   args.workers, not args.no_action_mask, args.device)
+    else:
+        result = evaluate(policy, args.episodes, args.first_seed, not args.no_action_mask)
     label = 'chance' if args.chance else ('without action mask' if args.no_action_mask else 'with action mask')
     summary = {'policy': label, 'checkpoint': '' if args.chance else str(args.checkpoint or 'bundled'),
                'wall_s': round(time.perf_counter() - t0, 1), **{k: v for k, v in result.items() if k != 'results'}}
