@@ -104,6 +104,18 @@ class Recorder:
             return [m for _, m in self.h.commands if not m.dry_run]
 
 
+def _in_order(expected: list[np.ndarray], received: list[np.ndarray], what: str) -> None:
+    """Every one of ``received`` is the conversion of one of ``expected``, in the same order."""
+    assert len(received) >= 5, f'only {len(received)} {what}'
+    i = 0
+    for n, r in enumerate(received):
+        while i < len(expected) and not np.allclose(expected[i], r, atol=1e-6):
+            i += 1
+        if i == len(expected):
+            pytest.fail(f'{what} #{n} is the conversion of no command sent after the previous one:\n{r}')
+        i += 1
+
+
 def _aligned(expected: list[np.ndarray], received: list[np.ndarray], what: str) -> int:
     """Where ``received`` (a run of consecutive messages) sits in ``expected``; fails if nowhere."""
     assert len(received) >= 5, f'only {len(received)} {what}'
@@ -155,7 +167,9 @@ def test_every_driver_output_is_the_command_sent(two_robots) -> None:
     time.sleep(0.5)
     for h, r, _node in two_robots:
         with h.lock:
-            commands, twists, poses, grippers = r.commands(), list(r.twists), list(r.poses), list(r.grippers)
+            twists, poses, grippers = list(r.twists), list(r.poses), list(r.grippers)
+        time.sleep(0.3)  # the outputs are other topics: the commands they came from may still be on their way
+        commands = r.commands()
         actions = [np.asarray(c.action) for c in commands]
         assert any(not c.hold for c in commands)
         lin_ang = [np.concatenate(twist_from_action(a_, np.array(SCALE), 1.0 / RATE)) for a_ in actions]
@@ -170,7 +184,8 @@ def test_every_driver_output_is_the_command_sent(two_robots) -> None:
         targets = [np.concatenate(pose_target(MEASURED_P, MEASURED_Q, a_, np.array(SCALE))) for a_ in actions]
         got = [np.array([p.pose.position.x, p.pose.position.y, p.pose.position.z, p.pose.orientation.x,
                          p.pose.orientation.y, p.pose.orientation.z, p.pose.orientation.w]) for p in poses]
-        _aligned(targets, got[-20:], 'pose targets')
+        # a target is skipped when the measured pose is late (counted): in order, not necessarily contiguous
+        _in_order(targets, got[-20:], 'pose targets')
         assert {p.header.frame_id for p in poses} == {'panda_link0'}
         fingers = [gripper_positions(a_[6], OPEN, CLOSED) for a_ in actions]
         if isinstance(grippers[0], JointTrajectory):
