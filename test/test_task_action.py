@@ -118,14 +118,16 @@ def test_cancel_holds_on_the_next_command_within_one_period(task_graph) -> None:
     handle, accepted = goals.send(TASK)
     assert handle.accepted
     assert h.wait_for(lambda: len(_motion(h, accepted)) >= 3, 60), node.log()[-2000:]
+    requested = time.monotonic()
     canceled = goals.cancel(handle)
     result, status, _ = goals.result(handle)
     assert status == GoalStatus.STATUS_CANCELED and result.outcome == Outcome.CANCELED, result
-    when, first = _first_command_after(h, canceled)
-    assert first.hold, 'a motion command went out after the cancel was answered'
+    # the hold may even arrive before the answer does (Jazzy answers a cancel later than Kilted)
+    assert wait_until(lambda: any(m.hold for _, m in _commands(h, requested)), 5), 'no hold after the cancel'
+    when = next(t for t, m in _commands(h, requested) if m.hold)
     assert when - canceled <= PERIOD + 0.05, when - canceled
     h.wait_for(lambda: False, 1.0)
-    assert not _motion(h, canceled)
+    assert not _motion(h, min(when, canceled)), 'a motion command went out after the cancel'
 
 
 def test_a_new_goal_preempts_the_running_one_and_only_its_task_moves(task_graph) -> None:
