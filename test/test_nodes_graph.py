@@ -139,19 +139,52 @@ def test_watchdog_hold_on_the_next_tick_after_inference_stalls(graph) -> None:
     assert hold.action[6] == pytest.approx(cmds[last_motion][1].action[6])  # gripper unchanged
 
 
-def test_estop_latches_until_reset(graph) -> None:
-    h, _ = graph
-    h.estop_pub.publish(Bool(data=True))
-    time.sleep(0.5)
-    n = len(h.commands)
-    h.estop_pub.publish(Bool(data=False))  # does not unlatch
+def _reset_estop(h: Harness) -> None:
+    assert h.reset_client.wait_for_service(timeout_sec=5)
+    result = h.reset_client.call(Trigger.Request(), timeout_sec=5)
+    assert result is not None and result.success
+
+
+def _latched_then_holds_only(h: Harness, before: int) -> None:
+    """The node counted a new e-stop; every command after it is a hold, with frames streaming."""
+    latched = h.wait_for(lambda: h.counter('worldvla_action', 'estops') > before, timeout=10)
+    assert latched, h.diag.get('worldvla_action')
+    n = len(h.commands)  # the count is reported after the latch: commands from here on are all after it
     h.stream(2.0)
     with h.lock:
         during = [m for _, m in h.commands[n:]]
     assert during and all(m.hold for m in during)
-    assert h.reset_client.wait_for_service(timeout_sec=5)
-    result = h.reset_client.call(Trigger.Request(), timeout_sec=5)
-    assert result is not None and result.success
+
+
+def test_estop_latches_until_reset(graph) -> None:
+    """A bouncing e-stop (true, then a burst of false at once) latches while the node is busy with
+    frames: a false must never overwrite a true the node has not read yet."""
+    h, _ = graph
+    before = h.counter('worldvla_action', 'estops')
+    h.stream(1.0)  # inference running
+    h.estop_pub.publish(Bool(data=True))
+    for _ in range(30):
+        h.estop_pub.publish(Bool(data=False))  # does not unlatch
+    _latched_then_holds_only(h, before)
+    _reset_estop(h)
+    m = len(h.commands)
+    assert h.wait_for(lambda: any(not c.hold for _, c in h.commands[m:]), timeout=30)
+
+
+def test_estop_from_a_volatile_publisher(graph) -> None:
+    """An e-stop publisher with the default (volatile) QoS, as most nodes create one, still stops the arm;
+    a latched (transient-local) one is covered above."""
+    h, _ = graph
+    before = h.counter('worldvla_action', 'estops')
+    pub = h.node.create_publisher(Bool, 'worldvla/estop', reliable_qos())
+    try:
+        assert h.wait_for(lambda: pub.get_subscription_count() > 0, timeout=10, frames=False)
+        h.stream(0.5)
+        pub.publish(Bool(data=True))
+        _latched_then_holds_only(h, before)
+    finally:
+        h.node.destroy_publisher(pub)
+    _reset_estop(h)
     m = len(h.commands)
     assert h.wait_for(lambda: any(not c.hold for _, c in h.commands[m:]), timeout=30)
 

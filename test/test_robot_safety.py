@@ -200,6 +200,31 @@ def test_control_characters_are_refused_and_a_flood_is_not_logged_line_by_line(a
     assert changes > logged + 3, (changes, logged)  # every change counted, far fewer logged
 
 
+def test_instructions_from_any_publisher_are_each_handled_once_in_order(action_graph) -> None:
+    """A latched publisher (ros2 topic pub's default) reaches both of the node's readers: each message is
+    handled once, none lost in a burst, the last one wins; a volatile publisher (a node's default) works."""
+    h, _ = action_graph
+    received = h.counter(ACTION, 'instructions_received')
+    burst = [f'put the red block in the bowl, try {i}' for i in range(20)]
+    for text in burst:
+        h.instruction_pub.publish(String(data=text))
+    assert h.wait_for(lambda: h.counter(ACTION, 'instructions_received') >= received + 20, timeout=30, frames=False)
+    time.sleep(1.5)  # a second report: no copy of any of them arrives late
+    with h.lock:
+        assert int(h.diag[ACTION]['instructions_received']) == received + 20
+        assert h.diag[ACTION]['instruction'] == burst[-1]
+    volatile = h.node.create_publisher(String, 'instruction', reliable_qos())
+    try:
+        assert wait_until(lambda: volatile.get_subscription_count() > 0, 10)
+        volatile.publish(String(data='put the blue block in the bowl'))
+        assert h.wait_for(lambda: h.diag.get(ACTION, {}).get('instruction') == 'put the blue block in the bowl',
+                          timeout=30, frames=False)
+    finally:
+        h.node.destroy_publisher(volatile)
+    h.instruction_pub.publish(String(data=INSTRUCTION))  # later tests run on it
+    assert h.wait_for(lambda: h.diag.get(ACTION, {}).get('instruction') == INSTRUCTION, timeout=30, frames=False)
+
+
 # -- 1, 10: the last command before a stop is a hold; a killed node is visible to the consumer ----
 def test_sigterm_ends_with_a_hold_and_a_kill_misses_the_deadline(action_graph, fixed_chunk_checkpoint: Path,
                                                                   tmp_path: Path) -> None:

@@ -58,7 +58,6 @@ from worldvla_ros.nodes.common import (
     StartupError,
     declare_all,
     diagnostics_msg,
-    latched_qos,
     load_node_policy,
     reject_changes_of,
     release_memory,
@@ -236,9 +235,9 @@ class ActionNode(GuardedLifecycleNode):
             if gripper_type else None
         CameraInput(self, p['use_compressed'], self._store_frame, self._on_camera_reject, sensors)
         # its own group: a slow frame never delays a new instruction
-        self.create_subscription(String, 'instruction', self._on_instruction, latched_qos(),
-                                 callback_group=MutuallyExclusiveCallbackGroup())
-        self.create_subscription(Bool, 'worldvla/estop', self._on_estop, latched_qos(), callback_group=control)
+        self.create_state_subscription(String, 'instruction', self._on_instruction,
+                                       callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_state_subscription(Bool, 'worldvla/estop', self._on_estop, callback_group=control, once=False)
         self.create_service(Trigger, 'worldvla/reset_estop', self._on_reset_estop, callback_group=control)
         goals = ReentrantCallbackGroup()  # a running goal's execute callback waits; cancels and new goals must not
         self._action_server = ActionServer(

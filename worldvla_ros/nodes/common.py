@@ -17,6 +17,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import CallbackGroup
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode
@@ -101,6 +102,33 @@ def declare_all(node: Node, table: dict[str, Param]) -> dict[str, Any]:
     return {name: node.get_parameter(name).value for name in table}
 
 
+STATE_QUEUE_DEPTH = 100
+
+
+class SeenMessages:
+    """Recognises a message that reached this node twice (through two readers): the publisher's
+    source timestamp and sequence number (and GID, where rclpy gives it) name it. Thread-safe, bounded."""
+
+    def __init__(self, remember: int = 1024) -> None:
+        self._seen: set[tuple] = set()
+        self._order: deque[tuple] = deque()
+        self._remember = remember
+        self._lock = threading.Lock()
+
+    def first_time(self, info: Any) -> bool:
+        gid = (info.get('publisher_gid') or {}).get('data')  # not in Jazzy's message info
+        key = (bytes(gid) if gid is not None else b'', info.get('source_timestamp'),
+               info.get('publication_sequence_number'))
+        with self._lock:
+            if key in self._seen:
+                return False
+            self._seen.add(key)
+            self._order.append(key)
+            if len(self._order) > self._remember:
+                self._seen.discard(self._order.popleft())
+        return True
+
+
 class GuardedNode(Node):
     """A Node none of whose callbacks can end the process.
 
@@ -130,6 +158,35 @@ class GuardedNode(Node):
     def create_subscription(self, msg_type: Any, topic: str, callback: Callable, *args: Any, **kwargs: Any):
         return super().create_subscription(msg_type, topic, self._guard(callback, f'callback of {topic}'),
                                            *args, **kwargs)
+
+    def create_state_subscription(self, msg_type: Any, topic: str, callback: Callable[[Any], None],
+                                  callback_group: CallbackGroup | None = None, once: bool = True) -> None:
+        """An input (e-stop, instruction) that any publisher reaches and that never loses a message.
+
+        Two readers: a transient-local one gets the value a latched publisher (``ros2 topic pub``'s
+        default) held before this node started; a volatile one matches publishers with the default
+        volatile QoS, which a transient-local reader never matches. A message both readers receive is
+        handled once (``once``; without it, twice: for an idempotent input such as the e-stop, where
+        dropping nothing matters more). Handling the first arrival keeps each publisher's order: a reader
+        delivers in order, so a message is never first seen after a later one of its publisher. Each
+        reader queues ``STATE_QUEUE_DEPTH`` messages, so a burst (a bouncing e-stop button: true, then
+        false at once) never overwrites one not read yet.
+        """
+        seen = SeenMessages()
+
+        def handle(msg: Any, info: Any) -> None:
+            if not once or seen.first_time(info):
+                callback(msg)
+
+        for durability in (DurabilityPolicy.TRANSIENT_LOCAL, DurabilityPolicy.VOLATILE):
+            qos = QoSProfile(depth=STATE_QUEUE_DEPTH, history=HistoryPolicy.KEEP_LAST,
+                             reliability=ReliabilityPolicy.RELIABLE, durability=durability)
+            # a volatile publisher is incompatible with the transient-local reader only, and the volatile
+            # reader receives it: no warning for that one (the volatile reader still warns of others)
+            events = SubscriptionEventCallbacks(incompatible_qos=lambda _info: None) \
+                if durability == DurabilityPolicy.TRANSIENT_LOCAL else None
+            self.create_subscription(msg_type, topic, handle, qos, callback_group=callback_group,
+                                     event_callbacks=events)
 
     def create_timer(self, timer_period_sec: float, callback: Callable, *args: Any, **kwargs: Any):
         return super().create_timer(timer_period_sec, self._guard(callback, f'timer {callback.__name__}'),
