@@ -1,13 +1,38 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs (idempotent), lints, runs pytest.
-# Extra arguments go to pytest, e.g. `scripts/test.sh -k mask`.
-# WORLDVLA_ROS_DISTRO=jazzy runs it against ROS 2 Jazzy (LTS) in .venv-jazzy instead of Kilted.
+# Without arguments: every test on ROS 2 Kilted (.venv) and, side by side, the ROS graph tests
+# (`-m ros`) on Jazzy LTS (.venv-jazzy), each in ROS domains of its own; fails if either fails.
+# With arguments, one distro and the arguments go to pytest, e.g. `scripts/test.sh -k mask`;
+# WORLDVLA_ROS_DISTRO=jazzy picks Jazzy for that.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-distro=${WORLDVLA_ROS_DISTRO:-kilted}
-bash "$repo/scripts/install.sh" "$distro"
-venv=$repo/.venv
-[[ $distro == jazzy ]] && venv=$repo/.venv-jazzy
 cd "$repo"
-"$venv/bin/python" -m ruff check .
-exec "$venv/bin/python" -m pytest -p no:cacheprovider -q -rs "$@"
+unset ROS_DOMAIN_ID  # the test sessions choose theirs (test/conftest.py)
+
+venv_of() { if [[ $1 == jazzy ]]; then echo "$repo/.venv-jazzy"; else echo "$repo/.venv"; fi; }
+pytest_in() { local venv; venv=$(venv_of "$1"); shift; "$venv/bin/python" -m pytest -p no:cacheprovider -q -rs "$@"; }
+
+if [[ $# -gt 0 || -n ${WORLDVLA_ROS_DISTRO:-} ]]; then
+  distro=${WORLDVLA_ROS_DISTRO:-kilted}
+  bash scripts/install.sh "$distro"
+  "$(venv_of "$distro")/bin/python" -m ruff check .
+  pytest_in "$distro" "$@"
+  exit
+fi
+
+bash scripts/install.sh kilted
+.venv/bin/python -m ruff check .
+jazzy_log=$(mktemp -t worldvla-jazzy-XXXXXX.log)
+(
+  bash scripts/install.sh jazzy && \
+    WORLDVLA_TEST_DOMAIN_PARITY=1 pytest_in jazzy -m 'ros and not slow'
+) >"$jazzy_log" 2>&1 &
+jazzy=$!
+kilted_rc=0
+WORLDVLA_TEST_DOMAIN_PARITY=0 pytest_in kilted || kilted_rc=$?
+jazzy_rc=0
+wait "$jazzy" || jazzy_rc=$?
+echo "== ROS graph tests on Jazzy (rc $jazzy_rc) =="
+if [[ $jazzy_rc -eq 0 ]]; then tail -n 3 "$jazzy_log"; else cat "$jazzy_log"; fi
+echo "== Kilted: rc $kilted_rc; Jazzy graph tests: rc $jazzy_rc =="
+[[ $kilted_rc -eq 0 && $jazzy_rc -eq 0 ]]

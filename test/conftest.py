@@ -8,8 +8,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+
+def pick_domain(low: int, high: int) -> int:
+    """A random ROS domain in [low, high]. Two test sessions running at once (scripts/test.sh runs Kilted
+    and Jazzy side by side) set WORLDVLA_TEST_DOMAIN_PARITY 0 and 1 and never share a domain."""
+    parity = os.environ.get('WORLDVLA_TEST_DOMAIN_PARITY')
+    choices = [d for d in range(low, high + 1) if parity is None or d % 2 == int(parity)]
+    return random.choice(choices)
+
+
 # Isolate every test session's ROS graph before rclpy is imported anywhere.
-os.environ.setdefault('ROS_DOMAIN_ID', str(random.randint(1, 101)))
+os.environ.setdefault('ROS_DOMAIN_ID', str(pick_domain(1, 101)))
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 _ros_home = tempfile.mkdtemp(prefix='worldvla-ros-home-')
 os.environ.setdefault('ROS_HOME', _ros_home)
@@ -49,7 +58,7 @@ def isolated_graph(monkeypatch: pytest.MonkeyPatch):
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
 
-    domain = random.randint(102, 200)
+    domain = pick_domain(102, 200)
     monkeypatch.setenv('ROS_DOMAIN_ID', str(domain))
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=domain)

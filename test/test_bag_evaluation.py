@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import pick_domain
 
 from worldvla_ros.evaluation.bag_io import (
     ACTION_CHUNK,
@@ -407,6 +408,7 @@ def test_bad_bags_give_a_clear_error_and_exit_2(tmp_path: Path, eval_checkpoint:
 
 
 # -- live: the real nodes answer a replayed bag ---------------------------------------------------
+@pytest.mark.ros
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(('storage', 'compressed'), [('sqlite3', ''), ('mcap', 'jpeg')])
 def test_live_mode_records_node_outputs_and_scores_them(tmp_path: Path, eval_checkpoint: Path, storage: str,
@@ -416,7 +418,7 @@ def test_live_mode_records_node_outputs_and_scores_them(tmp_path: Path, eval_che
                         compressed=compressed)
     out = tmp_path / 'live'
     rc = _run_cli(str(bag), '--checkpoint', str(eval_checkpoint), '--device', 'cpu', '--mode', 'live',
-                  '--out', str(out))
+                  '--out', str(out), '--domain-id', str(pick_domain(120, 230)))
     assert rc == 0
     recording = out / 'outputs_bag'
     from worldvla_ros.evaluation.bag_io import BagReader

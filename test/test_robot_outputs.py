@@ -154,6 +154,7 @@ def _wait_for_motion(h: Harness, r: Recorder, node: NodeProcess, timeout: float 
     assert any(not m.hold for m in r.commands()), node.log()[-3000:]
 
 
+@pytest.mark.ros
 def test_every_driver_output_is_the_command_sent(two_robots) -> None:
     for h, r, node in two_robots:
         _wait_for_motion(h, r, node)
@@ -197,6 +198,7 @@ def test_every_driver_output_is_the_command_sent(two_robots) -> None:
         _aligned(fingers, got[-25:], 'gripper commands')
 
 
+@pytest.mark.ros
 def test_estop_dry_run_and_a_stale_pose_reach_every_output(two_robots) -> None:
     (ha, ra, _a), _ = two_robots
     action = 'worldvla_action'
