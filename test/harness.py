@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
 from rclpy.time import Time
@@ -189,6 +190,16 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+class SpinningSafeActionClient(ActionClient):
+    """An ActionClient that may be created on a node another thread is spinning. rclpy (Kilted) adds
+    the client to the node's waitables before it creates the client's lock: an executor that looks at
+    it in between dies with AttributeError ('_lock'), and no future of that node completes again."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._lock = threading.Lock()  # rclpy replaces it at the end of __init__; until then this one serves
+        super().__init__(*args, **kwargs)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, poll: float = 0.05) -> bool:

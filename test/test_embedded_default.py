@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from harness import wait_until
+from harness import SpinningSafeActionClient, wait_until
 from std_msgs.msg import Bool, String
 
 from worldvla_ros.bringup import default_config, sim_config, start_nodes, stop_nodes
@@ -96,7 +96,6 @@ def test_a_goal_runs_to_success_in_the_sim_and_episodes_are_reported(isolated_gr
     from its target (from there it releases over the target in 17 of 20 held-out layouts), so a
     RunInstruction goal ends SUCCEEDED on the sim's own success signal; every episode is reported."""
     from action_msgs.msg import GoalStatus
-    from rclpy.action import ActionClient
     from worldvla.action import RunInstruction
 
     from worldvla_ros.sim.tabletop import TASKS
@@ -110,7 +109,7 @@ def test_a_goal_runs_to_success_in_the_sim_and_episodes_are_reported(isolated_gr
     successes: list[bool] = []  # the success signal of RunInstruction goals
     node.create_subscription(Bool, 'sim/success', lambda m: successes.append(m.data), reliable_qos(50))
     sim_diag = watch_diagnostics(node, 'worldvla_sim')
-    goals = ActionClient(node, RunInstruction, 'worldvla/run_instruction')
+    goals = SpinningSafeActionClient(node, RunInstruction, 'worldvla/run_instruction')
     try:
         assert goals.wait_for_server(timeout_sec=30)
         sent = goals.send_goal_async(RunInstruction.Goal(instruction=TASKS[0][0], max_steps=200))

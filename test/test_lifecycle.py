@@ -7,10 +7,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import Harness, NodeProcess, action_node_graph, wait_until
+from harness import Harness, NodeProcess, SpinningSafeActionClient, action_node_graph, wait_until
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
-from rclpy.action import ActionClient
 from std_msgs.msg import String
 from worldvla.action import RunInstruction
 
@@ -66,7 +65,7 @@ def test_configure_activate_deactivate_cleanup_through_the_services(managed) -> 
     assert not h.commands and not h.chunks, 'commands from an unconfigured node'
 
     assert life.transition(Transition.TRANSITION_CONFIGURE) and life.state() == 'inactive'
-    goals = ActionClient(h.node, RunInstruction, 'worldvla/run_instruction')
+    goals = SpinningSafeActionClient(h.node, RunInstruction, 'worldvla/run_instruction')
     assert goals.wait_for_server(timeout_sec=10)
     future = goals.send_goal_async(RunInstruction.Goal(instruction=TASK))
     assert wait_until(future.done, 10) and not future.result().accepted  # inactive: no tasks

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from action_msgs.msg import GoalStatus
-from harness import Harness, action_node_graph, wait_until
-from rclpy.action import ActionClient
+from harness import Harness, SpinningSafeActionClient, action_node_graph, wait_until
 from std_msgs.msg import Bool, String
 from std_srvs.srv import Trigger
 from worldvla.action import RunInstruction
@@ -37,7 +36,7 @@ class GoalClient:
 
     def __init__(self, h: Harness) -> None:
         self.h = h
-        self.client = ActionClient(h.node, RunInstruction, 'worldvla/run_instruction')
+        self.client = SpinningSafeActionClient(h.node, RunInstruction, 'worldvla/run_instruction')
         self.feedback: list[RunInstruction.Feedback] = []
         assert self.client.wait_for_server(timeout_sec=30), 'no worldvla/run_instruction server'
 
