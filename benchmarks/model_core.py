@@ -1,11 +1,15 @@
 """Model-core speed and memory, printed as JSON.
 
     python benchmarks/model_core.py --config tiny --device cpu
+    python benchmarks/model_core.py --config bundled --device cpu   # the bundled tabletop model, sim frames
     python benchmarks/model_core.py --config 7b --device cuda --dtype bfloat16   # random weights
 
 Reports prefill ms, ms per action chunk (sequential, batched, plain transformers ``generate``),
-ms per world-model frame and peak memory. The 7B config uses random weights: speed and memory
-are those of the real model, the outputs are not.
+ms per world-model frame (``world_model_frame_reference_ms``: transformers' forward a token at a step;
+``_engine_ms``: the static-cache engine; ``_drafted_ms``: greedy verified against the current frame's
+tokens, what ``WorldVLAPolicy.imagine`` uses; ``world_model_frame_ms`` = drafted) and peak memory.
+The 7B config uses random weights: speed and memory are those of the real model, the outputs are not
+(random weights accept few draft tokens: drafted decoding is measured on the bundled model).
 """
 from __future__ import annotations
 
@@ -25,13 +29,14 @@ from worldvla_ros.model import load_policy, make_tiny_checkpoint
 from worldvla_ros.model import tokens as T
 from worldvla_ros.model.attention_mask import additive_mask
 from worldvla_ros.model.config import RELEASE_7B, WorldVLAConfig
+from worldvla_ros.model.engine import DecodeEngine, engine_image_block, engine_image_block_drafted
 from worldvla_ros.model.generate import (
     forward_logits,
     generate_chunk_batched,
     generate_chunk_sequential,
     generate_image_block,
 )
-from worldvla_ros.model.prompts import action_prompt
+from worldvla_ros.model.prompts import action_prompt, world_model_prompt
 from worldvla_ros.model.tiny import build_vocab
 
 
@@ -61,7 +66,7 @@ def random_7b(device: torch.device, dtype: torch.dtype) -> ChameleonForCondition
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--config', choices=['tiny', '7b'], default='tiny')
+    parser.add_argument('--config', choices=['tiny', 'bundled', '7b'], default='tiny')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--dtype', default='auto')
     parser.add_argument('--resolution', type=int, default=256)
@@ -72,14 +77,22 @@ def main() -> None:
 
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = WorldVLAConfig(resolution=args.resolution, chunk_size=args.chunk_size)
-        ckpt = make_tiny_checkpoint(Path(tmp) / 'tiny', settings=settings)
-        policy = load_policy(ckpt, device=args.device, dtype=args.dtype)
-    lm = policy.lm if args.config == 'tiny' else random_7b(device, policy.dtype if args.dtype != 'auto'
-                                                              else torch.bfloat16)
-    rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 256, (args.resolution, args.resolution, 3), dtype=np.uint8) for _ in range(2)]
+    if args.config == 'bundled':
+        from worldvla_ros.sim.bundled import bundled_checkpoint
+        from worldvla_ros.sim.tabletop import TabletopSim
+
+        policy = load_policy(bundled_checkpoint(), device=args.device, dtype=args.dtype)
+        args.resolution, args.chunk_size = policy.resolution, policy.chunk_size
+        frames = [policy.model_frame(TabletopSim().reset(seed=100500 + i)) for i in range(2)]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = WorldVLAConfig(resolution=args.resolution, chunk_size=args.chunk_size)
+            ckpt = make_tiny_checkpoint(Path(tmp) / 'tiny', settings=settings)
+            policy = load_policy(ckpt, device=args.device, dtype=args.dtype)
+        rng = np.random.default_rng(0)
+        frames = [rng.integers(0, 256, (args.resolution, args.resolution, 3), dtype=np.uint8) for _ in range(2)]
+    lm = random_7b(device, policy.dtype if args.dtype != 'auto' else torch.bfloat16) if args.config == '7b' \
+        else policy.lm
     prompt = action_prompt(policy.text, policy.images.encode(frames), 'put the bowl on the plate',
                            policy.config.action_prompt)
     k = args.chunk_size
@@ -109,12 +122,24 @@ def main() -> None:
         'vq_encode_2_frames_ms': timed(lambda: policy.images.encode(frames), args.repeats, sync),
     }
     if not args.skip_world_model:
-        wm_prompt = prompt[: prompt.index(T.IMAGE_END) + 1] + policy.actions.encode(np.zeros((1, 7))).tolist() + [
-            T.END_OF_TURN]
+        frame_block = prompt[prompt.index(T.IMAGE_START): prompt.index(T.IMAGE_END) + 1]
+        action = np.array([[0.2, -0.1, 0.0, 0.0, 0.0, 0.0, -1.0]])
+        wm_prompt = world_model_prompt(policy.text, frame_block, policy.actions.encode(action),
+                                       policy.config.world_model_prompt)
         image_ids = torch.as_tensor(policy.images.image_token_ids, device=device)
-        result['world_model_frame_ms'] = timed(
-            lambda: generate_image_block(lm, wm_prompt, policy.images.grid, T.grid_token(args.resolution), image_ids),
-            max(1, args.repeats // 2), sync)
+        engine = policy.engine if lm is policy.lm else DecodeEngine(lm)
+        grid, grid_token, repeats = policy.images.grid, T.grid_token(args.resolution), max(1, args.repeats // 2)
+        result['world_model_frame_reference_ms'] = timed(
+            lambda: generate_image_block(lm, wm_prompt, grid, grid_token, image_ids), repeats, sync)
+        result['world_model_frame_engine_ms'] = timed(
+            lambda: engine_image_block(engine, wm_prompt, grid, grid_token, image_ids), repeats, sync)
+        result['world_model_frame_drafted_ms'] = timed(
+            lambda: engine_image_block_drafted(engine, wm_prompt, frame_block, image_ids, policy.draft_window),
+            repeats, sync)
+        result['world_model_drafted_passes'] = engine_image_block_drafted(
+            engine, wm_prompt, frame_block, image_ids, policy.draft_window)[1]
+        result['world_model_image_tokens'] = grid * grid
+        result['world_model_frame_ms'] = result['world_model_frame_drafted_ms']
     if device.type == 'cuda':
         result['peak_gpu_mem_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
     result['peak_rss_gib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

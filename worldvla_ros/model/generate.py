@@ -256,7 +256,7 @@ def generate_image_block(
             logits = cond.last_logits
             if uncond is not None:
                 logits = uncond.last_logits + sampling.cfg_scale * (logits - uncond.last_logits)
-            token = int(allowed[_sample(logits, sampling, generator)])
+            token = int(allowed[sample_token(logits, sampling, generator)])
             block.append(token)
             last = r == grid - 1 and c == grid - 1
             if last:
@@ -270,7 +270,7 @@ def generate_image_block(
     return block
 
 
-def _sample(logits: torch.Tensor, s: ImageSampling, generator: torch.Generator | None) -> int:
+def sample_token(logits: torch.Tensor, s: ImageSampling, generator: torch.Generator | None) -> int:
     if s.temperature == 0.0:
         return int(torch.argmax(logits))
     logits = logits / s.temperature

@@ -28,6 +28,7 @@ from .checkpoint import (
     worldvla_settings,
 )
 from .config import WorldVLAConfig
+from .engine import DecodeEngine, engine_image_block, engine_image_block_drafted
 from .generate import ImageSampling, generate_chunk_batched, generate_chunk_sequential, generate_image_block
 from .image_tokenizer import ImageTokenizer, to_model_frame
 from .prompts import action_prompt, world_model_prompt
@@ -101,6 +102,12 @@ class WorldVLAPolicy:
         self._lock = threading.Lock()
         self._image_ids = torch.as_tensor(image_tokenizer.image_token_ids, device=self.device)
         self._blocks: OrderedDict[bytes, list[int]] = OrderedDict()  # frame content → its image block
+        self.engine = DecodeEngine(lm)
+        # world-model decoding: 'drafted' (greedy verified against the current frame's tokens; sampling
+        # and guidance fall back to 'engine'), 'engine' (static cache, one token a step) or 'reference'
+        # (transformers' forward, one token a step); all three give the same greedy tokens
+        self.image_decoding = 'drafted'
+        self.draft_window = 32
 
     def encode_frames(self, frames: Sequence[np.ndarray]) -> list[list[int]]:
         """Image blocks of ``frames``, each encoded on its own (as the release tokenizes images) and only once:
@@ -198,10 +205,16 @@ class WorldVLAPolicy:
             block = self.encode_frames([frame])[0]
             prompt = world_model_prompt(self.text, block, self.actions.encode(action), self.config.world_model_prompt)
             t1 = time.perf_counter()
-            out = generate_image_block(
-                self.lm, prompt, self.images.grid, T.grid_token(self.resolution), self._image_ids, sampling,
-                cancel.is_set if cancel is not None else None,
-            )
+            stop = cancel.is_set if cancel is not None else None
+            grid, grid_token = self.images.grid, T.grid_token(self.resolution)
+            greedy = sampling is None or (sampling.temperature == 0.0 and sampling.cfg_scale == 1.0)
+            if self.image_decoding == 'drafted' and greedy:
+                out, _ = engine_image_block_drafted(self.engine, prompt, block, self._image_ids,
+                                                    self.draft_window, stop)
+            elif self.image_decoding == 'reference':
+                out = generate_image_block(self.lm, prompt, grid, grid_token, self._image_ids, sampling, stop)
+            else:
+                out = engine_image_block(self.engine, prompt, grid, grid_token, self._image_ids, sampling, stop)
             self._sync()
             t2 = time.perf_counter()
         self.last_timing = Timing(t1 - t0, t2 - t1, 0.0, self.images.grid**2, len(prompt))

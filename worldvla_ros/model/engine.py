@@ -1,0 +1,307 @@
+"""A lean decode engine over a loaded Chameleon: preallocated (static) KV cache, no per-step mask
+over the whole sequence, the layers' own modules and transformers' own attention function.
+
+The eager ``ChameleonModel.forward`` spends most of a small model's decode step outside the matmuls
+(cache concatenation, mask preparation, generic bookkeeping) and grows its cache by concatenation.
+Here one step is the layer arithmetic only, written into a cache allocated once, so the same greedy
+tokens come out faster (tests compare them with the ``DecodeSession`` path).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import ChameleonForConditionalGeneration
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.chameleon.modeling_chameleon import apply_rotary_pos_emb, eager_attention_forward
+
+from . import tokens as T
+from .attention_mask import action_attention_mask_rows, additive_mask
+from .generate import DecodeCancelled, ImageSampling, NonFiniteLogits, sample_token
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # ChameleonRMSNorm's arithmetic, without the module call
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _head_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    # ChameleonLayerNorm: statistics per head, each head's own gamma and beta
+    return F.layer_norm(x, (x.shape[-1],), None, None, eps=1e-5) * weight + bias
+
+
+class _LayerWeights:
+    """One decoder layer's parameters as the engine uses them: q, k and v projections in one matrix."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        attn = layer.self_attn
+        if attn.q_proj.bias is not None or layer.mlp.gate_proj.bias is not None:
+            raise ValueError('the decode engine supports bias-free projections (as every released checkpoint)')
+        self.attn = attn
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        self.qkv = torch.cat([m.weight.detach() for m in projections])
+        at = 0
+        for m in projections:  # the modules keep views into the one matrix: no second copy of the weights
+            n = m.weight.shape[0]
+            m.weight.data = self.qkv[at : at + n]
+            at += n
+        self.o_proj = attn.o_proj.weight
+        self.q_norm, self.q_bias = attn.q_norm.weight, attn.q_norm.bias
+        self.k_norm, self.k_bias = attn.k_norm.weight, attn.k_norm.bias
+        self.input_norm, self.post_norm = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        self.eps = layer.input_layernorm.variance_epsilon
+        self.mlp = layer.mlp
+
+
+class StaticKVCache:
+    """Keys and values of every layer, (B, H_kv, max_len, D) each, allocated once; ``length`` are valid.
+
+    All rows share slot indices; a row's RoPE positions are the caller's (batched chunk decoding gives
+    each row its own positions over a shared prompt).
+    """
+
+    def __init__(self, lm: ChameleonForConditionalGeneration, batch: int, max_len: int) -> None:
+        cfg = lm.config
+        heads = cfg.num_attention_heads
+        head_dim = cfg.hidden_size // heads
+        w = lm.lm_head.weight
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        self.values = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        self.length = 0
+
+    @property
+    def batch(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    def spread_row(self, row: int = 0) -> None:
+        """Copy row ``row``'s valid slots to every row (a prompt prefilled once, decoded in B rows)."""
+        n = self.length
+        self.keys[:, :, :, :n] = self.keys[:, row : row + 1, :, :n]
+        self.values[:, :, :, :n] = self.values[:, row : row + 1, :, :n]
+
+
+class DecodeEngine:
+    """``forward`` = ``lm.model`` + a slice of ``lm.lm_head`` over a ``StaticKVCache``, for inference."""
+
+    def __init__(self, lm: ChameleonForConditionalGeneration) -> None:
+        model = lm.model
+        self.lm = lm
+        self.embed = model.embed_tokens
+        self.weights = [_LayerWeights(layer) for layer in model.layers]
+        first = model.layers[0].self_attn
+        self.heads, self.kv_heads, self.head_dim = first.num_heads, first.num_key_value_heads, first.head_dim
+        self.norm = model.norm
+        self.swin = bool(lm.config.swin_norm)
+        self.inv_freq = model.rotary_emb.inv_freq.float()
+        self.rope_scaling = float(model.rotary_emb.attention_scaling)
+        impl = lm.config._attn_implementation
+        self.attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+        self.device = lm.lm_head.weight.device
+        self.dtype = lm.lm_head.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        return StaticKVCache(self.lm, batch, max_len)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.rope_scaling).to(self.dtype), (emb.sin() * self.rope_scaling).to(self.dtype)
+
+    @torch.inference_mode()
+    def hidden(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Append ``ids`` (B, Q) at RoPE ``positions`` (B, Q) to ``cache``; the final-norm hidden states
+        (B, Q, H). ``mask``: (B, 1, Q, length + Q) additive, or None where every query sees every key."""
+        b, q = ids.shape
+        start, end = cache.length, cache.length + q
+        if end > cache.max_len:
+            raise ValueError(f'the static cache holds {cache.max_len} tokens; {end} needed')
+        cos, sin = self._rope(positions)
+        x = self.embed(ids)
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        for i, w in enumerate(self.weights):
+            residual = x
+            h = x if self.swin else _rms_norm(x, w.input_norm, w.eps)
+            qkv = F.linear(h, w.qkv)
+            qs, ks, vs = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+            qs = _head_norm(qs.reshape(-1, heads, dim), w.q_norm, w.q_bias)
+            ks = _head_norm(ks.reshape(-1, kv_heads, dim), w.k_norm, w.k_bias)
+            qs = qs.reshape(b, q, heads, dim).transpose(1, 2)
+            ks = ks.reshape(b, q, kv_heads, dim).transpose(1, 2)
+            vs = vs.reshape(b, q, kv_heads, dim).transpose(1, 2)
+            qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
+            cache.keys[i, :b, :, start:end] = ks
+            cache.values[i, :b, :, start:end] = vs
+            out, _ = self.attention(w.attn, qs, cache.keys[i, :b, :, :end], cache.values[i, :b, :, :end], mask,
+                                    dropout=0.0, scaling=w.attn.scaling)
+            h = F.linear(out.reshape(b, q, -1), w.o_proj)
+            if self.swin:
+                x = residual + _rms_norm(h, w.input_norm, w.eps)
+                x = x + _rms_norm(w.mlp(x), w.post_norm, w.eps)
+            else:
+                x = residual + h
+                x = x + w.mlp(_rms_norm(x, w.post_norm, w.eps))
+        cache.length = end
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """float32 logits of ``hidden`` (..., H) over the token ids ``rows`` (all when None)."""
+        head = self.lm.lm_head
+        if rows is None:
+            return head(hidden).float()
+        bias = None if head.bias is None else head.bias[rows]
+        return torch.nn.functional.linear(hidden, head.weight[rows], bias).float()
+
+
+class EngineSession:
+    """One sequence (B=1) extended over a static cache, as ``generate.DecodeSession`` but faster.
+
+    ``vocab`` limits the logits to those token ids (``last_logits[i]`` is the logit of ``vocab[i]``);
+    its rows of the output projection are gathered once, not at every step.
+    """
+
+    def __init__(self, engine: DecodeEngine, prompt: list[int], max_new: int, mask_rows: Callable,
+                 vocab: torch.Tensor | None = None) -> None:
+        self.engine = engine
+        self.mask_rows = mask_rows
+        self.cache = engine.new_cache(1, len(prompt) + max_new)
+        self.ids = torch.empty((1, 0), dtype=torch.long, device=engine.device)
+        head = engine.lm.lm_head
+        self.vocab = None if vocab is None else vocab.to(engine.device)
+        self.head_weight = head.weight if self.vocab is None else head.weight[self.vocab]
+        self.head_bias = head.bias if head.bias is None or self.vocab is None else head.bias[self.vocab]
+        self.last_logits = self.feed(prompt)
+
+    def feed(self, new_ids: list[int]) -> torch.Tensor:
+        start = self.ids.shape[1]
+        new = torch.as_tensor(new_ids, dtype=torch.long, device=self.engine.device)[None]
+        self.ids = torch.cat([self.ids, new], dim=1)
+        allowed = self.mask_rows(self.ids, start)
+        mask = additive_mask(allowed, self.engine.dtype)
+        positions = torch.arange(start, self.ids.shape[1], device=self.engine.device)[None]
+        hidden = self.engine.hidden(self.cache, new, positions, mask)[:, -1]
+        logits = torch.nn.functional.linear(hidden, self.head_weight, self.head_bias).float()[0]
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteLogits('the model produced NaN/inf logits (broken weights or numerical overflow)')
+        self.last_logits = logits
+        return logits
+
+
+@torch.inference_mode()
+def engine_image_block(
+    engine: DecodeEngine,
+    prompt: Sequence[int],
+    grid: int,
+    grid_token: int,
+    image_token_ids: torch.Tensor,
+    sampling: ImageSampling | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[int]:
+    """``generate.generate_image_block`` on the engine: the same block, token for token (greedy)."""
+    sampling = sampling or ImageSampling()
+    header = [T.IMAGE_START, grid_token, grid_token]
+    allowed = image_token_ids.to(engine.device)
+    max_new = grid * (grid + 1)
+    cond = EngineSession(engine, [*prompt, *header], max_new, action_attention_mask_rows, allowed)
+    uncond = None
+    if sampling.cfg_scale != 1.0:
+        uncond = EngineSession(engine, [T.BOS, *header], max_new, action_attention_mask_rows, allowed)
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=engine.device).manual_seed(sampling.seed)
+    block = list(header)
+    for r in range(grid):
+        for c in range(grid):
+            if should_stop is not None and should_stop():
+                raise DecodeCancelled('image decoding cancelled')
+            logits = cond.last_logits
+            if uncond is not None:
+                logits = uncond.last_logits + sampling.cfg_scale * (logits - uncond.last_logits)
+            token = int(allowed[sample_token(logits, sampling, generator)])
+            block.append(token)
+            if r == grid - 1 and c == grid - 1:
+                break
+            feed = [token, T.IMAGE_NEWLINE] if c == grid - 1 else [token]
+            cond.feed(feed)
+            if uncond is not None:
+                uncond.feed(feed)
+        block.append(T.IMAGE_NEWLINE)
+    block.append(T.IMAGE_END)
+    return block
+
+
+@torch.inference_mode()
+def engine_image_block_drafted(
+    engine: DecodeEngine,
+    prompt: Sequence[int],
+    draft: Sequence[int],
+    image_token_ids: torch.Tensor,
+    window: int = 16,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[list[int], int]:
+    """Greedy image block, verified against a draft: the same tokens as ``engine_image_block`` (greedy).
+
+    ``draft`` is an image block of the same grid (the current frame's: most of the next frame repeats
+    it). Each forward pass feeds the last decided token and the next draft tokens (up to ``window``; fewer
+    while the draft fails) and keeps
+    the draft up to its first token greedy decoding would not have picked, plus greedy's own token
+    there (prompt-lookup / speculative decoding with the frame as the draft model). Row ends and the
+    block's structure tokens are placed, as in ``generate_image_block``. Returns (block, passes).
+    """
+    draft = list(draft)
+    if len(draft) < 4 or draft[0] != T.IMAGE_START or draft[-1] != T.IMAGE_END:
+        raise ValueError('the draft must be a whole image block')
+    allowed = image_token_ids.to(engine.device)
+    header, body = draft[:3], draft[3:-1]  # body: rows of codes, each ending in 8803
+    placed = [t == T.IMAGE_NEWLINE for t in body]
+    session = EngineSession(engine, [*prompt, *header], len(body), action_attention_mask_rows, allowed)
+    cache, device = session.cache, engine.device
+    base = len(prompt) + len(header)  # RoPE position of body[0]
+    out: list[int] = []
+    next_logits = session.last_logits  # predicts body[len(out)]
+    passes, width = 1, window
+    jacobi: dict[int, int] = {}
+    while len(out) < len(body):
+        if should_stop is not None and should_stop():
+            raise DecodeCancelled('image decoding cancelled')
+        i = len(out)
+        token = T.IMAGE_NEWLINE if placed[i] else int(allowed[torch.argmax(next_logits)])
+        out.append(token)
+        if len(out) == len(body):
+            break
+        guess = [jacobi.get(at, body[at]) for at in range(i + 1, min(i + 1 + width, len(body)))]
+        feed = torch.tensor([[token, *guess]], dtype=torch.long, device=device)
+        q, start = feed.shape[1], cache.length
+        positions = torch.arange(base + i, base + i + q, device=device)[None]
+        keys = torch.arange(start + q, device=device)
+        mask = additive_mask((keys[None, :] <= keys[start:, None])[None], engine.dtype)
+        hidden = engine.hidden(cache, feed, positions, mask)[0]
+        logits = torch.nn.functional.linear(hidden, session.head_weight, session.head_bias).float()
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteLogits('the model produced NaN/inf logits (broken weights or numerical overflow)')
+        picks = allowed[torch.argmax(logits, dim=1)].tolist()  # picks[j]: greedy token after feed[j]
+        passes += 1
+        kept = 0
+        for j, g in enumerate(guess):
+            if placed[i + 1 + j] or picks[j] == g:
+                out.append(g)
+                kept += 1
+            else:
+                break
+        # Jacobi: past the first wrong draft token, this pass's picks are the next guesses (they saw a wrong
+        # prefix, and are verified like any draft); the frame's tokens where there are none
+        jacobi = {i + 1 + j: picks[j] for j in range(kept + 1, len(picks))
+                  if i + 1 + j < len(body) and not placed[i + 1 + j]}
+        cache.length = start + 1 + kept  # the token and the kept draft stay; the rest is overwritten later
+        # a draft that keeps failing costs less checked a token at a time; one that holds, in longer runs
+        width = max(1, width // 2) if kept == 0 else min(window, width * 2) if kept == len(guess) else width
+        next_logits = logits[kept]
+    return [*header, *out, T.IMAGE_END], passes
