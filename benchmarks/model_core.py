@@ -4,7 +4,8 @@
     python benchmarks/model_core.py --config bundled --device cpu   # the bundled tabletop model, sim frames
     python benchmarks/model_core.py --config 7b --device cuda --dtype bfloat16   # random weights
 
-Reports prefill ms, ms per action chunk (sequential, batched, plain transformers ``generate``),
+Reports prefill ms, ms per action chunk (sequential, batched, batched on the static-cache engine, plain
+transformers ``generate``),
 ms per world-model frame (``world_model_frame_reference_ms``: transformers' forward a token at a step;
 ``_engine_ms``: the static-cache engine; ``_drafted_ms``: greedy verified against the current frame's
 tokens, what ``WorldVLAPolicy.imagine`` uses; ``world_model_frame_ms`` = drafted) and peak memory.
@@ -29,7 +30,12 @@ from worldvla_ros.model import load_policy, make_tiny_checkpoint
 from worldvla_ros.model import tokens as T
 from worldvla_ros.model.attention_mask import additive_mask
 from worldvla_ros.model.config import RELEASE_7B, WorldVLAConfig
-from worldvla_ros.model.engine import DecodeEngine, engine_image_block, engine_image_block_drafted
+from worldvla_ros.model.engine import (
+    DecodeEngine,
+    engine_chunk_batched,
+    engine_image_block,
+    engine_image_block_drafted,
+)
 from worldvla_ros.model.generate import (
     forward_logits,
     generate_chunk_batched,
@@ -109,6 +115,7 @@ def main() -> None:
             lm.generate(ids, max_new_tokens=9 * k, min_new_tokens=9 * k, do_sample=False, eos_token_id=None,
                         pad_token_id=T.PAD)
 
+    engine = policy.engine if lm is policy.lm else DecodeEngine(lm)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     result = {
@@ -118,6 +125,7 @@ def main() -> None:
         'chunk_sequential_ms': timed(lambda: generate_chunk_sequential(lm, prompt, k, min_actions=k), args.repeats,
                                      sync),
         'chunk_batched_ms': timed(lambda: generate_chunk_batched(lm, prompt, k, min_actions=k), args.repeats, sync),
+        'chunk_engine_ms': timed(lambda: engine_chunk_batched(engine, prompt, k, min_actions=k), args.repeats, sync),
         'chunk_transformers_generate_ms': timed(hf_generate, args.repeats, sync),
         'vq_encode_2_frames_ms': timed(lambda: policy.images.encode(frames), args.repeats, sync),
     }
@@ -127,7 +135,6 @@ def main() -> None:
         wm_prompt = world_model_prompt(policy.text, frame_block, policy.actions.encode(action),
                                        policy.config.world_model_prompt)
         image_ids = torch.as_tensor(policy.images.image_token_ids, device=device)
-        engine = policy.engine if lm is policy.lm else DecodeEngine(lm)
         grid, grid_token, repeats = policy.images.grid, T.grid_token(args.resolution), max(1, args.repeats // 2)
         result['world_model_frame_reference_ms'] = timed(
             lambda: generate_image_block(lm, wm_prompt, grid, grid_token, image_ids), repeats, sync)

@@ -28,7 +28,7 @@ from .checkpoint import (
     worldvla_settings,
 )
 from .config import WorldVLAConfig
-from .engine import DecodeEngine, engine_image_block, engine_image_block_drafted
+from .engine import DecodeEngine, engine_chunk_batched, engine_image_block, engine_image_block_drafted
 from .generate import ImageSampling, generate_chunk_batched, generate_chunk_sequential, generate_image_block
 from .image_tokenizer import ImageTokenizer, to_model_frame
 from .prompts import action_prompt, world_model_prompt
@@ -108,6 +108,7 @@ class WorldVLAPolicy:
         # (transformers' forward, one token a step); all three give the same greedy tokens
         self.image_decoding = 'drafted'
         self.draft_window = 32
+        self.chunk_decoding = 'engine'  # batched action chunks on the engine, or 'reference' (transformers)
 
     def encode_frames(self, frames: Sequence[np.ndarray]) -> list[list[int]]:
         """Image blocks of ``frames``, each encoded on its own (as the release tokenizes images) and only once:
@@ -170,7 +171,9 @@ class WorldVLAPolicy:
             blocks = self.encode_frames(frames)
             prompt = action_prompt(self.text, blocks, instruction, self.config.action_prompt)
             t1 = time.perf_counter()
-            if batched and action_mask:
+            if batched and action_mask and self.chunk_decoding == 'engine':
+                result = engine_chunk_batched(self.engine, prompt, c.chunk_size, c.min_actions)
+            elif batched and action_mask:
                 result = generate_chunk_batched(self.lm, prompt, c.chunk_size, c.min_actions)
             else:
                 result = generate_chunk_sequential(

@@ -52,6 +52,11 @@ PARAMETERS: dict[str, Param] = {
     'temperature': Param(0.0, 'world-model sampling temperature; 0 = greedy (the release)', 0.0, 10.0),
     'top_k': Param(0, 'top-k for sampling; 0 = none', 0, 8192),
     'cfg_scale': Param(1.0, 'classifier-free guidance scale; 1 = none', 0.0, 20.0),
+    'image_decoding': Param('drafted', 'drafted: greedy checked against the current frame in long runs (the '
+                            'fastest on a GPU or a small model); engine: one token a step on a static cache '
+                            '(a large model on CPU); reference: transformers forward. All give the same greedy '
+                            'frame; sampling and guidance use the engine', read_only=True,
+                            choices=('drafted', 'engine', 'reference')),
 }
 
 
@@ -61,6 +66,7 @@ class WorldModelNode(GuardedNode):
         p = declare_all(self, PARAMETERS)
         self.add_on_set_parameters_callback(reject_changes_of({n for n, q in PARAMETERS.items() if q.read_only}, {}))
         self.policy = load_node_policy(p)
+        self.policy.image_decoding = p['image_decoding']
         self._lock = threading.Lock()
         # (stamp ns, model-resolution crop): all the model and the scoring read of a frame, so memory is
         # history_size × R²×3 bytes whatever the camera's resolution
