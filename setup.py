@@ -34,6 +34,7 @@ setup(
     entry_points={
         'console_scripts': [
             'action_node = worldvla_ros.nodes.action_node:main',
+            'fleet_node = worldvla_ros.nodes.fleet_node:main',
             'world_model_node = worldvla_ros.nodes.world_model_node:main',
             'worldvla_bringup = worldvla_ros.bringup:main',
             'worldvla_finetune = worldvla_ros.train.finetune:main',

@@ -64,7 +64,7 @@ numpy_dir=$("$venv/bin/python" -c 'import numpy, os; print(os.path.dirname(numpy
 echo "import os, sys; os.environ.setdefault('AMENT_PREFIX_PATH', sys.prefix)" > "$site/worldvla_ament_prefix.pth"
 
 msgs_stamp=$(stamp_of "$repo"/msg/*.msg "$repo"/action/*.action "$repo/CMakeLists.txt" "$repo/package.xml" \
-  "$repo"/scripts/action_node "$repo"/scripts/world_model_node "$repo"/scripts/worldvla_bringup \
+  "$repo"/scripts/action_node "$repo"/scripts/fleet_node "$repo"/scripts/world_model_node "$repo"/scripts/worldvla_bringup \
   "$repo"/scripts/make_tiny_checkpoint "$repo"/scripts/evaluate_bag "$repo"/scripts/convert_to_bag \
   "$repo"/scripts/sim_node "$repo"/scripts/record_demos "$repo"/scripts/worldvla_train \
   "$repo"/scripts/worldvla_sim_eval "$repo"/scripts/worldvla_finetune "$repo"/launch/* "$repo"/config/*)

@@ -50,6 +50,7 @@ class Harness:
         self.surprise: list[list[float]] = []
         self.diag: dict[str, dict[str, str]] = {}
         self.sent_stamps: list[int] = []
+        self.sent_frames: dict[int, np.ndarray] = {}  # stamp ns → the rgb frame (the newest 300)
         rec = self._recorder
         n.create_subscription(ActionChunk, 'worldvla/action_chunk', rec(self.chunks), reliable_qos())
         n.create_subscription(EndEffectorCommand, 'worldvla/ee_command',
@@ -80,7 +81,8 @@ class Harness:
         return self.node.get_clock().now().nanoseconds
 
     def frame_msg(self, stamp_offset: float = 0.0) -> Image:
-        msg = fill_image_msg(Image(), self.camera.step(np.zeros(7)))
+        self._last_frame = self.camera.step(np.zeros(7))
+        msg = fill_image_msg(Image(), self._last_frame)
         msg.header.stamp = Time(nanoseconds=self.now_ns() + int(stamp_offset * 1e9)).to_msg()
         return msg
 
@@ -89,6 +91,9 @@ class Harness:
         self.image_pub.publish(msg)
         stamp = Time.from_msg(msg.header.stamp).nanoseconds
         self.sent_stamps.append(stamp)
+        self.sent_frames[stamp] = self._last_frame
+        while len(self.sent_frames) > 300:
+            del self.sent_frames[next(iter(self.sent_frames))]
         return stamp
 
     def stream(self, seconds: float, hz: float = 10.0) -> None:

@@ -63,9 +63,8 @@ class _LaunchConfiguration:
         return context.launch_configurations[self.name]
 
 
-@pytest.fixture
-def launch_file(monkeypatch: pytest.MonkeyPatch):
-    """The real launch file's module, importing a recording stand-in for launch and launch_ros."""
+def _load_launch(monkeypatch: pytest.MonkeyPatch, path: Path) -> Any:
+    """A real launch file's module, importing a recording stand-in for launch and launch_ros."""
     launch = types.ModuleType('launch')
     launch.LaunchDescription = lambda entities: list(entities)
     actions = types.ModuleType('launch.actions')
@@ -90,10 +89,35 @@ def launch_file(monkeypatch: pytest.MonkeyPatch):
                          ('launch_ros.events', types.ModuleType('launch_ros.events')),
                          ('launch_ros.events.lifecycle', lifecycle_events)):
         monkeypatch.setitem(sys.modules, name, module)
-    spec = importlib.util.spec_from_file_location('worldvla_bringup_launch', LAUNCH)
+    spec = importlib.util.spec_from_file_location(f'worldvla_{path.stem.replace(".", "_")}', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def launch_file(monkeypatch: pytest.MonkeyPatch):
+    return _load_launch(monkeypatch, LAUNCH)
+
+
+def test_fleet_launch_gives_each_robot_its_parameters(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """One fleet_node, unnamed (a name remap would rename every node of the process); its parameter file
+    has the robot list and, per robot namespace, the YAML's action-node section with the arguments."""
+    config = tmp_path / 'robots.yaml'
+    config.write_text(yaml.safe_dump({
+        'worldvla_action': {'ros__parameters': {'control_rate_hz': 15.0, 'enabled': False}},
+        '/arm2/worldvla_action': {'ros__parameters': {'max_step': [0.01] * 3 + [0.0] * 4}}}))
+    module = _load_launch(monkeypatch, REPO / 'launch' / 'fleet.launch.py')
+    (node,) = _nodes(module, robots='arm1, arm2,arm3', config=str(config), checkpoint='/models/x', enabled='true')
+    assert node.kwargs['executable'] == 'fleet_node' and 'name' not in node.kwargs and 'namespace' not in node.kwargs
+    assert node.kwargs['on_exit'].record.kind == 'Shutdown'
+    (path,) = node.kwargs['parameters']
+    data = yaml.safe_load(Path(path).read_text())
+    assert data['worldvla_fleet']['ros__parameters']['robots'] == ['/arm1', '/arm2', '/arm3']
+    for robot in ('arm1', 'arm2', 'arm3'):
+        values = data[f'/{robot}/worldvla_action']['ros__parameters']
+        assert values['control_rate_hz'] == 15.0 and values['checkpoint'] == '/models/x' and values['enabled']
+        assert ('max_step' in values) == (robot == 'arm2')
 
 
 def _run_launch(module: Any, **arguments: str) -> list[Recorded]:

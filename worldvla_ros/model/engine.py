@@ -81,11 +81,13 @@ class StaticKVCache:
     def max_len(self) -> int:
         return self.keys.shape[3]
 
-    def spread_row(self, row: int = 0) -> None:
-        """Copy row ``row``'s valid slots to every row (a prompt prefilled once, decoded in B rows)."""
-        n = self.length
-        self.keys[:, :, :, :n] = self.keys[:, row : row + 1, :, :n]
-        self.values[:, :, :, :n] = self.values[:, row : row + 1, :, :n]
+    def spread_row(self, row: int = 0, count: int | None = None, length: int | None = None) -> None:
+        """Copy row ``row``'s first ``length`` slots (all valid ones) to rows ``row … row + count - 1``
+        (every row): a prompt prefilled once, decoded in several rows."""
+        n = self.length if length is None else length
+        to = slice(row, self.batch if count is None else row + count)
+        self.keys[:, to, :, :n] = self.keys[:, row : row + 1, :, :n]
+        self.values[:, to, :, :n] = self.values[:, row : row + 1, :, :n]
 
 
 class DecodeEngine:
@@ -117,10 +119,12 @@ class DecodeEngine:
 
     @torch.inference_mode()
     def hidden(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
-        """Append ``ids`` (B, Q) at RoPE ``positions`` (B, Q) to ``cache``; the final-norm hidden states
-        (B, Q, H). ``mask``: (B, 1, Q, length + Q) additive, or None where every query sees every key."""
+               mask: torch.Tensor | None, row: int = 0) -> torch.Tensor:
+        """Append ``ids`` (B, Q) at RoPE ``positions`` (B, Q) to rows ``row … row + B - 1`` of ``cache``;
+        the final-norm hidden states (B, Q, H). ``mask``: (B, 1, Q, length + Q) additive, or None where
+        every query sees every key."""
         b, q = ids.shape
+        rows = slice(row, row + b)
         start, end = cache.length, cache.length + q
         if end > cache.max_len:
             raise ValueError(f'the static cache holds {cache.max_len} tokens; {end} needed')
@@ -138,9 +142,9 @@ class DecodeEngine:
             ks = ks.reshape(b, q, kv_heads, dim).transpose(1, 2)
             vs = vs.reshape(b, q, kv_heads, dim).transpose(1, 2)
             qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
-            cache.keys[i, :b, :, start:end] = ks
-            cache.values[i, :b, :, start:end] = vs
-            out, _ = self.attention(w.attn, qs, cache.keys[i, :b, :, :end], cache.values[i, :b, :, :end], mask,
+            cache.keys[i, rows, :, start:end] = ks
+            cache.values[i, rows, :, start:end] = vs
+            out, _ = self.attention(w.attn, qs, cache.keys[i, rows, :, :end], cache.values[i, rows, :, :end], mask,
                                     dropout=0.0, scaling=w.attn.scaling)
             h = F.linear(out.reshape(b, q, -1), w.o_proj)
             if self.swin:
@@ -356,3 +360,71 @@ def engine_chunk_batched(engine: DecodeEngine, prompt: Sequence[int], max_action
         tokens.extend([T.ACTION_START, *row, T.ACTION_END])
     tokens.append(T.END_OF_TURN)
     return ChunkResult(tokens, passes)
+
+
+@torch.inference_mode()
+def engine_chunks_batched(engine: DecodeEngine, prompts: Sequence[Sequence[int]], max_actions: int,
+                          min_actions: int = 1) -> list[ChunkResult]:
+    """The chunks of several prompts (robots) in one batch of N×K rows: each is the chunk
+    ``engine_chunk_batched`` gives for that prompt alone.
+
+    Prompt r fills slots 0 … P_r - 1 of its K rows (one prefill each); the slots up to the longest
+    prompt are masked out in its rows; the 9 decode passes then run all N×K rows at once, each row at
+    its own RoPE positions, so a decode step costs one pass whatever N is.
+    """
+    if len(prompts) == 1:
+        return [engine_chunk_batched(engine, prompts[0], max_actions, min_actions)]
+    device, k, n = engine.device, max_actions, len(prompts)
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
+    cache = engine.new_cache(n * k, longest + T.TOKENS_PER_ACTION)
+    for r, prompt in enumerate(prompts):
+        ids = torch.as_tensor(list(prompt), dtype=torch.long, device=device)[None]
+        cache.length = 0
+        mask = additive_mask(action_attention_mask_rows(ids, 0), engine.dtype)
+        last = engine.hidden(cache, ids, torch.arange(len(prompt), device=device)[None], mask, row=r * k)[:, -1]
+        if not bool(torch.isfinite(last).all()):
+            raise NonFiniteLogits('the model produced a NaN/inf hidden state (broken weights or overflow)')
+        cache.spread_row(r * k, k, len(prompt))
+    cache.length = longest
+    p_row = torch.tensor(lengths, device=device).repeat_interleave(k)  # each row's prompt length
+    slots = torch.arange(longest + T.TOKENS_PER_ACTION, device=device)
+    gap = (slots[None, :] >= p_row[:, None]) & (slots[None, :] < longest)  # padding after a shorter prompt
+    full_mask = torch.where(gap, torch.finfo(engine.dtype).min, 0.0).to(engine.dtype)[:, None, None, :]
+    head = engine.lm.lm_head
+    bins = _BIN_IDS.to(device)
+    stop_or_go = torch.tensor([T.ACTION_START, T.END_OF_TURN], device=device)
+    bin_head, stop_head = head.weight[bins], head.weight[stop_or_go]
+    bin_bias, stop_bias = (None, None) if head.bias is None else (head.bias[bins], head.bias[stop_or_go])
+    action_index = torch.arange(k, device=device).repeat(n)
+    values = torch.empty((n * k, T.ACTION_DIMS), dtype=torch.long, device=device)
+    inputs = torch.full((n * k, 1), T.ACTION_START, dtype=torch.long, device=device)
+    for j in range(T.TOKENS_PER_ACTION):
+        positions = (p_row + T.TOKENS_PER_ACTION * action_index + j)[:, None]
+        hidden = engine.hidden(cache, inputs, positions, full_mask[..., : longest + j + 1])[:, -1]
+        weight, bias = (bin_head, bin_bias) if j < T.ACTION_DIMS else (stop_head, stop_bias)
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteLogits('the model produced NaN/inf logits (broken weights or numerical overflow)')
+        if j < T.ACTION_DIMS:
+            values[:, j] = bins[torch.argmax(logits, dim=1)]
+            inputs = values[:, j : j + 1]
+        elif j == T.ACTION_DIMS:
+            inputs = torch.full((n * k, 1), T.ACTION_END, dtype=torch.long, device=device)
+        else:
+            go_on = logits[:, 0] >= logits[:, 1]  # ties: argmax takes 10004
+    results = []
+    for r in range(n):
+        rows = values[r * k : (r + 1) * k].tolist()
+        go = go_on[r * k : (r + 1) * k].tolist()
+        count = k
+        for i in range(max(min_actions, 1) - 1, k - 1):
+            if not go[i]:
+                count = i + 1
+                break
+        tokens: list[int] = []
+        for row in rows[:count]:
+            tokens.extend([T.ACTION_START, *row, T.ACTION_END])
+        tokens.append(T.END_OF_TURN)
+        results.append(ChunkResult(tokens, 1 + T.TOKENS_PER_ACTION))
+    return results

@@ -28,7 +28,13 @@ from .checkpoint import (
     worldvla_settings,
 )
 from .config import WorldVLAConfig
-from .engine import DecodeEngine, engine_chunk_batched, engine_image_block, engine_image_block_drafted
+from .engine import (
+    DecodeEngine,
+    engine_chunk_batched,
+    engine_chunks_batched,
+    engine_image_block,
+    engine_image_block_drafted,
+)
 from .generate import ImageSampling, generate_chunk_batched, generate_chunk_sequential, generate_image_block
 from .image_tokenizer import ImageTokenizer, to_model_frame
 from .prompts import action_prompt, world_model_prompt
@@ -109,6 +115,7 @@ class WorldVLAPolicy:
         self.image_decoding = 'drafted'
         self.draft_window = 32
         self.chunk_decoding = 'engine'  # batched action chunks on the engine, or 'reference' (transformers)
+        self.block_cache_frames = config.history_frames + 2  # frames whose tokens are kept (more when shared)
 
     def encode_frames(self, frames: Sequence[np.ndarray]) -> list[list[int]]:
         """Image blocks of ``frames``, each encoded on its own (as the release tokenizes images) and only once:
@@ -124,7 +131,7 @@ class WorldVLAPolicy:
             if block is None:
                 block = self.images.encode([a])[0]
                 self._blocks[key] = block
-                while len(self._blocks) > self.config.history_frames + 2:
+                while len(self._blocks) > self.block_cache_frames:
                     self._blocks.popitem(last=False)
             else:
                 self._blocks.move_to_end(key)
@@ -187,6 +194,32 @@ class WorldVLAPolicy:
         timing = Timing(t1 - t0, t2 - t1, t3 - t2, result.forward_passes, len(prompt))
         self.last_timing = timing
         return ActionPrediction(actions, result.tokens, timing)
+
+    def predict_many(self, requests: Sequence[tuple[Sequence[np.ndarray], str]]) -> list[ActionPrediction]:
+        """Chunks for several (frames, instruction) requests, e.g. one per robot, decoded in one batch of N×K
+        rows (batched decoding, action mask): each is what ``predict`` gives for that request alone."""
+        c = self.config
+        checked = []
+        for frames, instruction in requests:
+            if len(frames) == 0:
+                raise ValueError('at least one frame is needed')
+            checked.append((list(frames)[-c.history_frames :], self.check_instruction(instruction)))
+        with self._lock:
+            t0 = time.perf_counter()
+            prompts = [action_prompt(self.text, self.encode_frames(frames), instruction, c.action_prompt)
+                       for frames, instruction in checked]
+            t1 = time.perf_counter()
+            results = engine_chunks_batched(self.engine, prompts, c.chunk_size, c.min_actions)
+            self._sync()
+            t2 = time.perf_counter()
+            actions = [self.actions.decode(r.tokens) for r in results]
+            t3 = time.perf_counter()
+        out = []
+        for prompt, result, a in zip(prompts, results, actions, strict=True):
+            timing = Timing(t1 - t0, t2 - t1, t3 - t2, result.forward_passes, len(prompt))
+            out.append(ActionPrediction(a, result.tokens, timing))
+        self.last_timing = out[-1].timing if out else self.last_timing
+        return out
 
     def predict_actions(self, frames: Sequence[np.ndarray], instruction: str, **kwargs: Any) -> np.ndarray:
         """(K, 7) un-normalized actions for the newest frame(s) and the instruction."""

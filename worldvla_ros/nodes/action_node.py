@@ -23,6 +23,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,8 +162,11 @@ class ActionNode(GuardedLifecycleNode):
     """A managed node: configure loads the model and warms it up, activate starts commanding, deactivate
     holds and stops, cleanup releases the model. ``autostart`` (default) goes to active by itself."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, policy_loader: Callable[[dict[str, Any]], Any] | None = None, **kwargs: Any) -> None:
+        """``policy_loader``: how configure gets its model from the parameters (default: load the checkpoint;
+        the fleet node passes one shared, batching policy)."""
         super().__init__('worldvla_action', **kwargs)
+        self._policy_loader = policy_loader
         p = declare_all(self, PARAMETERS)
         self._start_params = p
         problem = _check_seven('action_scale', non_negative=True)(p['action_scale'])
@@ -361,7 +365,7 @@ class ActionNode(GuardedLifecycleNode):
     def _load_policy(self, p: dict[str, Any]):
         overrides = {k: p[k] for k in ('chunk_size', 'history_frames') if p[k]}
         t0 = time.perf_counter()
-        policy = load_node_policy(p, **overrides)
+        policy = self._policy_loader(p) if self._policy_loader is not None else load_node_policy(p, **overrides)
         if p['warmup']:
             try:
                 policy.warmup()

@@ -355,18 +355,20 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def spin_node(factory: Callable[[], GuardedNode], args: list[str] | None = None) -> int:
+def spin_node(factory: Callable[[], GuardedNode | list[GuardedNode]], args: list[str] | None = None) -> int:
     """init, build, spin, and on SIGINT/SIGTERM (or any failure) close the node, which holds the robot.
 
     rclpy's own signal handlers are off: they shut the context down at once, and a node whose
     context is gone cannot send a last hold. A second signal during the shutdown is logged, not
-    acted on (no abort). Exit code 0 after a signal, 1 for a start-up or runtime failure.
+    acted on (no abort). Exit code 0 after a signal, 1 for a start-up or runtime failure. ``factory``
+    may build several nodes (one process serving several robots): all spin on one executor and all
+    are closed.
     """
     _die_with_parent()
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     logger = rclpy.logging.get_logger('worldvla')
     stop = threading.Event()
-    node: GuardedNode | None = None
+    nodes: list[GuardedNode] = []
     executor: MultiThreadedExecutor | None = None
     code = 0
 
@@ -376,11 +378,13 @@ def spin_node(factory: Callable[[], GuardedNode], args: list[str] | None = None)
         stop.set()
 
     try:
-        node = factory()  # a signal here interrupts loading (KeyboardInterrupt / default SIGTERM)
+        built = factory()  # a signal here interrupts loading (KeyboardInterrupt / default SIGTERM)
+        nodes = built if isinstance(built, list) else [built]
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
-        executor = MultiThreadedExecutor(num_threads=4)
-        executor.add_node(node)
+        executor = MultiThreadedExecutor(num_threads=max(4, 2 * len(nodes)))
+        for node in nodes:
+            executor.add_node(node)
         while not stop.is_set() and rclpy.ok():
             executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
@@ -392,14 +396,15 @@ def spin_node(factory: Callable[[], GuardedNode], args: list[str] | None = None)
         logger.fatal(f'{type(exc).__name__}: {exc}')
         code = 1
     clean = True
-    if node is not None:
+    for node in nodes:
         try:
-            clean = node.close()
+            clean = node.close() and clean
         except Exception as exc:
             logger.error(f'closing failed: {type(exc).__name__}: {exc}')
             clean = False
-        if executor is not None:
-            clean = executor.shutdown(timeout_sec=2.0) and clean
+    if executor is not None and nodes:
+        clean = executor.shutdown(timeout_sec=2.0) and clean
+    for node in nodes:
         node.destroy_node()
     if rclpy.ok():  # Jazzy's try_shutdown cannot keep the handlers; shutdown can, on every distro
         try:

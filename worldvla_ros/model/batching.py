@@ -1,0 +1,103 @@
+"""One policy shared by several robots: their ``predict`` calls, made from their own threads, are
+decoded together (``WorldVLAPolicy.predict_many``), N×K rows a pass instead of N calls one after another."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .policy import ActionPrediction, WorldVLAPolicy
+
+
+@dataclass
+class _Request:
+    frames: list[np.ndarray]
+    instruction: str
+    done: threading.Event = field(default_factory=threading.Event)
+    result: ActionPrediction | None = None
+    error: BaseException | None = None
+
+
+class BatchingPolicy:
+    """``predict`` as ``WorldVLAPolicy.predict`` (same chunk), batched across callers.
+
+    A batch starts ``max_wait_s`` after its first request, or at once when ``callers`` requests are
+    waiting: a slow or silent caller delays the others by at most ``max_wait_s``. Other attributes are
+    the wrapped policy's. Requests a batch cannot serve (sequential or unmasked decoding) run alone.
+    """
+
+    def __init__(self, policy: WorldVLAPolicy, callers: int, max_wait_s: float = 0.005) -> None:
+        self.policy = policy
+        self.callers = max(1, callers)
+        self.max_wait_s = max_wait_s
+        policy.block_cache_frames = max(policy.block_cache_frames, self.callers * (policy.config.history_frames + 2))
+        self.batch_sizes: list[int] = []  # of the last batches (bounded), for diagnostics and benchmarks
+        self._pending: list[_Request] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name='worldvla-batcher', daemon=True)
+        self._thread.start()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.policy, name)
+
+    def predict(self, frames: Sequence[np.ndarray], instruction: str, *, batched: bool = True,
+                constrain: bool = True, action_mask: bool = True) -> ActionPrediction:
+        if not (batched and action_mask and constrain):
+            return self.policy.predict(frames, instruction, batched=batched, constrain=constrain,
+                                       action_mask=action_mask)
+        if len(frames) == 0:
+            raise ValueError('at least one frame is needed')
+        request = _Request(list(frames), self.policy.check_instruction(instruction))  # one caller's bad input
+        with self._cond:
+            if self._closed:
+                raise RuntimeError('the shared policy is closed')
+            self._pending.append(request)
+            self._cond.notify_all()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def predict_actions(self, frames: Sequence[np.ndarray], instruction: str, **kwargs: Any) -> np.ndarray:
+        return self.predict(frames, instruction, **kwargs).actions
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5.0)
+
+    def _next_batch(self) -> list[_Request] | None:
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if self._closed and not self._pending:
+                return None
+            deadline = time.monotonic() + self.max_wait_s
+            while len(self._pending) < self.callers and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch, self._pending = self._pending, []
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                results = self.policy.predict_many([(r.frames, r.instruction) for r in batch])
+                for request, result in zip(batch, results, strict=True):
+                    request.result = result
+            except BaseException as exc:  # the model failed for all of them: every caller hears it
+                for request in batch:
+                    request.error = exc
+            finally:
+                self.batch_sizes = [*self.batch_sizes[-99:], len(batch)]
+                for request in batch:
+                    request.done.set()
