@@ -117,6 +117,13 @@ class WorldVLAPolicy:
         self.chunk_decoding = 'engine'  # batched action chunks on the engine, or 'reference' (transformers)
         self.block_cache_frames = config.history_frames + 2  # frames whose tokens are kept (more when shared)
 
+    def use_cpu_threads(self, threads: int) -> None:
+        """On a CPU device, torch's intra-op threads for the calling thread's model work (0: torch's default).
+        Measured here (2 cores, bundled model): a predict off the main thread took 57 ms with 2 OpenMP
+        threads and 23 ms with 1 (the OpenMP teams of two threads compete); a node's worker calls this."""
+        if threads > 0 and self.device.type == 'cpu':
+            torch.set_num_threads(threads)
+
     def encode_frames(self, frames: Sequence[np.ndarray]) -> list[list[int]]:
         """Image blocks of ``frames``, each encoded on its own (as the release tokenizes images) and only once:
         a history frame's tokens are reused from the call that encoded it, found by the frame's content (an

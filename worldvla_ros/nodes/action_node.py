@@ -588,6 +588,8 @@ class ActionNode(GuardedLifecycleNode):
 
     # -- inference (worker thread) ----------------------------------------------------------
     def _inference_loop(self) -> None:
+        if self.policy is not None:
+            self.policy.use_cpu_threads(self._param('cpu_threads'))
         while self._running:
             if not self._frame_event.wait(timeout=0.1):
                 continue

@@ -65,6 +65,8 @@ MODEL_PARAMETERS: dict[str, Param] = {
                            read_only=True),
     'device': Param('auto', 'torch device: auto, cpu, cuda, cuda:1 …', read_only=True),
     'dtype': Param('auto', 'auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32', read_only=True),
+    'cpu_threads': Param(1, 'on a CPU device: torch threads of the inference thread (0: torch default); small '
+                         'models run fastest with 1', 0, 1024, read_only=True),
 }
 CAMERA_PARAMETERS: dict[str, Param] = {
     'use_compressed': Param(False, 'subscribe to sensor_msgs/CompressedImage on <camera>/compressed',

@@ -38,7 +38,7 @@ class SharedPolicy:
     """Loads the model once, for the first robot that configures, and hands every robot the batching
     wrapper; a robot whose model parameters differ from the first one's cannot share it."""
 
-    MODEL_KEYS = ('checkpoint', 'tokenizer_dir', 'device', 'dtype', 'chunk_size', 'history_frames')
+    MODEL_KEYS = ('checkpoint', 'tokenizer_dir', 'device', 'dtype', 'cpu_threads', 'chunk_size', 'history_frames')
 
     def __init__(self, robots: int, max_wait_s: float) -> None:
         self.robots = robots
@@ -54,7 +54,8 @@ class SharedPolicy:
         with self._lock:
             if self.batching is None:
                 overrides = {k: p[k] for k in ('chunk_size', 'history_frames') if p[k]}
-                self.batching = BatchingPolicy(load_node_policy(p, **overrides), self.robots, self.max_wait_s)
+                self.batching = BatchingPolicy(load_node_policy(p, **overrides), self.robots, self.max_wait_s,
+                                               cpu_threads=p['cpu_threads'])
                 self._model = model
             elif model != self._model:
                 differ = ', '.join(k for k in self.MODEL_KEYS if model[k] != self._model[k])

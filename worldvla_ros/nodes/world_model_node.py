@@ -124,6 +124,7 @@ class WorldModelNode(GuardedNode):
         return self.get_parameter('match_tolerance').value * 1e9
 
     def _imagine_loop(self) -> None:
+        self.policy.use_cpu_threads(self.get_parameter('cpu_threads').value)
         while self._running:
             if not self._chunk_event.wait(timeout=0.1):
                 continue
