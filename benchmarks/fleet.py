@@ -5,7 +5,7 @@
 
 "batched": one process, one ``BatchingPolicy``, N threads (one per robot, as the fleet node's action
 nodes) each asking for a chunk for a new camera frame as soon as it has the last one. "separate": N
-processes each with its own model (N action nodes), the CPU threads split between them. Both count
+processes each with its own model (N action nodes, one torch thread each: ``cpu_threads``). Both count
 the chunks all robots got per second; the model call only (ROS transport is the same either way).
 """
 from __future__ import annotations
@@ -49,13 +49,16 @@ def _robot_loop(predict, resolution: int, seed: int, seconds: float, counts: lis
 
 def _separate_worker(config: str, device: str, resolution: int, threads: int, seconds: float, index: int,
                      start: mp.Event, out: mp.Queue) -> None:
-    torch.set_num_threads(threads)
     policy = _load(config, device, resolution)
     policy.warmup()
     counts = [0]
     start.wait()
-    # in a thread, as the action node's worker (torch runs slower off the main thread here)
-    worker = threading.Thread(target=_robot_loop, args=(policy.predict, policy.resolution, index, seconds, counts, 0))
+
+    def robot() -> None:  # in a thread, as the action node's worker, with its cpu_threads
+        policy.use_cpu_threads(threads)
+        _robot_loop(policy.predict, policy.resolution, index, seconds, counts, 0)
+
+    worker = threading.Thread(target=robot)
     worker.start()
     worker.join()
     out.put(counts[0])
@@ -64,7 +67,7 @@ def _separate_worker(config: str, device: str, resolution: int, threads: int, se
 def separate(config: str, device: str, resolution: int, robots: int, seconds: float) -> float:
     ctx = mp.get_context('spawn')
     start, out = ctx.Event(), ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // robots) if device == 'cpu' else 1
+    threads = 1  # the action node's cpu_threads default
     procs = [ctx.Process(target=_separate_worker, args=(config, device, resolution, threads, seconds, i, start, out))
              for i in range(robots)]
     for p in procs:
