@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def _load(config: str, device: str, resolution: int):
