@@ -18,7 +18,15 @@ from transformers.models.chameleon.modeling_chameleon import apply_rotary_pos_em
 
 from . import tokens as T
 from .attention_mask import action_attention_mask_rows, additive_mask
-from .generate import _BIN_IDS, ChunkResult, DecodeCancelled, ImageSampling, NonFiniteLogits, sample_token
+from .generate import (
+    _BIN_IDS,
+    ChunkResult,
+    DecodeCancelled,
+    ImageSampling,
+    NonFiniteLogits,
+    chunk_tokens,
+    sample_token,
+)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -311,55 +319,11 @@ def engine_image_block_drafted(
     return [*header, *out, T.IMAGE_END], passes
 
 
-@torch.inference_mode()
 def engine_chunk_batched(engine: DecodeEngine, prompt: Sequence[int], max_actions: int,
                          min_actions: int = 1) -> ChunkResult:
     """``generate.generate_chunk_batched`` on the engine: the prompt prefilled once (under the action
     mask) and copied to K rows of a static cache, then 9 passes of K rows; the same tokens."""
-    device, p, k = engine.device, len(prompt), max_actions
-    ids = torch.as_tensor(list(prompt), dtype=torch.long, device=device)[None]
-    cache = engine.new_cache(k, p + T.TOKENS_PER_ACTION)
-    mask = additive_mask(action_attention_mask_rows(ids, 0), engine.dtype)
-    last = engine.hidden(cache, ids, torch.arange(p, device=device)[None], mask)[:, -1]
-    if not bool(torch.isfinite(last).all()):
-        raise NonFiniteLogits('the model produced a NaN/inf hidden state (broken weights or overflow)')
-    cache.spread_row(0)
-    head = engine.lm.lm_head
-    bins = _BIN_IDS.to(device)
-    stop_or_go = torch.tensor([T.ACTION_START, T.END_OF_TURN], device=device)
-    bin_head, stop_head = head.weight[bins], head.weight[stop_or_go]
-    bin_bias, stop_bias = (None, None) if head.bias is None else (head.bias[bins], head.bias[stop_or_go])
-    rows = torch.arange(k, device=device)
-    values = torch.empty((k, T.ACTION_DIMS), dtype=torch.long, device=device)
-    inputs = torch.full((k, 1), T.ACTION_START, dtype=torch.long, device=device)
-    zeros = torch.zeros((k, 1, 1, p + T.TOKENS_PER_ACTION), dtype=engine.dtype, device=device)
-    passes = 1
-    for j in range(T.TOKENS_PER_ACTION):
-        positions = (p + T.TOKENS_PER_ACTION * rows + j)[:, None]
-        # each row's cache is exactly prompt + its own tokens: nothing to mask
-        hidden = engine.hidden(cache, inputs, positions, zeros[..., : p + j + 1])[:, -1]
-        passes += 1
-        weight, bias = (bin_head, bin_bias) if j < T.ACTION_DIMS else (stop_head, stop_bias)
-        logits = torch.nn.functional.linear(hidden, weight, bias).float()
-        if not bool(torch.isfinite(logits).all()):
-            raise NonFiniteLogits('the model produced NaN/inf logits (broken weights or numerical overflow)')
-        if j < T.ACTION_DIMS:
-            values[:, j] = bins[torch.argmax(logits, dim=1)]
-            inputs = values[:, j : j + 1]
-        elif j == T.ACTION_DIMS:
-            inputs = torch.full((k, 1), T.ACTION_END, dtype=torch.long, device=device)
-        else:
-            go_on = logits[:, 0] >= logits[:, 1]  # ties: argmax takes 10004
-    n = k
-    for i in range(max(min_actions, 1) - 1, k - 1):  # the last action always ends the chunk
-        if not bool(go_on[i]):
-            n = i + 1
-            break
-    tokens: list[int] = []
-    for row in values[:n].tolist():
-        tokens.extend([T.ACTION_START, *row, T.ACTION_END])
-    tokens.append(T.END_OF_TURN)
-    return ChunkResult(tokens, passes)
+    return engine_chunks_batched(engine, [prompt], max_actions, min_actions)[0]
 
 
 @torch.inference_mode()
@@ -372,8 +336,6 @@ def engine_chunks_batched(engine: DecodeEngine, prompts: Sequence[Sequence[int]]
     prompt are masked out in its rows; the 9 decode passes then run all N×K rows at once, each row at
     its own RoPE positions, so a decode step costs one pass whatever N is.
     """
-    if len(prompts) == 1:
-        return [engine_chunk_batched(engine, prompts[0], max_actions, min_actions)]
     device, k, n = engine.device, max_actions, len(prompts)
     lengths = [len(p) for p in prompts]
     longest = max(lengths)
@@ -413,18 +375,5 @@ def engine_chunks_batched(engine: DecodeEngine, prompts: Sequence[Sequence[int]]
             inputs = torch.full((n * k, 1), T.ACTION_END, dtype=torch.long, device=device)
         else:
             go_on = logits[:, 0] >= logits[:, 1]  # ties: argmax takes 10004
-    results = []
-    for r in range(n):
-        rows = values[r * k : (r + 1) * k].tolist()
-        go = go_on[r * k : (r + 1) * k].tolist()
-        count = k
-        for i in range(max(min_actions, 1) - 1, k - 1):
-            if not go[i]:
-                count = i + 1
-                break
-        tokens: list[int] = []
-        for row in rows[:count]:
-            tokens.extend([T.ACTION_START, *row, T.ACTION_END])
-        tokens.append(T.END_OF_TURN)
-        results.append(ChunkResult(tokens, 1 + T.TOKENS_PER_ACTION))
-    return results
+    return [ChunkResult(chunk_tokens(values[r * k : (r + 1) * k], go_on[r * k : (r + 1) * k], min_actions),
+                        1 + T.TOKENS_PER_ACTION) for r in range(n)]

@@ -199,16 +199,24 @@ def generate_chunk_batched(
             inputs = torch.full((k, 1), T.ACTION_END, dtype=torch.long, device=device)
         else:
             go_on = logits[:, 0] >= logits[:, 1]  # ties: argmax takes 10004
+    return ChunkResult(chunk_tokens(values, go_on, min_actions), passes)
+
+
+def chunk_tokens(values: torch.Tensor, go_on: torch.Tensor, min_actions: int) -> list[int]:
+    """The chunk's tokens from K rows of decoded action values (K, 7) and each row's "another action
+    follows" (K,): the chunk ends after the first action (from ``min_actions`` on) that says stop."""
+    k = values.shape[0]
+    go = go_on.tolist()
     n = k
     for i in range(max(min_actions, 1) - 1, k - 1):  # the last action always ends the chunk
-        if not bool(go_on[i]):
+        if not go[i]:
             n = i + 1
             break
     tokens: list[int] = []
     for row in values[:n].tolist():
         tokens.extend([T.ACTION_START, *row, T.ACTION_END])
     tokens.append(T.END_OF_TURN)
-    return ChunkResult(tokens, passes)
+    return tokens
 
 
 @dataclass
