@@ -3,6 +3,7 @@ brought to active through its lifecycle services, a configure that fails stops e
 launcher takes its nodes with it (each ending on a hold) instead of leaving them commanding."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -72,12 +73,13 @@ def test_a_configure_that_fails_stops_every_node(tiny_checkpoint: Path, isolated
     broken = tmp_path / 'broken'
     shutil.copytree(tiny_checkpoint, broken)
     (broken / 'config.json').write_text('[1, 2, 3]')
+    namespace = f'broken{os.getpid()}'  # its own: the Jazzy session runs this test at the same time
     run = subprocess.run([sys.executable, '-m', 'worldvla_ros.bringup', '--checkpoint', str(broken), '--device',
-                          'cpu', '--namespace', 'broken', '--sim', '--no-world-model'], capture_output=True, text=True,
-                         timeout=100)
+                          'cpu', '--namespace', namespace, '--sim', '--no-world-model'], capture_output=True,
+                         text=True, timeout=100)
     assert run.returncode == 1, run.stderr[-2000:]
-    assert '/broken/worldvla_action did not become active: configure failed' in run.stderr
+    assert f'/{namespace}/worldvla_action did not become active: configure failed' in run.stderr
     assert 'configure failed: ' in run.stderr and 'expected an object' in run.stderr  # the node's own reason
     assert 'Traceback' not in run.stderr
-    leftovers = [p for p in psutil.process_iter(['cmdline']) if '__ns:=/broken' in (p.info['cmdline'] or [])]
+    leftovers = [p for p in psutil.process_iter(['cmdline']) if f'__ns:=/{namespace}' in (p.info['cmdline'] or [])]
     assert not leftovers, [p.info['cmdline'] for p in leftovers]
