@@ -3,7 +3,11 @@
     python benchmarks/node_overhead.py --seconds 300 --camera-hz 30 [--checkpoint DIR --device cuda]
 
 Overhead = (chunk received − its frame published) − the chunk's reported inference latency:
-message transport, conversion, queueing and publishing, the model excluded. Also reports how
+message transport, conversion, queueing and publishing, the model excluded. Reported apart, from the
+node's own /diagnostics (its last 200 chunks): ``frame_wait`` — the newest frame's age when the
+inference worker picks it up (up to one inference: frames arriving meanwhile wait, the newest is used)
+— and ``node_work`` — the node's own work for a chunk: the frame's conversion and checks, then the
+safety limits, messages and publishing (the model, the wait and transport excluded). Also reports how
 many camera frames the node dropped (it must drop, not queue) and the action node's RSS over
 time (it must stay flat).
 """
@@ -108,6 +112,8 @@ def main() -> None:
         'overhead_ms_p50': round(float(np.percentile(ov, 50)), 2) if len(ov) else None,
         'overhead_ms_p99': round(float(np.percentile(ov, 99)), 2) if len(ov) else None,
         'inference_ms_p50': round(float(np.percentile(latency, 50)), 1) if latency else None,
+        'frame_wait_ms_p50_p99': [float(diag.get(f'frame_wait_p{q}_ms', 'nan')) for q in (50, 99)],
+        'node_work_ms_p50_p99': [float(diag.get(f'node_work_p{q}_ms', 'nan')) for q in (50, 99)],
         'action_node_rss_mib_first_last_max': [round(rss[0], 1), round(rss[-1], 1), round(max(rss), 1)],
         'action_node_rss_mib_series': [round(r) for r in rss],
         'rss_sample_period_s': round(max(1.0, args.seconds / 30), 1),

@@ -56,6 +56,11 @@ def test_chunks_and_commands_flow_at_the_configured_rate(graph) -> None:
     assert 1 <= len(chunk.commands) <= 5 and len(chunk.raw_actions) == 7 * len(chunk.commands)
     assert chunk.instruction == 'put the red block in the bowl' and chunk.inference_latency > 0
     assert len(chunk.observation_stamps) == 2 and chunk.model_id.startswith('tiny@')
+    assert h.wait_for(lambda: 'node_work_p99_ms' in h.diag.get('worldvla_action', {}), timeout=5, frames=False)
+    with h.lock:  # the node reports its own work and the frames' wait apart from the model's latency
+        d = h.diag['worldvla_action']
+        assert 0 < float(d['node_work_p50_ms']) <= float(d['node_work_p99_ms']) < float(d['latency_p99_ms']) * 10
+        assert 0 <= float(d['frame_wait_p50_ms']) <= float(d['frame_wait_p99_ms'])
     assert [c.sequence for c in chunks] == sorted(c.sequence for c in chunks)
     motion = [m for _, m in commands if not m.hold]
     assert motion and all(Time.from_msg(m.header.stamp).nanoseconds in h.sent_stamps for m in motion)

@@ -196,6 +196,8 @@ class ActionNode(GuardedLifecycleNode):
         # model-resolution crops, not camera frames: bounded memory whatever the camera sends
         self._history: deque[tuple[np.ndarray, TimeMsg]] = deque(maxlen=1)  # the model's length at configure
         self._fresh = False  # a frame arrived that no inference has used yet
+        self._newest_frame_times = (0.0, time.perf_counter())  # (intake s, perf_counter when stored)
+        self._chunk_intake = 0.0
         self._frame_event = threading.Event()
         self._instruction: str | None = None
         self._instruction_version = 0
@@ -392,7 +394,7 @@ class ActionNode(GuardedLifecycleNode):
         return self.get_parameter(name).value
 
     # -- inputs (fast: validate, store, return) ---------------------------------------------
-    def _store_frame(self, rgb: np.ndarray, header: Header) -> None:
+    def _store_frame(self, rgb: np.ndarray, header: Header, received: float | None = None) -> None:
         policy = self.policy
         if policy is None or not self._commanding:
             self.stats.count('frames_ignored_inactive')  # read again after activation, never before
@@ -407,6 +409,9 @@ class ActionNode(GuardedLifecycleNode):
                 self.stats.count('frames_dropped')  # the worker never saw the previous one
             self._history.append((frame, header.stamp))
             self._fresh = True
+            now = time.perf_counter()
+            # the newest frame's intake (conversion, checks, storing) and when it became available
+            self._newest_frame_times = (now - (received if received is not None else now), now)
         self._frame_event.set()
 
     def _on_camera_reject(self, exc: ImageRejected) -> None:
@@ -604,6 +609,9 @@ class ActionNode(GuardedLifecycleNode):
                 self._fresh = False
                 self._inferring = True
                 history = list(self._history)
+                intake, stored_at = self._newest_frame_times
+                self.stats.duration('frame_wait', time.perf_counter() - stored_at)  # its age at pick-up
+                self._chunk_intake = intake
                 instruction, version, epoch = self._instruction, self._instruction_version, self._epoch
             try:
                 self._check_and_infer(policy, history, instruction, version, epoch)
@@ -641,7 +649,8 @@ class ActionNode(GuardedLifecycleNode):
                version: int, epoch: int) -> None:
         t0 = time.perf_counter()
         pred = policy.predict([f for f, _ in history], instruction, batched=self._param('batched_decoding'))
-        latency = time.perf_counter() - t0
+        model_done = time.perf_counter()
+        latency = model_done - t0
         self.stats.latency(latency)
         self._last_latency = latency
         with self._lock:
@@ -684,6 +693,8 @@ class ActionNode(GuardedLifecycleNode):
         self.chunk_pub.publish(chunk)
         self.path_pub.publish(self._planned_path(chunk, merged))
         self.stats.count('chunks')
+        # the node's own work for this chunk, the model and the wait for the worker excluded
+        self.stats.duration('node_work', self._chunk_intake + time.perf_counter() - model_done)
 
     def _command(self, action: np.ndarray, index: int, size: int, chunk: ActionChunk) -> EndEffectorCommand:
         cmd = EndEffectorCommand(index=index, chunk_size=size, chunk_sequence=chunk.sequence,

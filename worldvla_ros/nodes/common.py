@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -218,7 +219,7 @@ class CameraInput:
     future stamp …). What a node then does with a good frame it counts itself.
     """
 
-    def __init__(self, node: GuardedNode, compressed: bool, on_frame: Callable[[np.ndarray, Header], None],
+    def __init__(self, node: GuardedNode, compressed: bool, on_frame: Callable[[np.ndarray, Header, float], None],
                  on_reject: Callable[[ImageRejected], None], group: CallbackGroup) -> None:
         self.node = node
         self.stats = node.stats
@@ -235,6 +236,7 @@ class CameraInput:
         node.create_subscription(msg_type, topic, callback, image_qos(), callback_group=group)
 
     def _callback(self, msg: Image | CompressedImage, info: dict | None) -> None:
+        received = time.perf_counter()  # handed to on_frame: the node's own work starts here
         self.stats.count('frames_received')
         self._count_lost(info)
         try:
@@ -243,7 +245,7 @@ class CameraInput:
         except ImageRejected as exc:
             self._on_reject(exc)
             return
-        self._on_frame(rgb, msg.header)
+        self._on_frame(rgb, msg.header, received)
 
     def _count_lost(self, info: dict | None) -> None:
         seq = (info or {}).get('publication_sequence_number')
@@ -278,28 +280,34 @@ def reliable_qos(depth: int = 10) -> QoSProfile:
 
 
 class Stats:
-    """Thread-safe counters and a latency window, reported on /diagnostics."""
+    """Thread-safe counters and windows of durations (``latency``: the model's; others by name), reported
+    on /diagnostics as ``<name>_p50_ms`` / ``<name>_p99_ms``."""
 
     def __init__(self, window: int = 200) -> None:
         self._lock = threading.Lock()
+        self._window = window
         self.counts: Counter[str] = Counter()
-        self._latency: deque[float] = deque(maxlen=window)
+        self._durations: dict[str, deque[float]] = {}
 
     def count(self, key: str, n: int = 1) -> None:
         with self._lock:
             self.counts[key] += n
 
     def latency(self, seconds: float) -> None:
+        self.duration('latency', seconds)
+
+    def duration(self, name: str, seconds: float) -> None:
         with self._lock:
-            self._latency.append(seconds)
+            self._durations.setdefault(name, deque(maxlen=self._window)).append(seconds)
 
     def snapshot(self) -> dict[str, str]:
         with self._lock:
             out = {k: str(v) for k, v in sorted(self.counts.items())}
-            if self._latency:
-                lat = np.asarray(self._latency) * 1e3
-                out['latency_p50_ms'] = f'{np.percentile(lat, 50):.1f}'
-                out['latency_p99_ms'] = f'{np.percentile(lat, 99):.1f}'
+            for name, window in sorted(self._durations.items()):
+                ms = np.asarray(window) * 1e3
+                digits = 1 if name == 'latency' else 3
+                out[f'{name}_p50_ms'] = f'{np.percentile(ms, 50):.{digits}f}'
+                out[f'{name}_p99_ms'] = f'{np.percentile(ms, 99):.{digits}f}'
         return out
 
 
