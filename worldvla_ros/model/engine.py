@@ -25,7 +25,7 @@ from .generate import (
     ImageSampling,
     NonFiniteLogits,
     chunk_tokens,
-    sample_token,
+    image_block_loop,
 )
 
 
@@ -226,28 +226,7 @@ def engine_image_block(
     uncond = None
     if sampling.cfg_scale != 1.0:
         uncond = EngineSession(engine, [T.BOS, *header], max_new, action_attention_mask_rows, allowed)
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=engine.device).manual_seed(sampling.seed)
-    block = list(header)
-    for r in range(grid):
-        for c in range(grid):
-            if should_stop is not None and should_stop():
-                raise DecodeCancelled('image decoding cancelled')
-            logits = cond.last_logits
-            if uncond is not None:
-                logits = uncond.last_logits + sampling.cfg_scale * (logits - uncond.last_logits)
-            token = int(allowed[sample_token(logits, sampling, generator)])
-            block.append(token)
-            if r == grid - 1 and c == grid - 1:
-                break
-            feed = [token, T.IMAGE_NEWLINE] if c == grid - 1 else [token]
-            cond.feed(feed)
-            if uncond is not None:
-                uncond.feed(feed)
-        block.append(T.IMAGE_NEWLINE)
-    block.append(T.IMAGE_END)
-    return block
+    return image_block_loop(cond, uncond, header, grid, allowed, sampling, should_stop)
 
 
 @torch.inference_mode()

@@ -10,6 +10,7 @@ import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import ChameleonForConditionalGeneration, DynamicCache
@@ -253,9 +254,16 @@ def generate_image_block(
     allowed = image_token_ids.to(lm.lm_head.weight.device)
     cond = DecodeSession(lm, [*prompt, *header], vocab=allowed)  # logits of the 8192 image tokens only
     uncond = DecodeSession(lm, [T.BOS, *header], vocab=allowed) if sampling.cfg_scale != 1.0 else None
+    return image_block_loop(cond, uncond, header, grid, allowed, sampling, should_stop)
+
+
+def image_block_loop(cond: Any, uncond: Any, header: list[int], grid: int, allowed: torch.Tensor,
+                     sampling: ImageSampling, should_stop: Callable[[], bool] | None) -> list[int]:
+    """The image block's token loop over decode sessions (``last_logits``, ``feed``): ``cond`` after the
+    prompt and header, ``uncond`` (guidance) after BOS and header or None."""
     generator = None
     if sampling.seed is not None:
-        generator = torch.Generator(device=cond.device).manual_seed(sampling.seed)
+        generator = torch.Generator(device=allowed.device).manual_seed(sampling.seed)
     block = list(header)
     for r in range(grid):
         for c in range(grid):
@@ -266,8 +274,7 @@ def generate_image_block(
                 logits = uncond.last_logits + sampling.cfg_scale * (logits - uncond.last_logits)
             token = int(allowed[sample_token(logits, sampling, generator)])
             block.append(token)
-            last = r == grid - 1 and c == grid - 1
-            if last:
+            if r == grid - 1 and c == grid - 1:
                 break
             feed = [token, T.IMAGE_NEWLINE] if c == grid - 1 else [token]
             cond.feed(feed)
