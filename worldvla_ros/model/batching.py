@@ -54,9 +54,7 @@ class BatchingPolicy:
         if not (batched and action_mask and constrain):
             return self.policy.predict(frames, instruction, batched=batched, constrain=constrain,
                                        action_mask=action_mask)
-        if len(frames) == 0:
-            raise ValueError('at least one frame is needed')
-        request = _Request(list(frames), self.policy.check_instruction(instruction))  # one caller's bad input
+        request = _Request(*self.policy.check_request(frames, instruction))  # one caller's bad input: its error
         with self._cond:
             if self._closed:
                 raise RuntimeError('the shared policy is closed')
@@ -93,10 +91,7 @@ class BatchingPolicy:
             return batch
 
     def _run(self) -> None:
-        if self.cpu_threads and self.policy.device.type == 'cpu':
-            import torch
-
-            torch.set_num_threads(self.cpu_threads)
+        self.policy.use_cpu_threads(self.cpu_threads)
         while (batch := self._next_batch()) is not None:
             try:
                 results = self.policy.predict_many([(r.frames, r.instruction) for r in batch])

@@ -41,6 +41,14 @@ def _head_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
     return F.layer_norm(x, (x.shape[-1],), None, None, eps=1e-5) * weight + bias
 
 
+def _finite_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float32 logits over the rows of the output projection in ``weight``; NaN/inf is an error, not a token."""
+    logits = F.linear(hidden, weight, bias).float()
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits('the model produced NaN/inf logits (broken weights or numerical overflow)')
+    return logits
+
+
 class _LayerWeights:
     """One decoder layer's parameters as the engine uses them: q, k and v projections in one matrix."""
 
@@ -164,15 +172,6 @@ class DecodeEngine:
         cache.length = end
         return self.norm(x)
 
-    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """float32 logits of ``hidden`` (..., H) over the token ids ``rows`` (all when None)."""
-        head = self.lm.lm_head
-        if rows is None:
-            return head(hidden).float()
-        bias = None if head.bias is None else head.bias[rows]
-        return torch.nn.functional.linear(hidden, head.weight[rows], bias).float()
-
-
 class EngineSession:
     """One sequence (B=1) extended over a static cache, as ``generate.DecodeSession`` but faster.
 
@@ -200,11 +199,8 @@ class EngineSession:
         mask = additive_mask(allowed, self.engine.dtype)
         positions = torch.arange(start, self.ids.shape[1], device=self.engine.device)[None]
         hidden = self.engine.hidden(self.cache, new, positions, mask)[:, -1]
-        logits = torch.nn.functional.linear(hidden, self.head_weight, self.head_bias).float()[0]
-        if not bool(torch.isfinite(logits).all()):
-            raise NonFiniteLogits('the model produced NaN/inf logits (broken weights or numerical overflow)')
-        self.last_logits = logits
-        return logits
+        self.last_logits = _finite_logits(hidden, self.head_weight, self.head_bias)[0]
+        return self.last_logits
 
 
 @torch.inference_mode()
@@ -274,10 +270,7 @@ def engine_image_block_drafted(
         positions = torch.arange(base + i, base + i + q, device=device)[None]
         keys = torch.arange(start + q, device=device)
         mask = additive_mask((keys[None, :] <= keys[start:, None])[None], engine.dtype)
-        hidden = engine.hidden(cache, feed, positions, mask)[0]
-        logits = torch.nn.functional.linear(hidden, session.head_weight, session.head_bias).float()
-        if not bool(torch.isfinite(logits).all()):
-            raise NonFiniteLogits('the model produced NaN/inf logits (broken weights or numerical overflow)')
+        logits = _finite_logits(engine.hidden(cache, feed, positions, mask)[0], session.head_weight, session.head_bias)
         picks = allowed[torch.argmax(logits, dim=1)].tolist()  # picks[j]: greedy token after feed[j]
         passes += 1
         kept = 0
@@ -343,10 +336,7 @@ def engine_chunks_batched(engine: DecodeEngine, prompts: Sequence[Sequence[int]]
     for j in range(T.TOKENS_PER_ACTION):
         positions = (p_row + T.TOKENS_PER_ACTION * action_index + j)[:, None]
         hidden = engine.hidden(cache, inputs, positions, full_mask[..., : longest + j + 1])[:, -1]
-        weight, bias = (bin_head, bin_bias) if j < T.ACTION_DIMS else (stop_head, stop_bias)
-        logits = torch.nn.functional.linear(hidden, weight, bias).float()
-        if not bool(torch.isfinite(logits).all()):
-            raise NonFiniteLogits('the model produced NaN/inf logits (broken weights or numerical overflow)')
+        logits = _finite_logits(hidden, *((bin_head, bin_bias) if j < T.ACTION_DIMS else (stop_head, stop_bias)))
         if j < T.ACTION_DIMS:
             values[:, j] = bins[torch.argmax(logits, dim=1)]
             inputs = values[:, j : j + 1]

@@ -157,6 +157,14 @@ class WorldVLAPolicy:
         """Whitespace collapsed; empty, over-long and control-character text refused (ValueError)."""
         return check_instruction(instruction, self.config.max_instruction_chars)
 
+    def check_request(self, frames: Sequence[np.ndarray], instruction: str) -> tuple[list[np.ndarray], str]:
+        """The frames the model reads (the newest ``history_frames``) and the checked instruction;
+        ValueError for no frame or an instruction ``check_instruction`` refuses."""
+        instruction = self.check_instruction(instruction)
+        if len(frames) == 0:
+            raise ValueError('at least one frame is needed')
+        return list(frames)[-self.config.history_frames :], instruction
+
     def model_frame(self, frame: np.ndarray) -> np.ndarray:
         """The square, model-resolution crop of a camera frame, not yet rotated: all the model will
         ever read of it, so a node may keep this instead of the full frame (same tokens)."""
@@ -175,11 +183,8 @@ class WorldVLAPolicy:
 
         ``action_mask=False`` decodes with plain causal attention (sequentially), the ablation.
         """
-        instruction = self.check_instruction(instruction)
         c = self.config
-        if len(frames) == 0:
-            raise ValueError('at least one frame is needed')
-        frames = list(frames)[-self.config.history_frames :]
+        frames, instruction = self.check_request(frames, instruction)
         with self._lock:
             t0 = time.perf_counter()
             blocks = self.encode_frames(frames)
@@ -206,11 +211,7 @@ class WorldVLAPolicy:
         """Chunks for several (frames, instruction) requests, e.g. one per robot, decoded in one batch of N×K
         rows (batched decoding, action mask): each is what ``predict`` gives for that request alone."""
         c = self.config
-        checked = []
-        for frames, instruction in requests:
-            if len(frames) == 0:
-                raise ValueError('at least one frame is needed')
-            checked.append((list(frames)[-c.history_frames :], self.check_instruction(instruction)))
+        checked = [self.check_request(frames, instruction) for frames, instruction in requests]
         with self._lock:
             t0 = time.perf_counter()
             prompts = [action_prompt(self.text, self.encode_frames(frames), instruction, c.action_prompt)

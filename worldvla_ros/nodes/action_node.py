@@ -162,9 +162,9 @@ class ActionNode(GuardedLifecycleNode):
     """A managed node: configure loads the model and warms it up, activate starts commanding, deactivate
     holds and stops, cleanup releases the model. ``autostart`` (default) goes to active by itself."""
 
-    def __init__(self, policy_loader: Callable[[dict[str, Any]], Any] | None = None, **kwargs: Any) -> None:
-        """``policy_loader``: how configure gets its model from the parameters (default: load the checkpoint;
-        the fleet node passes one shared, batching policy)."""
+    def __init__(self, policy_loader: Callable[..., Any] = load_node_policy, **kwargs: Any) -> None:
+        """``policy_loader(parameters, **overrides)``: how configure gets its model (default: load the
+        checkpoint; the fleet node passes one shared, batching policy)."""
         super().__init__('worldvla_action', **kwargs)
         self._policy_loader = policy_loader
         p = declare_all(self, PARAMETERS)
@@ -367,7 +367,7 @@ class ActionNode(GuardedLifecycleNode):
     def _load_policy(self, p: dict[str, Any]):
         overrides = {k: p[k] for k in ('chunk_size', 'history_frames') if p[k]}
         t0 = time.perf_counter()
-        policy = self._policy_loader(p) if self._policy_loader is not None else load_node_policy(p, **overrides)
+        policy = self._policy_loader(p, **overrides)
         if p['warmup']:
             try:
                 policy.warmup()
@@ -394,7 +394,7 @@ class ActionNode(GuardedLifecycleNode):
         return self.get_parameter(name).value
 
     # -- inputs (fast: validate, store, return) ---------------------------------------------
-    def _store_frame(self, rgb: np.ndarray, header: Header, received: float | None = None) -> None:
+    def _store_frame(self, rgb: np.ndarray, header: Header, received: float) -> None:
         policy = self.policy
         if policy is None or not self._commanding:
             self.stats.count('frames_ignored_inactive')  # read again after activation, never before
@@ -411,7 +411,7 @@ class ActionNode(GuardedLifecycleNode):
             self._fresh = True
             now = time.perf_counter()
             # the newest frame's intake (conversion, checks, storing) and when it became available
-            self._newest_frame_times = (now - (received if received is not None else now), now)
+            self._newest_frame_times = (now - received, now)
         self._frame_event.set()
 
     def _on_camera_reject(self, exc: ImageRejected) -> None:

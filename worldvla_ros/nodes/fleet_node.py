@@ -47,13 +47,12 @@ class SharedPolicy:
         self._model: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
-    def __call__(self, p: dict[str, Any]) -> Any:
+    def __call__(self, p: dict[str, Any], **overrides: Any) -> Any:
         from worldvla_ros.model.batching import BatchingPolicy
 
         model = {k: p[k] for k in self.MODEL_KEYS}
         with self._lock:
             if self.batching is None:
-                overrides = {k: p[k] for k in ('chunk_size', 'history_frames') if p[k]}
                 self.batching = BatchingPolicy(load_node_policy(p, **overrides), self.robots, self.max_wait_s,
                                                cpu_threads=p['cpu_threads'])
                 self._model = model

@@ -95,7 +95,7 @@ class WorldModelNode(GuardedNode):
         self.stats.count(f'rejected_{exc.reason}')
         self.get_logger().warning(f'rejected frame: {exc}', throttle_duration_sec=2.0)
 
-    def _on_frame(self, rgb: np.ndarray, header: Header, _received: float = 0.0) -> None:
+    def _on_frame(self, rgb: np.ndarray, header: Header, _received: float) -> None:
         stamp = Time.from_msg(header.stamp).nanoseconds
         frame = self.policy.model_frame(rgb)
         with self._lock:
