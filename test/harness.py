@@ -198,13 +198,34 @@ class NodeProcess:
 
 
 class SpinningSafeActionClient(ActionClient):
-    """An ActionClient that may be created on a node another thread is spinning. rclpy (Kilted) adds
-    the client to the node's waitables before it creates the client's lock: an executor that looks at
-    it in between dies with AttributeError ('_lock'), and no future of that node completes again."""
+    """An ActionClient that may be used from a thread while another thread spins its node. Two rclpy races:
+    Kilted adds the client to the node's waitables before it creates its lock (an executor that looks in
+    between dies with AttributeError '_lock'); Jazzy's client registers a request's sequence number after
+    sending it, so an answer the executor takes first is dropped ("Ignoring unexpected goal response") and
+    the future never completes (ros2/rclpy#1123, fixed in later releases). Requests are registered under a
+    lock that the executor waits for before it handles an answer."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._lock = threading.Lock()  # rclpy replaces it at the end of __init__; until then this one serves
+        self._requests = threading.RLock()
         super().__init__(*args, **kwargs)
+
+    def send_goal_async(self, *args: Any, **kwargs: Any):
+        with self._requests:
+            return super().send_goal_async(*args, **kwargs)
+
+    def _cancel_goal_async(self, *args: Any, **kwargs: Any):
+        with self._requests:
+            return super()._cancel_goal_async(*args, **kwargs)
+
+    def _get_result_async(self, *args: Any, **kwargs: Any):
+        with self._requests:
+            return super()._get_result_async(*args, **kwargs)
+
+    async def execute(self, taken_data: Any) -> None:
+        with self._requests:  # a request being sent is registered before its answer is looked up
+            pass
+        return await super().execute(taken_data)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, poll: float = 0.05) -> bool:
