@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--domain-id', type=int, default=None,
                    help='live: ROS domain of the replay (default: a random one, localhost only, so that its '
                         '/clock and commands never reach a running robot)')
+    m = p.add_argument_group('world-model monitor calibration')
+    m.add_argument('--calibrate-monitor', default='', metavar='FILE',
+                   help='instead of evaluating: score every transition of the (normal) bags with the monitor and '
+                        "write thresholds for --false-alarm-rate to FILE, the world-model node's monitor_calibration")
+    m.add_argument('--false-alarm-rate', type=float, default=0.05,
+                   help='share of normal transitions that may raise an alarm (default 0.05)')
     e.add_argument('--no-progress', action='store_true')
     e.add_argument('--debug', action='store_true', help='show the traceback of unexpected errors')
     return p
@@ -173,7 +179,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
     config = _config_paths(args.config)
     action_params = node_parameters(config, 'worldvla_action')
     scale = args.action_scale or action_scale(action_params)
-    prepare_out_dir(Path(args.out), args.overwrite)
+    if not args.calibrate_monitor:
+        prepare_out_dir(Path(args.out), args.overwrite)
     topics = TopicMap(args.image_topic, args.instruction_topic, args.action_topic, args.gripper_topic,
                       args.instruction, args.time_source, args.gripper_open, args.gripper_closed)
     period = 1.0 / args.control_rate if args.control_rate and args.control_rate > 0 else None
@@ -183,6 +190,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
                                            float(action_params.get('control_rate_hz', 10.0)))
     print(f'evaluate_bag: control period {1e3 / control_rate:.1f} ms ({control_rate:g} Hz), from {source}',
           file=sys.stderr)
+    if args.calibrate_monitor:
+        return calibrate_monitor(args, episodes, control_rate, action_params), []
     if args.mode == 'live':
         from .live import evaluate_live
 
@@ -216,6 +225,45 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
     summary = summarize(args, info, episodes, runs, control_rate, scale, source)
     summary['chunk_merge'] = merge_comparison(runs, merge, decay, args.gripper_threshold, scale, control_rate)
     return summary, runs
+
+
+def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control_rate: float,
+                      action_params: dict[str, Any]) -> dict[str, Any]:
+    """The monitor's signals on every transition of the bags, one control period apart, and thresholds for the
+    false-alarm rate written to ``args.calibrate_monitor``."""
+    from tqdm import tqdm
+
+    from worldvla_ros.model import load_policy
+    from worldvla_ros.monitor import CalibrationError, calibrate, likelihood_signals
+
+    overrides = {k: int(action_params[k]) for k in ('chunk_size', 'history_frames') if action_params.get(k)}
+    policy = load_policy(args.checkpoint, args.device, args.dtype, args.tokenizer_dir or None, **overrides)
+    signals, skipped = [], 0
+    total = sum(len(e.frames) for e in episodes)
+    with tqdm(total=total, unit='frame', disable=args.no_progress, desc='monitor', file=sys.stderr) as bar:
+        for ep in episodes:
+            step = max(1, round(1.0 / (ep.period_s * control_rate))) if ep.period_s > 0 else 1  # frames a period
+            for i in range(len(ep.frames) - step):
+                bar.update()
+                if not np.all(np.isfinite(ep.actions[i])):
+                    skipped += 1  # no recorded command for this frame
+                    continue
+                lik = policy.transition_likelihood(ep.frames[i], ep.actions[i], ep.frames[i + step])
+                signals.append(likelihood_signals(lik.bits[0], lik.expected_bits[0], lik.variance[0], lik.bits[1]))
+    try:
+        cal = calibrate(signals, args.false_alarm_rate, model_id=policy.model_id)
+    except CalibrationError as exc:
+        raise BagError(str(exc)) from exc
+    cal.source = [e.name for e in episodes]
+    try:
+        cal.save(args.calibrate_monitor)
+    except OSError as exc:
+        raise BagError(f'cannot write {args.calibrate_monitor}: {exc.strerror or exc}') from exc
+    print(f'evaluate_bag: monitor calibrated on {cal.transitions} transitions ({skipped} without a command): '
+          f'false alarms {cal.measured_rate:.3f} (asked {cal.false_alarm_rate}); thresholds '
+          + ', '.join(f'{k} {v:.4g}' for k, v in cal.thresholds.items()) + f' → {args.calibrate_monitor}',
+          file=sys.stderr)
+    return {'calibration': cal.to_json()}
 
 
 def merge_comparison(runs: list[RunRecord], used: str, decay: float, gripper_threshold: float,
@@ -252,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f'evaluate_bag: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)',
               file=sys.stderr)
         return 3
+    if args.calibrate_monitor:
+        return 0
     from .report import write_report
 
     paths = write_report(Path(args.out), summary, runs)

@@ -37,6 +37,7 @@ from .engine import (
 )
 from .generate import ImageSampling, generate_chunk_batched, generate_chunk_sequential, generate_image_block
 from .image_tokenizer import ImageTokenizer, to_model_frame
+from .likelihood import CodeLikelihood, next_block_likelihood, still_action
 from .prompts import action_prompt, world_model_prompt
 from .text_tokenizer import TextTokenizer
 
@@ -274,6 +275,28 @@ class WorldVLAPolicy:
         timing = self.last_timing
         timing.decode_s = time.perf_counter() - t0
         return image
+
+    def transition_likelihood(
+        self, frame: np.ndarray, action: np.ndarray, next_frame: np.ndarray, still: bool = True
+    ) -> CodeLikelihood:
+        """The world model's bits for each code of the real ``next_frame`` after ``action`` from ``frame``, in one
+        teacher-forced pass (no generation). ``still``: a second row under the no-motion hypothesis
+        (``still_action``), for telling a stuck arm from a moving one. Each frame is encoded once across calls,
+        so a stream of transitions encodes every camera frame once."""
+        action = np.asarray(action, dtype=np.float64).reshape(-1, T.ACTION_DIMS)
+        if action.shape[0] != 1:
+            raise ValueError('transition_likelihood takes one action')
+        hypotheses = [action, still_action(action)[None]] if still else [action]
+        with self._lock:
+            t0 = time.perf_counter()
+            block, following = self.encode_frames([frame, next_frame])
+            template = self.config.world_model_prompt
+            prompts = [world_model_prompt(self.text, block, self.actions.encode(a), template) for a in hypotheses]
+            t1 = time.perf_counter()
+            out = next_block_likelihood(self.lm, prompts, following, self.images.grid, self._image_ids)
+            t2 = time.perf_counter()
+        self.last_timing = Timing(t1 - t0, t2 - t1, 0.0, 1, len(prompts[0]) + len(following))
+        return out
 
     def imagine_rollout(
         self, frame: np.ndarray, actions: np.ndarray, sampling: ImageSampling | None = None

@@ -5,6 +5,12 @@ ActionChunk (newest wins) it rolls the world model out ``horizon`` steps from th
 the chunk was computed from, publishes each imagined frame stamped at the time it predicts,
 and when the real frame of that time arrives publishes real | imagined | difference and the
 surprise score (PSNR, SSIM).
+
+The monitor scores what really happened: for every executed command (``worldvla/ee_command``, not
+dry-run) the frame before it, the command and the frame before the next command form a transition,
+and one teacher-forced forward pass gives the world model's own surprise at the real next frame
+(``worldvla_ros.monitor``). With a calibration file (``evaluate_bag --calibrate-monitor``) sustained
+surprise raises /diagnostics to WARN, then ERROR, and, if ``hold_on_surprise``, latches the e-stop.
 """
 from __future__ import annotations
 
@@ -14,21 +20,30 @@ from collections import deque
 from typing import Any
 
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.time import Time
 from sensor_msgs.msg import Image
-from std_msgs.msg import Float64MultiArray, Header, MultiArrayDimension
-from worldvla.msg import ActionChunk
+from std_msgs.msg import Bool, Float64MultiArray, Header, MultiArrayDimension
+from worldvla.msg import ActionChunk, EndEffectorCommand
 
 from worldvla_ros.image_conversion import ImageRejected, fill_image_msg
 from worldvla_ros.metrics import psnr, side_by_side, ssim
+from worldvla_ros.monitor import (
+    LIKELIHOOD_SIGNALS,
+    AlertState,
+    Calibration,
+    CalibrationError,
+    excess_map,
+    likelihood_signals,
+)
 from worldvla_ros.nodes.common import (
     CAMERA_PARAMETERS,
     MODEL_PARAMETERS,
     CameraInput,
     GuardedNode,
     Param,
+    StartupError,
     declare_all,
     diagnostics_msg,
     load_node_policy,
@@ -38,6 +53,8 @@ from worldvla_ros.nodes.common import (
 )
 
 MAX_PENDING = 256  # imagined frames waiting for their real frame (older ones are dropped first)
+MAX_TRANSITIONS = 8  # real transitions waiting for the monitor (older ones are dropped first, counted)
+MONITOR_FIELDS = (*LIKELIHOOD_SIGNALS, 'alarm', 'level')
 
 PARAMETERS: dict[str, Param] = {
     **MODEL_PARAMETERS,
@@ -57,6 +74,14 @@ PARAMETERS: dict[str, Param] = {
                             '(a large model on CPU); reference: transformers forward. All give the same greedy '
                             'frame; sampling and guidance use the engine', read_only=True,
                             choices=('drafted', 'engine', 'reference')),
+    'monitor': Param(True, "score every executed command's real outcome by the world model's likelihood (one "
+                     'forward pass per transition, no generation) on worldvla/monitor and worldvla/surprise_map'),
+    'monitor_calibration': Param('', 'thresholds file from evaluate_bag --calibrate-monitor; without one the '
+                                 'signals are published but never alert', read_only=True),
+    'surprise_warn_after': Param(2, 'transitions in a row above the calibrated thresholds before WARN', 1, 10000),
+    'surprise_error_after': Param(5, 'transitions in a row above the calibrated thresholds before ERROR', 1, 10000),
+    'hold_on_surprise': Param(False, 'at ERROR, latch the e-stop (worldvla/estop): the robot holds until '
+                              'worldvla/reset_estop is called'),
 }
 
 
@@ -67,6 +92,15 @@ class WorldModelNode(GuardedNode):
         self.add_on_set_parameters_callback(reject_changes_of({n for n, q in PARAMETERS.items() if q.read_only}, {}))
         self.policy = load_node_policy(p)
         self.policy.image_decoding = p['image_decoding']
+        self._calibration: Calibration | None = None
+        if p['monitor_calibration']:
+            try:
+                self._calibration = Calibration.load(p['monitor_calibration'])
+            except CalibrationError as exc:
+                raise StartupError(str(exc)) from exc
+            if self._calibration.model_id and self._calibration.model_id != self.policy.model_id:
+                self.get_logger().warning(f'the monitor was calibrated for {self._calibration.model_id}, not '
+                                          f'{self.policy.model_id}: recalibrate, its false-alarm rate does not hold')
         self._lock = threading.Lock()
         # (stamp ns, model-resolution crop): all the model and the scoring read of a frame, so memory is
         # history_size × R²×3 bytes whatever the camera's resolution
@@ -77,18 +111,34 @@ class WorldModelNode(GuardedNode):
         self._cancel = threading.Event()
         self._running = True
         self._imagining = False
+        self._latest: tuple[int, np.ndarray, Header] | None = None  # (arrival number, model-resolution crop, header)
+        self._arrivals = 0
+        self._command: tuple[np.ndarray, int, np.ndarray] | None = None  # (action, frame arrival, frame)
+        self._transitions: deque[tuple[np.ndarray, np.ndarray, np.ndarray, Header]] = deque(maxlen=MAX_TRANSITIONS)
+        self._transition_event = threading.Event()
+        self._alerts = AlertState(int(p['surprise_warn_after']), int(p['surprise_error_after']))
+        self._alert_signals: list[str] = []
+        self._held_on_surprise = False
+        self._last_signals: dict[str, float] = {}
 
         self.imagined_pub = self.create_publisher(Image, 'worldvla/imagined_image', reliable_qos(10))
         self.compare_pub = self.create_publisher(Image, 'worldvla/imagined_comparison', reliable_qos(5))
         self.surprise_pub = self.create_publisher(Float64MultiArray, 'worldvla/surprise', reliable_qos(10))
+        self.monitor_pub = self.create_publisher(Float64MultiArray, 'worldvla/monitor', reliable_qos(10))
+        self.map_pub = self.create_publisher(Image, 'worldvla/surprise_map', reliable_qos(5))
+        self.estop_pub = self.create_publisher(Bool, 'worldvla/estop', reliable_qos(10))
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', reliable_qos())
         sensors = MutuallyExclusiveCallbackGroup()
         CameraInput(self, p['use_compressed'], self._on_frame, self._on_reject, sensors)
         self.create_subscription(ActionChunk, 'worldvla/action_chunk', self._on_chunk, reliable_qos(1),
                                  callback_group=sensors)
+        self.create_subscription(EndEffectorCommand, 'worldvla/ee_command', self._on_command, reliable_qos(50),
+                                 callback_group=sensors)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
         self._worker = threading.Thread(target=self._imagine_loop, name='worldvla-imagine', daemon=True)
         self._worker.start()
+        self._monitor = threading.Thread(target=self._monitor_loop, name='worldvla-monitor', daemon=True)
+        self._monitor.start()
         self.get_logger().info(f'ready: world model {self.policy.model_id} on {self.policy.device}')
 
     def _on_reject(self, exc: ImageRejected) -> None:
@@ -100,7 +150,82 @@ class WorldModelNode(GuardedNode):
         frame = self.policy.model_frame(rgb)
         with self._lock:
             self._frames.append((stamp, frame))
+            self._arrivals += 1
+            self._latest = (self._arrivals, frame, header)
         self._score(stamp, frame, header)
+
+    def _on_command(self, msg: EndEffectorCommand) -> None:
+        """A transition ends where the next command is sent: (frame before the last command, that command, the
+        newest frame now). Commands the robot does not execute (dry run) end the chain: no transition."""
+        action = np.asarray(msg.action, dtype=np.float64)
+        if msg.dry_run or not np.all(np.isfinite(action)) or not self.get_parameter('monitor').value:
+            with self._lock:
+                self._command = None
+            return
+        with self._lock:
+            latest, last = self._latest, self._command
+            self._command = None if latest is None else (action, latest[0], latest[1])
+        if last is None or latest is None:
+            return
+        if latest[0] == last[1]:
+            self.stats.count('transitions_without_frame')  # no frame between the two commands
+            return
+        with self._lock:
+            if len(self._transitions) == self._transitions.maxlen:
+                self.stats.count('transitions_dropped')
+            self._transitions.append((last[2], last[0], latest[1], latest[2]))
+        self._transition_event.set()
+
+    def _monitor_loop(self) -> None:
+        self.policy.use_cpu_threads(self.get_parameter('cpu_threads').value)
+        while self._running:
+            if not self._transition_event.wait(timeout=0.1):
+                continue
+            self._transition_event.clear()
+            while self._running:
+                with self._lock:
+                    if not self._transitions:
+                        break
+                    job = self._transitions.popleft()
+                try:
+                    self._monitor_transition(*job)
+                except Exception as exc:  # a failed score must not kill the monitor
+                    if not self.context.ok() or not self._running:
+                        return
+                    self.stats.count('monitor_errors')
+                    self.get_logger().error(f'monitor failed: {exc!r}', throttle_duration_sec=2.0)
+
+    def _monitor_transition(self, frame: np.ndarray, action: np.ndarray, real: np.ndarray, header: Header) -> None:
+        """Score one real transition, publish its signals and excess-bits map, update the alert (and hold)."""
+        t = time.perf_counter()
+        lik = self.policy.transition_likelihood(frame, action, real)
+        signals = likelihood_signals(lik.bits[0], lik.expected_bits[0], lik.variance[0], lik.bits[1])
+        self.stats.duration('monitor', time.perf_counter() - t)
+        above = self._calibration.alarm(signals) if self._calibration is not None else []
+        with self._lock:
+            level = self._alerts.update(bool(above))
+            self._alert_signals = above if above else self._alert_signals if level else []
+            self._last_signals = signals
+            hold = level == 2 and self.get_parameter('hold_on_surprise').value and not self._held_on_surprise
+            if hold:
+                self._held_on_surprise = True
+            elif level == 0:
+                self._held_on_surprise = False
+        self.stats.count('transitions_scored')
+        if above:
+            self.stats.count('transitions_alarmed')
+        out = Float64MultiArray(data=[*(signals[k] for k in LIKELIHOOD_SIGNALS), float(bool(above)), float(level)])
+        out.layout.dim = [MultiArrayDimension(label=','.join(MONITOR_FIELDS), size=len(MONITOR_FIELDS),
+                                              stride=len(MONITOR_FIELDS))]
+        self.monitor_pub.publish(out)
+        heat = fill_image_msg(Image(), excess_map(lik.bits[0], lik.expected_bits[0], self.policy.resolution))
+        heat.header = header
+        self.map_pub.publish(heat)
+        if hold:
+            self.estop_pub.publish(Bool(data=True))
+            self.stats.count('surprise_holds')
+            self.get_logger().error(f'sustained surprise ({", ".join(above)}): e-stop latched; call '
+                                    'worldvla/reset_estop after checking the robot')
 
     def _on_chunk(self, msg: ActionChunk) -> None:
         if len(msg.commands) == 0:
@@ -203,16 +328,36 @@ class WorldModelNode(GuardedNode):
         with self._lock:
             held = sum(f.nbytes for _, f in self._frames) + sum(f.nbytes for *_, f in self._pending)
             idle = self._chunk is None and not self._imagining
+            level, streak = self._alerts.level, self._alerts.streak
+            above, last = self._alert_signals, self._last_signals
         values = {'model': self.policy.model_id, 'device': str(self.policy.device), 'idle': str(idle).lower(),
                   'frame_memory_bytes': str(held), **self.stats.snapshot()}
-        self.diag_pub.publish(diagnostics_msg(self, 'worldvla: world model node', 0, 'running', values))
+        msg = diagnostics_msg(self, 'worldvla: world model node', 0, 'running', values)
+        cal = self._calibration
+        if cal is None:
+            message = 'uncalibrated: signals published, no alerts (evaluate_bag --calibrate-monitor)'
+        elif level:
+            message = f'sustained surprise: {streak} transitions in a row above threshold ({", ".join(above)})'
+        else:
+            message = 'as expected'
+        status = DiagnosticStatus(level=bytes([level]), name='worldvla: world model monitor', message=message,
+                                  hardware_id=msg.status[0].hardware_id)
+        kv = {'calibrated': str(cal is not None).lower(), 'streak': str(streak),
+              **({'false_alarm_rate': str(cal.false_alarm_rate)} if cal else {}),
+              **{k: f'{v:.4g}' for k, v in last.items()},
+              **({f'threshold_{k}': f'{v:.4g}' for k, v in cal.thresholds.items()} if cal else {})}
+        status.values = [KeyValue(key=k, value=v) for k, v in kv.items()]
+        msg.status.append(status)
+        self.diag_pub.publish(msg)
 
     def close(self) -> bool:
         self._running = False
         self._cancel.set()  # an imagination in progress stops within one token
         self._chunk_event.set()
+        self._transition_event.set()
         self._worker.join(timeout=2.0)
-        return not self._worker.is_alive()
+        self._monitor.join(timeout=2.0)
+        return not self._worker.is_alive() and not self._monitor.is_alive()
 
 
 def main(args: list[str] | None = None) -> int:

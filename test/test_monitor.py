@@ -1,0 +1,202 @@
+"""The world-model monitor without ROS: likelihood bits against a hand computation, signals, calibration
+(the false-alarm rate it promises on held-out data), the calibration file and the alert streaks."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worldvla_ros.model import load_policy
+from worldvla_ros.model import tokens as T
+from worldvla_ros.model.likelihood import code_positions, next_block_likelihood, still_action
+from worldvla_ros.model.prompts import world_model_prompt
+from worldvla_ros.monitor import (
+    AlertState,
+    Calibration,
+    CalibrationError,
+    auroc,
+    calibrate,
+    detection_rate,
+    excess_map,
+    frame_change,
+    likelihood_signals,
+)
+from worldvla_ros.sim.anomalies import KINDS, anomalous_transition, normal_transition
+from worldvla_ros.sim.bundled import bundled_checkpoint
+
+
+@pytest.fixture(scope='module')
+def bundled_policy():
+    policy = load_policy(bundled_checkpoint(), device='cpu')
+    policy.use_cpu_threads(1)
+    return policy
+
+
+def test_bits_per_token_are_the_cross_entropies_of_a_full_forward_pass(tiny_policy, frames) -> None:
+    p = tiny_policy
+    action = np.array([0.3, -0.2, 0.1, 0.0, 0.0, 0.05, 1.0])
+    lik = p.transition_likelihood(frames[0], action, frames[1])
+    grid = p.images.grid
+    assert lik.bits.shape == (2, grid, grid)
+    # by hand: the plain (causal) forward of transformers over prompt + real next block, full vocabulary logits,
+    # then a float64 softmax over the 8192 image tokens at each code position
+    block, following = (p.images.encode([f])[0] for f in frames)  # each frame on its own, as the policy does
+    for row, a in enumerate([action, still_action(action)]):
+        prompt = world_model_prompt(p.text, block, p.actions.encode(a[None]), p.config.world_model_prompt)
+        ids = torch.tensor([[*prompt, *following]])
+        with torch.no_grad():
+            hidden = p.lm.model(input_ids=ids).last_hidden_state
+            logits = p.lm.lm_head(hidden)[0].double().numpy()
+        image_ids = np.asarray(p.images.image_token_ids)
+        for n, at in enumerate(code_positions(grid)):
+            z = logits[len(prompt) + at - 1, image_ids]
+            logz = z.max() + math.log(np.exp(z - z.max()).sum())
+            prob = np.exp(z - logz)
+            target = following[at]
+            bits = -(z[np.searchsorted(image_ids, target)] - logz) / math.log(2)
+            entropy = -(prob * (z - logz)).sum() / math.log(2)
+            r, c = divmod(n, grid)
+            assert lik.bits[row, r, c] == pytest.approx(bits, abs=1e-3)
+            assert lik.expected_bits[row, r, c] == pytest.approx(entropy, abs=1e-3)
+    assert np.all(lik.variance >= 0)
+    # the still hypothesis is its own row: the same as asking for it alone
+    alone = p.transition_likelihood(frames[0], still_action(action), frames[1], still=False)
+    np.testing.assert_allclose(alone.bits[0], lik.bits[1], atol=1e-4)
+
+
+def test_a_next_block_that_is_not_an_image_is_refused(tiny_policy, frames) -> None:
+    p = tiny_policy
+    block = p.images.encode([frames[0]])[0]
+    prompt = world_model_prompt(p.text, block, p.actions.encode(np.zeros((1, 7))), p.config.world_model_prompt)
+    bad = list(block)
+    bad[3] = T.ACTION_START
+    with pytest.raises(ValueError, match='not image codes'):
+        next_block_likelihood(p.lm, [prompt], bad, p.images.grid, p._image_ids)
+    with pytest.raises(ValueError, match='one length'):
+        next_block_likelihood(p.lm, [prompt, prompt[:-1]], block, p.images.grid, p._image_ids)
+    with pytest.raises(ValueError, match='one action'):
+        p.transition_likelihood(frames[0], np.zeros((2, 7)), frames[1])
+
+
+def test_signals_by_hand() -> None:
+    bits = np.array([[1.0, 2.0], [3.0, 10.0]])
+    expected = np.array([[1.0, 1.0], [1.0, 1.0]])
+    variance = np.full((2, 2), 0.25)
+    s = likelihood_signals(bits, expected, variance, bits_still=bits - 0.5)
+    assert s['bits_per_token'] == 4.0
+    assert s['excess_bits'] == pytest.approx((0 + 1 + 2 + 9) / 4)
+    assert s['surprise_z'] == pytest.approx(12 / math.sqrt(1.0 + 1e-6))
+    assert s['peak_excess_bits'] == 9.0  # the worst 1/16 of 4 codes: one
+    assert s['action_consistency'] == pytest.approx(0.5)
+    assert frame_change(np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 2, np.uint8)) == 4.0
+    heat = excess_map(bits, expected, 8)
+    assert heat.shape == (8, 8, 3) and heat.dtype == np.uint8
+    assert heat[0, 0].sum() < heat[7, 7].sum()  # the code 9 bits over is the brightest
+
+
+def test_calibration_holds_its_false_alarm_rate_on_held_out_data() -> None:
+    rng = np.random.default_rng(0)
+
+    def normal(n: int) -> list[dict[str, float]]:  # two correlated, skewed signals
+        a = rng.gamma(2.0, 1.0, n)
+        return [{'peak_excess_bits': x, 'action_consistency': 0.5 * x + y}
+                for x, y in zip(a, rng.normal(0, 1, n), strict=True)]
+
+    for rate in (0.01, 0.05, 0.2):
+        cal = calibrate(normal(4000), rate)
+        assert cal.measured_rate <= rate
+        held_out = normal(40000)
+        observed = np.mean([bool(cal.alarm(n)) for n in held_out])
+        assert observed == pytest.approx(rate, abs=0.25 * rate)  # tolerance: a quarter of the rate
+    with pytest.raises(CalibrationError, match='too few'):
+        calibrate(normal(30), 0.05)
+    with pytest.raises(CalibrationError, match=r'\(0, 1\)'):
+        calibrate(normal(100), 0.0)
+    with pytest.raises(CalibrationError, match='missing'):
+        calibrate([{'peak_excess_bits': 1.0}] * 100, 0.05)
+
+
+def test_the_calibration_file_round_trips_and_hostile_ones_are_refused(tmp_path: Path) -> None:
+    cal = Calibration({'peak_excess_bits': 3.5, 'action_consistency': 0.1}, 0.05, 400, 'tabletop@x', 0.0475)
+    path = tmp_path / 'monitor.json'
+    cal.save(path)
+    back = Calibration.load(path)
+    assert back.thresholds == cal.thresholds and back.model_id == 'tabletop@x' and back.transitions == 400
+    assert back.alarm({'peak_excess_bits': 3.6, 'action_consistency': 0.0}) == ['peak_excess_bits']
+    assert back.alarm({'peak_excess_bits': 3.5}) == []  # at the threshold is normal; a missing signal never alarms
+    good = json.loads(path.read_text())
+    cases = {
+        'not json': '{', 'a list': '[]', 'wrong format': json.dumps({**good, 'format': 'x'}),
+        'no thresholds': json.dumps({**good, 'thresholds': {}}),
+        'nan': json.dumps({**good, 'thresholds': {'peak_excess_bits': float('nan')}}),
+        'a string': json.dumps({**good, 'thresholds': {'peak_excess_bits': '3'}}),
+        'unknown signal': json.dumps({**good, 'thresholds': {'rm -rf': 1.0}}),
+    }
+    for what, text in cases.items():
+        path.write_text(text)
+        with pytest.raises(CalibrationError):
+            Calibration.load(path)
+            pytest.fail(f'{what} was accepted')
+    with pytest.raises(CalibrationError, match='cannot read'):
+        Calibration.load(tmp_path / 'missing.json')
+
+
+def test_alerts_need_surprise_in_a_row() -> None:
+    alerts = AlertState(warn_after=2, error_after=4)
+    levels = [alerts.update(a) for a in [True, False, True, True, True, True, True, False, True]]
+    assert levels == [0, 0, 0, 1, 1, 2, 2, 0, 0]
+
+
+def test_auroc_and_detection_rate() -> None:
+    assert auroc([0, 1, 2], [3, 4]) == 1.0 and auroc([3, 4], [0, 1]) == 0.0 and auroc([1, 1], [1]) == 0.5
+    normal = list(range(100))
+    assert detection_rate(normal, [98.5, 99.5, 200], 0.05) == 1.0  # threshold: the 95th value, 94
+    assert detection_rate(normal, [50, 94], 0.05) == 0.0
+
+
+def test_every_anomaly_changes_the_next_frame_and_the_bundled_monitor_sees_a_teleport(bundled_policy) -> None:
+    for kind in KINDS:
+        t = anomalous_transition(kind, 777)
+        normal = normal_transition(777)
+        assert t.kind == kind and t.next_frame.shape == normal.next_frame.shape
+        if kind == 'stuck':
+            assert np.array_equal(t.next_frame, t.frame) and np.linalg.norm(t.action[:3]) >= 0.5
+    with pytest.raises(ValueError, match='unknown anomaly'):
+        anomalous_transition('meteor', 1)
+
+    def peak(t) -> float:
+        lik = bundled_policy.transition_likelihood(t.frame, t.action, t.next_frame)
+        return likelihood_signals(lik.bits[0], lik.expected_bits[0], lik.variance[0], lik.bits[1])['peak_excess_bits']
+
+    normal = [peak(normal_transition(300_000 + i)) for i in range(12)]
+    teleported = [peak(anomalous_transition('teleported', 310_000 + i)) for i in range(12)]
+    assert auroc(normal, teleported) >= 0.8  # the benchmark measures 0.99 on 100 + 100
+
+
+def test_evaluate_bag_calibrates_the_monitor_on_recorded_bags(tmp_path: Path, capsys) -> None:
+    from worldvla_ros.evaluation.cli import main
+    from worldvla_ros.evaluation.episode import write_episode
+    from worldvla_ros.sim.record import expert_episode
+
+    bags = []
+    for seed in range(800_000, 800_003):  # 25 frames of the expert each: 24 transitions
+        frames, actions, instruction, _ = expert_episode(seed, max_steps=25)
+        bags.append(str(write_episode(tmp_path / f'episode_{seed}', frames, actions, instruction, 10.0, 'mcap')))
+    out = tmp_path / 'monitor.json'
+    common = [*bags, '--checkpoint', str(bundled_checkpoint()), '--device', 'cpu', '--no-progress']
+    assert main([*common, '--calibrate-monitor', str(out), '--false-alarm-rate', '0.05']) == 0
+    cal = Calibration.load(out)
+    assert cal.transitions == 72 and cal.measured_rate <= 0.05
+    assert set(cal.thresholds) == {'peak_excess_bits', 'action_consistency'} and cal.model_id.startswith('tabletop')
+    assert cal.source == [Path(b).name for b in bags]
+    assert 'monitor calibrated on' in capsys.readouterr().err
+    assert not (tmp_path / 'eval_report').exists()  # calibration writes its file only
+    # a rate these few transitions cannot support, and a file that cannot be written: usage errors (exit 2)
+    assert main([*common, '--calibrate-monitor', str(tmp_path / 'x.json'), '--false-alarm-rate', '0.001']) == 2
+    assert 'too few' in capsys.readouterr().err
+    assert main([*common, '--calibrate-monitor', str(tmp_path / 'no' / 'dir.json')]) == 2
+    assert 'cannot write' in capsys.readouterr().err

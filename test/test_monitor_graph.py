@@ -1,0 +1,139 @@
+"""The world-model node's monitor in a real ROS 2 graph: the sim's frames and executed commands in, likelihood
+signals, excess-bits maps, /diagnostics levels and the optional e-stop hold out."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from harness import Harness, NodeProcess
+from sensor_msgs.msg import Image
+from std_msgs.msg import Bool, Float64MultiArray
+from worldvla.msg import EndEffectorCommand
+
+from worldvla_ros.bringup import default_config
+from worldvla_ros.image_conversion import fill_image_msg
+from worldvla_ros.model import load_policy
+from worldvla_ros.monitor import calibrate, likelihood_signals
+from worldvla_ros.nodes.common import reliable_qos
+from worldvla_ros.sim.anomalies import normal_transition
+from worldvla_ros.sim.bundled import bundled_checkpoint
+from worldvla_ros.sim.record import with_exploration_noise
+from worldvla_ros.sim.tabletop import TabletopSim, scripted_action
+
+pytestmark = pytest.mark.ros
+MONITOR = 'worldvla: world model monitor'
+
+
+@pytest.fixture(scope='module')
+def calibration_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Thresholds for 2 % false alarms from 100 normal sim transitions (as evaluate_bag --calibrate-monitor)."""
+    policy = load_policy(bundled_checkpoint(), device='cpu')
+    policy.use_cpu_threads(1)
+    signals = []
+    for i in range(100):
+        t = normal_transition(600_000 + i)
+        lik = policy.transition_likelihood(t.frame, t.action, t.next_frame)
+        signals.append(likelihood_signals(lik.bits[0], lik.expected_bits[0], lik.variance[0], lik.bits[1]))
+    path = tmp_path_factory.mktemp('monitor') / 'monitor.json'
+    calibrate(signals, 0.02, model_id=policy.model_id).save(path)
+    return path
+
+
+def test_sustained_surprise_raises_diagnostics_and_when_enabled_latches_the_estop(calibration_file: Path,
+                                                                                  tmp_path: Path) -> None:
+    node = NodeProcess('world_model_node', tmp_path, {
+        'checkpoint': str(bundled_checkpoint()), 'device': 'cpu', 'monitor_calibration': str(calibration_file),
+        'surprise_warn_after': '2', 'surprise_error_after': '4', 'max_obs_age': '5.0'}, config=[default_config()])
+    rclpy.init()
+    h = Harness()
+    lock = threading.Lock()
+    monitor: list[list[float]] = []
+    maps: list[Image] = []
+    estops: list[bool] = []
+    levels: list[int] = []
+    node_values: dict[str, str] = {}
+    n = h.node
+    n.create_subscription(Float64MultiArray, 'worldvla/monitor', lambda m: (lock.acquire(), monitor.append(
+        list(m.data)), lock.release()), reliable_qos(100))
+    n.create_subscription(Image, 'worldvla/surprise_map', lambda m: (lock.acquire(), maps.append(m), lock.release()),
+                          reliable_qos(100))
+    n.create_subscription(Bool, 'worldvla/estop', lambda m: (lock.acquire(), estops.append(m.data), lock.release()),
+                          reliable_qos(10))
+
+    def on_diag(m: DiagnosticArray) -> None:
+        with lock:
+            levels.extend(s.level[0] if isinstance(s.level, bytes) else s.level for s in m.status if s.name == MONITOR)
+            node_values.update({kv.key: kv.value for s in m.status if s.name != MONITOR for kv in s.values})
+
+    n.create_subscription(DiagnosticArray, '/diagnostics', on_diag, reliable_qos())
+    commands = n.create_publisher(EndEffectorCommand, 'worldvla/ee_command', reliable_qos(50))
+    sim, rng = TabletopSim(), np.random.default_rng(0)
+
+    def publish_frame(frame: np.ndarray) -> None:
+        msg = fill_image_msg(Image(), frame)
+        msg.header.stamp = n.get_clock().now().to_msg()
+        h.image_pub.publish(msg)
+        time.sleep(0.1)
+
+    def play(steps: int, surprising: bool, seed: int) -> None:
+        """The sim's camera and its executed commands, a step each; surprising: a new layout every frame."""
+        sim.reset(seed)
+        for k in range(steps):
+            if surprising:
+                sim.reset(seed + k)
+            publish_frame(sim.render())
+            action = with_exploration_noise(scripted_action(sim), rng, 0.1)
+            commands.publish(EndEffectorCommand(action=action.tolist()))
+            time.sleep(0.1)
+            sim.step(action)
+
+    def count() -> int:
+        with lock:
+            return len(monitor)
+
+    try:
+        assert h.wait_for(lambda: h.image_pub.get_subscription_count() > 0 and commands.get_subscription_count() > 0,
+                          timeout=120, frames=False), node.log()[-3000:]
+        play(25, surprising=False, seed=650_000)
+        assert h.wait_for(lambda: count() >= 15, timeout=30, frames=False), node.log()[-3000:]
+        time.sleep(1.5)  # a diagnostics period
+        with lock:
+            normal, levels_normal = list(monitor), list(levels)
+        assert levels_normal and levels_normal[-1] == 0, levels_normal  # normal operation: OK
+        assert np.mean([m[-2] for m in normal]) <= 0.3, normal  # alarms rare (2 % calibrated)
+        assert max(m[-1] for m in normal) < 2 and not estops
+        with lock:
+            assert maps and (maps[-1].height, maps[-1].width) == (64, 64)
+
+        play(8, surprising=True, seed=660_000)  # hold_on_surprise is off: ERROR but no e-stop
+        assert h.wait_for(lambda: count() >= len(normal) + 6, timeout=30, frames=False)
+        time.sleep(1.5)
+        with lock:
+            surprising = monitor[len(normal):]
+            assert levels[-1] == 2, levels[-12:]
+            assert not estops
+        assert sum(m[-2] for m in surprising) >= 5  # every new layout alarms
+        seen = [int(m[-1]) for m in surprising]
+        assert 1 in seen and 2 in seen and seen.index(1) < seen.index(2), seen  # WARN before ERROR
+
+        assert h.set_parameter('worldvla_world_model', 'hold_on_surprise', True).successful
+        play(6, surprising=True, seed=670_000)
+        assert h.wait_for(lambda: bool(estops), timeout=20, frames=False), node.log()[-3000:]
+        time.sleep(1.0)
+        with lock:
+            assert estops == [True]  # latched once, not once per surprising frame
+        assert 'e-stop latched' in node.log()
+        time.sleep(1.0)
+        with lock:
+            assert int(node_values.get('surprise_holds', 0)) == 1, node_values
+            assert int(node_values.get('monitor_errors', 0)) == 0 and int(node_values['transitions_scored']) >= 35
+    finally:
+        h.close()
+        rclpy.shutdown()
+        code = node.stop()
+    assert code == 0, node.log()[-3000:]

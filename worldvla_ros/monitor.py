@@ -1,0 +1,177 @@
+"""World-model monitor: surprise signals of a real transition, their calibration, and sustained alerts.
+
+Torch-free: the signals are computed from a ``CodeLikelihood`` (numpy), so the calibration tool and
+the node's alert logic run and are tested without a model.
+
+Signals (larger = more surprising):
+- ``bits_per_token``: mean bits of the real next frame's codes given frame + commanded action.
+- ``excess_bits``: mean of (bits − the bits the model expected at that code), so states that are
+  hard to predict everywhere (a moving arm) do not look surprising by themselves.
+- ``surprise_z``: the summed excess in standard deviations of the model's own prediction.
+- ``peak_excess_bits``: the mean excess of the worst 1/16 of the codes: a block teleported or
+  removed changes a few codes, which a mean over the whole frame dilutes.
+- ``action_consistency``: bits under the commanded action − bits under no motion: positive when
+  standing still explains the real frame better than the command does (a stuck arm).
+- ``frame_change`` (model-free baseline): mean squared pixel change between the two frames.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LIKELIHOOD_SIGNALS = ('bits_per_token', 'excess_bits', 'surprise_z', 'peak_excess_bits', 'action_consistency')
+DEFAULT_ALERT_SIGNALS = ('peak_excess_bits', 'action_consistency')
+CALIBRATION_FORMAT = 'worldvla-monitor-calibration/1'
+
+
+def likelihood_signals(bits: np.ndarray, expected: np.ndarray, variance: np.ndarray,
+                       bits_still: np.ndarray | None = None) -> dict[str, float]:
+    """The likelihood signals of one transition from its per-code arrays (grid×grid each)."""
+    excess = (np.asarray(bits) - np.asarray(expected)).reshape(-1)
+    worst = max(1, excess.size // 16)
+    out = {
+        'bits_per_token': float(np.mean(bits)),
+        'excess_bits': float(excess.mean()),
+        'surprise_z': float(excess.sum() / math.sqrt(float(np.sum(variance)) + 1e-6)),
+        'peak_excess_bits': float(np.sort(excess)[-worst:].mean()),
+    }
+    if bits_still is not None:
+        out['action_consistency'] = float(np.mean(bits) - np.mean(bits_still))
+    return out
+
+
+def frame_change(frame: np.ndarray, next_frame: np.ndarray) -> float:
+    """Mean squared change per pixel and channel (0–65025): the model-free baseline."""
+    a, b = np.asarray(frame, dtype=np.float32), np.asarray(next_frame, dtype=np.float32)
+    return float(np.mean((a - b) ** 2))
+
+
+def excess_map(bits: np.ndarray, expected: np.ndarray, resolution: int, max_bits: float = 8.0) -> np.ndarray:
+    """R×R×3 uint8 heat map of the excess bits per code (black: as expected or better; white: ``max_bits``)."""
+    import cv2
+
+    excess = np.clip((np.asarray(bits) - np.asarray(expected)) / max_bits, 0.0, 1.0)
+    gray = np.round(excess * 255).astype(np.uint8)
+    heat = cv2.applyColorMap(cv2.resize(gray, (resolution, resolution), interpolation=cv2.INTER_NEAREST),
+                             cv2.COLORMAP_INFERNO)
+    return np.ascontiguousarray(heat[..., ::-1])
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+@dataclass
+class Calibration:
+    """Per-signal thresholds for a false-alarm rate, found on normal transitions (an alarm: any signal above)."""
+
+    thresholds: dict[str, float]
+    false_alarm_rate: float
+    transitions: int
+    model_id: str = ''
+    measured_rate: float = 0.0
+    source: list[str] = field(default_factory=list)
+
+    def alarm(self, signals: Mapping[str, float]) -> list[str]:
+        """The signals above their thresholds (an alarm when not empty); a missing signal never alarms."""
+        return [k for k, t in self.thresholds.items() if k in signals and signals[k] > t]
+
+    def to_json(self) -> dict[str, Any]:
+        return {'format': CALIBRATION_FORMAT, 'model_id': self.model_id, 'false_alarm_rate': self.false_alarm_rate,
+                'measured_rate': self.measured_rate, 'transitions': self.transitions,
+                'thresholds': self.thresholds, 'source': self.source}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + '\n')
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise CalibrationError(f'cannot read the monitor calibration {path}: {exc}') from exc
+        if not isinstance(data, dict) or data.get('format') != CALIBRATION_FORMAT:
+            raise CalibrationError(f'{path} is not a monitor calibration ({CALIBRATION_FORMAT})')
+        th = data.get('thresholds')
+        if not isinstance(th, dict) or not th or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in th.values()):
+            raise CalibrationError(f'{path}: thresholds must be a non-empty map of finite numbers')
+        unknown = set(th) - set(LIKELIHOOD_SIGNALS) - {'frame_change'}
+        if unknown:
+            raise CalibrationError(f'{path}: unknown signals {sorted(unknown)}')
+        return cls({k: float(v) for k, v in th.items()}, float(data.get('false_alarm_rate', 0.0)),
+                   int(data.get('transitions', 0)), str(data.get('model_id', '')),
+                   float(data.get('measured_rate', 0.0)), list(data.get('source', [])))
+
+
+def calibrate(normal: Sequence[Mapping[str, float]], false_alarm_rate: float,
+              signals: Sequence[str] = DEFAULT_ALERT_SIGNALS, model_id: str = '') -> Calibration:
+    """Thresholds at one common quantile of each signal's normal values, chosen so that the share of normal
+    transitions with any signal above its threshold is at most ``false_alarm_rate`` (the largest such)."""
+    if not 0.0 < false_alarm_rate < 1.0:
+        raise CalibrationError(f'false_alarm_rate must be in (0, 1), got {false_alarm_rate}')
+    missing = [s for s in signals if any(s not in n for n in normal)]
+    if missing:
+        raise CalibrationError(f'signals missing from some transitions: {missing}')
+    values = np.array([[n[s] for s in signals] for n in normal], dtype=np.float64).reshape(len(normal), len(signals))
+    values = values[np.isfinite(values).all(axis=1)]
+    if len(values) < math.ceil(2 / false_alarm_rate):
+        raise CalibrationError(f'{len(values)} normal transitions are too few for a false-alarm rate of '
+                               f'{false_alarm_rate} (need at least {math.ceil(2 / false_alarm_rate)})')
+    ranks = np.argsort(np.argsort(values, axis=0), axis=0)  # 0 … n-1 per signal
+    n = len(values)
+    # a threshold just above the value of rank r alarms on ranks > r; alarms(r) = rows whose max rank > r
+    worst = ranks.max(axis=1)
+    allowed = math.floor(false_alarm_rate * n)
+    r = int(np.sort(worst)[n - 1 - allowed]) if allowed < n else 0  # alarm only on rows above this rank
+    ordered = np.sort(values, axis=0)
+    thresholds = {s: float(ordered[r, i]) for i, s in enumerate(signals)}
+    measured = float(np.mean((values > ordered[r][None]).any(axis=1)))
+    return Calibration(thresholds, false_alarm_rate, n, model_id, measured)
+
+
+@dataclass
+class AlertState:
+    """Sustained surprise: WARN after ``warn_after`` alarms in a row, ERROR after ``error_after``."""
+
+    warn_after: int = 2
+    error_after: int = 5
+    streak: int = 0
+    history: deque[bool] = field(default_factory=lambda: deque(maxlen=100))
+
+    def update(self, alarm: bool) -> int:
+        """The diagnostics level after one transition: 0 OK, 1 WARN, 2 ERROR."""
+        self.history.append(alarm)
+        self.streak = self.streak + 1 if alarm else 0
+        return self.level
+
+    @property
+    def level(self) -> int:
+        if self.streak >= self.error_after:
+            return 2
+        return 1 if self.streak >= self.warn_after else 0
+
+
+def auroc(normal: Sequence[float], anomalous: Sequence[float]) -> float:
+    """Probability that an anomalous score exceeds a normal one (ties count half)."""
+    a, b = np.asarray(normal, dtype=np.float64), np.asarray(anomalous, dtype=np.float64)
+    if not len(a) or not len(b):
+        return float('nan')
+    greater = (b[:, None] > a[None, :]).mean()
+    ties = (b[:, None] == a[None, :]).mean()
+    return float(greater + 0.5 * ties)
+
+
+def detection_rate(normal: Sequence[float], anomalous: Sequence[float], false_alarm_rate: float = 0.05) -> float:
+    """Share of anomalies above the threshold that lets ``false_alarm_rate`` of the normal scores through."""
+    a = np.sort(np.asarray(normal, dtype=np.float64))
+    k = len(a) - 1 - math.floor(false_alarm_rate * len(a))
+    threshold = a[max(k, 0)]
+    return float(np.mean(np.asarray(anomalous, dtype=np.float64) > threshold))
