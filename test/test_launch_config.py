@@ -275,7 +275,8 @@ def test_rviz_topics_follow_namespace_and_camera_remap(tmp_path: Path) -> None:
     rviz = yaml.safe_load(path.read_text())
     topics = {d['Topic']['Value'] for d in rviz['Visualization Manager']['Displays'] if 'Topic' in d}
     assert topics == {'/robot1/front/image_raw', '/robot1/worldvla/imagined_image',
-                      '/robot1/worldvla/imagined_comparison', '/robot1/worldvla/planned_path'}
+                      '/robot1/worldvla/imagined_comparison', '/robot1/worldvla/planned_path',
+                      '/robot1/worldvla/surprise_map'}
     assert resolve_topic('camera/image_raw', '', {}) == '/camera/image_raw'
     assert resolve_topic('camera/image_raw', '/r', {'camera/image_raw': '/abs/cam'}) == '/abs/cam'
 

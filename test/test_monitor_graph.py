@@ -137,3 +137,40 @@ def test_sustained_surprise_raises_diagnostics_and_when_enabled_latches_the_esto
         rclpy.shutdown()
         code = node.stop()
     assert code == 0, node.log()[-3000:]
+
+
+def test_a_checkpoint_ships_its_calibration_and_a_broken_one_stops_the_start(tiny_checkpoint: Path,
+                                                                            tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from worldvla_ros.monitor import CALIBRATION_FILE, Calibration
+
+    shipped, broken = tmp_path / 'shipped', tmp_path / 'broken'
+    for root in (shipped, broken):
+        shutil.copytree(tiny_checkpoint, root)
+    Calibration({'peak_excess_bits': 5.0}, 0.05, 100).save(shipped / CALIBRATION_FILE)
+    (broken / CALIBRATION_FILE).write_text('{"format": "worldvla-monitor-calibration/1", "thresholds": {"x": 1}}')
+
+    def command(root: Path) -> list[str]:
+        return [sys.executable, '-m', 'worldvla_ros.nodes.world_model_node', '--ros-args', '-p',
+                f'checkpoint:={root}', '-p', 'device:=cpu']
+
+    log = tmp_path / 'good.log'
+    with open(log, 'w') as out:
+        good = subprocess.Popen(command(shipped), stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            bad = subprocess.run(command(broken), capture_output=True, text=True, timeout=120)
+            deadline = time.monotonic() + 60
+            while 'ready:' not in log.read_text() and good.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+        finally:
+            good.send_signal(2)
+            good.wait(timeout=30)
+    bad_out = bad.stdout + bad.stderr
+    fatal = [line for line in bad_out.splitlines() if 'FATAL' in line]
+    assert bad.returncode == 1 and 'Traceback' not in bad_out and len(fatal) == 1, bad_out[-2000:]
+    assert 'unknown signals' in fatal[0] and CALIBRATION_FILE in fatal[0]
+    good_out = log.read_text()
+    assert f'monitor calibrated from {shipped / CALIBRATION_FILE}' in good_out, good_out[-2000:]

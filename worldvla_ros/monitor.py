@@ -29,6 +29,7 @@ import numpy as np
 LIKELIHOOD_SIGNALS = ('bits_per_token', 'excess_bits', 'surprise_z', 'peak_excess_bits', 'action_consistency')
 DEFAULT_ALERT_SIGNALS = ('peak_excess_bits', 'action_consistency')
 CALIBRATION_FORMAT = 'worldvla-monitor-calibration/1'
+CALIBRATION_FILE = 'monitor_calibration.json'  # a checkpoint may ship one (the bundled model does, for the sim)
 
 
 def likelihood_signals(bits: np.ndarray, expected: np.ndarray, variance: np.ndarray,

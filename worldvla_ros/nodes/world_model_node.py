@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from worldvla.msg import ActionChunk, EndEffectorCommand
 from worldvla_ros.image_conversion import ImageRejected, fill_image_msg
 from worldvla_ros.metrics import psnr, side_by_side, ssim
 from worldvla_ros.monitor import (
+    CALIBRATION_FILE,
     LIKELIHOOD_SIGNALS,
     AlertState,
     Calibration,
@@ -76,8 +78,9 @@ PARAMETERS: dict[str, Param] = {
                             choices=('drafted', 'engine', 'reference')),
     'monitor': Param(True, "score every executed command's real outcome by the world model's likelihood (one "
                      'forward pass per transition, no generation) on worldvla/monitor and worldvla/surprise_map'),
-    'monitor_calibration': Param('', 'thresholds file from evaluate_bag --calibrate-monitor; without one the '
-                                 'signals are published but never alert', read_only=True),
+    'monitor_calibration': Param('', 'thresholds file from evaluate_bag --calibrate-monitor; empty: the '
+                                 "checkpoint's monitor_calibration.json if it has one, else the signals are "
+                                 'published but never alert', read_only=True),
     'surprise_warn_after': Param(2, 'transitions in a row above the calibrated thresholds before WARN', 1, 10000),
     'surprise_error_after': Param(5, 'transitions in a row above the calibrated thresholds before ERROR', 1, 10000),
     'hold_on_surprise': Param(False, 'at ERROR, latch the e-stop (worldvla/estop): the robot holds until '
@@ -93,11 +96,17 @@ class WorldModelNode(GuardedNode):
         self.policy = load_node_policy(p)
         self.policy.image_decoding = p['image_decoding']
         self._calibration: Calibration | None = None
-        if p['monitor_calibration']:
+        calibration = p['monitor_calibration'] or ''
+        shipped = Path(p['checkpoint']) / CALIBRATION_FILE
+        if not calibration and shipped.is_file():
+            calibration = str(shipped)
+        if calibration:
             try:
-                self._calibration = Calibration.load(p['monitor_calibration'])
+                self._calibration = Calibration.load(calibration)
             except CalibrationError as exc:
                 raise StartupError(str(exc)) from exc
+            self.get_logger().info(f'monitor calibrated from {calibration}: false alarms '
+                                   f'{self._calibration.false_alarm_rate:g} per transition')
             if self._calibration.model_id and self._calibration.model_id != self.policy.model_id:
                 self.get_logger().warning(f'the monitor was calibrated for {self._calibration.model_id}, not '
                                           f'{self.policy.model_id}: recalibrate, its false-alarm rate does not hold')

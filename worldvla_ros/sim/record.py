@@ -63,7 +63,7 @@ def diverse_start(sim: TabletopSim, rng: np.random.Generator, held: float = HELD
 
 
 def expert_rollout(sim: TabletopSim, rng: np.random.Generator, noise: float = 0.1, clean_labels: bool = True,
-                   max_steps: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+                   max_steps: int | None = None, pauses: float = 0.0) -> tuple[list[np.ndarray], np.ndarray]:
     """Let the expert act from the sim's current state: (frames, actions), frame i seen, then action i labelled.
 
     The robot executes the expert's command plus Gaussian noise on Δxyz, so the demos visit the
@@ -76,6 +76,10 @@ def expert_rollout(sim: TabletopSim, rng: np.random.Generator, noise: float = 0.
     while not sim.done and (max_steps is None or len(actions) < max_steps):
         expert = scripted_action(sim)
         executed = with_exploration_noise(expert, rng, noise)
+        if pauses and rng.random() < pauses:  # the robot pauses: no motion, the gripper as it is
+            expert = np.zeros(7)
+            expert[6] = 1.0 if sim.state.closed else -1.0
+            executed = expert
         frames.append(frame)
         actions.append(expert if clean_labels else executed)
         frame = sim.step(executed)
@@ -83,15 +87,15 @@ def expert_rollout(sim: TabletopSim, rng: np.random.Generator, noise: float = 0.
 
 
 def expert_episode(seed: int, noise: float = 0.1, config: SimConfig | None = None, clean_labels: bool = True,
-                   diverse: bool = False, max_steps: int | None = None, near: float = 0.0, held: float = HELD_SHARE
-                   ) -> tuple[list[np.ndarray], np.ndarray, str, bool]:
+                   diverse: bool = False, max_steps: int | None = None, near: float = 0.0, held: float = HELD_SHARE,
+                   pauses: float = 0.0) -> tuple[list[np.ndarray], np.ndarray, str, bool]:
     """(frames, actions, instruction, success) of one layout (``expert_rollout``)."""
     sim = TabletopSim(config)
     sim.reset(seed)
     rng = np.random.default_rng(10_000 + seed)
     if diverse:
         diverse_start(sim, rng, held=held, near=near)
-    frames, actions = expert_rollout(sim, rng, noise, clean_labels, max_steps)
+    frames, actions = expert_rollout(sim, rng, noise, clean_labels, max_steps, pauses)
     return frames, actions, sim.instruction, sim.success
 
 
@@ -145,13 +149,14 @@ def record_dagger(policy: Any, out_dir: str | Path, episodes: int, seed: int = 4
 
 def record_demos(out_dir: str | Path, episodes: int, seed: int = 0, noise: float = 0.1, storage: str = 'mcap',
                  rate_hz: float = 10.0, progress: bool = True, clean_labels: bool = True,
-                 diverse: bool = False) -> list[Path]:
+                 diverse: bool = False, pauses: float = 0.0) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bags = []
     for s in tqdm(range(seed, seed + episodes), desc='recording', unit='episode', disable=not progress,
                   file=sys.stderr):
-        frames, actions, instruction, success = expert_episode(s, noise, clean_labels=clean_labels, diverse=diverse)
+        frames, actions, instruction, success = expert_episode(s, noise, clean_labels=clean_labels, diverse=diverse,
+                                                               pauses=pauses)
         if success:
             bags.append(write_episode(out / f'episode_{s:05d}', frames, actions, instruction, rate_hz, storage))
     return bags
@@ -181,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--dagger', default='', metavar='CHECKPOINT',
                         help='with --snippets: label the states this checkpoint visits in closed loop (DAgger), '
                              '--episodes layouts from --seed')
+    parser.add_argument('--pauses', type=float, default=0.0, metavar='P',
+                        help='episodes: at each step, with probability P the robot pauses (zero motion, gripper '
+                             'kept; labelled so): world-model data in which "no motion" is seen, not only moves')
     parser.add_argument('--max-steps', type=int, default=0,
                         help='with --dagger: closed-loop episodes end after this many commands (0: the sim’s '
                              f'{SimConfig().max_steps})')
@@ -196,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error('--held is a probability in [0, 1]')
     if args.near and args.dagger:
         parser.error('--dagger starts where the checkpoint goes; --near does not apply')
+    if not 0.0 <= args.pauses < 1.0 or (args.pauses and (args.snippets or args.dagger)):
+        parser.error('--pauses is a probability in [0, 1), for whole episodes')
     if args.dagger:
         from worldvla_ros.model import load_policy
 
@@ -211,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f'{len(bags)} snippets of {args.snippets} steps written to {args.out_dir}')
         return 0
     bags = record_demos(args.out_dir, args.episodes, args.seed, args.noise, args.storage,
-                        clean_labels=not args.executed_labels, diverse=args.diverse_starts)
+                        clean_labels=not args.executed_labels, diverse=args.diverse_starts, pauses=args.pauses)
     print(f'{len(bags)} of {args.episodes} episodes succeeded and were written to {args.out_dir}')
     return 0
 
