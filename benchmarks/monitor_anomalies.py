@@ -1,13 +1,13 @@
 """Anomaly detection of the world-model monitor in the tabletop sim (held-out layouts), printed as JSON.
 
-For N normal and N anomalous transitions of each kind (``worldvla_ros.sim.anomalies``): every signal
+For 300 normal and 100 anomalous transitions of each kind (``worldvla_ros.sim.anomalies``): every signal
 of ``worldvla_ros.monitor`` (the likelihood signals, one teacher-forced pass of two rows), the old
 surprise (PSNR/SSIM of the imagined vs the real next frame; larger score = lower PSNR) and the
 model-free baseline (pixel change between the two real frames). Reported per kind and signal: AUROC
 and the detection rate at 5 % false alarms; the cost per transition of each; and the calibrated
 monitor (thresholds from a separate set of normal transitions) as the node would run it.
 
-    python benchmarks/monitor_anomalies.py --per-kind 100 > benchmarks/monitor_anomalies.json
+    python benchmarks/monitor_anomalies.py [--checkpoint DIR] > benchmarks/results/monitor_anomalies.json
 """
 from __future__ import annotations
 
@@ -23,7 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from worldvla_ros.metrics import psnr, ssim
 from worldvla_ros.model import load_policy
-from worldvla_ros.monitor import auroc, calibrate, detection_rate, frame_change, likelihood_signals
+from worldvla_ros.monitor import (
+    DEFAULT_ALERT_SIGNALS,
+    auroc,
+    calibrate,
+    detection_rate,
+    frame_change,
+    likelihood_signals,
+)
 from worldvla_ros.sim.anomalies import KINDS, anomalous_transition, normal_transition
 from worldvla_ros.sim.bundled import bundled_checkpoint
 from worldvla_ros.sim.closed_loop import HELD_OUT_SEED
@@ -52,37 +59,76 @@ def score(policy, t, imagine: bool, costs: dict[str, list[float]]) -> dict[str, 
     return out
 
 
+def stream_costs(policy, steps: int = 40) -> dict[str, float]:
+    """Median ms per transition of each signal on one expert episode, as the node meets them: every camera
+    frame's tokens are encoded once and reused by the next transition (the per-kind costs above encode both
+    frames of every transition)."""
+    from worldvla_ros.sim.record import expert_episode
+
+    frames, actions, _, _ = expert_episode(HELD_OUT_SEED + 99_000, max_steps=steps + 1)
+    times: dict[str, list[float]] = {'likelihood_two_rows_ms': [], 'likelihood_one_row_ms': [], 'imagine_ms': [],
+                                     'frame_change_ms': []}
+    calls = {
+        'likelihood_two_rows_ms': lambda f, a, nxt: policy.transition_likelihood(f, a, nxt),
+        'likelihood_one_row_ms': lambda f, a, nxt: policy.transition_likelihood(f, a, nxt, still=False),
+        'imagine_ms': lambda f, a, nxt: policy.imagine(f, a),
+        'frame_change_ms': lambda f, a, nxt: frame_change(policy.model_frame(f), policy.model_frame(nxt)),
+    }
+    for i in range(len(actions) - 1):
+        for key, call in calls.items():
+            t = time.perf_counter()
+            call(frames[i], actions[i], frames[i + 1])
+            times[key].append((time.perf_counter() - t) * 1e3)
+    return {k: round(float(np.median(v)), 2) for k, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--checkpoint', default=None, help='default: the bundled model')
-    ap.add_argument('--per-kind', type=int, default=100, help='normal and anomalous transitions per kind')
-    ap.add_argument('--calibration', type=int, default=200, help='normal transitions for the calibrated monitor')
+    ap.add_argument('--per-kind', type=int, default=100, help='anomalous transitions per kind')
+    ap.add_argument('--normal', type=int, default=300, help='normal transitions (the false alarms of every table)')
+    ap.add_argument('--calibration', type=int, default=500,
+                    help='other normal transitions, for the calibrated monitor')
     ap.add_argument('--false-alarm-rate', type=float, default=0.05)
     ap.add_argument('--no-imagine', action='store_true', help='skip the imagined-frame surprise (the slow part)')
     ap.add_argument('--device', default='cpu')
+    ap.add_argument('--costs-only', action='store_true', help='only the per-transition costs on a stream')
     args = ap.parse_args(argv)
     policy = load_policy(args.checkpoint or bundled_checkpoint(), device=args.device)
     policy.use_cpu_threads(1)
     imagine = not args.no_imagine
+    if args.costs_only:
+        print(json.dumps({'model': policy.model_id, 'device': str(policy.device),
+                          'cost_ms_stream': stream_costs(policy)}, indent=1))
+        return 0
     costs: dict[str, list[float]] = {'likelihood_ms': [], 'frame_change_ms': [], 'imagine_ms': []}
-    base = HELD_OUT_SEED + 50_000
-    normal = [score(policy, normal_transition(base + i), imagine, costs) for i in range(args.per_kind)]
+    # every layout held out (100000–199999; training used the other ranges): normal 110000+, the kinds
+    # 120000+ … 170000+, calibration 180000+ (each at most 10000)
+    base = HELD_OUT_SEED + 10_000
+    normal = [score(policy, normal_transition(base + i), imagine, costs) for i in range(args.normal)]
     anomalous = {kind: [score(policy, anomalous_transition(kind, base + 10_000 * (k + 1) + i), imagine, costs)
                         for i in range(args.per_kind)] for k, kind in enumerate(KINDS)}
     signals = [s for s in normal[0] if s in normal[0]]
     table = {kind: {s: {'auroc': round(auroc([n[s] for n in normal], [a[s] for a in rows]), 3),
                         'detected_at_5pct': round(detection_rate([n[s] for n in normal], [a[s] for a in rows]), 3)}
                     for s in signals} for kind, rows in anomalous.items()}
-    calib_set = [score(policy, normal_transition(base + 90_000 + i), False, costs) for i in range(args.calibration)]
-    cal = calibrate(calib_set, args.false_alarm_rate, model_id=policy.model_id)
-    monitor = {'thresholds': cal.thresholds, 'calibration_rate': cal.measured_rate,
-               'held_out_false_alarms': float(np.mean([bool(cal.alarm(n)) for n in normal])),
-               'detected': {kind: float(np.mean([bool(cal.alarm(a)) for a in rows]))
-                            for kind, rows in anomalous.items()}}
+    calib_set = [score(policy, normal_transition(base + 70_000 + i), False, costs) for i in range(args.calibration)]
+    monitors = {}
+    for name, chosen in (('default', DEFAULT_ALERT_SIGNALS), ('with_frame_change', (*DEFAULT_ALERT_SIGNALS,
+                                                                                    'frame_change'))):
+        cal = calibrate(calib_set, args.false_alarm_rate, chosen, model_id=policy.model_id)
+        monitors[name] = {'thresholds': cal.thresholds, 'calibration_rate': cal.measured_rate,
+                          'held_out_false_alarms': float(np.mean([bool(cal.alarm(n)) for n in normal])),
+                          'held_out_false_alarms_by_signal': {k: float(np.mean([n[k] > t for n in normal]))
+                                                              for k, t in cal.thresholds.items()},
+                          'detected': {kind: float(np.mean([bool(cal.alarm(a)) for a in rows]))
+                                       for kind, rows in anomalous.items()}}
     result = {
-        'model': policy.model_id, 'device': str(policy.device), 'per_kind': args.per_kind,
-        'table': table, 'calibrated_monitor': monitor,
+        'model': policy.model_id, 'device': str(policy.device), 'per_kind': args.per_kind, 'normal': args.normal,
+        'calibration': args.calibration,
+        'table': table, 'calibrated_monitor': monitors,
         'cost_ms_median': {k: round(float(np.median(v)), 2) for k, v in costs.items() if v},
+        'cost_ms_stream': stream_costs(policy),
     }
     print(json.dumps(result, indent=1))
     return 0

@@ -429,8 +429,8 @@ def test_live_mode_records_node_outputs_and_scores_them(tmp_path: Path, eval_che
         assert r.counts.get('/worldvla/action_chunk', 0) >= 1
         assert r.counts.get('/worldvla/ee_command', 0) >= K
         assert r.counts.get('/worldvla/imagined_image', 0) >= 1  # the world-model node answered too
-        diag = [(m.time_ns, s.hardware_id, {kv.key: kv.value for kv in s.values})
-                for m in r.messages(['/diagnostics']) for s in m.msg.status]
+        diag = [(m.time_ns, s.hardware_id, {kv.key: kv.value for kv in s.values})  # each node's own status
+                for m in r.messages(['/diagnostics']) for s in m.msg.status if 'monitor' not in s.name]
     # the replay ran until both nodes had nothing left to do, and stopped then (not on a timer)
     idle_at = {}
     for t, node, values in sorted(diag):

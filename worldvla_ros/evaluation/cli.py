@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "write thresholds for --false-alarm-rate to FILE, the world-model node's monitor_calibration")
     m.add_argument('--false-alarm-rate', type=float, default=0.05,
                    help='share of normal transitions that may raise an alarm (default 0.05)')
+    m.add_argument('--monitor-signals', nargs='+', default=None, metavar='SIGNAL',
+                   help='signals that alarm (default: peak_excess_bits action_consistency; frame_change adds the '
+                        'model-free pixel change, which sees lighting and camera changes best)')
     e.add_argument('--no-progress', action='store_true')
     e.add_argument('--debug', action='store_true', help='show the traceback of unexpected errors')
     return p
@@ -234,7 +237,20 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
     from tqdm import tqdm
 
     from worldvla_ros.model import load_policy
-    from worldvla_ros.monitor import CalibrationError, calibrate, likelihood_signals
+    from worldvla_ros.monitor import (
+        DEFAULT_ALERT_SIGNALS,
+        LIKELIHOOD_SIGNALS,
+        CalibrationError,
+        calibrate,
+        frame_change,
+        likelihood_signals,
+    )
+
+    chosen = tuple(args.monitor_signals or DEFAULT_ALERT_SIGNALS)
+    unknown = set(chosen) - {*LIKELIHOOD_SIGNALS, 'frame_change'}
+    if unknown:
+        raise BagError(f'unknown monitor signals {sorted(unknown)}; known: {", ".join(LIKELIHOOD_SIGNALS)}, '
+                       'frame_change')
 
     overrides = {k: int(action_params[k]) for k in ('chunk_size', 'history_frames') if action_params.get(k)}
     policy = load_policy(args.checkpoint, args.device, args.dtype, args.tokenizer_dir or None, **overrides)
@@ -248,10 +264,13 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
                 if not np.all(np.isfinite(ep.actions[i])):
                     skipped += 1  # no recorded command for this frame
                     continue
-                lik = policy.transition_likelihood(ep.frames[i], ep.actions[i], ep.frames[i + step])
-                signals.append(likelihood_signals(lik.bits[0], lik.expected_bits[0], lik.variance[0], lik.bits[1]))
+                before, after = ep.frames[i], ep.frames[i + step]
+                lik = policy.transition_likelihood(before, ep.actions[i], after)
+                values = likelihood_signals(lik.bits[0], lik.expected_bits[0], lik.variance[0], lik.bits[1])
+                values['frame_change'] = frame_change(policy.model_frame(before), policy.model_frame(after))
+                signals.append(values)
     try:
-        cal = calibrate(signals, args.false_alarm_rate, model_id=policy.model_id)
+        cal = calibrate(signals, args.false_alarm_rate, chosen, model_id=policy.model_id)
     except CalibrationError as exc:
         raise BagError(str(exc)) from exc
     cal.source = [e.name for e in episodes]

@@ -37,6 +37,7 @@ from worldvla_ros.monitor import (
     Calibration,
     CalibrationError,
     excess_map,
+    frame_change,
     likelihood_signals,
 )
 from worldvla_ros.nodes.common import (
@@ -56,7 +57,7 @@ from worldvla_ros.nodes.common import (
 
 MAX_PENDING = 256  # imagined frames waiting for their real frame (older ones are dropped first)
 MAX_TRANSITIONS = 8  # real transitions waiting for the monitor (older ones are dropped first, counted)
-MONITOR_FIELDS = (*LIKELIHOOD_SIGNALS, 'alarm', 'level')
+MONITOR_FIELDS = (*LIKELIHOOD_SIGNALS, 'frame_change', 'alarm', 'level')
 
 PARAMETERS: dict[str, Param] = {
     **MODEL_PARAMETERS,
@@ -125,6 +126,7 @@ class WorldModelNode(GuardedNode):
         self._command: tuple[np.ndarray, int, np.ndarray] | None = None  # (action, frame arrival, frame)
         self._transitions: deque[tuple[np.ndarray, np.ndarray, np.ndarray, Header]] = deque(maxlen=MAX_TRANSITIONS)
         self._transition_event = threading.Event()
+        self._monitoring = False
         self._alerts = AlertState(int(p['surprise_warn_after']), int(p['surprise_error_after']))
         self._alert_signals: list[str] = []
         self._held_on_surprise = False
@@ -196,6 +198,7 @@ class WorldModelNode(GuardedNode):
                     if not self._transitions:
                         break
                     job = self._transitions.popleft()
+                    self._monitoring = True
                 try:
                     self._monitor_transition(*job)
                 except Exception as exc:  # a failed score must not kill the monitor
@@ -203,12 +206,15 @@ class WorldModelNode(GuardedNode):
                         return
                     self.stats.count('monitor_errors')
                     self.get_logger().error(f'monitor failed: {exc!r}', throttle_duration_sec=2.0)
+                finally:
+                    self._monitoring = False
 
     def _monitor_transition(self, frame: np.ndarray, action: np.ndarray, real: np.ndarray, header: Header) -> None:
         """Score one real transition, publish its signals and excess-bits map, update the alert (and hold)."""
         t = time.perf_counter()
         lik = self.policy.transition_likelihood(frame, action, real)
         signals = likelihood_signals(lik.bits[0], lik.expected_bits[0], lik.variance[0], lik.bits[1])
+        signals['frame_change'] = frame_change(frame, real)
         self.stats.duration('monitor', time.perf_counter() - t)
         above = self._calibration.alarm(signals) if self._calibration is not None else []
         with self._lock:
@@ -223,7 +229,7 @@ class WorldModelNode(GuardedNode):
         self.stats.count('transitions_scored')
         if above:
             self.stats.count('transitions_alarmed')
-        out = Float64MultiArray(data=[*(signals[k] for k in LIKELIHOOD_SIGNALS), float(bool(above)), float(level)])
+        out = Float64MultiArray(data=[*(signals[k] for k in MONITOR_FIELDS[:-2]), float(bool(above)), float(level)])
         out.layout.dim = [MultiArrayDimension(label=','.join(MONITOR_FIELDS), size=len(MONITOR_FIELDS),
                                               stride=len(MONITOR_FIELDS))]
         self.monitor_pub.publish(out)
@@ -336,7 +342,7 @@ class WorldModelNode(GuardedNode):
     def _publish_diagnostics(self) -> None:
         with self._lock:
             held = sum(f.nbytes for _, f in self._frames) + sum(f.nbytes for *_, f in self._pending)
-            idle = self._chunk is None and not self._imagining
+            idle = self._chunk is None and not self._imagining and not self._transitions and not self._monitoring
             level, streak = self._alerts.level, self._alerts.streak
             above, last = self._alert_signals, self._last_signals
         values = {'model': self.policy.model_id, 'device': str(self.policy.device), 'idle': str(idle).lower(),

@@ -1,5 +1,9 @@
 """Normal and anomalous transitions of the tabletop sim, for measuring the world-model monitor.
 
+Use held-out layout seeds (100000–199999; the bundled model's training data came from the other ranges,
+``scripts/train_dagger_chain.sh``): calibrated on layouts from 240000 on and tested on 150000 on, the
+monitor alarmed on 11–15 % of normal transitions instead of 5 % (the other way round: 3 %).
+
 A transition is (frame, commanded action, real next frame). Normal: the expert's command executed.
 Anomalies, each on its own held-out layout:
 - ``teleported``: the named block jumps 6–15 cm during the step.
@@ -62,7 +66,8 @@ def anomalous_transition(kind: str, seed: int, config: SimConfig | None = None, 
         raise ValueError(f'unknown anomaly {kind!r}; one of {KINDS}')
     rng = np.random.default_rng(seed)
     for attempt in range(200):
-        sim = _state(seed + 7919 * attempt, rng, config, held=1.0 if kind == 'slipped' else 0.3)
+        # another layout when this one has no state for the kind: far above every training seed range
+        sim = _state(seed + 1_000_000 * attempt, rng, config, held=1.0 if kind == 'slipped' else 0.3)
         s, (_, named, _) = sim.state, sim.task
         frame, action = sim.render(), _command(sim, rng)
         if kind == 'stuck' and np.linalg.norm(action[:3]) < MIN_STUCK_MOTION:
