@@ -247,3 +247,21 @@ def test_the_token_cache_is_reused_and_follows_the_bags(data, tmp_path: Path) ->
     assert sum(calls) == 36
     load_episodes(bag_paths([root]), TopicMap(), None, encode, key + 'x', cache, 3)  # another tokenizer
     assert sum(calls) == 60
+
+
+def test_world_only_bags_train_the_world_model_and_never_the_policy(data, tmp_path: Path, capsys) -> None:
+    world = tmp_path / 'pause_bags'
+    for i in range(2):
+        _episode_bag(world / f'pauses{i}', seed=70 + i)
+    out = tmp_path / 'run'
+    assert finetune(_args(data, out, '--method', 'full', '--steps', '1', '--eval-every', '1', '--world-only-data',
+                          str(world))) == 0
+    log = json.loads((out / 'train_log.json').read_text())
+    # 5 training bags of 12 frames: 12 action-model and 11 world-model sequences each; the 2 world-only bags:
+    # 11 world-model sequences each and no action-model sequence
+    assert log['train_sequences'] == 5 * (12 + 11) + 2 * 11
+    assert log['world_only_bags'] == [str(world / 'pauses0'), str(world / 'pauses1')]
+    assert finetune(_args(data, tmp_path / 'a', '--mode', 'action', '--world-only-data', str(world))) == 2
+    assert '--mode joint or world' in capsys.readouterr().err
+    assert finetune(_args(data, tmp_path / 'b', '--world-only-data', str(data['train'] / 'ep0'))) == 2
+    assert 'both as --world-only-data and as --data' in capsys.readouterr().err

@@ -61,7 +61,8 @@ from .sequences import Sample, action_samples, world_model_samples
 from .trainer import EmitHead, Trainer, TrainSettings
 
 LORA_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
-RESUME_KEYS = ('init', 'data', 'val_data', 'val_fraction', 'method', 'steps', 'batch_size', 'accumulation', 'lr',
+RESUME_KEYS = ('init', 'data', 'world_only_data', 'val_data', 'val_fraction', 'method', 'steps', 'batch_size',
+               'accumulation', 'lr',
                'seed', 'mode', 'world_fraction', 'lora_rank', 'lora_alpha', 'action_stats', 'precision', 'fsdp')
 
 
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='TwistStamped actions only: m and rad per action unit (libero, tabletop or 7 values)')
     o = p.add_argument_group('objective')
     o.add_argument('--mode', choices=('joint', 'action', 'world'), default='joint')
+    o.add_argument('--world-only-data', nargs='+', default=[], metavar='BAG',
+                   help='bags (or directories) whose transitions train the world model only, never the policy: '
+                        'e.g. recordings where the robot pauses, is pushed or fails, which it must not imitate')
     o.add_argument('--world-fraction', type=float, default=None,
                    help='joint: share of world-model sequences per batch (default: as the data holds them)')
     o.add_argument('--action-stats', choices=('quantile', 'minmax', 'keep'), default='quantile',
@@ -140,7 +144,8 @@ def prepare_out(args: argparse.Namespace, explicit: set[str]) -> argparse.Namesp
         differ = [k for k in RESUME_KEYS if k in explicit and given.get(k) != stored.get(k)]
         if differ:
             raise UsageError(f'--resume continues the run as it was started; these differ: {differ}')
-        return argparse.Namespace(**{**stored, 'resume': True, 'out': args.out, 'no_progress': args.no_progress,
+        kept = {'world_only_data': [], **stored}  # runs started before --world-only-data existed have none
+        return argparse.Namespace(**{**kept, 'resume': True, 'out': args.out, 'no_progress': args.no_progress,
                                      'device': args.device})
     if state.is_file() or saved.is_file():
         raise UsageError(f'{out} already holds a run: --resume continues it; choose another --out for a new one')
@@ -150,6 +155,8 @@ def prepare_out(args: argparse.Namespace, explicit: set[str]) -> argparse.Namesp
         raise UsageError('--init and --data are needed (or --resume)')
     if not 0.0 <= args.val_fraction < 1.0:
         raise UsageError(f'--val-fraction must lie in [0, 1), got {args.val_fraction}')
+    if args.world_only_data and args.mode == 'action':
+        raise UsageError('--world-only-data trains the world model: use it with --mode joint or world')
     if args.world_fraction is not None and (args.mode != 'joint' or not 0.0 <= args.world_fraction <= 1.0):
         raise UsageError('--world-fraction takes a value in [0, 1], with --mode joint')
     if args.steps < 1 or args.batch_size < 1 or args.accumulation < 1 or args.lora_rank < 1:
@@ -294,12 +301,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     images = ImageTokenizer(vqgan, vocab, cfg.resolution, cfg.rotate_180)
 
     train_bags, val_bags = split_bags(args)
+    world_bags = bag_paths(args.world_only_data) if args.world_only_data else []
+    overlap = {p.resolve() for p in world_bags} & {p.resolve() for p in train_bags + val_bags}
+    if overlap:
+        raise DataError(f'bags given both as --world-only-data and as --data/--val-data: {sorted(map(str, overlap))}')
     topics = TopicMap(args.image_topic, args.instruction_topic, args.action_topic, args.gripper_topic,
                       args.instruction, args.time_source, args.gripper_open, args.gripper_closed)
     scale = parse_action_scale(args.action_scale) if args.action_scale else None
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else None
     key = tokenizer_key(files.vqgan_ckpt, cfg.resolution, cfg.rotate_180, vocab)
-    bar = tqdm(total=len(train_bags) + len(val_bags), desc='reading + encoding bags', unit='bag',
+    bar = tqdm(total=len(train_bags) + len(val_bags) + len(world_bags), desc='reading + encoding bags', unit='bag',
                disable=args.no_progress or rank != 0, file=sys.stderr)
 
     def load(bags: list[Path]) -> list[TokenizedEpisode]:
@@ -309,11 +320,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if world > 1 and rank != 0:
         torch.distributed.barrier()  # rank 0 fills the cache first
-    train_eps, val_eps = load(train_bags), load(val_bags)
+    train_eps, val_eps, world_eps = load(train_bags), load(val_bags), load(world_bags)
     if world > 1 and rank == 0:
         torch.distributed.barrier()
     bar.close()
-    block_length_ok(train_eps + val_eps)
+    block_length_ok(train_eps + val_eps + world_eps)
 
     if args.action_stats == 'keep':
         new_min, new_max = cfg.action_min, cfg.action_max
@@ -323,7 +334,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                + ranges_table(cfg.action_min, cfg.action_max, new_min, new_max))
     cfg = cfg.replace(action_min=tuple(new_min), action_max=tuple(new_max))
     tok = ActionTokenizer(cfg.action_min, cfg.action_max)
-    train_samples = build_samples(train_eps, args.mode, text, tok, cfg)
+    train_samples = build_samples(train_eps, args.mode, text, tok, cfg) + build_samples(world_eps, 'world', text,
+                                                                                        tok, cfg)
     val_samples = build_samples(val_eps, args.mode, text, tok, cfg)
     if not train_samples:
         raise DataError('the training bags give no training sequences')
@@ -433,6 +445,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         'steps': args.steps, 'batch_size': args.batch_size, 'accumulation': args.accumulation, 'processes': world,
         'fsdp': args.fsdp, 'precision': precision, 'device': str(device), 'lr': settings.lr,
         'train_bags': [str(b) for b in train_bags], 'val_bags': [str(b) for b in val_bags],
+        'world_only_bags': [str(b) for b in world_bags],
         'train_sequences': len(train_samples), 'val_sequences': len(val_samples),
         'action_stats': args.action_stats, 'action_min': list(cfg.action_min), 'action_max': list(cfg.action_max),
         'best': best, 'validation': evals, 'seconds_this_run': round(seconds, 1),
