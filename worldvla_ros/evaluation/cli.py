@@ -15,6 +15,8 @@ Float64MultiArray; topics are found by type when a bag has one of a kind. Exit s
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shutil
 import sys
 import time
@@ -252,23 +254,37 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
         raise BagError(f'unknown monitor signals {sorted(unknown)}; known: {", ".join(LIKELIHOOD_SIGNALS)}, '
                        'frame_change')
 
+    # what can fail without the model fails before it loads: the output place, the rate, too little data
+    target = Path(args.calibrate_monitor)
+    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK) or target.is_dir():
+        raise BagError(f'cannot write {target}: not a file in a writable directory')
+    if not 0.0 < args.false_alarm_rate < 1.0:
+        raise BagError(f'--false-alarm-rate must lie in (0, 1), got {args.false_alarm_rate}')
+    pairs = []  # (episode, frame index, frames a control period later)
+    skipped = 0
+    for ep in episodes:
+        step = max(1, round(1.0 / (ep.period_s * control_rate))) if ep.period_s > 0 else 1
+        for i in range(len(ep.frames) - step):
+            if np.all(np.isfinite(ep.actions[i])):
+                pairs.append((ep, i, step))
+            else:
+                skipped += 1  # no recorded command for this frame
+    needed = math.ceil(2 / args.false_alarm_rate)
+    if len(pairs) < needed:
+        raise BagError(f'the bags hold {len(pairs)} transitions with a command, too few for a false-alarm rate of '
+                       f'{args.false_alarm_rate} (need at least {needed})')
+
     overrides = {k: int(action_params[k]) for k in ('chunk_size', 'history_frames') if action_params.get(k)}
     policy = load_policy(args.checkpoint, args.device, args.dtype, args.tokenizer_dir or None, **overrides)
-    signals, skipped = [], 0
-    total = sum(len(e.frames) for e in episodes)
-    with tqdm(total=total, unit='frame', disable=args.no_progress, desc='monitor', file=sys.stderr) as bar:
-        for ep in episodes:
-            step = max(1, round(1.0 / (ep.period_s * control_rate))) if ep.period_s > 0 else 1  # frames a period
-            for i in range(len(ep.frames) - step):
-                bar.update()
-                if not np.all(np.isfinite(ep.actions[i])):
-                    skipped += 1  # no recorded command for this frame
-                    continue
-                before, after = ep.frames[i], ep.frames[i + step]
-                lik = policy.transition_likelihood(before, ep.actions[i], after)
-                values = likelihood_signals(lik.bits[0], lik.expected_bits[0], lik.variance[0], lik.bits[1])
-                values['frame_change'] = frame_change(policy.model_frame(before), policy.model_frame(after))
-                signals.append(values)
+    signals = []
+    with tqdm(total=len(pairs), unit='transition', disable=args.no_progress, desc='monitor', file=sys.stderr) as bar:
+        for ep, i, step in pairs:
+            bar.update()
+            before, after = ep.frames[i], ep.frames[i + step]
+            lik = policy.transition_likelihood(before, ep.actions[i], after)
+            values = likelihood_signals(lik.bits[0], lik.expected_bits[0], lik.variance[0], lik.bits[1])
+            values['frame_change'] = frame_change(policy.model_frame(before), policy.model_frame(after))
+            signals.append(values)
     try:
         cal = calibrate(signals, args.false_alarm_rate, chosen, model_id=policy.model_id)
     except CalibrationError as exc:
