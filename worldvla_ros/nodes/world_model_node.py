@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,9 +147,11 @@ class WorldModelNode(GuardedNode):
         self.create_subscription(EndEffectorCommand, 'worldvla/ee_command', self._on_command, reliable_qos(50),
                                  callback_group=sensors)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
-        self._worker = threading.Thread(target=self._imagine_loop, name='worldvla-imagine', daemon=True)
+        self._worker = threading.Thread(target=self._serve, args=(self._chunk_event, self._next_chunk,
+                                        self._imagine_next), name='worldvla-imagine', daemon=True)
         self._worker.start()
-        self._monitor = threading.Thread(target=self._monitor_loop, name='worldvla-monitor', daemon=True)
+        self._monitor = threading.Thread(target=self._serve, args=(self._transition_event, self._next_transition,
+                                         self._score_transition), name='worldvla-monitor', daemon=True)
         self._monitor.start()
         self.get_logger().info(f'ready: world model {self.policy.model_id} on {self.policy.device}')
 
@@ -187,27 +190,21 @@ class WorldModelNode(GuardedNode):
             self._transitions.append((last[2], last[0], latest[1], latest[2]))
         self._transition_event.set()
 
-    def _monitor_loop(self) -> None:
-        self.policy.use_cpu_threads(self.get_parameter('cpu_threads').value)
-        while self._running:
-            if not self._transition_event.wait(timeout=0.1):
-                continue
-            self._transition_event.clear()
-            while self._running:
-                with self._lock:
-                    if not self._transitions:
-                        break
-                    job = self._transitions.popleft()
-                    self._monitoring = True
-                try:
-                    self._monitor_transition(*job)
-                except Exception as exc:  # a failed score must not kill the monitor
-                    if not self.context.ok() or not self._running:
-                        return
-                    self.stats.count('monitor_errors')
-                    self.get_logger().error(f'monitor failed: {exc!r}', throttle_duration_sec=2.0)
-                finally:
-                    self._monitoring = False
+    def _next_transition(self) -> tuple | None:
+        with self._lock:
+            job = self._transitions.popleft() if self._transitions else None
+            self._monitoring = job is not None
+        return job
+
+    def _score_transition(self, job: tuple) -> None:
+        try:
+            self._monitor_transition(*job)
+        except Exception as exc:  # a failed score must not kill the monitor
+            if self.context.ok() and self._running:
+                self.stats.count('monitor_errors')
+                self.get_logger().error(f'monitor failed: {exc!r}', throttle_duration_sec=2.0)
+        finally:
+            self._monitoring = False
 
     def _monitor_transition(self, frame: np.ndarray, action: np.ndarray, real: np.ndarray, header: Header) -> None:
         """Score one real transition, publish its signals and excess-bits map, update the alert (and hold)."""
@@ -263,21 +260,27 @@ class WorldModelNode(GuardedNode):
     def _tolerance_ns(self) -> float:
         return self.get_parameter('match_tolerance').value * 1e9
 
-    def _imagine_loop(self) -> None:
+    def _serve(self, event: threading.Event, take: Callable[[], Any], handle: Callable[[Any], None]) -> None:
+        """A worker thread: woken by ``event``, handles what ``take`` returns until it returns None."""
         self.policy.use_cpu_threads(self.get_parameter('cpu_threads').value)
         while self._running:
-            if not self._chunk_event.wait(timeout=0.1):
+            if not event.wait(timeout=0.1):
                 continue
-            self._chunk_event.clear()
-            with self._lock:
-                chunk, self._chunk = self._chunk, None
-                self._imagining = chunk is not None
-            if chunk is None:
-                continue
-            try:
-                self._imagine_chunk(chunk)
-            finally:
-                self._imagining = False
+            event.clear()
+            while self._running and (job := take()) is not None:
+                handle(job)
+
+    def _next_chunk(self) -> ActionChunk | None:
+        with self._lock:
+            chunk, self._chunk = self._chunk, None
+            self._imagining = chunk is not None
+        return chunk
+
+    def _imagine_next(self, chunk: ActionChunk) -> None:
+        try:
+            self._imagine_chunk(chunk)
+        finally:
+            self._imagining = False
 
     def _imagine_chunk(self, chunk: ActionChunk) -> None:
         """Roll the world model out from the chunk's frame; each imagined frame is published and scored."""
