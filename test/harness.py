@@ -73,9 +73,11 @@ class Harness:
         return lambda m: self._add(store, m)
 
     def _on_diag(self, m: DiagnosticArray) -> None:
+        merged: dict[str, dict[str, str]] = {}  # a node may report several statuses (the world model's monitor)
         for s in m.status:
-            with self.lock:
-                self.diag[s.hardware_id] = {kv.key: kv.value for kv in s.values}
+            merged.setdefault(s.hardware_id, {}).update({kv.key: kv.value for kv in s.values})
+        with self.lock:
+            self.diag.update(merged)
 
     def now_ns(self) -> int:
         return self.node.get_clock().now().nanoseconds

@@ -128,6 +128,8 @@ def test_the_calibration_file_round_trips_and_hostile_ones_are_refused(tmp_path:
     assert back.thresholds == cal.thresholds and back.model_id == 'tabletop@x' and back.transitions == 400
     assert back.alarm({'peak_excess_bits': 3.6, 'action_consistency': 0.0}) == ['peak_excess_bits']
     assert back.alarm({'peak_excess_bits': 3.5}) == []  # at the threshold is normal; a missing signal never alarms
+    assert back.fits('tabletop@x') and back.fits('x') and not back.fits('tabletop@y')  # the digest decides
+    assert Calibration({'peak_excess_bits': 1.0}, 0.05, 100).fits('anything@z')
     good = json.loads(path.read_text())
     cases = {
         'not json': '{', 'a list': '[]', 'wrong format': json.dumps({**good, 'format': 'x'}),

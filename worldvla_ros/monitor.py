@@ -80,6 +80,12 @@ class Calibration:
     measured_rate: float = 0.0
     source: list[str] = field(default_factory=list)
 
+    def fits(self, model_id: str) -> bool:
+        """Whether these thresholds were found for ``model_id``'s weights: ids are ``<directory>@<config digest>``
+        and a checkpoint's directory name differs between the source tree and an install, so the digest decides.
+        An empty id (a hand-written file) fits any model."""
+        return not self.model_id or self.model_id.split('@')[-1] == model_id.split('@')[-1]
+
     def alarm(self, signals: Mapping[str, float]) -> list[str]:
         """The signals above their thresholds (an alarm when not empty); a missing signal never alarms."""
         return [k for k, t in self.thresholds.items() if k in signals and signals[k] > t]

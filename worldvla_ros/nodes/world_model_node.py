@@ -109,7 +109,7 @@ class WorldModelNode(GuardedNode):
                 raise StartupError(str(exc)) from exc
             self.get_logger().info(f'monitor calibrated from {calibration}: false alarms '
                                    f'{self._calibration.false_alarm_rate:g} per transition')
-            if self._calibration.model_id and self._calibration.model_id != self.policy.model_id:
+            if not self._calibration.fits(self.policy.model_id):
                 self.get_logger().warning(f'the monitor was calibrated for {self._calibration.model_id}, not '
                                           f'{self.policy.model_id}: recalibrate, its false-alarm rate does not hold')
         self._lock = threading.Lock()
