@@ -19,7 +19,7 @@ from worldvla_ros.bringup import default_config
 from worldvla_ros.image_conversion import fill_image_msg
 from worldvla_ros.model import load_policy
 from worldvla_ros.monitor import calibrate, likelihood_signals
-from worldvla_ros.nodes.common import reliable_qos
+from worldvla_ros.nodes.common import latched_qos, reliable_qos
 from worldvla_ros.sim.anomalies import normal_transition
 from worldvla_ros.sim.bundled import bundled_checkpoint
 from worldvla_ros.sim.record import with_exploration_noise
@@ -134,6 +134,14 @@ def test_sustained_surprise_raises_diagnostics_and_when_enabled_latches_the_esto
         time.sleep(1.0)
         with lock:
             assert estops == [True]  # latched once, not once per surprising frame
+        late: list[bool] = []  # a reader that joins now (e.g. a restarted action node) gets the latched value
+        n.create_subscription(Bool, 'worldvla/estop', lambda m: late.append(m.data), latched_qos())
+        assert h.wait_for(lambda: late == [True], timeout=10, frames=False), late
+        play(6, surprising=False, seed=680_000)  # back to normal: the latched `true` is replaced by a `false`
+        assert h.wait_for(lambda: estops == [True, False], timeout=20, frames=False), estops
+        later: list[bool] = []
+        n.create_subscription(Bool, 'worldvla/estop', lambda m: later.append(m.data), latched_qos())
+        assert h.wait_for(lambda: later == [False], timeout=10, frames=False), later
         assert 'e-stop latched' in node.log()
         time.sleep(1.0)
         with lock:

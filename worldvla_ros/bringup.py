@@ -195,7 +195,7 @@ def run_demo(seconds: float, episodes: int, namespace: str = '') -> int:
 
     rclpy.init()
     node = rclpy.create_node('worldvla_demo', namespace=namespace or None)
-    seen = {'chunks': 0, 'commands': 0, 'holds': 0, 'imagined': 0, 'scored': 0}
+    seen = {'chunks': 0, 'commands': 0, 'holds': 0, 'imagined': 0, 'scored': 0, 'monitored': 0, 'alarms': 0}
     last: dict[str, object] = {}
     results: list[dict] = []
 
@@ -220,6 +220,12 @@ def run_demo(seconds: float, episodes: int, namespace: str = '') -> int:
         'imagined', seen['imagined'] + 1), reliable_qos())
     node.create_subscription(Float64MultiArray, 'worldvla/surprise', lambda m: (
         seen.__setitem__('scored', seen['scored'] + 1), last.__setitem__('surprise', list(m.data))), reliable_qos())
+    def on_monitor(m: Float64MultiArray) -> None:  # [signals…, alarm, level]
+        seen['monitored'] += 1
+        seen['alarms'] += int(m.data[-2] > 0)
+        last['level'] = int(m.data[-1])
+
+    node.create_subscription(Float64MultiArray, 'worldvla/monitor', on_monitor, reliable_qos(50))
     start = next_print = time.monotonic()
     try:
         while time.monotonic() - start < seconds and len(results) < episodes:
@@ -232,7 +238,9 @@ def run_demo(seconds: float, episodes: int, namespace: str = '') -> int:
                       f'  holds {seen["holds"]}  imagined {seen["imagined"]}  scored {seen["scored"]}'
                       + (f'  latency {lat * 1e3:.0f} ms' if lat else '')
                       + (f'  last cmd {last["cmd"]}' if 'cmd' in last else '')
-                      + (f'  surprise psnr {sur[1]:.1f} dB ssim {sur[2]:.2f}' if sur else ''), flush=True)
+                      + (f'  surprise psnr {sur[1]:.1f} dB ssim {sur[2]:.2f}' if sur else '')
+                      + (f'  monitor {seen["monitored"]} transitions, {seen["alarms"]} alarms, level '
+                         f'{("OK", "WARN", "ERROR")[last["level"]]}' if 'level' in last else ''), flush=True)
     finally:
         node.destroy_node()
         rclpy.shutdown()

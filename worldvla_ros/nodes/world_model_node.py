@@ -50,6 +50,7 @@ from worldvla_ros.nodes.common import (
     StartupError,
     declare_all,
     diagnostics_msg,
+    latched_qos,
     load_node_policy,
     reject_changes_of,
     reliable_qos,
@@ -138,7 +139,9 @@ class WorldModelNode(GuardedNode):
         self.surprise_pub = self.create_publisher(Float64MultiArray, 'worldvla/surprise', reliable_qos(10))
         self.monitor_pub = self.create_publisher(Float64MultiArray, 'worldvla/monitor', reliable_qos(10))
         self.map_pub = self.create_publisher(Image, 'worldvla/surprise_map', reliable_qos(5))
-        self.estop_pub = self.create_publisher(Bool, 'worldvla/estop', reliable_qos(10))
+        # latched, so that both of the action node's e-stop readers match it; a `false` once the surprise is over
+        # replaces the latched `true` (a `false` never unlatches an e-stop, a restarted action node is not stopped)
+        self.estop_pub = self.create_publisher(Bool, 'worldvla/estop', latched_qos())
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', reliable_qos())
         sensors = MutuallyExclusiveCallbackGroup()
         CameraInput(self, p['use_compressed'], self._on_frame, self._on_reject, sensors)
@@ -219,9 +222,10 @@ class WorldModelNode(GuardedNode):
             self._alert_signals = above if above else self._alert_signals if level else []
             self._last_signals = signals
             hold = level == 2 and self.get_parameter('hold_on_surprise').value and not self._held_on_surprise
+            over = level == 0 and self._held_on_surprise
             if hold:
                 self._held_on_surprise = True
-            elif level == 0:
+            elif over:
                 self._held_on_surprise = False
         self.stats.count('transitions_scored')
         if above:
@@ -233,6 +237,8 @@ class WorldModelNode(GuardedNode):
         heat = fill_image_msg(Image(), excess_map(lik.bits[0], lik.expected_bits[0], self.policy.resolution))
         heat.header = header
         self.map_pub.publish(heat)
+        if over:
+            self.estop_pub.publish(Bool(data=False))  # clears the latched `true`; the e-stop stays latched
         if hold:
             self.estop_pub.publish(Bool(data=True))
             self.stats.count('surprise_holds')
