@@ -1,8 +1,9 @@
 """Normal and anomalous transitions of the tabletop sim, for measuring the world-model monitor.
 
-Use held-out layout seeds (100000–199999; the bundled model's training data came from the other ranges,
-``scripts/train_dagger_chain.sh``): calibrated on layouts from 240000 on and tested on 150000 on, the
-monitor alarmed on 11–15 % of normal transitions instead of 5 % (the other way round: 3 %).
+Use held-out layout seeds (100000–199999): the bundled model's training used 0–999, 200000–211999,
+300000–303999, 400000–401499, 500000–511499 and, for its last fine-tune, 700000+ and 720000+. Calibrated
+on layouts from 240000 on and tested on layouts from 150000 on, the monitor alarmed on 11–15 % of normal
+transitions instead of 5 % (3 % the other way round), for a reason not found; the benchmark keeps to one range.
 
 A transition is (frame, commanded action, real next frame). Normal: the expert's command executed.
 Anomalies, each on its own held-out layout:
