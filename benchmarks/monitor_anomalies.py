@@ -35,8 +35,6 @@ from worldvla_ros.sim.anomalies import KINDS, anomalous_transition, normal_trans
 from worldvla_ros.sim.bundled import bundled_checkpoint
 from worldvla_ros.sim.closed_loop import HELD_OUT_SEED
 
-BASELINES = ('frame_change', 'imagined_psnr', 'imagined_ssim')
-
 
 def score(policy, t, imagine: bool, costs: dict[str, list[float]]) -> dict[str, float]:
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ from worldvla.msg import EndEffectorCommand
 from worldvla_ros.bringup import default_config
 from worldvla_ros.image_conversion import fill_image_msg
 from worldvla_ros.model import load_policy
-from worldvla_ros.monitor import calibrate, likelihood_signals
+from worldvla_ros.monitor import calibrate, transition_signals
 from worldvla_ros.nodes.common import latched_qos, reliable_qos
 from worldvla_ros.sim.anomalies import normal_transition
 from worldvla_ros.sim.bundled import bundled_checkpoint
@@ -43,7 +43,7 @@ def calibrated_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i in range(100):
         t = normal_transition(600_000 + i)
         lik = policy.transition_likelihood(t.frame, t.action, t.next_frame)
-        signals.append(likelihood_signals(lik.bits[0], lik.expected_bits[0], lik.variance[0], lik.bits[1]))
+        signals.append(transition_signals(lik, policy.model_frame(t.frame), policy.model_frame(t.next_frame)))
     root = tmp_path_factory.mktemp('monitor') / 'tabletop'
     shutil.copytree(bundled_checkpoint(), root)
     calibrate(signals, 0.02, model_id=policy.model_id).save(root / CALIBRATION_FILE)

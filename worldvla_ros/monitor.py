@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,15 @@ def likelihood_signals(bits: np.ndarray, expected: np.ndarray, variance: np.ndar
     }
     if bits_still is not None:
         out['action_consistency'] = float(np.mean(bits) - np.mean(bits_still))
+    return out
+
+
+def transition_signals(likelihood: Any, frame: np.ndarray, next_frame: np.ndarray) -> dict[str, float]:
+    """Every signal of one transition: the likelihood signals of a two-row ``CodeLikelihood`` (commanded action,
+    no motion) and the frame change between the two model-resolution frames."""
+    lik = likelihood
+    out = likelihood_signals(lik.bits[0], lik.expected_bits[0], lik.variance[0], lik.bits[1])
+    out['frame_change'] = frame_change(frame, next_frame)
     return out
 
 
@@ -118,6 +126,11 @@ class Calibration:
                    float(data.get('measured_rate', 0.0)), list(data.get('source', [])))
 
 
+def min_transitions(false_alarm_rate: float) -> int:
+    """Normal transitions needed to calibrate for ``false_alarm_rate``: at least two above the threshold."""
+    return math.ceil(2 / false_alarm_rate)
+
+
 def calibrate(normal: Sequence[Mapping[str, float]], false_alarm_rate: float,
               signals: Sequence[str] = DEFAULT_ALERT_SIGNALS, model_id: str = '') -> Calibration:
     """Thresholds at one common quantile of each signal's normal values, chosen so that the share of normal
@@ -129,15 +142,15 @@ def calibrate(normal: Sequence[Mapping[str, float]], false_alarm_rate: float,
         raise CalibrationError(f'signals missing from some transitions: {missing}')
     values = np.array([[n[s] for s in signals] for n in normal], dtype=np.float64).reshape(len(normal), len(signals))
     values = values[np.isfinite(values).all(axis=1)]
-    if len(values) < math.ceil(2 / false_alarm_rate):
+    if len(values) < min_transitions(false_alarm_rate):
         raise CalibrationError(f'{len(values)} normal transitions are too few for a false-alarm rate of '
-                               f'{false_alarm_rate} (need at least {math.ceil(2 / false_alarm_rate)})')
+                               f'{false_alarm_rate} (need at least {min_transitions(false_alarm_rate)})')
     ranks = np.argsort(np.argsort(values, axis=0), axis=0)  # 0 … n-1 per signal
     n = len(values)
     # a threshold just above the value of rank r alarms on ranks > r; alarms(r) = rows whose max rank > r
     worst = ranks.max(axis=1)
     allowed = math.floor(false_alarm_rate * n)
-    r = int(np.sort(worst)[n - 1 - allowed]) if allowed < n else 0  # alarm only on rows above this rank
+    r = int(np.sort(worst)[n - 1 - allowed])  # alarm only on rows above this rank (allowed < n: the rate is < 1)
     ordered = np.sort(values, axis=0)
     thresholds = {s: float(ordered[r, i]) for i, s in enumerate(signals)}
     measured = float(np.mean((values > ordered[r][None]).any(axis=1)))
@@ -151,11 +164,9 @@ class AlertState:
     warn_after: int = 2
     error_after: int = 5
     streak: int = 0
-    history: deque[bool] = field(default_factory=lambda: deque(maxlen=100))
 
     def update(self, alarm: bool) -> int:
         """The diagnostics level after one transition: 0 OK, 1 WARN, 2 ERROR."""
-        self.history.append(alarm)
         self.streak = self.streak + 1 if alarm else 0
         return self.level
 

@@ -15,7 +15,6 @@ Float64MultiArray; topics are found by type when a bag has one of a kind. Exit s
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -244,8 +243,8 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
         LIKELIHOOD_SIGNALS,
         CalibrationError,
         calibrate,
-        frame_change,
-        likelihood_signals,
+        min_transitions,
+        transition_signals,
     )
 
     chosen = tuple(args.monitor_signals or DEFAULT_ALERT_SIGNALS)
@@ -269,7 +268,7 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
                 pairs.append((ep, i, step))
             else:
                 skipped += 1  # no recorded command for this frame
-    needed = math.ceil(2 / args.false_alarm_rate)
+    needed = min_transitions(args.false_alarm_rate)
     if len(pairs) < needed:
         raise BagError(f'the bags hold {len(pairs)} transitions with a command, too few for a false-alarm rate of '
                        f'{args.false_alarm_rate} (need at least {needed})')
@@ -282,9 +281,7 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
             bar.update()
             before, after = ep.frames[i], ep.frames[i + step]
             lik = policy.transition_likelihood(before, ep.actions[i], after)
-            values = likelihood_signals(lik.bits[0], lik.expected_bits[0], lik.variance[0], lik.bits[1])
-            values['frame_change'] = frame_change(policy.model_frame(before), policy.model_frame(after))
-            signals.append(values)
+            signals.append(transition_signals(lik, policy.model_frame(before), policy.model_frame(after)))
     try:
         cal = calibrate(signals, args.false_alarm_rate, chosen, model_id=policy.model_id)
     except CalibrationError as exc:

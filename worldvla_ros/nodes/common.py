@@ -311,14 +311,18 @@ class Stats:
         return out
 
 
-def diagnostics_msg(node: Node, name: str, level: int, message: str, values: dict[str, str]) -> DiagnosticArray:
-    arr = DiagnosticArray()
-    arr.header.stamp = node.get_clock().now().to_msg()
+def diagnostic_status(node: Node, name: str, level: int, message: str, values: dict[str, str]) -> DiagnosticStatus:
     # the node's full name: robots in different namespaces must not report as one
     status = DiagnosticStatus(level=bytes([level]), name=name, message=message,
                               hardware_id=node.get_fully_qualified_name().lstrip('/'))
     status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
-    arr.status = [status]
+    return status
+
+
+def diagnostics_msg(node: Node, name: str, level: int, message: str, values: dict[str, str]) -> DiagnosticArray:
+    arr = DiagnosticArray()
+    arr.header.stamp = node.get_clock().now().to_msg()
+    arr.status = [diagnostic_status(node, name, level, message, values)]
     return arr
 
 

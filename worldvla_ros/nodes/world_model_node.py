@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.time import Time
 from sensor_msgs.msg import Image
@@ -38,8 +38,7 @@ from worldvla_ros.monitor import (
     Calibration,
     CalibrationError,
     excess_map,
-    frame_change,
-    likelihood_signals,
+    transition_signals,
 )
 from worldvla_ros.nodes.common import (
     CAMERA_PARAMETERS,
@@ -49,6 +48,7 @@ from worldvla_ros.nodes.common import (
     Param,
     StartupError,
     declare_all,
+    diagnostic_status,
     diagnostics_msg,
     latched_qos,
     load_node_policy,
@@ -213,13 +213,12 @@ class WorldModelNode(GuardedNode):
         """Score one real transition, publish its signals and excess-bits map, update the alert (and hold)."""
         t = time.perf_counter()
         lik = self.policy.transition_likelihood(frame, action, real)
-        signals = likelihood_signals(lik.bits[0], lik.expected_bits[0], lik.variance[0], lik.bits[1])
-        signals['frame_change'] = frame_change(frame, real)
+        signals = transition_signals(lik, frame, real)
         self.stats.duration('monitor', time.perf_counter() - t)
         above = self._calibration.alarm(signals) if self._calibration is not None else []
         with self._lock:
             level = self._alerts.update(bool(above))
-            self._alert_signals = above if above else self._alert_signals if level else []
+            self._alert_signals = above  # a raised level means this transition alarmed too
             self._last_signals = signals
             hold = level == 2 and self.get_parameter('hold_on_surprise').value and not self._held_on_surprise
             over = level == 0 and self._held_on_surprise
@@ -364,14 +363,11 @@ class WorldModelNode(GuardedNode):
             message = f'sustained surprise: {streak} transitions in a row above threshold ({", ".join(above)})'
         else:
             message = 'as expected'
-        status = DiagnosticStatus(level=bytes([level]), name='worldvla: world model monitor', message=message,
-                                  hardware_id=msg.status[0].hardware_id)
         kv = {'calibrated': str(cal is not None).lower(), 'streak': str(streak),
               **({'false_alarm_rate': str(cal.false_alarm_rate)} if cal else {}),
               **{k: f'{v:.4g}' for k, v in last.items()},
               **({f'threshold_{k}': f'{v:.4g}' for k, v in cal.thresholds.items()} if cal else {})}
-        status.values = [KeyValue(key=k, value=v) for k, v in kv.items()]
-        msg.status.append(status)
+        msg.status.append(diagnostic_status(self, 'worldvla: world model monitor', level, message, kv))
         self.diag_pub.publish(msg)
 
     def close(self) -> bool:
