@@ -43,9 +43,14 @@ deps_stamp=$(stamp_of "$ros_requirements" "$repo/setup.py" "$repo/scripts/instal
 if [ "$(cat "$venv/.worldvla-deps" 2>/dev/null)" != "$deps_stamp" ]; then
   log "installing torch ($torch_spec), ROS 2 $distro wheels and Python dependencies"
   quiet_pip install --upgrade pip
-  quiet_pip install --no-compile "$torch_spec"  # what is imported is byte-compiled on first import, not all of torch
+  quiet_pip install --no-compile "$torch_spec"  # byte-compiled below, in parallel
   quiet_pip install -r "$ros_requirements"
   quiet_pip install -e "$repo[test,eval,train]"
+  # Byte-compile everything now: where PYTHONDONTWRITEBYTECODE is set (CI sets it) nothing is compiled on import,
+  # and every process that imports torch compiled torch and sympy from source again (measured: 12 s instead of
+  # 6 s per node start)
+  env -u PYTHONDONTWRITEBYTECODE "$venv/bin/python" -m compileall -q -j 0 \
+    "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null 2>&1 || true
   echo "$deps_stamp" > "$venv/.worldvla-deps"
   rm -f "$venv/.worldvla-msgs"
 fi
@@ -80,6 +85,7 @@ if [ "$(cat "$venv/.worldvla-msgs" 2>/dev/null)" != "$msgs_stamp" ]; then
     && cmake --build "$build" -j "$(nproc)" >>"$build.log" 2>&1 \
     && cmake --install "$build" >>"$build.log" 2>&1 \
     || { tail -n 40 "$build.log" >&2; echo "error: building msg/ failed, full log: $build.log" >&2; exit 1; }
+  env -u PYTHONDONTWRITEBYTECODE "$venv/bin/python" -m compileall -q "$site/worldvla" >/dev/null 2>&1 || true
   echo "$msgs_stamp" > "$venv/.worldvla-msgs"
 fi
 

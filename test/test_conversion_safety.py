@@ -105,7 +105,7 @@ def test_negative_step_limit_is_refused() -> None:
 
 @pytest.mark.parametrize('text', ['pick up\x00 the bowl', '\x1b[31mput\x1b[0m it', 'put \u202eeht lwob', 'a\x9b31mb'])
 def test_instructions_with_control_characters_are_refused(text: str) -> None:
-    from worldvla_ros.model.policy import check_instruction
+    from worldvla_ros.model.prompts import check_instruction
 
     with pytest.raises(ValueError, match='control characters') as err:
         check_instruction(text, 512)

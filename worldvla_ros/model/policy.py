@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from .engine import (
 from .generate import ImageSampling, generate_chunk_batched, generate_chunk_sequential, generate_image_block
 from .image_tokenizer import ImageTokenizer, to_model_frame
 from .likelihood import CodeLikelihood, next_block_likelihood, still_action
-from .prompts import action_prompt, world_model_prompt
+from .prompts import action_prompt, check_instruction, world_model_prompt
 from .text_tokenizer import TextTokenizer
 
 
@@ -65,24 +64,6 @@ class ActionPrediction:
 
 
 # Bidirectional-text controls reorder what a log shows ("Trojan source"); other format characters stay.
-_BIDI_CONTROLS = set('\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069')
-
-
-def check_instruction(instruction: str, max_chars: int) -> str:
-    """Whitespace collapsed to single spaces; ValueError for empty or over-long text and for
-    control characters (NUL, escape sequences, bidi overrides), which no instruction needs."""
-    text = ' '.join(str(instruction).split())
-    if not text:
-        raise ValueError('instruction is empty')
-    if len(text) > max_chars:
-        raise ValueError(f'instruction has {len(text)} characters, at most {max_chars}')
-    bad = [ch for ch in text if unicodedata.category(ch) == 'Cc' or ch in _BIDI_CONTROLS]
-    if bad:
-        raise ValueError(f'instruction contains control characters ({", ".join(sorted({ascii(c) for c in bad}))}): '
-                         f'{text[:80]!a}')
-    return text
-
-
 class WorldVLAPolicy:
     """One loaded checkpoint: ``predict_actions`` (action model) and ``imagine`` (world model).
 

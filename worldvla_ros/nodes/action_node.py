@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from builtin_interfaces.msg import Time as TimeMsg
@@ -49,7 +49,7 @@ from worldvla.msg import ActionChunk, EndEffectorCommand
 from worldvla_ros.chunk_merge import merge_chunk
 from worldvla_ros.image_conversion import ImageRejected
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN, LIBERO_ACTION_SCALE
-from worldvla_ros.model.policy import WorldVLAPolicy, check_instruction
+from worldvla_ros.model.prompts import check_instruction
 from worldvla_ros.nodes.common import (
     CAMERA_PARAMETERS,
     MODEL_PARAMETERS,
@@ -67,6 +67,9 @@ from worldvla_ros.nodes.common import (
 )
 from worldvla_ros.robot_outputs import gripper_positions, pose_target, twist_from_action
 from worldvla_ros.safety import SafetyFilter, SafetyLimits, UnsafeChunk, at_rest, changed_values
+
+if TYPE_CHECKING:  # torch and transformers load with the model (configure), not at import: a refused start is quick
+    from worldvla_ros.model.policy import WorldVLAPolicy
 
 PARAMETERS: dict[str, Param] = {
     **MODEL_PARAMETERS,
