@@ -4,11 +4,14 @@
     python benchmarks/model_core.py --config bundled --device cpu   # the bundled tabletop model, sim frames
     python benchmarks/model_core.py --config 7b --device cuda --dtype bfloat16   # random weights
 
-Reports prefill ms, ms per action chunk (sequential, batched, batched on the static-cache engine, plain
+Reports prefill ms, ms per action chunk (sequential, batched, batched on the static-cache engine, the
+same with the decode step captured — ``--capture``, CUDA graphs by default on a GPU —, plain
 transformers ``generate``),
 ms per world-model frame (``world_model_frame_reference_ms``: transformers' forward a token at a step;
 ``_engine_ms``: the static-cache engine; ``_drafted_ms``: greedy verified against the current frame's
-tokens, what ``WorldVLAPolicy.imagine`` uses; ``world_model_frame_ms`` = drafted) and peak memory.
+tokens, what ``WorldVLAPolicy.imagine`` uses; ``world_model_frame_ms`` = drafted; with classifier-free
+guidance (scale 3): ``_cfg_ms``, both streams one batch of two rows, ``_cfg_two_sessions_ms``, two
+sessions) and peak memory.
 The 7B config uses random weights: speed and memory are those of the real model, the outputs are not
 (random weights accept few draft tokens: drafted decoding is measured on the bundled model).
 """
@@ -28,19 +31,23 @@ from transformers import ChameleonConfig, ChameleonForConditionalGeneration, Dyn
 
 from worldvla_ros.model import load_policy, make_tiny_checkpoint
 from worldvla_ros.model import tokens as T
-from worldvla_ros.model.attention_mask import additive_mask
+from worldvla_ros.model.attention_mask import action_attention_mask_rows, additive_mask
 from worldvla_ros.model.config import RELEASE_7B, WorldVLAConfig
 from worldvla_ros.model.engine import (
     DecodeEngine,
+    EngineSession,
     engine_chunk_batched,
     engine_image_block,
     engine_image_block_drafted,
 )
 from worldvla_ros.model.generate import (
+    ImageSampling,
+    SessionPair,
     forward_logits,
     generate_chunk_batched,
     generate_chunk_sequential,
     generate_image_block,
+    image_block_loop,
 )
 from worldvla_ros.model.prompts import action_prompt, world_model_prompt
 from worldvla_ros.model.tiny import build_vocab
@@ -56,6 +63,28 @@ def timed(fn, repeats: int, sync) -> float:
         sync()
         samples.append((time.perf_counter() - t) * 1e3)
     return statistics.median(samples)
+
+
+def captured_chunk(engine: DecodeEngine, prompt: list[int], k: int, args: argparse.Namespace, sync) -> dict:
+    """The engine's chunk with the decode step captured: ms, the first call's ms (recording/compiling) and
+    whether its tokens are the uncaptured step's."""
+    how = args.capture if args.capture != 'auto' else ('cuda_graph' if engine.device.type == 'cuda' else 'off')
+    if how == 'off':
+        return {}
+    expected = engine_chunk_batched(engine, prompt, k, min_actions=k).tokens
+    engine.capture(how)
+    t = time.perf_counter()
+    first = engine_chunk_batched(engine, prompt, k, min_actions=k).tokens
+    sync()
+    first_ms = (time.perf_counter() - t) * 1e3
+    out = {'capture': how, 'chunk_captured_first_call_ms': first_ms,
+           'chunk_captured_ms': timed(lambda: engine_chunk_batched(engine, prompt, k, min_actions=k), args.repeats,
+                                      sync),
+           'chunk_captured_tokens_equal': first == expected
+           and engine_chunk_batched(engine, prompt, k, min_actions=k).tokens == expected,
+           'capture_error': engine.capture_error}
+    engine.release_capture()
+    return out
 
 
 def random_7b(device: torch.device, dtype: torch.dtype) -> ChameleonForConditionalGeneration:
@@ -79,6 +108,8 @@ def main() -> None:
     parser.add_argument('--chunk-size', type=int, default=10)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--skip-world-model', action='store_true')
+    parser.add_argument('--capture', choices=['auto', 'cuda_graph', 'compile', 'off'], default='auto',
+                        help='also time the chunk on a captured decode step (auto: CUDA graphs on a GPU, off on CPU)')
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -127,6 +158,7 @@ def main() -> None:
         'chunk_batched_ms': timed(lambda: generate_chunk_batched(lm, prompt, k, min_actions=k), args.repeats, sync),
         'chunk_engine_ms': timed(lambda: engine_chunk_batched(engine, prompt, k, min_actions=k), args.repeats, sync),
         'chunk_transformers_generate_ms': timed(hf_generate, args.repeats, sync),
+        **captured_chunk(engine, prompt, k, args, sync),
         'vq_encode_2_frames_ms': timed(lambda: policy.images.encode(frames), args.repeats, sync),
     }
     if not args.skip_world_model:
@@ -147,6 +179,18 @@ def main() -> None:
             engine, wm_prompt, frame_block, image_ids, policy.draft_window)[1]
         result['world_model_image_tokens'] = grid * grid
         result['world_model_frame_ms'] = result['world_model_frame_drafted_ms']
+        guided = ImageSampling(cfg_scale=3.0)
+
+        @torch.inference_mode()
+        def guided_two_sessions() -> None:
+            header = [T.IMAGE_START, grid_token, grid_token]
+            streams = SessionPair(*(EngineSession(engine, p, grid * (grid + 1), action_attention_mask_rows, image_ids)
+                                    for p in ([*wm_prompt, *header], [T.BOS, *header])))
+            image_block_loop(streams, header, grid, image_ids, guided, None)
+
+        result['world_model_frame_cfg_two_sessions_ms'] = timed(guided_two_sessions, repeats, sync)
+        result['world_model_frame_cfg_ms'] = timed(
+            lambda: engine_image_block(engine, wm_prompt, grid, grid_token, image_ids, guided), repeats, sync)
     if device.type == 'cuda':
         result['peak_gpu_mem_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
     result['peak_rss_gib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from worldvla_ros.model import DecodeCancelled, load_policy
+from worldvla_ros.model import DecodeCancelled, NonFiniteLogits, load_policy
 from worldvla_ros.model import tokens as T
 from worldvla_ros.model.attention_mask import action_attention_mask_rows
 from worldvla_ros.model.engine import (
+    CACHE_BUCKET,
     DecodeEngine,
+    EngineRowsSession,
     EngineSession,
     engine_chunk_batched,
+    engine_chunks_batched,
     engine_image_block,
     engine_image_block_drafted,
 )
@@ -109,6 +112,27 @@ def test_sampling_and_guidance_on_the_engine_draw_what_the_reference_draws(tiny_
         assert out == ref, sampling
 
 
+def test_rows_of_one_cache_give_each_sequence_its_own_logits(tiny_policy, frames) -> None:
+    """Guidance's batch of rows: prompts of different lengths (the longest not first), fed the same tokens in
+    steps of one and two; each row's logits are those of its sequence decoded alone."""
+    prompt, _ = _wm_case(tiny_policy, frames[0], 1)
+    header = [T.IMAGE_START, 8, 8]
+    prompts = [[T.BOS, *header], [*prompt, *header], [*prompt[:40], T.ACTION_START, 7, 8, *header]]
+    rows = EngineRowsSession(tiny_policy.engine, prompts, 8, tiny_policy._image_ids)
+    alone = [EngineSession(tiny_policy.engine, p, 8, action_attention_mask_rows, tiny_policy._image_ids)
+             for p in prompts]
+    for feed in ([5], [6, T.IMAGE_NEWLINE], [9], None):
+        for r, session in enumerate(alone):
+            torch.testing.assert_close(rows.last_logits[r], session.last_logits, rtol=1e-5, atol=1e-5)
+            assert int(torch.argmax(rows.last_logits[r])) == int(torch.argmax(session.last_logits))
+        if feed is not None:
+            rows.feed(feed)
+            for session in alone:
+                session.feed(feed)
+    cond, uncond = rows.logits()
+    assert torch.equal(cond, rows.last_logits[0]) and torch.equal(uncond, rows.last_logits[1])
+
+
 def test_cancel_stops_drafted_decoding_and_a_full_cache_is_an_error(tiny_policy, frames) -> None:
     prompt, block = _wm_case(tiny_policy, frames[0], 0)
     calls = []
@@ -149,6 +173,68 @@ def test_engine_chunks_equal_the_release_decoding(tiny_policy, frames, k: int) -
     seq = generate_chunk_sequential(tiny_policy.lm, prompt, k, constrain=True, min_actions=k)
     out = engine_chunk_batched(tiny_policy.engine, prompt, k, min_actions=k)
     assert out.tokens == seq.tokens and out.forward_passes == 1 + 9
+
+
+def test_a_captured_decode_step_gives_the_same_chunks_on_pooled_caches(tiny_policy, frames) -> None:
+    """The captured step (dynamo's capture here; inductor and CUDA graphs are the benchmark's) over caches
+    from the pool: K = 5 and 10, prompts of different lengths in one bucket (the longer one's slots are
+    stale for the shorter), one past it, two robots in a batch; a NaN left in a pooled cache by a failed call
+    does not reach the next."""
+    engine = DecodeEngine(tiny_policy.lm)
+    engine.capture('compile', backend='eager')
+    blocks = tiny_policy.images.encode(frames)
+    prompts = [action_prompt(tiny_policy.text, blocks, task, tiny_policy.config.action_prompt)
+               for task in ('put the bowl on the plate and then put the cup in the sink', 'stack', 'open the drawer')]
+    assert len(prompts[0]) // CACHE_BUCKET != len(prompts[1]) // CACHE_BUCKET  # the first is a bucket of its own
+    for k in (5, 10):
+        for prompt in prompts:  # the step uncaptured on fresh caches: the release's chunks (the test above)
+            alone = engine_chunk_batched(tiny_policy.engine, prompt, k, min_actions=k)
+            assert engine_chunk_batched(engine, prompt, k, min_actions=k).tokens == alone.tokens
+    assert len(engine._pool) == 4  # (5 or 10 rows) × (two buckets): reused, not one per call
+    both = engine_chunks_batched(engine, prompts[1:], 5, min_actions=5)
+    assert [c.tokens for c in both] == [engine_chunk_batched(tiny_policy.engine, p, 5, min_actions=5).tokens
+                                        for p in prompts[1:]]
+    cache = engine.chunk_cache(5, len(prompts[1]) + T.TOKENS_PER_ACTION)
+    with torch.inference_mode():  # a slot the next call masks out, as a failed call leaves it
+        cache.keys[..., -1, :] = float('nan')
+        cache.values[..., -1, :] = float('nan')
+    with pytest.raises(NonFiniteLogits):
+        engine_chunk_batched(engine, prompts[1], 5, min_actions=5)
+    assert engine_chunk_batched(engine, prompts[1], 5, min_actions=5).tokens == both[0].tokens
+
+
+def test_a_capture_that_fails_or_differs_falls_back_to_the_uncaptured_step(tiny_checkpoint, frames) -> None:
+    """A compiler that fails on the first call: that call and later ones run uncaptured, the same chunk. A
+    captured step that computes something else: the warm-up's check finds it and releases the capture.
+    On this CPU 'auto' captures nothing; CUDA graphs are refused without CUDA."""
+    policy = load_policy(tiny_checkpoint, device='cpu')
+    assert policy.capture_decoding('auto') is None
+    with pytest.raises(ValueError, match='CUDA device'):
+        policy.capture_decoding('cuda_graph')
+    with pytest.raises(ValueError, match="'auto', 'cuda_graph'"):
+        policy.capture_decoding('graphs')
+    expected = policy.predict(frames, 'stack the blocks').tokens
+
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError('no compiler for this device')
+
+    policy.engine.capture('compile', backend=no_compiler)
+    assert policy.predict(frames, 'stack the blocks').tokens == expected
+    assert policy.engine.captured is None and 'no compiler for this device' in policy.engine.capture_error
+
+    def off_by_a_little(gm, example_inputs):
+        def run(*args):
+            return [out + 0.5 for out in gm(*args)]
+        return run
+
+    policy.engine.capture('compile', backend=off_by_a_little)
+    policy.warmup(robots=2)
+    assert policy.engine.captured is None and 'other tokens' in policy.engine.capture_error
+    policy.engine.capture('compile', backend='eager')
+    policy.warmup(robots=2)  # batches of one and two robots recorded, and equal to the uncaptured step
+    assert policy.engine.captured == 'compile' and policy.engine.capture_error is None
+    assert policy.predict(frames, 'stack the blocks').tokens == expected
+    assert policy.capture_decoding('off') is None and not policy.engine._pool
 
 
 @pytest.mark.parametrize('seed', range(4))

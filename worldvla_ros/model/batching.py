@@ -43,11 +43,20 @@ class BatchingPolicy:
         self._pending: list[_Request] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._warm = False
         self._thread = threading.Thread(target=self._run, name='worldvla-batcher', daemon=True)
         self._thread.start()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.policy, name)
+
+    def warmup(self) -> None:
+        """The policy's warm-up for batches of up to ``callers`` robots (each shape a captured step records)."""
+        with self._cond:
+            if self._warm:
+                return
+            self._warm = True
+        self.policy.warmup(robots=self.callers)
 
     def predict(self, frames: Sequence[np.ndarray], instruction: str, *, batched: bool = True,
                 constrain: bool = True, action_mask: bool = True) -> ActionPrediction:

@@ -24,9 +24,13 @@ from .generate import (
     DecodeCancelled,
     ImageSampling,
     NonFiniteLogits,
+    SessionPair,
     chunk_tokens,
     image_block_loop,
 )
+
+CACHE_BUCKET = 64  # captured chunk caches: lengths in steps of this, so a new instruction seldom means a new shape
+POOL = 4  # captured chunk caches kept (one per shape: rows × length)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -88,6 +92,7 @@ class StaticKVCache:
         self.keys = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.values = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.length = 0
+        self.graphs: dict[tuple, _GraphedStep] = {}  # decode steps recorded on this cache, by input shapes
 
     @property
     def batch(self) -> int:
@@ -104,6 +109,31 @@ class StaticKVCache:
         to = slice(row, self.batch if count is None else row + count)
         self.keys[:, to, :, :n] = self.keys[:, row : row + 1, :, :n]
         self.values[:, to, :, :n] = self.values[:, row : row + 1, :, :n]
+
+
+class _GraphedStep:
+    """The decode step recorded as a CUDA graph for one cache and one set of input shapes: a call copies the
+    inputs into the graph's own and replays it (one launch instead of one per kernel)."""
+
+    def __init__(self, step: Callable, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
+                 slot: torch.Tensor, mask: torch.Tensor) -> None:
+        self.inputs = [t.clone() for t in (ids, positions, slot, mask)]
+        device = cache.keys.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # lazy initialization (handles, workspaces) outside the recording
+            step(cache.keys, cache.values, *self.inputs)  # writes this step's own keys and values, as replay will
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = step(cache.keys, cache.values, *self.inputs)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+        for static, new in zip(self.inputs, (ids, positions, slot, mask), strict=True):
+            static.copy_(new)
+        self.graph.replay()
+        return self.out
 
 
 class DecodeEngine:
@@ -124,6 +154,10 @@ class DecodeEngine:
         self.attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
         self.device = lm.lm_head.weight.device
         self.dtype = lm.lm_head.weight.dtype
+        self.captured: str | None = None  # 'cuda_graph', 'compile' or None (``capture``)
+        self.capture_error: str | None = None  # why a captured step fell back to the uncaptured one
+        self._compiled_step: Callable | None = None
+        self._pool: dict[tuple[int, int], StaticKVCache] = {}
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         return StaticKVCache(self.lm, batch, max_len)
@@ -144,6 +178,105 @@ class DecodeEngine:
         start, end = cache.length, cache.length + q
         if end > cache.max_len:
             raise ValueError(f'the static cache holds {cache.max_len} tokens; {end} needed')
+
+        def keys_values(i: int, ks: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            cache.keys[i, rows, :, start:end] = ks
+            cache.values[i, rows, :, start:end] = vs
+            return cache.keys[i, rows, :, :end], cache.values[i, rows, :, :end]
+
+        out = self._layers(ids, positions, mask, keys_values)
+        cache.length = end
+        return out
+
+    @torch.inference_mode()
+    def step(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
+             mask: torch.Tensor) -> torch.Tensor:
+        """One token for every row of ``cache`` (``ids``, ``positions``: (B, 1)) at slot ``cache.length``,
+        attending over all ``max_len`` slots under ``mask`` (B, 1, 1, max_len; slots past this one masked).
+        The shapes stay the same from step to step, which is what lets ``capture`` record it once.
+        The final-norm hidden states (B, H)."""
+        if cache.length >= cache.max_len:
+            raise ValueError(f'the static cache holds {cache.max_len} tokens; {cache.length + 1} needed')
+        slot = torch.full((1,), cache.length, dtype=torch.long, device=self.device)
+        if self.captured == 'cuda_graph':
+            out = self._graphed_step(cache, ids, positions, slot, mask)
+        elif self.captured == 'compile':
+            try:
+                out = self._compiled_step(cache.keys, cache.values, ids, positions, slot, mask)
+            except Exception as exc:  # no compiler here for this device or model: the first call fails
+                self.release_capture(f'{type(exc).__name__}: {str(exc)[:300]}')
+                out = self._step_eager(cache.keys, cache.values, ids, positions, slot, mask)
+        else:
+            out = self._step_eager(cache.keys, cache.values, ids, positions, slot, mask)
+        cache.length += 1
+        return out[:, -1]
+
+    def _step_eager(self, keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
+                    slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        def keys_values(i: int, ks: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys[i][:, :, slot] = ks
+            values[i][:, :, slot] = vs
+            return keys[i], values[i]
+
+        return self._layers(ids, positions, mask, keys_values)
+
+    def _graphed_step(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
+        shapes = (tuple(ids.shape), tuple(mask.shape))
+        graph = cache.graphs.get(shapes)
+        if graph is None:
+            try:
+                graph = cache.graphs[shapes] = _GraphedStep(self._step_eager, cache, ids, positions, slot, mask)
+            except Exception as exc:  # a step CUDA cannot record: run it uncaptured from now on
+                self.release_capture(f'{type(exc).__name__}: {str(exc)[:300]}')
+                return self._step_eager(cache.keys, cache.values, ids, positions, slot, mask)
+        return graph(ids, positions, slot, mask)
+
+    def capture(self, how: str, mode: str | None = None, backend: str | Callable = 'inductor') -> None:
+        """Record the chunk decode step once per shape instead of launching its kernels one by one from Python:
+        'cuda_graph' (a CUDA graph per shape and cache, replayed from any thread; CUDA devices only) or
+        'compile' (``torch.compile`` with ``mode`` and ``backend``: fused kernels, any device). Chunk caches
+        then come from a pool, in lengths rounded up to ``CACHE_BUCKET``, so that a node sees few shapes and a
+        cache keeps its address. A step that cannot be recorded or compiled runs uncaptured from then on
+        (``capture_error`` says why)."""
+        if how not in ('cuda_graph', 'compile'):
+            raise ValueError(f"capture: 'cuda_graph' or 'compile', got {how!r}")
+        if how == 'cuda_graph' and self.device.type != 'cuda':
+            raise ValueError(f'CUDA graphs need a CUDA device; the model is on {self.device}')
+        if how == 'compile':
+            # dynamo keeps compiled code per Python function, up to a recompile limit, across engines: start afresh
+            torch._dynamo.reset()
+            self._compiled_step = torch.compile(self._step_eager, mode=mode, backend=backend, dynamic=False,
+                                                fullgraph=True)
+        self.captured, self.capture_error = how, None
+
+    def release_capture(self, reason: str | None = None) -> None:
+        """Back to the uncaptured step (and fresh caches): after a failed capture, or when asked."""
+        self.captured, self.capture_error = None, reason
+        self._compiled_step = None
+        self._pool.clear()
+
+    def chunk_cache(self, batch: int, length: int) -> StaticKVCache:
+        """A cache for chunk decoding: a new one, or with a captured step the pool's of that shape (length
+        rounded up to ``CACHE_BUCKET``); the pool keeps the last ``POOL`` shapes, with their graphs."""
+        if self.captured is None:
+            return self.new_cache(batch, length)
+        key = (batch, -(-length // CACHE_BUCKET) * CACHE_BUCKET)
+        cache = self._pool.pop(key, None)
+        if cache is None:
+            cache = self.new_cache(*key)
+        self._pool[key] = cache  # the newest last: the oldest shape leaves first
+        while len(self._pool) > POOL:
+            self._pool.pop(next(iter(self._pool)))
+        cache.length = 0
+        return cache
+
+    def _layers(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                keys_values: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                ) -> torch.Tensor:
+        """The decoder over ``ids`` (B, Q); ``keys_values(layer, k, v)`` stores the new keys and values and
+        returns those to attend to."""
+        b, q = ids.shape
         cos, sin = self._rope(positions)
         x = self.embed(ids)
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
@@ -158,10 +291,8 @@ class DecodeEngine:
             ks = ks.reshape(b, q, kv_heads, dim).transpose(1, 2)
             vs = vs.reshape(b, q, kv_heads, dim).transpose(1, 2)
             qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
-            cache.keys[i, rows, :, start:end] = ks
-            cache.values[i, rows, :, start:end] = vs
-            out, _ = self.attention(w.attn, qs, cache.keys[i, rows, :, :end], cache.values[i, rows, :, :end], mask,
-                                    dropout=0.0, scaling=w.attn.scaling)
+            all_keys, all_values = keys_values(i, ks, vs)
+            out, _ = self.attention(w.attn, qs, all_keys, all_values, mask, dropout=0.0, scaling=w.attn.scaling)
             h = F.linear(out.reshape(b, q, -1), w.o_proj)
             if self.swin:
                 x = residual + _rms_norm(h, w.input_norm, w.eps)
@@ -169,8 +300,8 @@ class DecodeEngine:
             else:
                 x = residual + h
                 x = x + w.mlp(_rms_norm(x, w.post_norm, w.eps))
-        cache.length = end
         return self.norm(x)
+
 
 class EngineSession:
     """One sequence (B=1) extended over a static cache, as ``generate.DecodeSession`` but faster.
@@ -203,6 +334,58 @@ class EngineSession:
         return self.last_logits
 
 
+class EngineRowsSession:
+    """Several sequences decoded as the rows of one static cache, fed the same tokens: one pass a step.
+
+    Classifier-free guidance's two streams (the prompt, and BOS alone, each followed by the image block)
+    are its use. Row r's prompt fills slots 0 … P_r - 1 of its row, the slots past it up to the longest
+    prompt are masked out in that row and each row keeps its own RoPE positions (as the batched chunk
+    decoding), so each row's logits are those of its sequence decoded alone.
+    """
+
+    def __init__(self, engine: DecodeEngine, prompts: Sequence[Sequence[int]], max_new: int,
+                 vocab: torch.Tensor | None = None) -> None:
+        self.engine = engine
+        device = engine.device
+        self.prompt_lengths = [len(p) for p in prompts]
+        self.longest = max(self.prompt_lengths)
+        self.cache = engine.new_cache(len(prompts), self.longest + max_new)
+        self.ids = [torch.as_tensor(list(p), dtype=torch.long, device=device)[None] for p in prompts]
+        head = engine.lm.lm_head
+        self.vocab = None if vocab is None else vocab.to(device)
+        self.head_weight = head.weight if self.vocab is None else head.weight[self.vocab]
+        self.head_bias = head.bias if head.bias is None or self.vocab is None else head.bias[self.vocab]
+        last = []
+        for r, ids in enumerate(self.ids):
+            self.cache.length = 0
+            mask = additive_mask(action_attention_mask_rows(ids, 0), engine.dtype)
+            positions = torch.arange(ids.shape[1], device=device)[None]
+            last.append(engine.hidden(self.cache, ids, positions, mask, row=r)[:, -1])
+        self.cache.length = self.longest
+        self.last_logits = _finite_logits(torch.cat(last), self.head_weight, self.head_bias)  # (rows, vocab)
+
+    def logits(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Row 0's logits and row 1's (None with one row): the conditional and unconditional streams."""
+        return self.last_logits[0], self.last_logits[1] if len(self.ids) > 1 else None
+
+    def feed(self, new_ids: list[int]) -> torch.Tensor:
+        device, q = self.engine.device, len(new_ids)
+        new = torch.as_tensor(new_ids, dtype=torch.long, device=device)[None]
+        masks, positions = [], []
+        for r, p in enumerate(self.prompt_lengths):
+            start = self.ids[r].shape[1]
+            self.ids[r] = torch.cat([self.ids[r], new], dim=1)
+            allowed = action_attention_mask_rows(self.ids[r], start)  # (1, q, start + q) over the row's own positions
+            gap = torch.zeros((1, q, self.longest - p), dtype=torch.bool, device=device)
+            masks.append(torch.cat([allowed[..., :p], gap, allowed[..., p:]], dim=-1))
+            positions.append(torch.arange(start, start + q, device=device))
+        mask = additive_mask(torch.cat(masks), self.engine.dtype)
+        ids = new.expand(len(self.ids), q)
+        hidden = self.engine.hidden(self.cache, ids, torch.stack(positions), mask)[:, -1]
+        self.last_logits = _finite_logits(hidden, self.head_weight, self.head_bias)
+        return self.last_logits
+
+
 @torch.inference_mode()
 def engine_image_block(
     engine: DecodeEngine,
@@ -218,11 +401,11 @@ def engine_image_block(
     header = [T.IMAGE_START, grid_token, grid_token]
     allowed = image_token_ids.to(engine.device)
     max_new = grid * (grid + 1)
-    cond = EngineSession(engine, [*prompt, *header], max_new, action_attention_mask_rows, allowed)
-    uncond = None
-    if sampling.cfg_scale != 1.0:
-        uncond = EngineSession(engine, [T.BOS, *header], max_new, action_attention_mask_rows, allowed)
-    return image_block_loop(cond, uncond, header, grid, allowed, sampling, should_stop)
+    if sampling.cfg_scale == 1.0:
+        streams = SessionPair(EngineSession(engine, [*prompt, *header], max_new, action_attention_mask_rows, allowed))
+    else:  # guidance: both streams in one batch of two rows, one pass a token
+        streams = EngineRowsSession(engine, [[*prompt, *header], [T.BOS, *header]], max_new, allowed)
+    return image_block_loop(streams, header, grid, allowed, sampling, should_stop)
 
 
 @torch.inference_mode()
@@ -305,13 +488,25 @@ def engine_chunks_batched(engine: DecodeEngine, prompts: Sequence[Sequence[int]]
     ``engine_chunk_batched`` gives for that prompt alone.
 
     Prompt r fills slots 0 … P_r - 1 of its K rows (one prefill each); the slots up to the longest
-    prompt are masked out in its rows; the 9 decode passes then run all N×K rows at once, each row at
-    its own RoPE positions, so a decode step costs one pass whatever N is.
+    prompt are masked out in its rows; the 9 decode passes then run all N×K rows at once (``step``:
+    the same shapes every pass), each row at its own RoPE positions, so a decode step costs one pass
+    whatever N is.
     """
+    cache = engine.chunk_cache(len(prompts) * max_actions, max(len(p) for p in prompts) + T.TOKENS_PER_ACTION)
+    try:
+        return _chunks_on(engine, cache, prompts, max_actions, min_actions)
+    except Exception:
+        # a pooled cache is used again: slots this call left NaN would poison the masked slots of the next
+        cache.keys.zero_()
+        cache.values.zero_()
+        raise
+
+
+def _chunks_on(engine: DecodeEngine, cache: StaticKVCache, prompts: Sequence[Sequence[int]], max_actions: int,
+               min_actions: int) -> list[ChunkResult]:
     device, k, n = engine.device, max_actions, len(prompts)
     lengths = [len(p) for p in prompts]
     longest = max(lengths)
-    cache = engine.new_cache(n * k, longest + T.TOKENS_PER_ACTION)
     for r, prompt in enumerate(prompts):
         ids = torch.as_tensor(list(prompt), dtype=torch.long, device=device)[None]
         cache.length = 0
@@ -322,9 +517,9 @@ def engine_chunks_batched(engine: DecodeEngine, prompts: Sequence[Sequence[int]]
         cache.spread_row(r * k, k, len(prompt))
     cache.length = longest
     p_row = torch.tensor(lengths, device=device).repeat_interleave(k)  # each row's prompt length
-    slots = torch.arange(longest + T.TOKENS_PER_ACTION, device=device)
+    slots = torch.arange(cache.max_len, device=device)
     gap = (slots[None, :] >= p_row[:, None]) & (slots[None, :] < longest)  # padding after a shorter prompt
-    full_mask = torch.where(gap, torch.finfo(engine.dtype).min, 0.0).to(engine.dtype)[:, None, None, :]
+    blocked = torch.finfo(engine.dtype).min
     head = engine.lm.lm_head
     bins = _BIN_IDS.to(device)
     stop_or_go = torch.tensor([T.ACTION_START, T.END_OF_TURN], device=device)
@@ -335,7 +530,8 @@ def engine_chunks_batched(engine: DecodeEngine, prompts: Sequence[Sequence[int]]
     inputs = torch.full((n * k, 1), T.ACTION_START, dtype=torch.long, device=device)
     for j in range(T.TOKENS_PER_ACTION):
         positions = (p_row + T.TOKENS_PER_ACTION * action_index + j)[:, None]
-        hidden = engine.hidden(cache, inputs, positions, full_mask[..., : longest + j + 1])[:, -1]
+        mask = torch.where(gap | (slots[None, :] > longest + j), blocked, 0.0).to(engine.dtype)[:, None, None, :]
+        hidden = engine.step(cache, inputs, positions, mask)
         logits = _finite_logits(hidden, *((bin_head, bin_bias) if j < T.ACTION_DIMS else (stop_head, stop_bias)))
         if j < T.ACTION_DIMS:
             values[:, j] = bins[torch.argmax(logits, dim=1)]

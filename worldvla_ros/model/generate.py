@@ -254,13 +254,29 @@ def generate_image_block(
     allowed = image_token_ids.to(lm.lm_head.weight.device)
     cond = DecodeSession(lm, [*prompt, *header], vocab=allowed)  # logits of the 8192 image tokens only
     uncond = DecodeSession(lm, [T.BOS, *header], vocab=allowed) if sampling.cfg_scale != 1.0 else None
-    return image_block_loop(cond, uncond, header, grid, allowed, sampling, should_stop)
+    return image_block_loop(SessionPair(cond, uncond), header, grid, allowed, sampling, should_stop)
 
 
-def image_block_loop(cond: Any, uncond: Any, header: list[int], grid: int, allowed: torch.Tensor,
+class SessionPair:
+    """Guidance's two streams as separate sessions (``last_logits``, ``feed``), fed the same tokens:
+    ``cond`` after the prompt and header, ``uncond`` after BOS and header, or None without guidance."""
+
+    def __init__(self, cond: Any, uncond: Any = None) -> None:
+        self.cond, self.uncond = cond, uncond
+
+    def logits(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.cond.last_logits, None if self.uncond is None else self.uncond.last_logits
+
+    def feed(self, new_ids: list[int]) -> None:
+        self.cond.feed(new_ids)
+        if self.uncond is not None:
+            self.uncond.feed(new_ids)
+
+
+def image_block_loop(streams: Any, header: list[int], grid: int, allowed: torch.Tensor,
                      sampling: ImageSampling, should_stop: Callable[[], bool] | None) -> list[int]:
-    """The image block's token loop over decode sessions (``last_logits``, ``feed``): ``cond`` after the
-    prompt and header, ``uncond`` (guidance) after BOS and header or None."""
+    """The image block's token loop over ``streams``: ``logits()`` gives the conditional logits and the
+    unconditional ones (None without guidance) after the tokens so far, ``feed(ids)`` appends to both."""
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=allowed.device).manual_seed(sampling.seed)
@@ -269,17 +285,15 @@ def image_block_loop(cond: Any, uncond: Any, header: list[int], grid: int, allow
         for c in range(grid):
             if should_stop is not None and should_stop():
                 raise DecodeCancelled('image decoding cancelled')
-            logits = cond.last_logits
-            if uncond is not None:
-                logits = uncond.last_logits + sampling.cfg_scale * (logits - uncond.last_logits)
+            logits, unconditional = streams.logits()
+            if unconditional is not None:
+                logits = unconditional + sampling.cfg_scale * (logits - unconditional)
             token = int(allowed[sample_token(logits, sampling, generator)])
             block.append(token)
             if r == grid - 1 and c == grid - 1:
                 break
             feed = [token, T.IMAGE_NEWLINE] if c == grid - 1 else [token]
-            cond.feed(feed)
-            if uncond is not None:
-                uncond.feed(feed)
+            streams.feed(feed)
         block.append(T.IMAGE_NEWLINE)
     block.append(T.IMAGE_END)
     return block

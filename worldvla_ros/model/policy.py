@@ -289,10 +289,38 @@ class WorldVLAPolicy:
             out.append(current)
         return out
 
-    def warmup(self) -> None:
-        """One small call so that the first real request does not pay for lazy initialization."""
+    def capture_decoding(self, mode: str = 'auto') -> str | None:
+        """How the chunk decode step runs (``DecodeEngine.capture``): 'cuda_graph', 'compile', 'off', or 'auto'
+        (CUDA graphs on a CUDA device; uncaptured on a CPU, where the compiled step measured slower). The
+        recording happens at the first call of each shape: ``warmup`` makes those calls and checks the captured
+        step against the uncaptured one. Returns what is in use (None: uncaptured)."""
+        if mode not in ('auto', 'cuda_graph', 'compile', 'off'):
+            raise ValueError(f"decode capture: 'auto', 'cuda_graph', 'compile' or 'off', got {mode!r}")
+        if mode == 'auto':
+            mode = 'cuda_graph' if self.device.type == 'cuda' else 'off'
+        if mode == 'off':
+            self.engine.release_capture()
+        elif self.engine.captured != mode:
+            self.engine.capture(mode)
+        return self.engine.captured
+
+    def warmup(self, robots: int = 1) -> None:
+        """One small call so that the first real request does not pay for lazy initialization. With a captured
+        decode step: a batch of each size up to ``robots`` (a fleet's), so that no shape is recorded while
+        serving, each checked against the uncaptured step; a difference releases the capture
+        (``engine.capture_error`` says so)."""
         frame = np.zeros((self.resolution, self.resolution, 3), dtype=np.uint8)
         self.predict([frame], 'warm up')
+        for n in range(1, robots + 1) if self.engine.captured else ():
+            captured = [p.tokens for p in self.predict_many([([frame], 'warm up')] * n)]
+            how = self.engine.captured
+            self.engine.captured = None  # the same call uncaptured, on fresh caches
+            uncaptured = [p.tokens for p in self.predict_many([([frame], 'warm up')] * n)]
+            self.engine.captured = how
+            if captured != uncaptured:
+                self.engine.release_capture(f'the captured decode step gave other tokens than the uncaptured one '
+                                            f'({n} robot(s)); running uncaptured')
+                break
 
     def _sync(self) -> None:
         if self.device.type == 'cuda':

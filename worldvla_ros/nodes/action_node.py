@@ -91,6 +91,10 @@ PARAMETERS: dict[str, Param] = {
                           'moves, gripper 1, all ≥ 0: the planned path is drawn in metres; evaluate_bag reports '
                           'errors with it (default: LIBERO OSC_POSE, 0.05 m and 0.5 rad)'),
     'warmup': Param(True, 'run one inference when configuring, before going active', read_only=True),
+    'decode_capture': Param('auto', 'the chunk decode step recorded once per shape: cuda_graph (CUDA graphs), '
+                            'compile (torch.compile), off, or auto (cuda_graph on a CUDA device, off on a CPU); '
+                            'recorded and checked against the uncaptured step by the warm-up', read_only=True,
+                            choices=('auto', 'cuda_graph', 'compile', 'off')),
     'autostart': Param(True, 'configure and activate at start-up; false: stay unconfigured for a lifecycle manager '
                        '(the change_state service, or launch with autostart:=false)', read_only=True),
     'replan_threshold': Param(-1, 'next inference only once at most this many commands are queued; '
@@ -371,12 +375,19 @@ class ActionNode(GuardedLifecycleNode):
         overrides = {k: p[k] for k in ('chunk_size', 'history_frames') if p[k]}
         t0 = time.perf_counter()
         policy = self._policy_loader(p, **overrides)
+        try:
+            policy.capture_decoding(p['decode_capture'])
+        except ValueError as exc:  # e.g. cuda_graph asked for a CPU device
+            raise StartupError(f'parameter decode_capture: {exc}') from exc
         if p['warmup']:
             try:
                 policy.warmup()
             except Exception as exc:  # a model that cannot answer must not go active
                 raise StartupError(f'warm-up inference failed: {exc}') from exc
-        self.get_logger().info(f'loaded {policy.model_id} in {time.perf_counter() - t0:.1f} s')
+        if policy.engine.capture_error:
+            self.get_logger().warning(f'decode step not captured: {policy.engine.capture_error}')
+        captured = f', decode step captured ({policy.engine.captured})' if policy.engine.captured else ''
+        self.get_logger().info(f'loaded {policy.model_id} in {time.perf_counter() - t0:.1f} s{captured}')
         return policy
 
     def _on_set_parameters(self, params: list) -> SetParametersResult:

@@ -38,7 +38,8 @@ class SharedPolicy:
     """Loads the model once, for the first robot that configures, and hands every robot the batching
     wrapper; a robot whose model parameters differ from the first one's cannot share it."""
 
-    MODEL_KEYS = ('checkpoint', 'tokenizer_dir', 'device', 'dtype', 'cpu_threads', 'chunk_size', 'history_frames')
+    MODEL_KEYS = ('checkpoint', 'tokenizer_dir', 'device', 'dtype', 'cpu_threads', 'chunk_size', 'history_frames',
+                  'decode_capture')
 
     def __init__(self, robots: int, max_wait_s: float) -> None:
         self.robots = robots
