@@ -11,7 +11,8 @@ ms per world-model frame (``world_model_frame_reference_ms``: transformers' forw
 ``_engine_ms``: the static-cache engine; ``_drafted_ms``: greedy verified against the current frame's
 tokens, what ``WorldVLAPolicy.imagine`` uses; ``world_model_frame_ms`` = drafted; with classifier-free
 guidance (scale 3): ``_cfg_ms``, both streams one batch of two rows, ``_cfg_two_sessions_ms``, two
-sessions) and peak memory.
+sessions; sampled at temperature 1: ``_sampled_engine_ms`` a token a step, ``_sampled_drafted_ms``
+speculative sampling with the current frame as the draft) and peak memory.
 The 7B config uses random weights: speed and memory are those of the real model, the outputs are not
 (random weights accept few draft tokens: drafted decoding is measured on the bundled model).
 """
@@ -189,6 +190,14 @@ def main() -> None:
             image_block_loop(streams, header, grid, image_ids, guided, None)
 
         result['world_model_frame_cfg_two_sessions_ms'] = timed(guided_two_sessions, repeats, sync)
+        sampled = ImageSampling(temperature=1.0, seed=0)
+        result['world_model_frame_sampled_engine_ms'] = timed(
+            lambda: engine_image_block(engine, wm_prompt, grid, grid_token, image_ids, sampled), repeats, sync)
+        result['world_model_frame_sampled_drafted_ms'] = timed(
+            lambda: engine_image_block_drafted(engine, wm_prompt, frame_block, image_ids, policy.draft_window,
+                                               sampling=sampled), repeats, sync)
+        result['world_model_sampled_drafted_passes'] = engine_image_block_drafted(
+            engine, wm_prompt, frame_block, image_ids, policy.draft_window, sampling=sampled)[1]
         result['world_model_frame_cfg_ms'] = timed(
             lambda: engine_image_block(engine, wm_prompt, grid, grid_token, image_ids, guided), repeats, sync)
     if device.type == 'cuda':

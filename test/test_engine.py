@@ -19,6 +19,7 @@ from worldvla_ros.model.engine import (
     engine_chunks_batched,
     engine_image_block,
     engine_image_block_drafted,
+    speculative_pick,
 )
 from worldvla_ros.model.generate import (
     DecodeSession,
@@ -131,6 +132,42 @@ def test_rows_of_one_cache_give_each_sequence_its_own_logits(tiny_policy, frames
                 session.feed(feed)
     cond, uncond = rows.logits()
     assert torch.equal(cond, rows.last_logits[0]) and torch.equal(uncond, rows.last_logits[1])
+
+
+def test_a_draft_token_is_kept_or_replaced_so_that_the_token_has_the_models_distribution() -> None:
+    """Speculative sampling's rule, 20 000 draws per draft: the token at the place (the draft when kept, else the
+    one drawn instead) is distributed as p, within four standard errors; a draft p cannot give is never kept."""
+    generator = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    n = 20_000
+    for draft in (0, 3, 4, None):
+        counts = torch.zeros(5)
+        for _ in range(n):
+            instead = speculative_pick(p, draft, generator)
+            counts[draft if instead is None else instead] += 1
+        error = (counts / n - p).abs()
+        assert (error <= 4 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (draft, counts / n)
+
+
+def test_drafted_sampling_is_greedy_at_top_1_and_keeps_the_draft_in_runs(bundled_policy) -> None:
+    """With top_k = 1 sampling is greedy: every refused draft token is replaced by the argmax, so the block is the
+    greedy one. At temperature 1 the draft still holds in runs (fewer passes than codes), a seed repeats the
+    block, and guidance is refused (it decodes on the engine)."""
+    engine, ids = bundled_policy.engine, bundled_policy._image_ids
+    for seed, frame in enumerate(_sim_frames(2)):
+        prompt, block = _wm_case(bundled_policy, frame, seed)
+        greedy, _ = engine_image_block_drafted(engine, prompt, block, ids)
+        top1, _ = engine_image_block_drafted(engine, prompt, block, ids,
+                                             sampling=ImageSampling(temperature=1.0, top_k=1, seed=seed))
+        assert top1 == greedy
+        sampling = ImageSampling(temperature=1.0, seed=seed)
+        sampled, passes = engine_image_block_drafted(engine, prompt, block, ids, sampling=sampling)
+        assert engine_image_block_drafted(engine, prompt, block, ids, sampling=sampling)[0] == sampled
+        codes = bundled_policy.images.grid ** 2
+        assert len(sampled) == len(block) and passes < codes
+        assert all(t in set(ids.tolist()) for t in sampled[3:-1] if t != T.IMAGE_NEWLINE)
+    with pytest.raises(ValueError, match='guidance'):
+        engine_image_block_drafted(engine, prompt, block, ids, sampling=ImageSampling(cfg_scale=2.0))
 
 
 def test_cancel_stops_drafted_decoding_and_a_full_cache_is_an_error(tiny_policy, frames) -> None:

@@ -27,6 +27,8 @@ from .generate import (
     SessionPair,
     chunk_tokens,
     image_block_loop,
+    sample_token,
+    token_probs,
 )
 
 CACHE_BUCKET = 64  # captured chunk caches: lengths in steps of this, so a new instruction seldom means a new shape
@@ -408,6 +410,19 @@ def engine_image_block(
     return image_block_loop(streams, header, grid, allowed, sampling, should_stop)
 
 
+def speculative_pick(p: torch.Tensor, draft: int | None, generator: torch.Generator | None) -> int | None:
+    """Speculative sampling's test of a draft that is one token for sure, at one place whose distribution is ``p``
+    (1-D; ``draft`` its index, None for a token ``p`` cannot give): None keeps the draft (probability p(draft)),
+    else the index drawn instead from p without the draft, renormalized. Either way the token there has
+    distribution exactly ``p``."""
+    if draft is not None and bool(torch.rand((), generator=generator, device=p.device) < p[draft]):
+        return None
+    if draft is not None:
+        p = p.clone()
+        p[draft] = 0.0
+    return int(torch.multinomial(p, 1, generator=generator))
+
+
 @torch.inference_mode()
 def engine_image_block_drafted(
     engine: DecodeEngine,
@@ -416,20 +431,32 @@ def engine_image_block_drafted(
     image_token_ids: torch.Tensor,
     window: int = 16,
     should_stop: Callable[[], bool] | None = None,
+    sampling: ImageSampling | None = None,
 ) -> tuple[list[int], int]:
-    """Greedy image block, verified against a draft: the same tokens as ``engine_image_block`` (greedy).
+    """An image block verified against a draft: greedy, the same tokens as ``engine_image_block``; sampled
+    (``sampling.temperature`` > 0, no guidance), the same distribution.
 
     ``draft`` is an image block of the same grid (the current frame's: most of the next frame repeats
     it). Each forward pass feeds the last decided token and the next draft tokens (up to ``window``; fewer
-    while the draft fails) and keeps
-    the draft up to its first token greedy decoding would not have picked, plus greedy's own token
-    there (prompt-lookup / speculative decoding with the frame as the draft model). Row ends and the
-    block's structure tokens are placed, as in ``generate_image_block``. Returns (block, passes).
+    while the draft fails) and keeps the draft up to its first token decoding would not have produced there,
+    plus decoding's own token at that place (prompt-lookup / speculative decoding with the frame as the draft
+    model). Greedy keeps a draft token where it is the argmax. Sampling keeps draft token d with probability
+    p(d) and, where it does not, draws the token from p without d (renormalized): speculative sampling with a
+    draft that is one token for sure, so every token has exactly the distribution p it would have decoded
+    one at a time. Row ends and the block's structure tokens are placed, as in ``generate_image_block``.
+    Returns (block, passes).
     """
     draft = list(draft)
     if len(draft) < 4 or draft[0] != T.IMAGE_START or draft[-1] != T.IMAGE_END:
         raise ValueError('the draft must be a whole image block')
+    sampled = sampling is not None and sampling.temperature > 0.0
+    if sampling is not None and sampling.cfg_scale != 1.0:
+        raise ValueError('drafted decoding does not take guidance (cfg_scale ≠ 1): use engine_image_block')
+    generator = None
+    if sampled and sampling.seed is not None:
+        generator = torch.Generator(device=engine.device).manual_seed(sampling.seed)
     allowed = image_token_ids.to(engine.device)
+    index_of = {int(t): i for i, t in enumerate(allowed.tolist())}
     header, body = draft[:3], draft[3:-1]  # body: rows of codes, each ending in 8803
     placed = [t == T.IMAGE_NEWLINE for t in body]
     session = EngineSession(engine, [*prompt, *header], len(body), action_attention_mask_rows, allowed)
@@ -437,14 +464,23 @@ def engine_image_block_drafted(
     base = len(prompt) + len(header)  # RoPE position of body[0]
     out: list[int] = []
     next_logits = session.last_logits  # predicts body[len(out)]
+    decided: int | None = None  # a token already drawn for body[len(out)] (after a refused draft token)
     passes, width = 1, window
     jacobi: dict[int, int] = {}
     while len(out) < len(body):
         if should_stop is not None and should_stop():
             raise DecodeCancelled('image decoding cancelled')
         i = len(out)
-        token = T.IMAGE_NEWLINE if placed[i] else int(allowed[torch.argmax(next_logits)])
+        if placed[i]:
+            token = T.IMAGE_NEWLINE
+        elif decided is not None:
+            token = decided
+        elif sampled:
+            token = int(allowed[sample_token(next_logits, sampling, generator)])
+        else:
+            token = int(allowed[torch.argmax(next_logits)])
         out.append(token)
+        decided = None
         if len(out) == len(body):
             break
         guess = [jacobi.get(at, body[at]) for at in range(i + 1, min(i + 1 + width, len(body)))]
@@ -455,15 +491,24 @@ def engine_image_block_drafted(
         mask = additive_mask((keys[None, :] <= keys[start:, None])[None], engine.dtype)
         logits = _finite_logits(engine.hidden(cache, feed, positions, mask)[0], session.head_weight, session.head_bias)
         picks = allowed[torch.argmax(logits, dim=1)].tolist()  # picks[j]: greedy token after feed[j]
+        probs = token_probs(logits, sampling) if sampled else None
         passes += 1
         kept = 0
         for j, g in enumerate(guess):
-            if placed[i + 1 + j] or picks[j] == g:
-                out.append(g)
-                kept += 1
+            if placed[i + 1 + j]:
+                ok = True
+            elif probs is None:
+                ok = picks[j] == g
             else:
+                instead = speculative_pick(probs[j], index_of.get(g), generator)
+                ok = instead is None
+                if not ok:
+                    decided = int(allowed[instead])
+            if not ok:
                 break
-        # Jacobi: past the first wrong draft token, this pass's picks are the next guesses (they saw a wrong
+            out.append(g)
+            kept += 1
+        # Jacobi: past the first refused draft token, this pass's picks are the next guesses (they saw a wrong
         # prefix, and are verified like any draft); the frame's tokens where there are none
         jacobi = {i + 1 + j: picks[j] for j in range(kept + 1, len(picks))
                   if i + 1 + j < len(body) and not placed[i + 1 + j]}

@@ -302,9 +302,13 @@ def image_block_loop(streams: Any, header: list[int], grid: int, allowed: torch.
 def sample_token(logits: torch.Tensor, s: ImageSampling, generator: torch.Generator | None) -> int:
     if s.temperature == 0.0:
         return int(torch.argmax(logits))
+    return int(torch.multinomial(token_probs(logits, s), 1, generator=generator))
+
+
+def token_probs(logits: torch.Tensor, s: ImageSampling) -> torch.Tensor:
+    """The distribution a sampled token is drawn from (``temperature`` > 0, then ``top_k``), over the last axis."""
     logits = logits / s.temperature
     if s.top_k:
-        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = torch.where(logits < kth, torch.full_like(logits, float('-inf')), logits)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.softmax(logits, dim=-1)

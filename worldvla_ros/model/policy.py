@@ -91,9 +91,9 @@ class WorldVLAPolicy:
         self._image_ids = torch.as_tensor(image_tokenizer.image_token_ids, device=self.device)
         self._blocks: OrderedDict[bytes, list[int]] = OrderedDict()  # frame content → its image block
         self.engine = DecodeEngine(lm)
-        # world-model decoding: 'drafted' (greedy verified against the current frame's tokens; sampling
-        # and guidance fall back to 'engine'), 'engine' (static cache, one token a step) or 'reference'
-        # (transformers' forward, one token a step); all three give the same greedy tokens
+        # world-model decoding: 'drafted' (verified against the current frame's tokens; guidance falls back
+        # to 'engine'), 'engine' (static cache, one token a step) or 'reference' (transformers' forward, one
+        # token a step); all three give the same greedy tokens, and sampled ones of the same distribution
         self.image_decoding = 'drafted'
         self.draft_window = 32
         self.chunk_decoding = 'engine'  # batched action chunks on the engine, or 'reference' (transformers)
@@ -233,10 +233,10 @@ class WorldVLAPolicy:
             t1 = time.perf_counter()
             stop = cancel.is_set if cancel is not None else None
             grid, grid_token = self.images.grid, T.grid_token(self.resolution)
-            greedy = sampling is None or (sampling.temperature == 0.0 and sampling.cfg_scale == 1.0)
-            if self.image_decoding == 'drafted' and greedy:
+            guided = sampling is not None and sampling.cfg_scale != 1.0
+            if self.image_decoding == 'drafted' and not guided:
                 out, _ = engine_image_block_drafted(self.engine, prompt, block, self._image_ids,
-                                                    self.draft_window, stop)
+                                                    self.draft_window, stop, sampling)
             elif self.image_decoding == 'reference':
                 out = generate_image_block(self.lm, prompt, grid, grid_token, self._image_ids, sampling, stop)
             else:

@@ -74,10 +74,10 @@ PARAMETERS: dict[str, Param] = {
     'temperature': Param(0.0, 'world-model sampling temperature; 0 = greedy (the release)', 0.0, 10.0),
     'top_k': Param(0, 'top-k for sampling; 0 = none', 0, 8192),
     'cfg_scale': Param(1.0, 'classifier-free guidance scale; 1 = none', 0.0, 20.0),
-    'image_decoding': Param('drafted', 'drafted: greedy checked against the current frame in long runs (the '
+    'image_decoding': Param('drafted', 'drafted: the current frame checked as a draft in long runs (the '
                             'fastest on a GPU or a small model); engine: one token a step on a static cache '
                             '(a large model on CPU); reference: transformers forward. All give the same greedy '
-                            'frame; sampling and guidance use the engine', read_only=True,
+                            'frame (sampled: the same distribution); guidance uses the engine', read_only=True,
                             choices=('drafted', 'engine', 'reference')),
     'monitor': Param(True, "score every executed command's real outcome by the world model's likelihood (one "
                      'forward pass per transition, no generation) on worldvla/monitor and worldvla/surprise_map'),
