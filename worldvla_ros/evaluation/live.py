@@ -111,6 +111,7 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
                 _note_idle(data, idle_since)
         return callback
 
+    spinner: threading.Thread | None = None
     try:
         for topic, msgtype in OUTPUTS.items():
             node.create_subscription(_rclpy_type(msgtype), topic, recorder(topic, msgtype), reliable_qos(100),
@@ -170,6 +171,8 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
     finally:
         stop_nodes(procs)
         executor.shutdown()
+        if spinner is not None:  # no callback may still be taking from an entity destroy_node frees
+            spinner.join(timeout=5.0)
         node.destroy_node()
         rclpy.shutdown(context=context)
         writer.close()
