@@ -64,6 +64,13 @@ def test_engine_logits_equal_the_transformers_forward(tiny_policy, frames) -> No
     assert torch.equal(ref.last_logits, new.last_logits)
     for step in ([7], [9, T.ACTION_END], [T.ACTION_START]):
         assert torch.equal(ref.feed(step), new.feed(step))
+    # a prompt that already holds two actions of the chunk: the mask is not causal, and a prefill must apply it
+    two = [*prompt, 7, 9, T.ACTION_END, T.ACTION_START, 11, 12]
+    assert tiny_policy.engine.prompt_mask(torch.tensor([prompt])) is None
+    assert tiny_policy.engine.prompt_mask(torch.tensor([two])) is not None
+    masked = EngineSession(tiny_policy.engine, two, 2, action_attention_mask_rows).last_logits
+    assert torch.equal(DecodeSession(tiny_policy.lm, two).last_logits, masked)
+    assert not torch.equal(DecodeSession(tiny_policy.lm, two, causal=True).last_logits, masked)
 
 
 @pytest.mark.parametrize('decoding', ['engine', 'drafted'])

@@ -17,7 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.chameleon.modeling_chameleon import apply_rotary_pos_emb, eager_attention_forward
 
 from . import tokens as T
-from .attention_mask import action_attention_mask_rows, additive_mask
+from .attention_mask import action_attention_mask_rows, additive_mask, causal_mask_rows
 from .generate import (
     _BIN_IDS,
     ChunkResult,
@@ -154,6 +154,7 @@ class DecodeEngine:
         self.rope_scaling = float(model.rotary_emb.attention_scaling)
         impl = lm.config._attn_implementation
         self.attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+        self.causal_without_mask = impl == 'sdpa'  # sdpa applies is_causal itself when given no mask
         self.device = lm.lm_head.weight.device
         self.dtype = lm.lm_head.weight.dtype
         self.captured: str | None = None  # 'cuda_graph', 'compile' or None (``capture``)
@@ -164,6 +165,16 @@ class DecodeEngine:
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         return StaticKVCache(self.lm, batch, max_len)
 
+    def prompt_mask(self, ids: torch.Tensor, mask_rows: Callable = action_attention_mask_rows) -> torch.Tensor | None:
+        """The additive mask of prompt ``ids`` (B, P) prefilled from slot 0, or None where it is plainly causal
+        (at most one action block: no action can be hidden from another) and the attention function applies
+        causality itself with its causal kernel (sdpa: 9.6 → 6.5 ms for the tiny model's 617-token prompt on
+        one CPU thread, the same hidden states)."""
+        if self.causal_without_mask and (mask_rows is causal_mask_rows
+                                         or int((ids == T.ACTION_START).sum(dim=1).max()) <= 1):
+            return None
+        return additive_mask(mask_rows(ids, 0), self.dtype)
+
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -173,13 +184,15 @@ class DecodeEngine:
     def hidden(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
                mask: torch.Tensor | None, row: int = 0) -> torch.Tensor:
         """Append ``ids`` (B, Q) at RoPE ``positions`` (B, Q) to rows ``row … row + B - 1`` of ``cache``;
-        the final-norm hidden states (B, Q, H). ``mask``: (B, 1, Q, length + Q) additive, or None where
-        every query sees every key."""
+        the final-norm hidden states (B, Q, H). ``mask``: (B, 1, Q, length + Q) additive, or None for a
+        plainly causal prompt from slot 0 (``prompt_mask``)."""
         b, q = ids.shape
         rows = slice(row, row + b)
         start, end = cache.length, cache.length + q
         if end > cache.max_len:
             raise ValueError(f'the static cache holds {cache.max_len} tokens; {end} needed')
+        if mask is None and (start > 0 or not self.causal_without_mask):
+            raise ValueError('no mask: only for a prompt from slot 0 on an attention that applies causality')
 
         def keys_values(i: int, ks: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             cache.keys[i, rows, :, start:end] = ks
@@ -328,8 +341,10 @@ class EngineSession:
         start = self.ids.shape[1]
         new = torch.as_tensor(new_ids, dtype=torch.long, device=self.engine.device)[None]
         self.ids = torch.cat([self.ids, new], dim=1)
-        allowed = self.mask_rows(self.ids, start)
-        mask = additive_mask(allowed, self.engine.dtype)
+        if start == 0:
+            mask = self.engine.prompt_mask(self.ids, self.mask_rows)
+        else:
+            mask = additive_mask(self.mask_rows(self.ids, start), self.engine.dtype)
         positions = torch.arange(start, self.ids.shape[1], device=self.engine.device)[None]
         hidden = self.engine.hidden(self.cache, new, positions, mask)[:, -1]
         self.last_logits = _finite_logits(hidden, self.head_weight, self.head_bias)[0]
@@ -360,7 +375,7 @@ class EngineRowsSession:
         last = []
         for r, ids in enumerate(self.ids):
             self.cache.length = 0
-            mask = additive_mask(action_attention_mask_rows(ids, 0), engine.dtype)
+            mask = engine.prompt_mask(ids)
             positions = torch.arange(ids.shape[1], device=device)[None]
             last.append(engine.hidden(self.cache, ids, positions, mask, row=r)[:, -1])
         self.cache.length = self.longest
@@ -555,7 +570,7 @@ def _chunks_on(engine: DecodeEngine, cache: StaticKVCache, prompts: Sequence[Seq
     for r, prompt in enumerate(prompts):
         ids = torch.as_tensor(list(prompt), dtype=torch.long, device=device)[None]
         cache.length = 0
-        mask = additive_mask(action_attention_mask_rows(ids, 0), engine.dtype)
+        mask = engine.prompt_mask(ids)
         last = engine.hidden(cache, ids, torch.arange(len(prompt), device=device)[None], mask, row=r * k)[:, -1]
         if not bool(torch.isfinite(last).all()):
             raise NonFiniteLogits('the model produced a NaN/inf hidden state (broken weights or overflow)')
