@@ -66,6 +66,29 @@ def timed(fn, repeats: int, sync) -> float:
     return statistics.median(samples)
 
 
+# HBM bandwidth by device name (vendor figures, GB/s); --peak-gbs for others
+PEAK_GBS = {'NVIDIA H100 80GB HBM3': 3350.0, 'NVIDIA H100 PCIe': 2000.0, 'NVIDIA H200': 4800.0,
+            'NVIDIA A100-SXM4-80GB': 2039.0, 'NVIDIA A100-SXM4-40GB': 1555.0}
+
+
+def bandwidth_floor(lm: ChameleonForConditionalGeneration, result: dict, peak_gbs: float | None) -> dict:
+    """A decode pass reads every weight once: the chunk's floor is the prefill plus 9 such reads; the bandwidth
+    a path achieved over its 9 decode passes (its chunk time minus the prefill)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+    out = {'weights_gb': weight_bytes / 1e9, 'peak_gbs': peak_gbs}
+    for path in ('chunk_engine_ms', 'chunk_captured_ms'):
+        decode_s = (result.get(path, 0.0) - result['prefill_ms']) / 1e3
+        if decode_s > 0:
+            out[path.replace('_ms', '_decode_gbs')] = T.TOKENS_PER_ACTION * weight_bytes / decode_s / 1e9
+    if peak_gbs:
+        floor = result['prefill_ms'] + T.TOKENS_PER_ACTION * weight_bytes / (peak_gbs * 1e9) * 1e3
+        out['chunk_floor_ms'] = floor
+        for path in ('chunk_engine_ms', 'chunk_captured_ms', 'chunk_transformers_generate_ms'):
+            if path in result:
+                out[path.replace('_ms', '_over_floor')] = result[path] / floor
+    return out
+
+
 def captured_chunk(engine: DecodeEngine, prompt: list[int], k: int, args: argparse.Namespace, sync) -> dict:
     """The engine's chunk with the decode step captured: ms, the first call's ms (recording/compiling) and
     whether its tokens are the uncaptured step's."""
@@ -109,6 +132,8 @@ def main() -> None:
     parser.add_argument('--chunk-size', type=int, default=10)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--skip-world-model', action='store_true')
+    parser.add_argument('--peak-gbs', type=float, default=None,
+                        help="the GPU's memory bandwidth, GB/s, for the chunk's floor (default: known devices)")
     parser.add_argument('--capture', choices=['auto', 'cuda_graph', 'compile', 'off'], default='auto',
                         help='also time the chunk on a captured decode step (auto: CUDA graphs on a GPU, off on CPU)')
     args = parser.parse_args()
@@ -202,6 +227,7 @@ def main() -> None:
             lambda: engine_image_block(engine, wm_prompt, grid, grid_token, image_ids, guided), repeats, sync)
     if device.type == 'cuda':
         result['peak_gpu_mem_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
+        result.update(bandwidth_floor(lm, result, args.peak_gbs or PEAK_GBS.get(torch.cuda.get_device_name(device))))
     result['peak_rss_gib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}, indent=2))
 
