@@ -471,7 +471,7 @@ def engine_image_block_drafted(
     if sampled and sampling.seed is not None:
         generator = torch.Generator(device=engine.device).manual_seed(sampling.seed)
     allowed = image_token_ids.to(engine.device)
-    index_of = {int(t): i for i, t in enumerate(allowed.tolist())}
+    index_of = {int(t): i for i, t in enumerate(allowed.tolist())} if sampled else {}  # token → logits index
     header, body = draft[:3], draft[3:-1]  # body: rows of codes, each ending in 8803
     placed = [t == T.IMAGE_NEWLINE for t in body]
     session = EngineSession(engine, [*prompt, *header], len(body), action_attention_mask_rows, allowed)
