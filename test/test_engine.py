@@ -234,17 +234,18 @@ def test_a_captured_decode_step_gives_the_same_chunks_on_pooled_caches(tiny_poli
         for prompt in prompts:  # the step uncaptured on fresh caches: the release's chunks (the test above)
             alone = engine_chunk_batched(tiny_policy.engine, prompt, k, min_actions=k)
             assert engine_chunk_batched(engine, prompt, k, min_actions=k).tokens == alone.tokens
-    assert len(engine._pool) == 4  # (5 or 10 rows) × (two buckets): reused, not one per call
+    assert len(engine._pool) == 4  # (K = 5 or 10) × (two buckets): reused, not one per call
     both = engine_chunks_batched(engine, prompts[1:], 5, min_actions=5)
     assert [c.tokens for c in both] == [engine_chunk_batched(tiny_policy.engine, p, 5, min_actions=5).tokens
                                         for p in prompts[1:]]
-    cache = engine.chunk_cache(5, len(prompts[1]) + T.TOKENS_PER_ACTION)
-    with torch.inference_mode():  # a slot the next call masks out, as a failed call leaves it
-        cache.keys[..., -1, :] = float('nan')
-        cache.values[..., -1, :] = float('nan')
+    cache = engine.chunk_cache(1, 5, len(prompts[1]))
+    with torch.inference_mode():  # a prompt slot the next call masks out, as a failed call leaves it
+        cache.prefix.keys[..., -1, :] = float('nan')
+        cache.prefix.values[..., -1, :] = float('nan')
     with pytest.raises(NonFiniteLogits):
         engine_chunk_batched(engine, prompts[1], 5, min_actions=5)
     assert engine_chunk_batched(engine, prompts[1], 5, min_actions=5).tokens == both[0].tokens
+    assert engine.captured == 'compile' and engine.capture_error is None  # captured throughout, never released
 
 
 def test_a_capture_that_fails_or_differs_falls_back_to_the_uncaptured_step(tiny_checkpoint, frames) -> None:

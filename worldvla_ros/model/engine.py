@@ -104,38 +104,72 @@ class StaticKVCache:
     def max_len(self) -> int:
         return self.keys.shape[3]
 
-    def spread_row(self, row: int = 0, count: int | None = None, length: int | None = None) -> None:
-        """Copy row ``row``'s first ``length`` slots (all valid ones) to rows ``row … row + count - 1``
-        (every row): a prompt prefilled once, decoded in several rows."""
-        n = self.length if length is None else length
-        to = slice(row, self.batch if count is None else row + count)
-        self.keys[:, to, :, :n] = self.keys[:, row : row + 1, :, :n]
-        self.values[:, to, :, :n] = self.values[:, row : row + 1, :, :n]
+
+class ChunkCache:
+    """The caches of one batch of chunks: each robot's prompt once (``prefix``: N rows, slots past a prompt
+    masked) and each action row's own decoded tokens (``suffix``: N×K rows, one slot per token of an action).
+    The K rows of a robot read its prompt's keys and values once, not K copies of them."""
+
+    def __init__(self, lm: ChameleonForConditionalGeneration, robots: int, actions: int, prompt_slots: int) -> None:
+        self.prefix = StaticKVCache(lm, robots, prompt_slots)
+        self.suffix = StaticKVCache(lm, robots * actions, T.TOKENS_PER_ACTION)
+        self.graphs: dict[tuple, _GraphedStep] = {}  # decode steps recorded on this cache, by input shapes
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.prefix.keys, self.prefix.values, self.suffix.keys, self.suffix.values
+
+    def zero_(self) -> None:
+        for t in self.tensors():
+            t.zero_()
 
 
 class _GraphedStep:
-    """The decode step recorded as a CUDA graph for one cache and one set of input shapes: a call copies the
-    inputs into the graph's own and replays it (one launch instead of one per kernel)."""
+    """A decode step recorded as a CUDA graph for one cache and one set of input shapes: ``fixed`` (the cache)
+    is used in place, a call copies the ``inputs`` into the graph's own and replays it (one launch instead of
+    one per kernel)."""
 
-    def __init__(self, step: Callable, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
-                 slot: torch.Tensor, mask: torch.Tensor) -> None:
-        self.inputs = [t.clone() for t in (ids, positions, slot, mask)]
-        device = cache.keys.device
+    def __init__(self, step: Callable[..., torch.Tensor], fixed: Sequence[torch.Tensor],
+                 inputs: Sequence[torch.Tensor]) -> None:
+        self.inputs = [t.clone() for t in inputs]
+        device = self.inputs[0].device
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # lazy initialization (handles, workspaces) outside the recording
-            step(cache.keys, cache.values, *self.inputs)  # writes this step's own keys and values, as replay will
+            step(*fixed, *self.inputs)  # writes this step's own keys and values, as the replay will
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = step(cache.keys, cache.values, *self.inputs)
+            self.out = step(*fixed, *self.inputs)
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
-                 mask: torch.Tensor) -> torch.Tensor:
-        for static, new in zip(self.inputs, (ids, positions, slot, mask), strict=True):
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        for static, new in zip(self.inputs, inputs, strict=True):
             static.copy_(new)
         self.graph.replay()
         return self.out
+
+
+def shared_prefix_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, suffix_k: torch.Tensor,
+                            suffix_v: torch.Tensor, prefix_mask: torch.Tensor, suffix_mask: torch.Tensor,
+                            scaling: float) -> torch.Tensor:
+    """Attention of one new token in each of N×K rows whose keys are their robot's prompt (shared by its K rows)
+    and their own suffix: one softmax over both, as eager attention over the concatenation, but each prompt's
+    keys and values are read once for its K rows. q (N·K, H, 1, D); prefix (N, H_kv, P, D) with ``prefix_mask``
+    (N, 1, 1, P); suffix (N·K, H_kv, S, D) with ``suffix_mask`` (N·K, 1, 1, S). Returns (N·K, 1, H, D)."""
+    nk, heads, _, dim = q.shape
+    n = prefix_k.shape[0]
+    groups = heads // prefix_k.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves ``groups`` query heads
+        prefix_k, prefix_v, suffix_k, suffix_v = (t.repeat_interleave(groups, dim=1)
+                                                  for t in (prefix_k, prefix_v, suffix_k, suffix_v))
+    grouped = q.reshape(n, nk // n, heads, dim).transpose(1, 2)  # (N, H, K, D)
+    scores_prefix = torch.matmul(grouped, prefix_k.transpose(2, 3)) * scaling + prefix_mask  # (N, H, K, P)
+    scores_suffix = torch.matmul(q, suffix_k.transpose(2, 3)) * scaling + suffix_mask  # (N·K, H, 1, S)
+    scores_suffix = scores_suffix.reshape(n, nk // n, heads, -1).transpose(1, 2)  # (N, H, K, S)
+    weights = torch.softmax(torch.cat([scores_prefix, scores_suffix], dim=-1), dim=-1, dtype=torch.float32)
+    weights_prefix, weights_suffix = weights.to(q.dtype).split([prefix_k.shape[2], suffix_k.shape[2]], dim=-1)
+    out = torch.matmul(weights_prefix, prefix_v).transpose(1, 2).reshape(nk, heads, dim)
+    own = torch.matmul(weights_suffix.transpose(1, 2).reshape(nk, heads, 1, -1), suffix_v).reshape(nk, heads, dim)
+    return (out + own)[:, None]
 
 
 class DecodeEngine:
@@ -160,7 +194,7 @@ class DecodeEngine:
         self.captured: str | None = None  # 'cuda_graph', 'compile' or None (``capture``)
         self.capture_error: str | None = None  # why a captured step fell back to the uncaptured one
         self._compiled_step: Callable | None = None
-        self._pool: dict[tuple[int, int], StaticKVCache] = {}
+        self._pool: dict[tuple[int, int, int], ChunkCache] = {}
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         return StaticKVCache(self.lm, batch, max_len)
@@ -194,64 +228,61 @@ class DecodeEngine:
         if mask is None and (start > 0 or not self.causal_without_mask):
             raise ValueError('no mask: only for a prompt from slot 0 on an attention that applies causality')
 
-        def keys_values(i: int, ks: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def attend(i: int, w: _LayerWeights, qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
             cache.keys[i, rows, :, start:end] = ks
             cache.values[i, rows, :, start:end] = vs
-            return cache.keys[i, rows, :, :end], cache.values[i, rows, :, :end]
+            return self.attention(w.attn, qs, cache.keys[i, rows, :, :end], cache.values[i, rows, :, :end], mask,
+                                  dropout=0.0, scaling=w.attn.scaling)[0]
 
-        out = self._layers(ids, positions, mask, keys_values)
+        out = self._layers(ids, positions, attend)
         cache.length = end
         return out
 
     @torch.inference_mode()
-    def step(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
-             mask: torch.Tensor) -> torch.Tensor:
-        """One token for every row of ``cache`` (``ids``, ``positions``: (B, 1)) at slot ``cache.length``,
-        attending over all ``max_len`` slots under ``mask`` (B, 1, 1, max_len; slots past this one masked).
-        The shapes stay the same from step to step, which is what lets ``capture`` record it once.
-        The final-norm hidden states (B, H)."""
-        if cache.length >= cache.max_len:
-            raise ValueError(f'the static cache holds {cache.max_len} tokens; {cache.length + 1} needed')
-        slot = torch.full((1,), cache.length, dtype=torch.long, device=self.device)
+    def chunk_step(self, cache: ChunkCache, step: int, ids: torch.Tensor, positions: torch.Tensor,
+                   prefix_mask: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
+        """Token ``step`` of the current action in every row of ``cache`` (``ids``, ``positions``: (N·K, 1)),
+        attending to the row's robot's prompt (``prefix_mask`` (N, 1, 1, P)) and to its own tokens
+        (``suffix_mask`` (N·K, 1, 1, S): slots past ``step`` masked). The shapes stay the same from step to
+        step, which is what lets ``capture`` record it once. The final-norm hidden states (N·K, H)."""
+        slot = torch.full((1,), step, dtype=torch.long, device=self.device)
+        inputs = (ids, positions, slot, prefix_mask, suffix_mask)
+        args = (*cache.tensors(), *inputs)
         if self.captured == 'cuda_graph':
-            out = self._graphed_step(cache, ids, positions, slot, mask)
+            shapes = tuple(tuple(t.shape) for t in inputs)
+            graph = cache.graphs.get(shapes)
+            if graph is None:
+                try:
+                    graph = cache.graphs[shapes] = _GraphedStep(self._chunk_step_eager, cache.tensors(), inputs)
+                except Exception as exc:  # a step CUDA cannot record: run it uncaptured from now on
+                    self.release_capture(f'{type(exc).__name__}: {str(exc)[:300]}')
+            out = graph(*inputs) if graph is not None else self._chunk_step_eager(*args)
         elif self.captured == 'compile':
             try:
-                out = self._compiled_step(cache.keys, cache.values, ids, positions, slot, mask)
+                out = self._compiled_step(*args)
             except Exception as exc:  # no compiler here for this device or model: the first call fails
                 self.release_capture(f'{type(exc).__name__}: {str(exc)[:300]}')
-                out = self._step_eager(cache.keys, cache.values, ids, positions, slot, mask)
+                out = self._chunk_step_eager(*args)
         else:
-            out = self._step_eager(cache.keys, cache.values, ids, positions, slot, mask)
-        cache.length += 1
+            out = self._chunk_step_eager(*args)
         return out[:, -1]
 
-    def _step_eager(self, keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
-                    slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        def keys_values(i: int, ks: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            keys[i][:, :, slot] = ks
-            values[i][:, :, slot] = vs
-            return keys[i], values[i]
+    def _chunk_step_eager(self, prefix_k: torch.Tensor, prefix_v: torch.Tensor, suffix_k: torch.Tensor,
+                          suffix_v: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                          prefix_mask: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
+        def attend(i: int, w: _LayerWeights, qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+            suffix_k[i][:, :, slot] = ks
+            suffix_v[i][:, :, slot] = vs
+            return shared_prefix_attention(qs, prefix_k[i], prefix_v[i], suffix_k[i], suffix_v[i], prefix_mask,
+                                           suffix_mask, w.attn.scaling)
 
-        return self._layers(ids, positions, mask, keys_values)
-
-    def _graphed_step(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
-                      mask: torch.Tensor) -> torch.Tensor:
-        shapes = (tuple(ids.shape), tuple(mask.shape))
-        graph = cache.graphs.get(shapes)
-        if graph is None:
-            try:
-                graph = cache.graphs[shapes] = _GraphedStep(self._step_eager, cache, ids, positions, slot, mask)
-            except Exception as exc:  # a step CUDA cannot record: run it uncaptured from now on
-                self.release_capture(f'{type(exc).__name__}: {str(exc)[:300]}')
-                return self._step_eager(cache.keys, cache.values, ids, positions, slot, mask)
-        return graph(ids, positions, slot, mask)
+        return self._layers(ids, positions, attend)
 
     def capture(self, how: str, mode: str | None = None, backend: str | Callable = 'inductor') -> None:
         """Record the chunk decode step once per shape instead of launching its kernels one by one from Python:
         'cuda_graph' (a CUDA graph per shape and cache, replayed from any thread; CUDA devices only) or
         'compile' (``torch.compile`` with ``mode`` and ``backend``: fused kernels, any device). Chunk caches
-        then come from a pool, in lengths rounded up to ``CACHE_BUCKET``, so that a node sees few shapes and a
+        then come from a pool, prompts' slots in steps of ``CACHE_BUCKET``, so that a node sees few shapes and a
         cache keeps its address. A step that cannot be recorded or compiled runs uncaptured from then on
         (``capture_error`` says why)."""
         if how not in ('cuda_graph', 'compile'):
@@ -261,7 +292,7 @@ class DecodeEngine:
         if how == 'compile':
             # dynamo keeps compiled code per Python function, up to a recompile limit, across engines: start afresh
             torch._dynamo.reset()
-            self._compiled_step = torch.compile(self._step_eager, mode=mode, backend=backend, dynamic=False,
+            self._compiled_step = torch.compile(self._chunk_step_eager, mode=mode, backend=backend, dynamic=False,
                                                 fullgraph=True)
         self.captured, self.capture_error = how, None
 
@@ -271,26 +302,25 @@ class DecodeEngine:
         self._compiled_step = None
         self._pool.clear()
 
-    def chunk_cache(self, batch: int, length: int) -> StaticKVCache:
-        """A cache for chunk decoding: a new one, or with a captured step the pool's of that shape (length
+    def chunk_cache(self, robots: int, actions: int, prompt_slots: int) -> ChunkCache:
+        """Caches for a batch of chunks: new ones, or with a captured step the pool's of that shape (prompt slots
         rounded up to ``CACHE_BUCKET``); the pool keeps the last ``POOL`` shapes, with their graphs."""
         if self.captured is None:
-            return self.new_cache(batch, length)
-        key = (batch, -(-length // CACHE_BUCKET) * CACHE_BUCKET)
+            return ChunkCache(self.lm, robots, actions, prompt_slots)
+        key = (robots, actions, -(-prompt_slots // CACHE_BUCKET) * CACHE_BUCKET)
         cache = self._pool.pop(key, None)
         if cache is None:
-            cache = self.new_cache(*key)
+            cache = ChunkCache(self.lm, *key)
         self._pool[key] = cache  # the newest last: the oldest shape leaves first
         while len(self._pool) > POOL:
             self._pool.pop(next(iter(self._pool)))
-        cache.length = 0
         return cache
 
-    def _layers(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                keys_values: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    def _layers(self, ids: torch.Tensor, positions: torch.Tensor,
+                attend: Callable[[int, _LayerWeights, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
                 ) -> torch.Tensor:
-        """The decoder over ``ids`` (B, Q); ``keys_values(layer, k, v)`` stores the new keys and values and
-        returns those to attend to."""
+        """The decoder over ``ids`` (B, Q); ``attend(layer, weights, q, k, v)`` stores the new keys and values
+        and returns the attention output (B, Q, H, D)."""
         b, q = ids.shape
         cos, sin = self._rope(positions)
         x = self.embed(ids)
@@ -306,8 +336,7 @@ class DecodeEngine:
             ks = ks.reshape(b, q, kv_heads, dim).transpose(1, 2)
             vs = vs.reshape(b, q, kv_heads, dim).transpose(1, 2)
             qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
-            all_keys, all_values = keys_values(i, ks, vs)
-            out, _ = self.attention(w.attn, qs, all_keys, all_values, mask, dropout=0.0, scaling=w.attn.scaling)
+            out = attend(i, w, qs, ks, vs)
             h = F.linear(out.reshape(b, q, -1), w.o_proj)
             if self.swin:
                 x = residual + _rms_norm(h, w.input_norm, w.eps)
@@ -547,39 +576,36 @@ def engine_chunks_batched(engine: DecodeEngine, prompts: Sequence[Sequence[int]]
     """The chunks of several prompts (robots) in one batch of N×K rows: each is the chunk
     ``engine_chunk_batched`` gives for that prompt alone.
 
-    Prompt r fills slots 0 … P_r - 1 of its K rows (one prefill each); the slots up to the longest
-    prompt are masked out in its rows; the 9 decode passes then run all N×K rows at once (``step``:
-    the same shapes every pass), each row at its own RoPE positions, so a decode step costs one pass
+    Prompt r is prefilled once into row r of the prompt cache (slots past it masked in its rows); the 9
+    decode passes then run all N×K rows at once (``chunk_step``: the same shapes every pass), each row at its
+    own RoPE positions and reading its robot's prompt once for its K rows, so a decode step costs one pass
     whatever N is.
     """
-    cache = engine.chunk_cache(len(prompts) * max_actions, max(len(p) for p in prompts) + T.TOKENS_PER_ACTION)
+    cache = engine.chunk_cache(len(prompts), max_actions, max(len(p) for p in prompts))
     try:
         return _chunks_on(engine, cache, prompts, max_actions, min_actions)
     except Exception:
-        # a pooled cache is used again: slots this call left NaN would poison the masked slots of the next
-        cache.keys.zero_()
-        cache.values.zero_()
+        cache.zero_()  # a pooled cache is used again: NaN left here would poison the masked slots of the next
         raise
 
 
-def _chunks_on(engine: DecodeEngine, cache: StaticKVCache, prompts: Sequence[Sequence[int]], max_actions: int,
+def _chunks_on(engine: DecodeEngine, cache: ChunkCache, prompts: Sequence[Sequence[int]], max_actions: int,
                min_actions: int) -> list[ChunkResult]:
     device, k, n = engine.device, max_actions, len(prompts)
     lengths = [len(p) for p in prompts]
-    longest = max(lengths)
     for r, prompt in enumerate(prompts):
         ids = torch.as_tensor(list(prompt), dtype=torch.long, device=device)[None]
-        cache.length = 0
-        mask = engine.prompt_mask(ids)
-        last = engine.hidden(cache, ids, torch.arange(len(prompt), device=device)[None], mask, row=r * k)[:, -1]
+        cache.prefix.length = 0
+        last = engine.hidden(cache.prefix, ids, torch.arange(len(prompt), device=device)[None],
+                             engine.prompt_mask(ids), row=r)[:, -1]
         if not bool(torch.isfinite(last).all()):
             raise NonFiniteLogits('the model produced a NaN/inf hidden state (broken weights or overflow)')
-        cache.spread_row(r * k, k, len(prompt))
-    cache.length = longest
-    p_row = torch.tensor(lengths, device=device).repeat_interleave(k)  # each row's prompt length
-    slots = torch.arange(cache.max_len, device=device)
-    gap = (slots[None, :] >= p_row[:, None]) & (slots[None, :] < longest)  # padding after a shorter prompt
     blocked = torch.finfo(engine.dtype).min
+    slots = torch.arange(cache.prefix.max_len, device=device)
+    prompt_mask = torch.where(slots[None, :] >= torch.tensor(lengths, device=device)[:, None], blocked, 0.0)
+    prompt_mask = prompt_mask.to(engine.dtype)[:, None, None, :]  # (N, 1, 1, P): slots past each prompt
+    own = torch.arange(T.TOKENS_PER_ACTION, device=device)
+    p_row = torch.tensor(lengths, device=device).repeat_interleave(k)  # each row's prompt length
     head = engine.lm.lm_head
     bins = _BIN_IDS.to(device)
     stop_or_go = torch.tensor([T.ACTION_START, T.END_OF_TURN], device=device)
@@ -590,12 +616,12 @@ def _chunks_on(engine: DecodeEngine, cache: StaticKVCache, prompts: Sequence[Seq
     inputs = torch.full((n * k, 1), T.ACTION_START, dtype=torch.long, device=device)
     for j in range(T.TOKENS_PER_ACTION):
         positions = (p_row + T.TOKENS_PER_ACTION * action_index + j)[:, None]
-        mask = torch.where(gap | (slots[None, :] > longest + j), blocked, 0.0).to(engine.dtype)[:, None, None, :]
-        hidden = engine.step(cache, inputs, positions, mask)
+        suffix_mask = torch.where(own > j, blocked, 0.0).to(engine.dtype).expand(n * k, 1, 1, -1)
+        hidden = engine.chunk_step(cache, j, inputs, positions, prompt_mask, suffix_mask)
         logits = _finite_logits(hidden, *((bin_head, bin_bias) if j < T.ACTION_DIMS else (stop_head, stop_bias)))
         if j < T.ACTION_DIMS:
             values[:, j] = bins[torch.argmax(logits, dim=1)]
-            inputs = values[:, j : j + 1]
+            inputs = values[:, j : j + 1].contiguous()  # the same strides every step: one captured shape
         elif j == T.ACTION_DIMS:
             inputs = torch.full((n * k, 1), T.ACTION_END, dtype=torch.long, device=device)
         else:
