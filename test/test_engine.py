@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from worldvla_ros.model.engine import (
     engine_chunks_batched,
     engine_image_block,
     engine_image_block_drafted,
+    shared_prefix_attention,
     speculative_pick,
 )
 from worldvla_ros.model.generate import (
@@ -139,6 +141,34 @@ def test_rows_of_one_cache_give_each_sequence_its_own_logits(tiny_policy, frames
                 session.feed(feed)
     cond, uncond = rows.logits()
     assert torch.equal(cond, rows.last_logits[0]) and torch.equal(uncond, rows.last_logits[1])
+
+
+@pytest.mark.parametrize('kv_heads', [4, 2])
+def test_shared_prefix_attention_is_attention_over_the_prompt_and_the_rows_own_tokens(kv_heads: int) -> None:
+    """Three robots × K = 4 rows, prompts of different lengths (the rest of the prompt slots masked), suffixes
+    partly decoded: the output equals transformers' eager attention of each row over its robot's prompt copied
+    in front of its own tokens, also with grouped-query heads (2 key/value heads for 4 query heads)."""
+    from transformers.models.chameleon.modeling_chameleon import eager_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    n, k, heads, dim, p_slots, s_slots, step = 3, 4, 4, 8, 12, 9, 5
+    lengths = [12, 7, 9]
+    q = torch.randn(n * k, heads, 1, dim, generator=g)
+    pk, pv = (torch.randn(n, kv_heads, p_slots, dim, generator=g) for _ in range(2))
+    sk, sv = (torch.randn(n * k, kv_heads, s_slots, dim, generator=g) for _ in range(2))
+    low = torch.finfo(torch.float32).min
+    pmask = torch.where(torch.arange(p_slots)[None, :] >= torch.tensor(lengths)[:, None], low, 0.0)[:, None, None]
+    smask = torch.where(torch.arange(s_slots) > step, low, 0.0).expand(n * k, 1, 1, -1)
+    out = shared_prefix_attention(q, pk, pv, sk, sv, pmask, smask, 0.3)
+
+    module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False)
+    for row in range(n * k):
+        r = row // k
+        keys = torch.cat([pk[r : r + 1], sk[row : row + 1]], dim=2)
+        values = torch.cat([pv[r : r + 1], sv[row : row + 1]], dim=2)
+        mask = torch.cat([pmask[r : r + 1], smask[row : row + 1]], dim=-1)
+        ref, _ = eager_attention_forward(module, q[row : row + 1], keys, values, mask, scaling=0.3, dropout=0.0)
+        torch.testing.assert_close(out[row : row + 1], ref, rtol=1e-5, atol=1e-6)
 
 
 def test_a_draft_token_is_kept_or_replaced_so_that_the_token_has_the_models_distribution() -> None:
