@@ -92,7 +92,7 @@ def bandwidth_floor(lm: ChameleonForConditionalGeneration, result: dict, peak_gb
 def captured_chunk(engine: DecodeEngine, prompt: list[int], k: int, args: argparse.Namespace, sync) -> dict:
     """The engine's chunk with the decode step captured: ms, the first call's ms (recording/compiling) and
     whether its tokens are the uncaptured step's."""
-    how = args.capture if args.capture != 'auto' else ('cuda_graph' if engine.device.type == 'cuda' else 'off')
+    how = engine.auto_capture() if args.capture == 'auto' else args.capture
     if how == 'off':
         return {}
     expected = engine_chunk_batched(engine, prompt, k, min_actions=k).tokens

@@ -47,6 +47,16 @@ def _head_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
     return F.layer_norm(x, (x.shape[-1],), None, None, eps=1e-5) * weight + bias
 
 
+def _head_rows(engine: DecodeEngine, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output projection's weight and bias limited to token ids ``rows`` (all of it for None): gathered once,
+    not at every step."""
+    head = engine.lm.lm_head
+    if rows is None:
+        return head.weight, head.bias
+    rows = rows.to(engine.device)
+    return head.weight[rows], None if head.bias is None else head.bias[rows]
+
+
 def _finite_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """float32 logits over the rows of the output projection in ``weight``; NaN/inf is an error, not a token."""
     logits = F.linear(hidden, weight, bias).float()
@@ -94,7 +104,6 @@ class StaticKVCache:
         self.keys = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.values = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.length = 0
-        self.graphs: dict[tuple, _GraphedStep] = {}  # decode steps recorded on this cache, by input shapes
 
     @property
     def batch(self) -> int:
@@ -255,13 +264,13 @@ class DecodeEngine:
                 try:
                     graph = cache.graphs[shapes] = _GraphedStep(self._chunk_step_eager, cache.tensors(), inputs)
                 except Exception as exc:  # a step CUDA cannot record: run it uncaptured from now on
-                    self.release_capture(f'{type(exc).__name__}: {str(exc)[:300]}')
+                    self.release_capture(exc)
             out = graph(*inputs) if graph is not None else self._chunk_step_eager(*args)
         elif self.captured == 'compile':
             try:
                 out = self._compiled_step(*args)
             except Exception as exc:  # no compiler here for this device or model: the first call fails
-                self.release_capture(f'{type(exc).__name__}: {str(exc)[:300]}')
+                self.release_capture(exc)
                 out = self._chunk_step_eager(*args)
         else:
             out = self._chunk_step_eager(*args)
@@ -296,8 +305,15 @@ class DecodeEngine:
                                                 fullgraph=True)
         self.captured, self.capture_error = how, None
 
-    def release_capture(self, reason: str | None = None) -> None:
-        """Back to the uncaptured step (and fresh caches): after a failed capture, or when asked."""
+    def auto_capture(self) -> str:
+        """What ``decode_capture: auto`` means here: CUDA graphs on a CUDA device; 'off' on a CPU, where the
+        compiled step measured slower than the uncaptured one."""
+        return 'cuda_graph' if self.device.type == 'cuda' else 'off'
+
+    def release_capture(self, reason: BaseException | str | None = None) -> None:
+        """Back to the uncaptured step (and fresh caches): after a failed capture (``reason``: why), or when asked."""
+        if isinstance(reason, BaseException):
+            reason = f'{type(reason).__name__}: {str(reason)[:300]}'
         self.captured, self.capture_error = None, reason
         self._compiled_step = None
         self._pool.clear()
@@ -360,10 +376,7 @@ class EngineSession:
         self.mask_rows = mask_rows
         self.cache = engine.new_cache(1, len(prompt) + max_new)
         self.ids = torch.empty((1, 0), dtype=torch.long, device=engine.device)
-        head = engine.lm.lm_head
-        self.vocab = None if vocab is None else vocab.to(engine.device)
-        self.head_weight = head.weight if self.vocab is None else head.weight[self.vocab]
-        self.head_bias = head.bias if head.bias is None or self.vocab is None else head.bias[self.vocab]
+        self.head_weight, self.head_bias = _head_rows(engine, vocab)
         self.last_logits = self.feed(prompt)
 
     def feed(self, new_ids: list[int]) -> torch.Tensor:
@@ -397,10 +410,7 @@ class EngineRowsSession:
         self.longest = max(self.prompt_lengths)
         self.cache = engine.new_cache(len(prompts), self.longest + max_new)
         self.ids = [torch.as_tensor(list(p), dtype=torch.long, device=device)[None] for p in prompts]
-        head = engine.lm.lm_head
-        self.vocab = None if vocab is None else vocab.to(device)
-        self.head_weight = head.weight if self.vocab is None else head.weight[self.vocab]
-        self.head_bias = head.bias if head.bias is None or self.vocab is None else head.bias[self.vocab]
+        self.head_weight, self.head_bias = _head_rows(engine, vocab)
         last = []
         for r, ids in enumerate(self.ids):
             self.cache.length = 0
@@ -602,15 +612,14 @@ def _chunks_on(engine: DecodeEngine, cache: ChunkCache, prompts: Sequence[Sequen
             raise NonFiniteLogits('the model produced a NaN/inf hidden state (broken weights or overflow)')
     blocked = torch.finfo(engine.dtype).min
     slots = torch.arange(cache.prefix.max_len, device=device)
-    prompt_mask = torch.where(slots[None, :] >= torch.tensor(lengths, device=device)[:, None], blocked, 0.0)
+    prompt_lengths = torch.tensor(lengths, device=device)
+    prompt_mask = torch.where(slots[None, :] >= prompt_lengths[:, None], blocked, 0.0)
     prompt_mask = prompt_mask.to(engine.dtype)[:, None, None, :]  # (N, 1, 1, P): slots past each prompt
     own = torch.arange(T.TOKENS_PER_ACTION, device=device)
-    p_row = torch.tensor(lengths, device=device).repeat_interleave(k)  # each row's prompt length
-    head = engine.lm.lm_head
+    p_row = prompt_lengths.repeat_interleave(k)  # each row's prompt length
     bins = _BIN_IDS.to(device)
-    stop_or_go = torch.tensor([T.ACTION_START, T.END_OF_TURN], device=device)
-    bin_head, stop_head = head.weight[bins], head.weight[stop_or_go]
-    bin_bias, stop_bias = (None, None) if head.bias is None else (head.bias[bins], head.bias[stop_or_go])
+    bin_head, bin_bias = _head_rows(engine, bins)
+    stop_head, stop_bias = _head_rows(engine, torch.tensor([T.ACTION_START, T.END_OF_TURN], device=device))
     action_index = torch.arange(k, device=device).repeat(n)
     values = torch.empty((n * k, T.ACTION_DIMS), dtype=torch.long, device=device)
     inputs = torch.full((n * k, 1), T.ACTION_START, dtype=torch.long, device=device)

@@ -63,7 +63,6 @@ class ActionPrediction:
     timing: Timing = field(default_factory=Timing)
 
 
-# Bidirectional-text controls reorder what a log shows ("Trojan source"); other format characters stay.
 class WorldVLAPolicy:
     """One loaded checkpoint: ``predict_actions`` (action model) and ``imagine`` (world model).
 
@@ -297,7 +296,7 @@ class WorldVLAPolicy:
         if mode not in ('auto', 'cuda_graph', 'compile', 'off'):
             raise ValueError(f"decode capture: 'auto', 'cuda_graph', 'compile' or 'off', got {mode!r}")
         if mode == 'auto':
-            mode = 'cuda_graph' if self.device.type == 'cuda' else 'off'
+            mode = self.engine.auto_capture()
         if mode == 'off':
             self.engine.release_capture()
         elif self.engine.captured != mode:

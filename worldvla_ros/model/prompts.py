@@ -26,6 +26,7 @@ def world_model_prompt(
     return [T.BOS, *text.encode(template), *image_block, *action_ids, T.END_OF_TURN]
 
 
+# Bidirectional-text controls reorder what a log shows ("Trojan source"); other format characters stay.
 _BIDI_CONTROLS = set('\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069')
 
 
