@@ -306,8 +306,8 @@ class DecodeEngine:
         self.captured, self.capture_error = how, None
 
     def auto_capture(self) -> str:
-        """What ``decode_capture: auto`` means here: CUDA graphs on a CUDA device; 'off' on a CPU, where the
-        compiled step measured slower than the uncaptured one."""
+        """What ``decode_capture: auto`` means here: CUDA graphs on a CUDA device; 'off' on a CPU, where compiling
+        takes seconds at start-up and again for every new shape."""
         return 'cuda_graph' if self.device.type == 'cuda' else 'off'
 
     def release_capture(self, reason: BaseException | str | None = None) -> None:

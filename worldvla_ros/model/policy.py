@@ -290,7 +290,7 @@ class WorldVLAPolicy:
 
     def capture_decoding(self, mode: str = 'auto') -> str | None:
         """How the chunk decode step runs (``DecodeEngine.capture``): 'cuda_graph', 'compile', 'off', or 'auto'
-        (CUDA graphs on a CUDA device; uncaptured on a CPU, where the compiled step measured slower). The
+        (``DecodeEngine.auto_capture``: CUDA graphs on a CUDA device, uncaptured on a CPU). The
         recording happens at the first call of each shape: ``warmup`` makes those calls and checks the captured
         step against the uncaptured one. Returns what is in use (None: uncaptured)."""
         if mode not in ('auto', 'cuda_graph', 'compile', 'off'):
