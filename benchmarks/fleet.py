@@ -4,7 +4,8 @@
     python benchmarks/fleet.py --config bundled --device cuda
 
 "batched": one process, one ``BatchingPolicy``, N threads (one per robot, as the fleet node's action
-nodes) each asking for a chunk for a new camera frame as soon as it has the last one. "separate": N
+nodes) each asking for a chunk for a new camera frame as soon as it has the last one; each encodes its
+frame and prefills its prompt in its own thread, the chunks are decoded together. "separate": N
 processes each with its own model (N action nodes, one torch thread each: ``cpu_threads``). Both count
 the chunks all robots got per second; the model call only (ROS transport is the same either way).
 """

@@ -20,6 +20,7 @@ from worldvla_ros.model.engine import (
     engine_chunks_batched,
     engine_image_block,
     engine_image_block_drafted,
+    prefill_prompt,
     shared_prefix_attention,
     speculative_pick,
 )
@@ -247,6 +248,29 @@ def test_engine_chunks_equal_the_release_decoding(tiny_policy, frames, k: int) -
     seq = generate_chunk_sequential(tiny_policy.lm, prompt, k, constrain=True, min_actions=k)
     out = engine_chunk_batched(tiny_policy.engine, prompt, k, min_actions=k)
     assert out.tokens == seq.tokens and out.forward_passes == 1 + 9
+
+
+def test_prompts_prefilled_apart_give_the_chunks_of_prompts_prefilled_in_the_batch(tiny_policy, frames) -> None:
+    """A fleet's robots prefill their prompts in their own threads (``prefill_prompt``); the batch copies
+    them in: the same chunks, on a fresh cache and on a captured step's pooled one. A cache that does not
+    hold its prompt is refused."""
+    blocks = tiny_policy.images.encode(frames)
+    prompts = [action_prompt(tiny_policy.text, blocks, task, tiny_policy.config.action_prompt)
+               for task in ('put the bowl on the plate and then put the cup in the sink', 'stack', 'open it')]
+    engine = tiny_policy.engine
+    together = [c.tokens for c in engine_chunks_batched(engine, prompts, 10, min_actions=10)]
+    caches = [prefill_prompt(engine, p) for p in prompts]
+    apart = engine_chunks_batched(engine, prompts, 10, min_actions=10, prefilled=caches)
+    assert [c.tokens for c in apart] == together
+    captured = DecodeEngine(tiny_policy.lm)
+    captured.capture('compile', backend='eager')
+    for _ in range(2):  # the second call on the pooled cache the first one left
+        out = engine_chunks_batched(captured, prompts[::-1], 10, min_actions=10, prefilled=caches[::-1])
+        assert [c.tokens for c in out] == together[::-1]
+    with pytest.raises(ValueError, match='its prompt has'):
+        engine_chunks_batched(engine, prompts[:2], 10, prefilled=caches[1::-1])
+    with pytest.raises(ValueError, match='2 prefilled caches for 3 prompts'):
+        engine_chunks_batched(engine, prompts, 10, prefilled=caches[:2])
 
 
 def test_a_captured_decode_step_gives_the_same_chunks_on_pooled_caches(tiny_policy, frames) -> None:

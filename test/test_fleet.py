@@ -119,24 +119,26 @@ def test_batching_policy_gives_each_caller_its_own_chunk(tiny_policy, frames) ->
     """Without ROS: three threads at once get the chunks predict gives each alone, in batches."""
     import threading
 
-    batching = BatchingPolicy(tiny_policy, callers=3, max_wait_s=0.5)
-    texts = ['put the bowl on the plate', 'open the drawer', 'x']
+    batching = BatchingPolicy(tiny_policy, callers=4, max_wait_s=0.5)
+    texts = ['put the bowl on the plate', 'open the drawer', 'x', 'a robot whose camera sends floats']
     out: dict[str, np.ndarray] = {}
-    errors: list[BaseException] = []
+    errors: dict[str, BaseException] = {}
 
     def ask(text: str) -> None:
         try:
-            out[text] = batching.predict(frames, text).actions
+            sent = [f.astype(np.float32) for f in frames] if 'floats' in text else frames
+            out[text] = batching.predict(sent, text).actions
         except BaseException as exc:
-            errors.append(exc)
+            errors[text] = exc
 
     threads = [threading.Thread(target=ask, args=(t,)) for t in texts]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
-    assert not errors
-    for text in texts:
+    # the bad frame is its robot's own error (raised in its thread, before batching); the others get chunks
+    assert list(errors) == [texts[3]] and isinstance(errors[texts[3]], ValueError)
+    for text in texts[:3]:
         assert np.array_equal(out[text], tiny_policy.predict(frames, text).actions)
     assert max(batching.batch_sizes) >= 2  # decoded together
     with pytest.raises(ValueError):

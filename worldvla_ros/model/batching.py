@@ -1,5 +1,7 @@
 """One policy shared by several robots: their ``predict`` calls, made from their own threads, are
-decoded together (``WorldVLAPolicy.predict_many``), N×K rows a pass instead of N calls one after another."""
+decoded together (``WorldVLAPolicy.predict_prepared``), N×K rows a pass instead of N calls one after another.
+Each robot's own work (encoding its frames, prefilling its prompt) stays in its thread, so robots do it side
+by side, on every core, and while a batch decodes."""
 from __future__ import annotations
 
 import threading
@@ -10,13 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from .policy import ActionPrediction, WorldVLAPolicy
+from .policy import ActionPrediction, PreparedChunk, WorldVLAPolicy
 
 
 @dataclass
 class _Request:
-    frames: list[np.ndarray]
-    instruction: str
+    prepared: PreparedChunk
     done: threading.Event = field(default_factory=threading.Event)
     result: ActionPrediction | None = None
     error: BaseException | None = None
@@ -32,8 +33,9 @@ class BatchingPolicy:
 
     def __init__(self, policy: WorldVLAPolicy, callers: int, max_wait_s: float = 0.005,
                  cpu_threads: int = 0) -> None:
-        """``cpu_threads``: torch's intra-op threads in the decoding thread on a CPU (0: torch's default).
-        Off the main thread, small models ran 3× slower with 2 OpenMP threads than with 1 here."""
+        """``cpu_threads``: torch's intra-op threads on a CPU (0: torch's default) in the decoding thread and in
+        the callers' threads while they prepare their requests. Off the main thread, small models ran 3× slower
+        with 2 OpenMP threads than with 1 here."""
         self.policy = policy
         self.cpu_threads = cpu_threads
         self.callers = max(1, callers)
@@ -63,7 +65,9 @@ class BatchingPolicy:
         if not (batched and action_mask and constrain):
             return self.policy.predict(frames, instruction, batched=batched, constrain=constrain,
                                        action_mask=action_mask)
-        request = _Request(*self.policy.check_request(frames, instruction))  # one caller's bad input: its error
+        # in the caller's thread: a caller's bad input or frame is its own error, and callers work side by side
+        self.policy.use_cpu_threads(self.cpu_threads)
+        request = _Request(self.policy.prepare_chunk(frames, instruction))
         with self._cond:
             if self._closed:
                 raise RuntimeError('the shared policy is closed')
@@ -103,7 +107,7 @@ class BatchingPolicy:
         self.policy.use_cpu_threads(self.cpu_threads)
         while (batch := self._next_batch()) is not None:
             try:
-                results = self.policy.predict_many([(r.frames, r.instruction) for r in batch])
+                results = self.policy.predict_prepared([r.prepared for r in batch])
                 for request, result in zip(batch, results, strict=True):
                     request.result = result
             except BaseException as exc:  # the model failed for all of them: every caller hears it

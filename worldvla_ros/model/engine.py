@@ -582,34 +582,59 @@ def engine_chunk_batched(engine: DecodeEngine, prompt: Sequence[int], max_action
 
 @torch.inference_mode()
 def engine_chunks_batched(engine: DecodeEngine, prompts: Sequence[Sequence[int]], max_actions: int,
-                          min_actions: int = 1) -> list[ChunkResult]:
+                          min_actions: int = 1, prefilled: Sequence[StaticKVCache] | None = None
+                          ) -> list[ChunkResult]:
     """The chunks of several prompts (robots) in one batch of N×K rows: each is the chunk
     ``engine_chunk_batched`` gives for that prompt alone.
 
     Prompt r is prefilled once into row r of the prompt cache (slots past it masked in its rows); the 9
     decode passes then run all N×K rows at once (``chunk_step``: the same shapes every pass), each row at its
     own RoPE positions and reading its robot's prompt once for its K rows, so a decode step costs one pass
-    whatever N is.
+    whatever N is. ``prefilled``: the prompts' caches from ``prefill_prompt`` (copied in, not computed again).
     """
+    if prefilled is not None and len(prefilled) != len(prompts):
+        raise ValueError(f'{len(prefilled)} prefilled caches for {len(prompts)} prompts')
     cache = engine.chunk_cache(len(prompts), max_actions, max(len(p) for p in prompts))
     try:
-        return _chunks_on(engine, cache, prompts, max_actions, min_actions)
+        return _chunks_on(engine, cache, prompts, max_actions, min_actions, prefilled)
     except Exception:
         cache.zero_()  # a pooled cache is used again: NaN left here would poison the masked slots of the next
         raise
 
 
+def _prefill(engine: DecodeEngine, cache: StaticKVCache, prompt: Sequence[int], row: int = 0) -> None:
+    ids = torch.as_tensor(list(prompt), dtype=torch.long, device=engine.device)[None]
+    cache.length = 0
+    last = engine.hidden(cache, ids, torch.arange(len(prompt), device=engine.device)[None],
+                         engine.prompt_mask(ids), row=row)[:, -1]
+    if not bool(torch.isfinite(last).all()):
+        raise NonFiniteLogits('the model produced a NaN/inf hidden state (broken weights or overflow)')
+
+
+@torch.inference_mode()
+def prefill_prompt(engine: DecodeEngine, prompt: Sequence[int]) -> StaticKVCache:
+    """An action prompt's keys and values in a cache of its own (one row, the prompt's length), for its chunk
+    decoded later among others (``engine_chunks_batched(prefilled=…)``). It touches nothing shared, so each
+    robot's thread may prefill its own prompt while other prompts are prefilled or decoded."""
+    cache = engine.new_cache(1, len(prompt))
+    _prefill(engine, cache, prompt)
+    return cache
+
+
 def _chunks_on(engine: DecodeEngine, cache: ChunkCache, prompts: Sequence[Sequence[int]], max_actions: int,
-               min_actions: int) -> list[ChunkResult]:
+               min_actions: int, prefilled: Sequence[StaticKVCache] | None) -> list[ChunkResult]:
     device, k, n = engine.device, max_actions, len(prompts)
     lengths = [len(p) for p in prompts]
     for r, prompt in enumerate(prompts):
-        ids = torch.as_tensor(list(prompt), dtype=torch.long, device=device)[None]
-        cache.prefix.length = 0
-        last = engine.hidden(cache.prefix, ids, torch.arange(len(prompt), device=device)[None],
-                             engine.prompt_mask(ids), row=r)[:, -1]
-        if not bool(torch.isfinite(last).all()):
-            raise NonFiniteLogits('the model produced a NaN/inf hidden state (broken weights or overflow)')
+        if prefilled is None:
+            _prefill(engine, cache.prefix, prompt, row=r)
+        else:
+            own = prefilled[r]
+            if own.length != len(prompt) or own.batch != 1:
+                raise ValueError(f'prefilled cache {r} holds {own.batch} row(s) of {own.length} tokens; '
+                                 f'its prompt has {len(prompt)}')
+            cache.prefix.keys[:, r, :, : own.length] = own.keys[:, 0, :, : own.length]
+            cache.prefix.values[:, r, :, : own.length] = own.values[:, 0, :, : own.length]
     blocked = torch.finfo(engine.dtype).min
     slots = torch.arange(cache.prefix.max_len, device=device)
     prompt_lengths = torch.tensor(lengths, device=device)

@@ -29,10 +29,12 @@ from .checkpoint import (
 from .config import WorldVLAConfig
 from .engine import (
     DecodeEngine,
+    StaticKVCache,
     engine_chunk_batched,
     engine_chunks_batched,
     engine_image_block,
     engine_image_block_drafted,
+    prefill_prompt,
 )
 from .generate import ImageSampling, generate_chunk_batched, generate_chunk_sequential, generate_image_block
 from .image_tokenizer import ImageTokenizer, to_model_frame
@@ -57,6 +59,16 @@ class Timing:
 
 
 @dataclass
+class PreparedChunk:
+    """A request ready for batched decoding (``WorldVLAPolicy.prepare_chunk``): its prompt, prefilled."""
+
+    prompt: list[int]
+    cache: StaticKVCache  # the prompt's keys and values, one row
+    tokenize_s: float
+    prefill_s: float
+
+
+@dataclass
 class ActionPrediction:
     actions: np.ndarray  # (K, 7) un-normalized
     tokens: list[int]
@@ -66,7 +78,7 @@ class ActionPrediction:
 class WorldVLAPolicy:
     """One loaded checkpoint: ``predict_actions`` (action model) and ``imagine`` (world model).
 
-    Calls are serialized by a lock, so one policy may serve several threads.
+    Calls are serialized by a lock, so one policy may serve several threads; ``prepare_chunk`` runs beside them.
     """
 
     def __init__(
@@ -89,6 +101,7 @@ class WorldVLAPolicy:
         self._lock = threading.Lock()
         self._image_ids = torch.as_tensor(image_tokenizer.image_token_ids, device=self.device)
         self._blocks: OrderedDict[bytes, list[int]] = OrderedDict()  # frame content → its image block
+        self._blocks_lock = threading.Lock()
         self.engine = DecodeEngine(lm)
         # world-model decoding: 'drafted' (verified against the current frame's tokens; guidance falls back
         # to 'engine'), 'engine' (static cache, one token a step) or 'reference' (transformers' forward, one
@@ -115,14 +128,16 @@ class WorldVLAPolicy:
             h = hashlib.blake2b(repr((a.shape, a.dtype.str)).encode(), digest_size=16)
             h.update(a.data)
             key = h.digest()
-            block = self._blocks.get(key)
-            if block is None:
+            with self._blocks_lock:
+                block = self._blocks.get(key)
+                if block is not None:
+                    self._blocks.move_to_end(key)
+            if block is None:  # encoded outside the lock: robots of a fleet encode their frames side by side
                 block = self.images.encode([a])[0]
-                self._blocks[key] = block
-                while len(self._blocks) > self.block_cache_frames:
-                    self._blocks.popitem(last=False)
-            else:
-                self._blocks.move_to_end(key)
+                with self._blocks_lock:
+                    self._blocks[key] = block
+                    while len(self._blocks) > self.block_cache_frames:
+                        self._blocks.popitem(last=False)
             out.append(block)
         return out
 
@@ -191,21 +206,37 @@ class WorldVLAPolicy:
     def predict_many(self, requests: Sequence[tuple[Sequence[np.ndarray], str]]) -> list[ActionPrediction]:
         """Chunks for several (frames, instruction) requests, e.g. one per robot, decoded in one batch of N×K
         rows (batched decoding, action mask): each is what ``predict`` gives for that request alone."""
-        c = self.config
         checked = [self.check_request(frames, instruction) for frames, instruction in requests]
+        return self.predict_prepared([self.prepare_chunk(frames, instruction) for frames, instruction in checked])
+
+    def prepare_chunk(self, frames: Sequence[np.ndarray], instruction: str) -> PreparedChunk:
+        """A request's own work before its chunk is decoded among others (``predict_prepared``): its frames
+        encoded and its prompt prefilled. Runs outside the policy's lock and shares nothing with other calls,
+        so the robots of a fleet do this in their own threads, side by side and while a batch decodes."""
+        frames, instruction = self.check_request(frames, instruction)
+        t0 = time.perf_counter()
+        prompt = action_prompt(self.text, self.encode_frames(frames), instruction, self.config.action_prompt)
+        t1 = time.perf_counter()
+        cache = prefill_prompt(self.engine, prompt)
+        self._sync()
+        return PreparedChunk(prompt, cache, t1 - t0, time.perf_counter() - t1)
+
+    def predict_prepared(self, prepared: Sequence[PreparedChunk]) -> list[ActionPrediction]:
+        """The chunks of prepared requests decoded in one batch of N×K rows: each is what ``predict`` gives for
+        that request alone."""
+        c = self.config
+        prompts = [p.prompt for p in prepared]
         with self._lock:
             t0 = time.perf_counter()
-            prompts = [action_prompt(self.text, self.encode_frames(frames), instruction, c.action_prompt)
-                       for frames, instruction in checked]
-            t1 = time.perf_counter()
-            results = engine_chunks_batched(self.engine, prompts, c.chunk_size, c.min_actions)
+            results = engine_chunks_batched(self.engine, prompts, c.chunk_size, c.min_actions,
+                                            prefilled=[p.cache for p in prepared])
             self._sync()
-            t2 = time.perf_counter()
+            t1 = time.perf_counter()
             actions = [self.actions.decode(r.tokens) for r in results]
-            t3 = time.perf_counter()
+            t2 = time.perf_counter()
         out = []
-        for prompt, result, a in zip(prompts, results, actions, strict=True):
-            timing = Timing(t1 - t0, t2 - t1, t3 - t2, result.forward_passes, len(prompt))
+        for p, result, a in zip(prepared, results, actions, strict=True):
+            timing = Timing(p.tokenize_s, p.prefill_s + t1 - t0, t2 - t1, result.forward_passes, len(p.prompt))
             out.append(ActionPrediction(a, result.tokens, timing))
         self.last_timing = out[-1].timing if out else self.last_timing
         return out
