@@ -8,6 +8,9 @@ nodes) each asking for a chunk for a new camera frame as soon as it has the last
 frame and prefills its prompt in its own thread, the chunks are decoded together. "separate": N
 processes each with its own model (N action nodes, one torch thread each: ``cpu_threads``). Both count
 the chunks all robots got per second; the model call only (ROS transport is the same either way).
+
+"phases": what one chunk costs, phase by phase (encode a frame, prefill a prompt: per robot; decode: shared
+by a batch), and the ceiling ratio a batch of the largest N can reach over separate models on equal compute.
 """
 from __future__ import annotations
 
@@ -96,6 +99,51 @@ def batched(policy, robots: int, seconds: float, max_wait_s: float, threads: int
     return sum(counts) / seconds, float(np.mean(sizes)) if sizes else 0.0
 
 
+def phases(policy, robots: int, repeats: int = 15) -> dict:
+    """Median ms of each phase of a chunk, one at a time in this thread: what a batch can and cannot share.
+    Encoding a frame and prefilling a prompt are per robot; only the decoding is shared by a batch. The
+    ceiling is what a batch of ``robots`` can gain over separate models on the same compute."""
+    import statistics
+
+    import torch
+
+    from worldvla_ros.model.engine import engine_chunks_batched, prefill_prompt
+    from worldvla_ros.model.prompts import action_prompt
+
+    rng = np.random.default_rng(0)
+    r = policy.resolution
+    frames = [rng.integers(0, 256, (r, r, 3), dtype=np.uint8) for _ in range(robots + 1)]
+
+    def ms(call) -> float:
+        call()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            call()
+            if policy.device.type == 'cuda':
+                torch.cuda.synchronize(policy.device)
+            times.append(time.perf_counter() - t0)
+        return round(1000 * statistics.median(times), 2)
+
+    blocks = policy.images.encode(frames)
+    prompts = [action_prompt(policy.text, blocks[i : i + 2], f'robot {i}: put the red block in the bowl',
+                             policy.config.action_prompt) for i in range(robots)]
+    caches = [prefill_prompt(policy.engine, p) for p in prompts]
+    k = policy.chunk_size
+    out = {'encode_frame_ms': ms(lambda: policy.images.encode(frames[:1])),
+           'prefill_prompt_ms': ms(lambda: prefill_prompt(policy.engine, prompts[0])),
+           'prompt_tokens': len(prompts[0]),
+           'decode_1_robot_ms': ms(lambda: engine_chunks_batched(policy.engine, prompts[:1], k, 1,
+                                                                 prefilled=caches[:1])),
+           f'decode_{robots}_robots_ms': ms(lambda: engine_chunks_batched(policy.engine, prompts, k, 1,
+                                                                          prefilled=caches))}
+    own = out['encode_frame_ms'] + out['prefill_prompt_ms']
+    alone, batched = own + out['decode_1_robot_ms'], own + out[f'decode_{robots}_robots_ms'] / robots
+    out.update(ms_per_chunk_alone=round(alone, 2), ms_per_chunk_in_batch=round(batched, 2),
+               batch_ceiling_ratio=round(alone / batched, 2))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', choices=['tiny', 'bundled'], default='tiny')
@@ -108,6 +156,10 @@ def main() -> None:
     args = parser.parse_args()
     policy = _load(args.config, args.device, args.resolution)
     policy.warmup()
+    if args.device == 'cpu':
+        policy.use_cpu_threads(args.threads)  # the phases on one thread, as each robot's and the batch's work
+    cost = phases(policy, max(args.robots))
+    print(json.dumps({'phases': cost}), flush=True)
     rows = []
     for n in args.robots:
         rate, mean_batch = batched(policy, n, args.seconds, args.max_wait_ms / 1000, args.threads)
@@ -116,7 +168,7 @@ def main() -> None:
                      'separate_chunks_per_s': round(alone, 2), 'ratio': round(rate / alone, 2) if alone else None})
         print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({'config': args.config, 'device': args.device, 'cpu_count': os.cpu_count(),
-                      'seconds': args.seconds, 'rows': rows}, indent=2))
+                      'seconds': args.seconds, 'phases': cost, 'rows': rows}, indent=2))
 
 
 if __name__ == '__main__':

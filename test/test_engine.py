@@ -16,6 +16,7 @@ from worldvla_ros.model.engine import (
     DecodeEngine,
     EngineRowsSession,
     EngineSession,
+    RecordingGuard,
     engine_chunk_batched,
     engine_chunks_batched,
     engine_image_block,
@@ -271,6 +272,55 @@ def test_prompts_prefilled_apart_give_the_chunks_of_prompts_prefilled_in_the_bat
         engine_chunks_batched(engine, prompts[:2], 10, prefilled=caches[1::-1])
     with pytest.raises(ValueError, match='2 prefilled caches for 3 prompts'):
         engine_chunks_batched(engine, prompts, 10, prefilled=caches[:2])
+
+
+def test_a_recording_waits_for_shared_work_and_new_shared_work_waits_for_it() -> None:
+    """The guard between a CUDA graph's recording and a fleet's robots' own device work: the recording starts
+    only when the work in flight ends, and work asked for while the recording waits or runs starts after it."""
+    guard = RecordingGuard()
+    log: list[str] = []
+    first_in, release_first = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with guard.shared():
+            log.append('first in')
+            first_in.set()
+            release_first.wait(10)
+            log.append('first out')
+
+    def record() -> None:
+        with guard.exclusive():
+            log.append('recording')
+
+    def second() -> None:
+        with guard.shared():
+            log.append('second in')
+
+    threads = [threading.Thread(target=first)]
+    threads[0].start()
+    assert first_in.wait(10)
+    threads.append(threading.Thread(target=record))
+    threads[1].start()
+    while not guard._waiting:  # the recording is waiting for the first
+        threading.Event().wait(0.001)
+    threads.append(threading.Thread(target=second))
+    threads[2].start()
+    threading.Event().wait(0.2)
+    assert log == ['first in']  # neither the recording nor the later work started
+    release_first.set()
+    for t in threads:
+        t.join(10)
+    assert log == ['first in', 'first out', 'recording', 'second in']
+
+
+def test_a_robots_prepare_waits_while_a_graph_records(tiny_policy, frames) -> None:
+    done = threading.Event()
+    with tiny_policy.engine.recording.exclusive():
+        worker = threading.Thread(target=lambda: (tiny_policy.prepare_chunk(frames, 'stack'), done.set()))
+        worker.start()
+        assert not done.wait(1.0)  # a prepare takes ~0.1 s here: it is held back
+    assert done.wait(30)
+    worker.join()
 
 
 def test_a_captured_decode_step_gives_the_same_chunks_on_pooled_caches(tiny_policy, frames) -> None:

@@ -8,7 +8,9 @@ tokens come out faster (tests compare them with the ``DecodeSession`` path).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +134,50 @@ class ChunkCache:
             t.zero_()
 
 
+class RecordingGuard:
+    """Keeps a CUDA graph's recording apart from device work other threads do outside the policy's lock (a
+    fleet's robots encode and prefill in their own threads): a kernel launched on the default stream or
+    memory allocated by another thread while a graph records breaks the recording (CUDA's global capture
+    mode). ``shared`` holders run side by side; ``exclusive`` (a recording) waits until they are done, and
+    new ones wait while it waits or runs, so a recording is never starved."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 class _GraphedStep:
     """A decode step recorded as a CUDA graph for one cache and one set of input shapes: ``fixed`` (the cache)
     is used in place, a call copies the ``inputs`` into the graph's own and replays it (one launch instead of
@@ -204,6 +250,7 @@ class DecodeEngine:
         self.capture_error: str | None = None  # why a captured step fell back to the uncaptured one
         self._compiled_step: Callable | None = None
         self._pool: dict[tuple[int, int, int], ChunkCache] = {}
+        self.recording = RecordingGuard()  # device work outside the policy's lock: ``recording.shared()``
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         return StaticKVCache(self.lm, batch, max_len)
@@ -262,7 +309,8 @@ class DecodeEngine:
             graph = cache.graphs.get(shapes)
             if graph is None:
                 try:
-                    graph = cache.graphs[shapes] = _GraphedStep(self._chunk_step_eager, cache.tensors(), inputs)
+                    with self.recording.exclusive():
+                        graph = cache.graphs[shapes] = _GraphedStep(self._chunk_step_eager, cache.tensors(), inputs)
                 except Exception as exc:  # a step CUDA cannot record: run it uncaptured from now on
                     self.release_capture(exc)
             out = graph(*inputs) if graph is not None else self._chunk_step_eager(*args)

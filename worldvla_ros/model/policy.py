@@ -214,11 +214,12 @@ class WorldVLAPolicy:
         encoded and its prompt prefilled. Runs outside the policy's lock and shares nothing with other calls,
         so the robots of a fleet do this in their own threads, side by side and while a batch decodes."""
         frames, instruction = self.check_request(frames, instruction)
-        t0 = time.perf_counter()
-        prompt = action_prompt(self.text, self.encode_frames(frames), instruction, self.config.action_prompt)
-        t1 = time.perf_counter()
-        cache = prefill_prompt(self.engine, prompt)
-        self._sync()
+        with self.engine.recording.shared():  # never while a CUDA graph records
+            t0 = time.perf_counter()
+            prompt = action_prompt(self.text, self.encode_frames(frames), instruction, self.config.action_prompt)
+            t1 = time.perf_counter()
+            cache = prefill_prompt(self.engine, prompt)
+            self._sync()
         return PreparedChunk(prompt, cache, t1 - t0, time.perf_counter() - t1)
 
     def predict_prepared(self, prepared: Sequence[PreparedChunk]) -> list[ActionPrediction]:
