@@ -177,3 +177,22 @@ def test_sim_node_does_not_import_torch() -> None:
             'print(sorted(m for m in ("torch", "transformers") if m in sys.modules))')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == '[]', out.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_node_stopped_while_its_callbacks_run_exits_without_a_late_error(isolated_graph, tmp_path: Path) -> None:
+    """rclpy's executor shutdown does not wait for callbacks in flight and destroys what they still use: the sim
+    node, stopped while its 30 Hz camera timer ran, printed "exception was never retrieved" at every exit."""
+    frames: list[Image] = []
+    isolated_graph.create_subscription(Image, 'camera/image_raw', frames.append, qos_profile_sensor_data)
+    for _ in range(2):
+        sim = NodeProcess('sim_node', tmp_path, {'rate_hz': '30.0'})
+        try:
+            assert wait_until(lambda: len(frames) >= 5, 60), sim.log()[-2000:]  # its timers are running
+            frames.clear()
+            sim.signal(signal.SIGINT)
+            code = sim.wait(timeout=15)
+        finally:
+            sim.stop()
+        log = sim.log()
+        assert code == 0 and 'never retrieved' not in log and 'Traceback' not in log, log[-2000:]

@@ -369,6 +369,17 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _wait_for_callbacks(executor: MultiThreadedExecutor, timeout_sec: float) -> None:
+    """rclpy's ``Executor.shutdown`` (Jazzy, Kilted) does not wait for the callbacks in flight (it tests its
+    shutdown flag just after setting it) and destroys its guard condition under them: a callback that ends
+    afterwards fails on it in its pool thread, and rclpy prints "The following exception was never retrieved"
+    at exit. Wait for them first, for a bounded time (a callback stuck in a driver must not hold the exit)."""
+    tasks = list(getattr(executor, '_futures', ()))  # the handlers spin_once gave the pool
+    deadline = time.monotonic() + timeout_sec
+    while any(not (t.done() or t.cancelled()) for t in tasks) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def spin_node(factory: Callable[[], GuardedNode | list[GuardedNode]], args: list[str] | None = None) -> int:
     """init, build, spin, and on SIGINT/SIGTERM (or any failure) close the node, which holds the robot.
 
@@ -417,6 +428,7 @@ def spin_node(factory: Callable[[], GuardedNode | list[GuardedNode]], args: list
             logger.error(f'closing failed: {type(exc).__name__}: {exc}')
             clean = False
     if executor is not None and nodes:
+        _wait_for_callbacks(executor, timeout_sec=2.0)
         clean = executor.shutdown(timeout_sec=2.0) and clean
     for node in nodes:
         node.destroy_node()
