@@ -196,3 +196,38 @@ def test_a_node_stopped_while_its_callbacks_run_exits_without_a_late_error(isola
             sim.stop()
         log = sim.log()
         assert code == 0 and 'never retrieved' not in log and 'Traceback' not in log, log[-2000:]
+
+
+def test_shutdown_waits_for_a_callback_in_flight_and_says_when_one_is_stuck() -> None:
+    import threading
+
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+
+    from worldvla_ros.nodes.common import _wait_for_callbacks
+
+    context = rclpy.Context()
+    rclpy.init(context=context)  # the session's own domain (conftest)
+    node = rclpy.create_node('worldvla_stuck_callback', context=context)
+    running, release = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        running.set()
+        release.wait(10)
+
+    node.create_timer(0.01, stuck)
+    executor = MultiThreadedExecutor(num_threads=2, context=context)
+    executor.add_node(node)
+    try:
+        while not running.is_set():
+            executor.spin_once(timeout_sec=0.1)
+        t0 = time.monotonic()
+        assert not _wait_for_callbacks(executor, timeout_sec=0.3)  # bounded: the stuck one is reported
+        assert 0.3 <= time.monotonic() - t0 < 2.0
+        release.set()
+        assert _wait_for_callbacks(executor, timeout_sec=5.0)
+    finally:
+        release.set()
+        executor.shutdown(timeout_sec=1.0)
+        node.destroy_node()
+        rclpy.shutdown(context=context)

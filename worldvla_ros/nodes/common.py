@@ -369,15 +369,18 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _wait_for_callbacks(executor: MultiThreadedExecutor, timeout_sec: float) -> None:
+def _wait_for_callbacks(executor: MultiThreadedExecutor, timeout_sec: float) -> bool:
     """rclpy's ``Executor.shutdown`` (Jazzy, Kilted) does not wait for the callbacks in flight (it tests its
     shutdown flag just after setting it) and destroys its guard condition under them: a callback that ends
     afterwards fails on it in its pool thread, and rclpy prints "The following exception was never retrieved"
-    at exit. Wait for them first, for a bounded time (a callback stuck in a driver must not hold the exit)."""
+    at exit. Wait for them first, for a bounded time; False if one is still running."""
     tasks = list(getattr(executor, '_futures', ()))  # the handlers spin_once gave the pool
     deadline = time.monotonic() + timeout_sec
-    while any(not (t.done() or t.cancelled()) for t in tasks) and time.monotonic() < deadline:
+    while any(not (t.done() or t.cancelled()) for t in tasks):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.01)
+    return True
 
 
 def spin_node(factory: Callable[[], GuardedNode | list[GuardedNode]], args: list[str] | None = None) -> int:
@@ -428,8 +431,11 @@ def spin_node(factory: Callable[[], GuardedNode | list[GuardedNode]], args: list
             logger.error(f'closing failed: {type(exc).__name__}: {exc}')
             clean = False
     if executor is not None and nodes:
-        _wait_for_callbacks(executor, timeout_sec=2.0)
-        clean = executor.shutdown(timeout_sec=2.0) and clean
+        if _wait_for_callbacks(executor, timeout_sec=2.0):
+            clean = executor.shutdown(timeout_sec=2.0) and clean
+        else:  # a callback stuck (in a driver, say): Kilted's shutdown would join its thread forever
+            logger.error('a callback did not end within 2 s of the shutdown: leaving without it')
+            clean = False
     for node in nodes:
         node.destroy_node()
     if rclpy.ok():  # Jazzy's try_shutdown cannot keep the handlers; shutdown can, on every distro
