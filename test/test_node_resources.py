@@ -198,13 +198,13 @@ def test_a_node_stopped_while_its_callbacks_run_exits_without_a_late_error(isola
         assert code == 0 and 'never retrieved' not in log and 'Traceback' not in log, log[-2000:]
 
 
-def test_shutdown_waits_for_a_callback_in_flight_and_says_when_one_is_stuck() -> None:
+def test_executor_shutdown_waits_for_a_callback_in_flight_and_says_when_one_is_stuck() -> None:
     import threading
 
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
 
-    from worldvla_ros.nodes.common import _wait_for_callbacks
+    from worldvla_ros.nodes.common import shutdown_executor
 
     context = rclpy.Context()
     rclpy.init(context=context)  # the session's own domain (conftest)
@@ -222,10 +222,10 @@ def test_shutdown_waits_for_a_callback_in_flight_and_says_when_one_is_stuck() ->
         while not running.is_set():
             executor.spin_once(timeout_sec=0.1)
         t0 = time.monotonic()
-        assert not _wait_for_callbacks(executor, timeout_sec=0.3)  # bounded: the stuck one is reported
+        assert not shutdown_executor(executor, timeout_sec=0.3)  # bounded: the stuck one is reported
         assert 0.3 <= time.monotonic() - t0 < 2.0
         release.set()
-        assert _wait_for_callbacks(executor, timeout_sec=5.0)
+        assert shutdown_executor(executor, timeout_sec=5.0)  # once it has ended
     finally:
         release.set()
         executor.shutdown(timeout_sec=1.0)

@@ -344,7 +344,7 @@ def test_an_exception_in_any_callback_is_counted_and_the_node_goes_on(isolated_g
     """The mechanism under every node: a callback that raises is counted, logged, and spinning goes on."""
     from rclpy.executors import MultiThreadedExecutor
 
-    from worldvla_ros.nodes.common import GuardedNode
+    from worldvla_ros.nodes.common import GuardedNode, shutdown_executor
 
     harness = isolated_graph
     node = GuardedNode('worldvla_guard_probe', context=harness.context)
@@ -375,5 +375,5 @@ def test_an_exception_in_any_callback_is_counted_and_the_node_goes_on(isolated_g
         assert received == ['one', 'two'] and len(ticks) > 3
         assert node.stats.counts['callback_errors'] == 2  # the subscription's and the timer's
     finally:
-        executor.shutdown()
+        assert shutdown_executor(executor)
         node.destroy_node()

@@ -370,10 +370,6 @@ def _die_with_parent() -> None:
 
 
 def _wait_for_callbacks(executor: MultiThreadedExecutor, timeout_sec: float) -> bool:
-    """rclpy's ``Executor.shutdown`` (Jazzy, Kilted) does not wait for the callbacks in flight (it tests its
-    shutdown flag just after setting it) and destroys its guard condition under them: a callback that ends
-    afterwards fails on it in its pool thread, and rclpy prints "The following exception was never retrieved"
-    at exit. Wait for them first, for a bounded time; False if one is still running."""
     tasks = list(getattr(executor, '_futures', ()))  # the handlers spin_once gave the pool
     deadline = time.monotonic() + timeout_sec
     while any(not (t.done() or t.cancelled()) for t in tasks):
@@ -381,6 +377,17 @@ def _wait_for_callbacks(executor: MultiThreadedExecutor, timeout_sec: float) -> 
             return False
         time.sleep(0.01)
     return True
+
+
+def shutdown_executor(executor: MultiThreadedExecutor, timeout_sec: float = 2.0) -> bool:
+    """``executor.shutdown`` once the callbacks in flight have ended. rclpy's own (Jazzy, Kilted) does not wait
+    for them (it tests its shutdown flag just after setting it) and destroys its guard condition under them: a
+    callback that ends afterwards fails on it in its pool thread, and rclpy prints "The following exception
+    was never retrieved" at exit. False if a callback is still running after ``timeout_sec``: the executor is
+    then left as it is (Kilted's shutdown would join that callback's thread forever)."""
+    if not _wait_for_callbacks(executor, timeout_sec):
+        return False
+    return executor.shutdown(timeout_sec=timeout_sec)
 
 
 def spin_node(factory: Callable[[], GuardedNode | list[GuardedNode]], args: list[str] | None = None) -> int:
@@ -431,9 +438,7 @@ def spin_node(factory: Callable[[], GuardedNode | list[GuardedNode]], args: list
             logger.error(f'closing failed: {type(exc).__name__}: {exc}')
             clean = False
     if executor is not None and nodes:
-        if _wait_for_callbacks(executor, timeout_sec=2.0):
-            clean = executor.shutdown(timeout_sec=2.0) and clean
-        else:  # a callback stuck (in a driver, say): Kilted's shutdown would join its thread forever
+        if not shutdown_executor(executor, timeout_sec=2.0):  # a callback stuck (in a driver, say)
             logger.error('a callback did not end within 2 s of the shutdown: leaving without it')
             clean = False
     for node in nodes:
