@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,19 @@ def test_model_package_imports_without_rclpy() -> None:
         "assert not any(m.startswith(('rclpy', 'sensor_msgs', 'std_msgs')) for m in sys.modules if sys.modules[m])"
     )
     subprocess.run([sys.executable, '-c', code], check=True)
+
+
+def test_the_gpu_benchmarks_need_neither_ros_nor_rosbags() -> None:
+    """``benchmarks/gpu.sh`` runs on a GPU machine that has the model's dependencies only."""
+    code = (
+        'import importlib.util, sys\n'
+        "for m in ('rclpy', 'rosbags', 'cv_bridge'): sys.modules[m] = None\n"
+        "for name in ('model_core', 'fleet', 'monitor_anomalies'):\n"
+        "    spec = importlib.util.spec_from_file_location(name, f'benchmarks/{name}.py')\n"
+        '    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n'
+        'import worldvla_ros.model.batching, worldvla_ros.sim.bundled, worldvla_ros.sim.record\n'  # imported in calls
+    )
+    subprocess.run([sys.executable, '-c', code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_image_block_lengths() -> None:

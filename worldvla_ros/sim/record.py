@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from worldvla_ros.evaluation.episode import write_episode
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
 
 from .tabletop import TABLE, SimConfig, TabletopSim, scripted_action
@@ -112,6 +111,8 @@ def state_snippet(seed: int, steps: int = 5, noise: float = 0.1, config: SimConf
 def record_snippets(out_dir: str | Path, count: int, seed: int = 0, steps: int = 5, noise: float = 0.1,
                     storage: str = 'mcap', rate_hz: float = 10.0, progress: bool = True, near: float = 0.0,
                     held: float = HELD_SHARE) -> list[Path]:
+    from worldvla_ros.evaluation.episode import write_episode  # rosbags only where bags are written
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bags = []
@@ -128,6 +129,8 @@ def record_dagger(policy: Any, out_dir: str | Path, episodes: int, seed: int = 4
     """DAgger (Ross et al. 2011): run ``policy`` in closed loop and, at every state where it computes a
     chunk, write the expert's ``steps``-step snippet from that state (on a copy of the sim), named
     ``snippet_<seed>_<chunk>``. The policy's own mistakes take it where the expert never goes."""
+    from worldvla_ros.evaluation.episode import write_episode  # rosbags only where bags are written
+
     from .closed_loop import run_episode
 
     out = Path(out_dir)
@@ -150,6 +153,8 @@ def record_dagger(policy: Any, out_dir: str | Path, episodes: int, seed: int = 4
 def record_demos(out_dir: str | Path, episodes: int, seed: int = 0, noise: float = 0.1, storage: str = 'mcap',
                  rate_hz: float = 10.0, progress: bool = True, clean_labels: bool = True,
                  diverse: bool = False, pauses: float = 0.0) -> list[Path]:
+    from worldvla_ros.evaluation.episode import write_episode  # rosbags only where bags are written
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bags = []
