@@ -459,12 +459,7 @@ class EngineRowsSession:
         self.cache = engine.new_cache(len(prompts), self.longest + max_new)
         self.ids = [torch.as_tensor(list(p), dtype=torch.long, device=device)[None] for p in prompts]
         self.head_weight, self.head_bias = _head_rows(engine, vocab)
-        last = []
-        for r, ids in enumerate(self.ids):
-            self.cache.length = 0
-            mask = engine.prompt_mask(ids)
-            positions = torch.arange(ids.shape[1], device=device)[None]
-            last.append(engine.hidden(self.cache, ids, positions, mask, row=r)[:, -1])
+        last = [_prefill(engine, self.cache, p, row=r) for r, p in enumerate(prompts)]
         self.cache.length = self.longest
         self.last_logits = _finite_logits(torch.cat(last), self.head_weight, self.head_bias)  # (rows, vocab)
 
@@ -640,8 +635,13 @@ def engine_chunks_batched(engine: DecodeEngine, prompts: Sequence[Sequence[int]]
     own RoPE positions and reading its robot's prompt once for its K rows, so a decode step costs one pass
     whatever N is. ``prefilled``: the prompts' caches from ``prefill_prompt`` (copied in, not computed again).
     """
-    if prefilled is not None and len(prefilled) != len(prompts):
-        raise ValueError(f'{len(prefilled)} prefilled caches for {len(prompts)} prompts')
+    if prefilled is not None:
+        if len(prefilled) != len(prompts):
+            raise ValueError(f'{len(prefilled)} prefilled caches for {len(prompts)} prompts')
+        for r, (own, prompt) in enumerate(zip(prefilled, prompts, strict=True)):
+            if own.length != len(prompt) or own.batch != 1:
+                raise ValueError(f'prefilled cache {r} holds {own.batch} row(s) of {own.length} tokens; '
+                                 f'its prompt has {len(prompt)}')
     cache = engine.chunk_cache(len(prompts), max_actions, max(len(p) for p in prompts))
     try:
         return _chunks_on(engine, cache, prompts, max_actions, min_actions, prefilled)
@@ -650,13 +650,15 @@ def engine_chunks_batched(engine: DecodeEngine, prompts: Sequence[Sequence[int]]
         raise
 
 
-def _prefill(engine: DecodeEngine, cache: StaticKVCache, prompt: Sequence[int], row: int = 0) -> None:
+def _prefill(engine: DecodeEngine, cache: StaticKVCache, prompt: Sequence[int], row: int = 0) -> torch.Tensor:
+    """``prompt`` into row ``row`` of ``cache`` from slot 0; its last position's hidden state (1, H)."""
     ids = torch.as_tensor(list(prompt), dtype=torch.long, device=engine.device)[None]
     cache.length = 0
     last = engine.hidden(cache, ids, torch.arange(len(prompt), device=engine.device)[None],
                          engine.prompt_mask(ids), row=row)[:, -1]
     if not bool(torch.isfinite(last).all()):
         raise NonFiniteLogits('the model produced a NaN/inf hidden state (broken weights or overflow)')
+    return last
 
 
 @torch.inference_mode()
@@ -678,9 +680,6 @@ def _chunks_on(engine: DecodeEngine, cache: ChunkCache, prompts: Sequence[Sequen
             _prefill(engine, cache.prefix, prompt, row=r)
         else:
             own = prefilled[r]
-            if own.length != len(prompt) or own.batch != 1:
-                raise ValueError(f'prefilled cache {r} holds {own.batch} row(s) of {own.length} tokens; '
-                                 f'its prompt has {len(prompt)}')
             cache.prefix.keys[:, r, :, : own.length] = own.keys[:, 0, :, : own.length]
             cache.prefix.values[:, r, :, : own.length] = own.values[:, 0, :, : own.length]
     blocked = torch.finfo(engine.dtype).min

@@ -369,24 +369,18 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _wait_for_callbacks(executor: MultiThreadedExecutor, timeout_sec: float) -> bool:
-    tasks = list(getattr(executor, '_futures', ()))  # the handlers spin_once gave the pool
-    deadline = time.monotonic() + timeout_sec
-    while any(not (t.done() or t.cancelled()) for t in tasks):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def shutdown_executor(executor: MultiThreadedExecutor, timeout_sec: float = 2.0) -> bool:
     """``executor.shutdown`` once the callbacks in flight have ended. rclpy's own (Jazzy, Kilted) does not wait
     for them (it tests its shutdown flag just after setting it) and destroys its guard condition under them: a
     callback that ends afterwards fails on it in its pool thread, and rclpy prints "The following exception
     was never retrieved" at exit. False if a callback is still running after ``timeout_sec``: the executor is
     then left as it is (Kilted's shutdown would join that callback's thread forever)."""
-    if not _wait_for_callbacks(executor, timeout_sec):
-        return False
+    tasks = list(getattr(executor, '_futures', ()))  # the handlers spin_once gave the pool
+    deadline = time.monotonic() + timeout_sec
+    while any(not (t.done() or t.cancelled()) for t in tasks):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
     return executor.shutdown(timeout_sec=timeout_sec)
 
 
