@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from action_msgs.msg import GoalStatus
-from harness import Harness, SpinningSafeActionClient, action_node_graph, wait_until
+from harness import GoalClient, Harness, action_node_graph, wait_until
 from std_msgs.msg import Bool, String
 from std_srvs.srv import Trigger
 from worldvla.action import RunInstruction
@@ -28,41 +28,6 @@ RATE = 10.0
 PERIOD = 1.0 / RATE
 TASK = 'put the red block in the bowl'
 Outcome = RunInstruction.Result
-
-
-class GoalClient:
-    """An action client on the harness node; every time is taken in the harness's executor thread,
-    in the same order as the commands it records."""
-
-    def __init__(self, h: Harness) -> None:
-        self.h = h
-        self.client = SpinningSafeActionClient(h.node, RunInstruction, 'worldvla/run_instruction')
-        self.feedback: list[RunInstruction.Feedback] = []
-        assert self.client.wait_for_server(timeout_sec=30), 'no worldvla/run_instruction server'
-
-    def send(self, instruction: str, max_steps: int = 0, time_limit: float = 0.0):
-        """(goal handle, monotonic time the accept/reject answer arrived)."""
-        answered: list[float] = []
-        goal = RunInstruction.Goal(instruction=instruction, max_steps=max_steps, time_limit=time_limit)
-        future = self.client.send_goal_async(goal, feedback_callback=lambda m: self.h._add(self.feedback, m.feedback))
-        future.add_done_callback(lambda _f: answered.append(time.monotonic()))
-        assert wait_until(lambda: bool(answered), 20), 'no answer to the goal request'
-        return future.result(), answered[0]
-
-    def cancel(self, handle) -> float:
-        answered: list[float] = []
-        handle.cancel_goal_async().add_done_callback(lambda _f: answered.append(time.monotonic()))
-        assert wait_until(lambda: bool(answered), 20), 'no answer to the cancel request'
-        return answered[0]
-
-    def result(self, handle, timeout: float = 60.0):
-        """(result, status, monotonic time it arrived); camera frames keep coming meanwhile."""
-        arrived: list[float] = []
-        future = handle.get_result_async()
-        future.add_done_callback(lambda _f: arrived.append(time.monotonic()))
-        assert self.h.wait_for(lambda: bool(arrived), timeout), 'no goal result'
-        response = future.result()
-        return response.result, response.status, arrived[0]
 
 
 @pytest.fixture(scope='module')

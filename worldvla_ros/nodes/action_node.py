@@ -186,6 +186,7 @@ class ActionNode(GuardedLifecycleNode):
         self._check_outputs(p)
         self.policy: WorldVLAPolicy | None = None  # loaded by configure, released by cleanup
         self._commanding = False  # lifecycle state active
+        self._finalized = False  # lifecycle state finalized: nothing is accepted any more
         self._configure_error = ''
         self.rate = float(p['control_rate_hz'])
         self._guard_params = reject_changes_of(
@@ -342,6 +343,26 @@ class ActionNode(GuardedLifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """From any state: as deactivate (a hold if anything was commanded, the running goal ended), then
+        nothing more: goals and instructions are refused, the model released, and the process ends."""
+        with self._lock:
+            self._end_goal(Outcome.SHUTDOWN, 'the node was shut down (lifecycle)')
+            self._clear_queue()
+            self._epoch += 1
+            commanded = self._active or (self._estop and self._commanding)
+            if commanded:
+                self._last_sent = np.asarray((hold := self._hold()).action, dtype=np.float64)
+                self._send(hold)
+                self.stats.count('holds_shutdown')
+            self._active = False
+            self._commanding = False
+            self._finalized = True
+        if not self._stop_worker(timeout=2.0):
+            self.get_logger().error('shutdown: the inference worker did not stop')
+        with self._lock:
+            self.policy = None
+        self.get_logger().info('finalized: holding, no more commands; the process ends')
+        self.finished.set()
         return TransitionCallbackReturn.SUCCESS
 
     def _stop_worker(self, timeout: float = 5.0) -> bool:
@@ -433,6 +454,9 @@ class ActionNode(GuardedLifecycleNode):
 
     def _on_instruction(self, msg: String) -> None:
         self.stats.count('instructions_received')
+        if self._finalized:
+            self.stats.count('instructions_ignored_finalized')
+            return
         policy = self.policy
         try:
             text = policy.check_instruction(msg.data) if policy is not None else check_instruction(
@@ -511,9 +535,10 @@ class ActionNode(GuardedLifecycleNode):
         goal = Goal(handle, text, int(request.max_steps), float(request.time_limit))
         with self._lock:
             self._accepted[bytes(handle.goal_id.uuid)] = goal
-            if self._estop or not self._commanding:  # latched, or deactivated, between the request and now
+            if self._estop or not self._commanding:  # latched, deactivated or shut down since the request
                 goal.outcome, goal.message = (Outcome.ESTOPPED, 'e-stop') if self._estop else (
-                    Outcome.DEACTIVATED, 'the node was deactivated')
+                    (Outcome.SHUTDOWN, 'the node was shut down') if self._finalized else (
+                        Outcome.DEACTIVATED, 'the node was deactivated'))
                 goal.end = goal.start
                 goal.done.set()
             else:

@@ -141,6 +141,7 @@ class GuardedNode(Node):
 
     def __init__(self, node_name: str, **kwargs: Any) -> None:
         self.stats = Stats()  # before Node.__init__: its parameter services are guarded too
+        self.finished = threading.Event()  # a managed node reached finalized: its process may end
         super().__init__(node_name, **kwargs)
 
     def _guard(self, callback: Callable, what: str, fallback: Callable[[], Any] = lambda: None) -> Callable:
@@ -384,6 +385,9 @@ def shutdown_executor(executor: MultiThreadedExecutor, timeout_sec: float = 2.0)
     return executor.shutdown(timeout_sec=timeout_sec)
 
 
+FINALIZED_LINGER_S = 0.5
+
+
 def spin_node(factory: Callable[[], GuardedNode | list[GuardedNode]], args: list[str] | None = None) -> int:
     """init, build, spin, and on SIGINT/SIGTERM (or any failure) close the node, which holds the robot.
 
@@ -414,8 +418,16 @@ def spin_node(factory: Callable[[], GuardedNode | list[GuardedNode]], args: list
         executor = MultiThreadedExecutor(num_threads=max(4, 2 * len(nodes)))
         for node in nodes:
             executor.add_node(node)
+        managed = [n for n in nodes if isinstance(n, LifecycleNode)]
+        finalized_at = None
         while not stop.is_set() and rclpy.ok():
-            executor.spin_once(timeout_sec=0.1)
+            executor.spin_once(timeout_sec=0.05)
+            if finalized_at is None and managed and all(n.finished.is_set() for n in managed):
+                finalized_at = time.monotonic()
+            # spin a little longer after finalized: the transition's answer and the ended goals' results go out
+            if finalized_at is not None and time.monotonic() - finalized_at > FINALIZED_LINGER_S:
+                logger.info('every managed node is finalized: exiting')
+                break
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except StartupError as exc:
