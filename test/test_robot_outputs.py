@@ -23,7 +23,14 @@ from trajectory_msgs.msg import JointTrajectory
 
 from worldvla_ros.bringup import default_config
 from worldvla_ros.nodes.common import reliable_qos
-from worldvla_ros.robot_outputs import gripper_positions, pose_target, twist_from_action
+from worldvla_ros.robot_outputs import (
+    DriverOutputs,
+    action_scale_problem,
+    gripper_positions,
+    output_problem,
+    pose_target,
+    twist_from_action,
+)
 
 RATE = 10.0
 SCALE = [0.05, 0.05, 0.05, 0.5, 0.5, 0.5, 1.0]
@@ -57,6 +64,62 @@ def test_gripper_positions_between_open_and_closed() -> None:
     assert gripper_positions(1.0, OPEN, CLOSED) == pytest.approx(CLOSED)
     assert gripper_positions(0.0, OPEN, CLOSED) == pytest.approx([0.02, 0.025])
     assert gripper_positions(7.0, OPEN, CLOSED) == pytest.approx(CLOSED)  # clipped
+
+
+@pytest.mark.parametrize('scale', [[1.7e308] * 7, [1e+300, *SCALE[1:]], [math.inf, *SCALE[1:]], [-0.05, *SCALE[1:]],
+                                   SCALE[:6], [*SCALE[:3], 4.0, *SCALE[4:]], [*SCALE[:6], 2.0]])
+def test_implausible_action_scales_are_refused(scale: list[float]) -> None:
+    assert action_scale_problem(scale) is not None
+
+
+def test_plausible_action_scales_pass() -> None:
+    from worldvla_ros.evaluation.node_config import action_scale_presets
+
+    for scale in [SCALE, [0.0] * 7, *action_scale_presets().values()]:
+        assert action_scale_problem(scale) is None, scale
+
+
+LIMITS = dict(action_min=[-1.0] * 6 + [-1.0], action_max=[1.0] * 6 + [1.0], scale=SCALE, period=0.1,
+              measured_position=MEASURED_P, gripper_open=OPEN, gripper_closed=CLOSED)
+
+
+def _outputs(action: np.ndarray) -> DriverOutputs:
+    return DriverOutputs(twist_from_action(action, np.array(SCALE), 0.1),
+                         pose_target(MEASURED_P, MEASURED_Q, action, np.array(SCALE)),
+                         gripper_positions(action[6], OPEN, CLOSED))
+
+
+def test_the_last_gate_passes_every_form_of_a_command_within_the_limits() -> None:
+    for action in (np.array([1.0, -1.0, 0.5, 1.0, -1.0, 0.0, 1.0]), np.zeros(7)):
+        assert output_problem(action, _outputs(action), **LIMITS) is None
+    hold = np.zeros(7)
+    assert output_problem(hold, _outputs(hold), **{**LIMITS, 'action_min': [0.5] * 7}, hold=True) is None
+
+
+@pytest.mark.parametrize('what', ['nan command', 'command beyond max', 'inf twist', 'twist beyond the limits',
+                                  'nan pose', 'pose jump', 'unnormalized quaternion', 'gripper beyond closed'])
+def test_the_last_gate_stops_whatever_produced_the_number(what: str) -> None:
+    action = np.array([0.5, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0])
+    out = _outputs(action)
+    if what == 'nan command':
+        action = action.copy()
+        action[2] = np.nan
+    elif what == 'command beyond max':
+        action = action.copy()
+        action[0] = 1.5
+    elif what == 'inf twist':
+        out.twist = (np.array([np.inf, 0, 0]), np.zeros(3))
+    elif what == 'twist beyond the limits':
+        out.twist = (np.array([0.51, 0, 0]), np.zeros(3))  # 1 unit × 0.05 m in 0.1 s is 0.5 m/s
+    elif what == 'nan pose':
+        out.pose = (np.array([np.nan, 0, 0]), MEASURED_Q)
+    elif what == 'pose jump':
+        out.pose = (MEASURED_P + np.array([0.06, 0, 0]), MEASURED_Q)
+    elif what == 'unnormalized quaternion':
+        out.pose = (MEASURED_P, MEASURED_Q * 2)
+    else:
+        out.gripper = np.array([0.05, 0.0])
+    assert output_problem(action, out, **LIMITS) is not None
 
 
 def _start(fixed: Path, logs: Path, ns: str, params: dict[str, str]) -> NodeProcess:
@@ -239,3 +302,37 @@ def test_estop_dry_run_and_a_stale_pose_reach_every_output(two_robots) -> None:
     assert len(ha.commands) >= sent + 8
     assert (len(ra.twists), len(ra.poses), len(ra.grippers)) == n
     assert ha.wait_for(lambda: ha.counter(action, 'driver_outputs_dry_run') > 0, 5, frames=False)
+
+
+@pytest.mark.ros
+def test_implausible_scales_are_refused_at_runtime_and_a_broken_measured_pose_gives_no_target(two_robots) -> None:
+    _, (hb, rb, node) = two_robots
+    action = 'worldvla_action'
+    for bad in ([1.7e308] * 7, [1e+300, *SCALE[1:]], [*SCALE[:6], -1.0]):
+        result = hb.set_parameter(action, 'action_scale', bad)
+        assert not result.successful and 'action_scale' in result.reason, result
+    assert hb.get_parameter(action, 'action_scale') == pytest.approx(SCALE)
+    assert not hb.set_parameter(action, 'command_frame_id', '').successful
+    # a measured pose at infinity: no target (counted), the command and the other forms still go out
+    rb.stream(1.0)
+    msg = PoseStamped()
+    msg.header.frame_id = 'panda_link0'
+    msg.pose.position.x = math.inf
+    msg.pose.orientation.w = 1.0
+    with hb.lock:
+        targets, sent = len(rb.poses), len(hb.commands)
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:
+        msg.header.stamp = Time(nanoseconds=hb.now_ns()).to_msg()
+        rb.pose_pub.publish(msg)
+        hb.send_frame()
+        time.sleep(0.05)
+    assert hb.wait_for(lambda: hb.counter(action, 'rejected_measured_pose') > 0, 5, frames=False), node.log()[-2000:]
+    with hb.lock:
+        new_targets = rb.poses[targets:]
+        assert len(hb.commands) >= sent + 20
+    assert len(new_targets) <= 2  # in flight
+    assert all(math.isfinite(p.pose.position.x) for p in rb.poses)
+    with hb.lock:
+        twists = list(rb.twists)
+    assert all(math.isfinite(v) for t in twists for v in (t.twist.linear.x, t.twist.linear.y, t.twist.linear.z))

@@ -53,6 +53,9 @@ BROKEN: dict[str, tuple[Callable[[Path], None], list[str], str]] = {
     'control rate -1 (an integer)': (lambda r: None, ['control_rate_hz:=-1'], 'control_rate_hz'),
     'control rate -1.0': (lambda r: None, ['control_rate_hz:=-1.0'], 'control_rate_hz'),
     'chunk size 99': (lambda r: None, ['chunk_size:=99'], 'chunk_size'),
+    'action scale 1e300': (lambda r: None, ['action_scale:=[1.0e300, 0.05, 0.05, 0.5, 0.5, 0.5, 1.0]'],
+                           'action_scale'),
+    'empty command frame': (lambda r: None, ['command_frame_id:=""'], 'command_frame_id'),
 }
 
 
@@ -66,7 +69,8 @@ def _start(root: Path, extra: list[str]) -> subprocess.CompletedProcess:
 
 # Through a real process: one broken checkpoint and each kind of bad parameter (the FATAL line is written
 # by one code path for every start-up error); every broken checkpoint through the loader the node calls.
-THROUGH_A_PROCESS = ('config is a JSON list', 'device gpu9', 'control rate -1 (an integer)', 'chunk size 99')
+THROUGH_A_PROCESS = ('config is a JSON list', 'device gpu9', 'control rate -1 (an integer)', 'chunk size 99',
+                     'action scale 1e300', 'empty command frame')
 
 
 def test_every_broken_start_is_one_fatal_line(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN, LIBERO_ACTION_SCALE
+from worldvla_ros.robot_outputs import action_scale_problem
 from worldvla_ros.safety import SafetyLimits
 
 
@@ -30,8 +29,11 @@ def parse_action_scale(text: str) -> tuple[float, ...]:
         values = tuple(float(v) for v in text.split(','))
     except ValueError:
         values = ()
-    if len(values) != 7 or not all(np.isfinite(values)) or min(values) < 0:
+    if len(values) != 7:
         raise ValueError(f'{text!r} is neither a preset ({", ".join(presets)}) nor 7 comma-separated values ≥ 0')
+    problem = action_scale_problem(values)
+    if problem:
+        raise ValueError(f'action scale {text!r}: {problem}')
     return values
 
 

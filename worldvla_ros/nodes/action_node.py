@@ -65,7 +65,14 @@ from worldvla_ros.nodes.common import (
     reliable_qos,
     spin_node,
 )
-from worldvla_ros.robot_outputs import gripper_positions, pose_target, twist_from_action
+from worldvla_ros.robot_outputs import (
+    DriverOutputs,
+    action_scale_problem,
+    gripper_positions,
+    output_problem,
+    pose_target,
+    twist_from_action,
+)
 from worldvla_ros.safety import SafetyFilter, SafetyLimits, UnsafeChunk, at_rest, changed_values
 
 if TYPE_CHECKING:  # torch and transformers load with the model (configure), not at import: a refused start is quick
@@ -87,9 +94,10 @@ PARAMETERS: dict[str, Param] = {
     'action_max': Param(list(LIBERO_ACTION_MAX), 'per-dimension upper clamp of commands (7 values)'),
     'max_step': Param([0.0] * 7, 'largest change of each dimension between consecutive commands sent '
                       '(holds included, so motion ramps up again after one); 0 = none, never negative'),
-    'action_scale': Param(list(LIBERO_ACTION_SCALE), 'metres (Δxyz) and radians (Δrotation) one action unit '
-                          'moves, gripper 1, all ≥ 0: the planned path is drawn in metres; evaluate_bag reports '
-                          'errors with it (default: LIBERO OSC_POSE, 0.05 m and 0.5 rad)'),
+    'action_scale': Param(list(LIBERO_ACTION_SCALE), 'metres (Δxyz, at most 1) and radians (Δrotation, at most π) one '
+                          'action unit moves, gripper 1, all ≥ 0: driver outputs and the planned path are converted '
+                          'with it; evaluate_bag reports errors with it (default: LIBERO OSC_POSE, 0.05 m and '
+                          '0.5 rad)'),
     'warmup': Param(True, 'run one inference when configuring, before going active', read_only=True),
     'decode_capture': Param('auto', 'the chunk decode step recorded once per shape: cuda_graph (CUDA graphs), '
                             'compile (torch.compile), off, or auto (cuda_graph on a CUDA device, off on a CPU); '
@@ -165,6 +173,10 @@ def _check_seven(name: str, non_negative: bool = False):
     return check
 
 
+def _check_frame_id(value: Any) -> str | None:
+    return None if str(value).strip() else 'must name a frame (commands and the planned path are stamped with it)'
+
+
 class ActionNode(GuardedLifecycleNode):
     """A managed node: configure loads the model and warms it up, activate starts commanding, deactivate
     holds and stops, cleanup releases the model. ``autostart`` (default) goes to active by itself."""
@@ -176,9 +188,10 @@ class ActionNode(GuardedLifecycleNode):
         self._policy_loader = policy_loader
         p = declare_all(self, PARAMETERS)
         self._start_params = p
-        problem = _check_seven('action_scale', non_negative=True)(p['action_scale'])
-        if problem:
-            raise StartupError(f'invalid action_scale: {problem}')
+        for name, check in (('action_scale', action_scale_problem), ('command_frame_id', _check_frame_id)):
+            problem = check(p[name])
+            if problem:
+                raise StartupError(f'invalid {name}: {problem}')
         try:
             self.safety = SafetyFilter(SafetyLimits(*(tuple(p[n]) for n in LIMIT_PARAMETERS)))
         except ValueError as exc:
@@ -193,7 +206,7 @@ class ActionNode(GuardedLifecycleNode):
             {n for n, q in PARAMETERS.items() if q.read_only},
             {'action_min': _check_seven('action_min'), 'action_max': _check_seven('action_max'),
              'max_step': _check_seven('max_step', non_negative=True),
-             'action_scale': _check_seven('action_scale', non_negative=True),
+             'action_scale': action_scale_problem, 'command_frame_id': _check_frame_id,
              'goal_policy': PARAMETERS['goal_policy'].check_choice,
              'chunk_merge': PARAMETERS['chunk_merge'].check_choice,
              'gripper_open': self._check_gripper, 'gripper_closed': self._check_gripper},
@@ -320,8 +333,7 @@ class ActionNode(GuardedLifecycleNode):
             self._clear_queue()
             self._epoch += 1
             if self._active:
-                self._last_sent = np.asarray((hold := self._hold()).action, dtype=np.float64)
-                self._send(hold)
+                self._last_sent = self._send(self._hold())
                 self.stats.count('holds_deactivate')
             self._active = False
             self._commanding = False
@@ -351,8 +363,7 @@ class ActionNode(GuardedLifecycleNode):
             self._epoch += 1
             commanded = self._active or (self._estop and self._commanding)
             if commanded:
-                self._last_sent = np.asarray((hold := self._hold()).action, dtype=np.float64)
-                self._send(hold)
+                self._last_sent = self._send(self._hold())
                 self.stats.count('holds_shutdown')
             self._active = False
             self._commanding = False
@@ -798,74 +809,105 @@ class ActionNode(GuardedLifecycleNode):
                 cmd.dry_run = not self._param('enabled')
                 if len(self._queue) <= self._param('replan_threshold'):
                     self._frame_event.set()
-            self._last_sent = np.asarray(cmd.action, dtype=np.float64)
             # sent under the lock: a cancel, e-stop or new goal is either before this command (then it is a
             # hold) or after it was published, never in between
-            self._send(cmd)
+            self._last_sent = self._send(cmd)
         if reason:
             self.stats.count(f'holds_{reason}')
         if limited:
             self.stats.count('values_limited', limited)
 
-    def _send(self, cmd: EndEffectorCommand) -> None:
-        """The command, and the same command in every configured driver form (none of them in a dry run)."""
+    def _send(self, cmd: EndEffectorCommand) -> np.ndarray:
+        """The command, and the same command in every configured driver form (none of them in a dry run), after
+        the last gate: a command or form that is not finite or beyond the limits in force goes out as a hold.
+        Returns the action sent."""
+        outputs = self._driver_outputs(cmd)
+        problem = self._output_problem(cmd, outputs)
+        if problem:
+            self.stats.count('rejected_output_gate')
+            self.get_logger().error(f'not sent, holding instead: {problem}', throttle_duration_sec=2.0)
+            cmd = self._hold()
+            outputs = self._driver_outputs(cmd)
+            if self._output_problem(cmd, outputs):  # never: a hold moves nothing and keeps the gripper
+                return self._last_sent
         self.command_pub.publish(cmd)
-        if not (self.twist_pub or self.pose_pub or self.gripper_pub):
-            return
-        if cmd.dry_run:
-            self.stats.count('driver_outputs_dry_run')
-            return
-        action = np.asarray(cmd.action, dtype=np.float64)
-        scale = np.asarray(self._param('action_scale'), dtype=np.float64)
-        now = self.get_clock().now()
-        if self.twist_pub is not None:
-            linear, angular = twist_from_action(action, scale, 1.0 / self.rate)
+        if outputs is None:
+            return np.asarray(cmd.action, dtype=np.float64)
+        stamp = self.get_clock().now().to_msg()
+        if outputs.twist is not None:
             twist = TwistStamped()
-            twist.header.stamp, twist.header.frame_id = now.to_msg(), self._param('twist_frame_id')
-            twist.twist.linear.x, twist.twist.linear.y, twist.twist.linear.z = map(float, linear)
-            twist.twist.angular.x, twist.twist.angular.y, twist.twist.angular.z = map(float, angular)
+            twist.header.stamp, twist.header.frame_id = stamp, self._param('twist_frame_id')
+            t = twist.twist
+            t.linear.x, t.linear.y, t.linear.z = map(float, outputs.twist[0])
+            t.angular.x, t.angular.y, t.angular.z = map(float, outputs.twist[1])
             self.twist_pub.publish(twist)
-        if self.pose_pub is not None:
-            self._send_pose_target(action, scale, now)
-        if self.gripper_pub is not None:
-            q = gripper_positions(action[EndEffectorCommand.GRIPPER], self._param('gripper_open'),
-                                  self._param('gripper_closed'))
+        if outputs.pose is not None:
+            target = PoseStamped()
+            target.header.stamp, target.header.frame_id = stamp, self._measured_pose.header.frame_id
+            target.pose.position.x, target.pose.position.y, target.pose.position.z = map(float, outputs.pose[0])
+            o = target.pose.orientation
+            o.x, o.y, o.z, o.w = map(float, outputs.pose[1])
+            self.pose_pub.publish(target)
+        if outputs.gripper is not None:
+            q = outputs.gripper.tolist()
             if self._param('gripper_output') == 'forward_command':
-                self.gripper_pub.publish(Float64MultiArray(data=q.tolist()))
+                self.gripper_pub.publish(Float64MultiArray(data=q))
             else:  # a zero stamp: the controller starts the point on receipt
-                point = JointTrajectoryPoint(positions=q.tolist(), time_from_start=Duration(
-                    seconds=1.0 / self.rate).to_msg())
+                point = JointTrajectoryPoint(positions=q, time_from_start=Duration(seconds=1.0 / self.rate).to_msg())
                 self.gripper_pub.publish(JointTrajectory(joint_names=list(self._param('gripper_joints')),
                                                          points=[point]))
+        return np.asarray(cmd.action, dtype=np.float64)
+
+    def _driver_outputs(self, cmd: EndEffectorCommand) -> DriverOutputs | None:
+        """Every configured driver form of ``cmd``; None when there are none to send (none configured, dry run)."""
+        if not (self.twist_pub or self.pose_pub or self.gripper_pub):
+            return None
+        if cmd.dry_run:
+            self.stats.count('driver_outputs_dry_run')
+            return None
+        action = np.asarray(cmd.action, dtype=np.float64)
+        scale = np.asarray(self._param('action_scale'), dtype=np.float64)
+        out = DriverOutputs()
+        if self.twist_pub is not None:
+            out.twist = twist_from_action(action, scale, 1.0 / self.rate)
+        if self.pose_pub is not None:
+            out.pose = self._pose_target(action, scale)
+        if self.gripper_pub is not None:
+            out.gripper = gripper_positions(action[EndEffectorCommand.GRIPPER], self._param('gripper_open'),
+                                            self._param('gripper_closed'))
+        return out
+
+    def _output_problem(self, cmd: EndEffectorCommand, outputs: DriverOutputs | None) -> str | None:
+        limits = self.safety.limits
+        measured = self._measured_pose
+        position = None if measured is None else np.array(
+            [measured.pose.position.x, measured.pose.position.y, measured.pose.position.z])
+        return output_problem(cmd.action, outputs or DriverOutputs(), limits.action_min, limits.action_max,
+                              self._param('action_scale'), 1.0 / self.rate, position, self._param('gripper_open'),
+                              self._param('gripper_closed'), hold=cmd.hold)
 
     def _on_measured_pose(self, msg: PoseStamped) -> None:
         self._measured_pose = msg
 
-    def _send_pose_target(self, action: np.ndarray, scale: np.ndarray, now: Time) -> None:
+    def _pose_target(self, action: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         measured = self._measured_pose
         if measured is None:
             self.stats.count('pose_targets_skipped_no_pose')
-            return
-        age = (now - Time.from_msg(measured.header.stamp)).nanoseconds * 1e-9
+            return None
+        age = (self.get_clock().now() - Time.from_msg(measured.header.stamp)).nanoseconds * 1e-9
         if age > self._param('pose_feedback_timeout'):
             self.stats.count('pose_targets_skipped_stale_pose')
             self.get_logger().warning(f'no pose target: the measured pose is {age:.2f} s old',
                                       throttle_duration_sec=2.0)
-            return
+            return None
         m = measured.pose
         try:
-            position, quat = pose_target(np.array([m.position.x, m.position.y, m.position.z]),
-                                         np.array([m.orientation.x, m.orientation.y, m.orientation.z,
-                                                   m.orientation.w]), action, scale)
+            return pose_target(np.array([m.position.x, m.position.y, m.position.z]),
+                               np.array([m.orientation.x, m.orientation.y, m.orientation.z, m.orientation.w]),
+                               action, scale)
         except ValueError as exc:
             self._reject('measured_pose', str(exc))
-            return
-        target = PoseStamped()
-        target.header.stamp, target.header.frame_id = now.to_msg(), measured.header.frame_id
-        target.pose.position.x, target.pose.position.y, target.pose.position.z = map(float, position)
-        o = target.pose.orientation
-        o.x, o.y, o.z, o.w = map(float, quat)
-        self.pose_pub.publish(target)
+            return None
 
     def _publish_diagnostics(self) -> None:
         with self._lock:  # idle: no chunk left to run, no inference running or waiting for one
