@@ -44,6 +44,8 @@ BROKEN: dict[str, tuple[Callable[[Path], None], list[str], str]] = {
                             'not UTF-8'),
     'worldvla value out of range': (_edit_config(lambda c: c['worldvla'].update(chunk_size=500)), [],
                                     'chunk_size must be in 1'),
+    'max_instruction_chars beyond the cap': (_edit_config(lambda c: c['worldvla'].update(
+        max_instruction_chars=10**6)), [], 'max_instruction_chars must be in 1'),
     'worldvla is not an object': (_edit_config(lambda c: c.update(worldvla=[1])), [], 'expected an object'),
     'heads do not divide hidden': (_edit_config(lambda c: c.update(num_attention_heads=3, num_key_value_heads=3)),
                                    [], 'divisible'),

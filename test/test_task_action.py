@@ -197,8 +197,8 @@ def test_instruction_topic_is_ignored_while_a_goal_runs(task_graph) -> None:
 
 @pytest.mark.parametrize('goal', [
     dict(instruction=''), dict(instruction='open\x1b[2J the drawer'), dict(instruction='x' * 100000),
-    dict(instruction=TASK, time_limit=-1.0), dict(instruction=TASK, time_limit=math.nan),
-], ids=['empty', 'ansi', 'huge', 'negative-time', 'nan-time'])
+    dict(instruction='x' * 513), dict(instruction=TASK, time_limit=-1.0), dict(instruction=TASK, time_limit=math.nan),
+], ids=['empty', 'ansi', 'huge', 'one-over-the-models-limit', 'negative-time', 'nan-time'])
 def test_malformed_goals_are_rejected_and_counted(task_graph, goal: dict) -> None:
     h, goals, node = task_graph
     before = h.counter(ACTION, 'rejected_goal')
@@ -206,6 +206,18 @@ def test_malformed_goals_are_rejected_and_counted(task_graph, goal: dict) -> Non
     assert not handle.accepted
     assert h.wait_for(lambda: h.counter(ACTION, 'rejected_goal') > before, 5, frames=False)
     assert node.alive()
+
+
+def test_a_goal_at_the_models_instruction_limit_is_accepted_and_runs(task_graph) -> None:
+    """The limit is checked once, before acceptance (the model's 512 characters, after whitespace is collapsed):
+    a goal that passes it runs and is answered."""
+    _h, goals, _node = task_graph
+    text = (TASK + ' ') * 20
+    text = text[:512].rstrip() + 'x' * (512 - len(text[:512].rstrip()))
+    handle, _ = goals.send('  ' + text.replace(' ', '   ') + '\n', max_steps=3)
+    assert handle.accepted
+    result, _status, _ = goals.result(handle)
+    assert result.outcome == Outcome.STEP_LIMIT and result.steps == 3, result
 
 
 def test_ensemble_merge_blends_the_queued_actions_into_the_new_chunk(task_graph) -> None:

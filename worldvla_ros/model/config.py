@@ -194,6 +194,9 @@ class WorldVLAConfig:
             raise ValueError('action_min/action_max need 7 values')
         if '{instruction}' not in self.action_prompt:
             raise ValueError('action_prompt must contain {instruction}')
+        if not 1 <= self.max_instruction_chars <= T.MAX_INSTRUCTION_CHARS:
+            raise ValueError(f'max_instruction_chars must be in 1 … {T.MAX_INSTRUCTION_CHARS}, got '
+                             f'{self.max_instruction_chars}')
         if self.max_tokens_per_action < T.TOKENS_PER_ACTION:
             raise ValueError(f'max_tokens_per_action must be at least {T.TOKENS_PER_ACTION}')
 

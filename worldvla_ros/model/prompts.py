@@ -26,6 +26,8 @@ def world_model_prompt(
     return [T.BOS, *text.encode(template), *image_block, *action_ids, T.END_OF_TURN]
 
 
+MAX_INSTRUCTION_CHARS = T.MAX_INSTRUCTION_CHARS
+
 # Bidirectional-text controls reorder what a log shows ("Trojan source"); other format characters stay.
 _BIDI_CONTROLS = set('\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069')
 
@@ -33,7 +35,7 @@ _BIDI_CONTROLS = set('\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069')
 def check_instruction(instruction: str, max_chars: int) -> str:
     """Whitespace collapsed to single spaces; ValueError for empty or over-long text and for
     control characters (NUL, escape sequences, bidi overrides), which no instruction needs."""
-    text = ' '.join(str(instruction).split())
+    text = normalize_instruction(instruction)
     if not text:
         raise ValueError('instruction is empty')
     if len(text) > max_chars:
@@ -43,3 +45,8 @@ def check_instruction(instruction: str, max_chars: int) -> str:
         raise ValueError(f'instruction contains control characters ({", ".join(sorted({ascii(c) for c in bad}))}): '
                          f'{text[:80]!a}')
     return text
+
+
+def normalize_instruction(instruction: str) -> str:
+    """Whitespace collapsed to single spaces: the text ``check_instruction`` passes on."""
+    return ' '.join(str(instruction).split())

@@ -33,3 +33,5 @@ def grid_token(side_px: int) -> int:
     if side_px % 32:
         raise ValueError(f'image side {side_px} px is not a multiple of 32')
     return GRID_BASE + side_px // 32
+
+MAX_INSTRUCTION_CHARS = 4096  # no checkpoint may allow longer instructions (its max_instruction_chars is capped)

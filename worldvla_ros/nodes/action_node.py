@@ -49,7 +49,7 @@ from worldvla.msg import ActionChunk, EndEffectorCommand
 from worldvla_ros.chunk_merge import merge_chunk
 from worldvla_ros.image_conversion import ImageRejected
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN, LIBERO_ACTION_SCALE
-from worldvla_ros.model.prompts import check_instruction
+from worldvla_ros.model.prompts import MAX_INSTRUCTION_CHARS, check_instruction, normalize_instruction
 from worldvla_ros.nodes.common import (
     CAMERA_PARAMETERS,
     MODEL_PARAMETERS,
@@ -159,7 +159,6 @@ class Goal:
 
 
 LIMIT_PARAMETERS = ('action_min', 'action_max', 'max_step')  # SafetyLimits' fields, in order
-UNCONFIGURED_MAX_INSTRUCTION_CHARS = 4096  # before a model says its own limit (checked again at configure)
 
 
 def _check_seven(name: str, non_negative: bool = False):
@@ -471,7 +470,7 @@ class ActionNode(GuardedLifecycleNode):
         policy = self.policy
         try:
             text = policy.check_instruction(msg.data) if policy is not None else check_instruction(
-                msg.data, UNCONFIGURED_MAX_INSTRUCTION_CHARS)
+                msg.data, MAX_INSTRUCTION_CHARS)  # before a model says its own limit (checked again at configure)
         except ValueError as exc:
             self._reject('instruction', str(exc))
             return
@@ -541,9 +540,10 @@ class ActionNode(GuardedLifecycleNode):
         return GoalResponse.ACCEPT
 
     def _on_goal_accepted(self, handle: ServerGoalHandle) -> None:
-        request = handle.request
-        text = check_instruction(request.instruction, UNCONFIGURED_MAX_INSTRUCTION_CHARS)
-        goal = Goal(handle, text, int(request.max_steps), float(request.time_limit))
+        request = handle.request  # checked once, by _on_goal_request: here only the text it checked
+        goal = Goal(handle, normalize_instruction(request.instruction), int(request.max_steps),
+                    float(request.time_limit))
+        text = goal.instruction
         with self._lock:
             self._accepted[bytes(handle.goal_id.uuid)] = goal
             if self._estop or not self._commanding:  # latched, deactivated or shut down since the request
