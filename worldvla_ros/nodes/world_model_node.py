@@ -220,7 +220,10 @@ class WorldModelNode(GuardedNode):
             level = self._alerts.update(bool(above))
             self._alert_signals = above  # a raised level means this transition alarmed too
             self._last_signals = signals
-            hold = level == 2 and self.get_parameter('hold_on_surprise').value and not self._held_on_surprise
+            # every transition at ERROR latches again: an e-stop reset while the surprise persists lasts until the
+            # next alarmed transition; the run ends (and a `false` replaces the latched `true`) at a normal one
+            hold = level == 2 and self.get_parameter('hold_on_surprise').value
+            first = hold and not self._held_on_surprise
             over = level == 0 and self._held_on_surprise
             if hold:
                 self._held_on_surprise = True
@@ -240,9 +243,12 @@ class WorldModelNode(GuardedNode):
             self.estop_pub.publish(Bool(data=False))  # clears the latched `true`; the e-stop stays latched
         if hold:
             self.estop_pub.publish(Bool(data=True))
+            self.stats.count('surprise_estops_sent')
+        if first:
             self.stats.count('surprise_holds')
-            self.get_logger().error(f'sustained surprise ({", ".join(above)}): e-stop latched; call '
-                                    'worldvla/reset_estop after checking the robot')
+            self.get_logger().error(f'sustained surprise ({", ".join(above)}): e-stop latched, and latched again at '
+                                    'every alarmed transition while it lasts; call worldvla/reset_estop after '
+                                    'checking the robot')
 
     def _on_chunk(self, msg: ActionChunk) -> None:
         if len(msg.commands) == 0:
