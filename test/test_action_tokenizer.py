@@ -1,6 +1,8 @@
 """Action tokenizer: ids of worked examples (spec §4) and the round trip."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -74,3 +76,20 @@ def test_bad_input(tok: ActionTokenizer) -> None:
         tok.encode(np.array([[np.nan] * 7]))
     with pytest.raises(ValueError):
         ActionTokenizer(action_min=[0] * 7, action_max=[0] * 7)
+
+
+@pytest.mark.parametrize('bound', [1.3e308, math.inf, 101.0])
+def test_action_ranges_beyond_any_physical_motion_are_refused(bound: float) -> None:
+    """A checkpoint's (or a fine-tune's) action ranges stay finite and within ±100 units: a range of ±1e308
+    decodes every bin to a non-physical command."""
+    from worldvla_ros.model.config import WorldVLAConfig
+
+    lo, hi = [-0.9375] * 6 + [-1.0], [0.9375] * 6 + [1.0]
+    lo[0], hi[0] = -bound, bound
+    with pytest.raises(ValueError, match='action'):
+        ActionTokenizer(lo, hi)
+    with pytest.raises(ValueError, match='within'):
+        WorldVLAConfig(action_min=tuple(lo), action_max=tuple(hi))
+    hi[0] = lo[0] = 0.5  # an empty range
+    with pytest.raises(ValueError, match='exceed'):
+        WorldVLAConfig(action_min=tuple(lo), action_max=tuple(hi))

@@ -176,6 +176,8 @@ def test_bad_data_and_an_occupied_out_directory_are_clear_errors(data, tmp_path:
 
     nan = actions.copy()
     nan[5, 2] = np.nan
+    huge, extreme = actions.copy(), actions.copy()
+    huge[4, 0], extreme[6, 1] = 1e300, -1.7e308
     no_actions = tmp_path / 'bad' / 'none' / 'bag'
     no_actions.parent.mkdir(parents=True)
     with BagWriter(no_actions, 'mcap') as bag:
@@ -193,6 +195,9 @@ def test_bad_data_and_an_occupied_out_directory_are_clear_errors(data, tmp_path:
     cases = {
         no_actions.parent: 'no ground-truth action topic',
         one_bag('nan', nan).parent: 'NaN or infinite actions at frames [5]',
+        one_bag('huge', huge).parent: 'bag (/teleop/ee_command [worldvla/msg/EndEffectorCommand]): actions beyond '
+                                      '±100 action units at frames [4]',
+        one_bag('extreme', extreme).parent: 'actions beyond ±100 action units at frames [6]',
         one_bag('short', actions[:2], images[:2]).parent: 'needs at least 3',
         three.parent: 'a Float64MultiArray action has 3 values',
         tmp_path / 'nowhere': 'no such bag or directory',

@@ -12,6 +12,9 @@ LIBERO_ACTION_MAX = (0.9375, 0.9375, 0.9375, 0.375, 0.375, 0.375, 1.0)
 # What one unit of a LIBERO action moves: robosuite's OSC_POSE controller maps [-1, 1] to
 # ±0.05 m of position and ±0.5 rad of axis-angle rotation per control step; the gripper has no unit.
 LIBERO_ACTION_SCALE = (0.05, 0.05, 0.05, 0.5, 0.5, 0.5, 1.0)
+# No physical action is this many units (LIBERO's lie within ±0.94): a recorded value beyond it is a broken
+# recording, and no tokenizer range may reach beyond it either.
+MAX_ACTION_UNITS = 100.0
 
 
 class ActionTokenizer:
@@ -30,6 +33,9 @@ class ActionTokenizer:
             raise ValueError('action_min and action_max need 7 values each')
         if np.any(self.action_max <= self.action_min):
             raise ValueError('action_max must be greater than action_min in every dimension')
+        if not (np.all(np.isfinite(self.action_min)) and np.all(np.isfinite(self.action_max))) or np.any(
+                np.abs(np.concatenate([self.action_min, self.action_max])) > MAX_ACTION_UNITS):
+            raise ValueError(f'action ranges must be finite and within ±{MAX_ACTION_UNITS:g} action units')
         self.bins = np.linspace(-1.0, 1.0, self.n_bins)
         self.bin_centers = (self.bins[:-1] + self.bins[1:]) / 2.0  # 255 centers
 

@@ -5,8 +5,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from . import tokens as T
-from .action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
+from .action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN, MAX_ACTION_UNITS
 
 ACTION_PROMPT = 'What action should the robot take to {instruction}?'
 WORLD_MODEL_PROMPT = (
@@ -192,6 +194,13 @@ class WorldVLAConfig:
             raise ValueError(f'history_frames must be 1 or 2, got {self.history_frames}')
         if len(self.action_min) != T.ACTION_DIMS or len(self.action_max) != T.ACTION_DIMS:
             raise ValueError('action_min/action_max need 7 values')
+        lo, hi = np.asarray(self.action_min, dtype=np.float64), np.asarray(self.action_max, dtype=np.float64)
+        both = np.r_[lo, hi]
+        if not np.all(np.isfinite(both)) or np.any(np.abs(both) > MAX_ACTION_UNITS):
+            raise ValueError(f'action_min/action_max must be finite and within ±{MAX_ACTION_UNITS:g} action units, '
+                             f'got {lo.tolist()} … {hi.tolist()}')
+        if np.any(hi <= lo):
+            raise ValueError(f'action_max must exceed action_min in every dimension, got {lo.tolist()} … {hi.tolist()}')
         if '{instruction}' not in self.action_prompt:
             raise ValueError('action_prompt must contain {instruction}')
         if not 1 <= self.max_instruction_chars <= T.MAX_INSTRUCTION_CHARS:

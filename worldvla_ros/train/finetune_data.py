@@ -20,6 +20,7 @@ import numpy as np
 from worldvla_ros.evaluation.bag_io import BagError
 from worldvla_ros.evaluation.episode import TopicMap, read_episode
 from worldvla_ros.model import tokens as T
+from worldvla_ros.model.action_tokenizer import MAX_ACTION_UNITS
 
 
 class DataError(ValueError):
@@ -68,18 +69,29 @@ def tokenizer_key(vqgan_ckpt: Path, resolution: int, rotate_180: bool, vocab: di
     return h.hexdigest()[:20]
 
 
-def check_actions(name: str, actions: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """Drop frames at either end that have no recorded action; (actions, first kept, dropped).
-    Any other missing or non-finite action is an error."""
+def _frames(index: np.ndarray) -> str:
+    return f'{index[:10].tolist()}{" …" if len(index) > 10 else ""}'
+
+
+def check_actions(name: str, actions: np.ndarray, source: str = '',
+                  max_units: float = MAX_ACTION_UNITS) -> tuple[np.ndarray, int, int]:
+    """Drop frames at either end that have no recorded action; (actions, first kept, dropped). Any other
+    missing or non-finite action, and any beyond ``max_units`` action units (no robot moves so far in one
+    period: a broken recording), is an error naming the bag, the topic (``source``) and the frames."""
+    where = f'{name}{f" ({source})" if source else ""}'
     have = np.isfinite(actions).all(1)
     if not have.any():
-        raise DataError(f'{name}: no frame has a finite recorded action')
+        raise DataError(f'{where}: no frame has a finite recorded action')
     first, last = int(np.argmax(have)), len(have) - int(np.argmax(have[::-1]))
     inner = actions[first:last]
     bad = np.flatnonzero(~np.isfinite(inner).all(1))
     if len(bad):
-        raise DataError(f'{name}: NaN or infinite actions at frames {(bad + first)[:10].tolist()}'
-                        f'{" …" if len(bad) > 10 else ""} (between frames that have actions)')
+        raise DataError(f'{where}: NaN or infinite actions at frames {_frames(bad + first)} '
+                        '(between frames that have actions)')
+    huge = np.flatnonzero((np.abs(inner) > max_units).any(1))
+    if len(huge):
+        raise DataError(f'{where}: actions beyond ±{max_units:g} action units at frames {_frames(huge + first)} '
+                        f'(e.g. {inner[huge[0]].tolist()}): not a physical motion in one control period')
     return inner, first, len(actions) - len(inner)
 
 
@@ -101,7 +113,7 @@ def load_episodes(bags: Sequence[Path], topics: TopicMap, action_scale: Sequence
                 raw = read_episode(bag, topics, action_scale)
             except BagError as exc:
                 raise DataError(str(exc)) from exc
-            actions, first, trimmed = check_actions(bag.name, raw.actions)
+            actions, first, trimmed = check_actions(bag.name, raw.actions, raw.action_source)
             frames = raw.frames[first : first + len(actions)]
             if len(frames) < min_frames:
                 raise DataError(f'{bag.name}: {len(frames)} frames with actions; the checkpoint needs at least '
@@ -134,6 +146,7 @@ def action_ranges(episodes: Sequence[TokenizedEpisode], method: str, gripper: tu
         raise ValueError(f'action statistics {method!r}: quantile or minmax')
     flat = hi - lo < 1e-6  # a dimension the robot never moved: a small symmetric range around it
     lo, hi = np.where(flat, lo - 1e-3, lo), np.where(flat, hi + 1e-3, hi)
+    lo, hi = np.clip(lo, -MAX_ACTION_UNITS, MAX_ACTION_UNITS), np.clip(hi, -MAX_ACTION_UNITS, MAX_ACTION_UNITS)
     return (*map(float, lo), gripper[0]), (*map(float, hi), gripper[1])
 
 
