@@ -271,7 +271,10 @@ class GoalClient:
 
     def __init__(self, h: Harness) -> None:
         self.h = h
-        self.client = SpinningSafeActionClient(h.node, RunInstruction, 'worldvla/run_instruction')
+        deep = reliable_qos(1000)  # the answers to a burst of requests are queued here, not overwritten
+        self.client = SpinningSafeActionClient(h.node, RunInstruction, 'worldvla/run_instruction',
+                                               goal_service_qos_profile=deep, result_service_qos_profile=deep,
+                                               cancel_service_qos_profile=deep)
         self.feedback: list[RunInstruction.Feedback] = []
         assert self.client.wait_for_server(timeout_sec=30), 'no worldvla/run_instruction server'
 

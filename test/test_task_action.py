@@ -264,3 +264,33 @@ def test_ensemble_merge_blends_the_queued_actions_into_the_new_chunk(task_graph)
     finally:
         assert h.set_parameters(ACTION, {'chunk_merge': 'replace', 'ensemble_decay': 0.01, 'replan_threshold': 1}
                                 ).successful
+
+
+def test_a_flood_of_goals_is_answered_and_never_stalls_control(task_graph) -> None:
+    """300 goal requests in a burst (a misbehaving planner): every one is answered, accepted at most once per
+    min_goal_interval (the rest rejected, counted), and the node keeps sending a command every period."""
+    h, goals, node = task_graph
+    answers: list = []  # goal handles
+    burst = 300
+    before = h.counter(ACTION, 'goal_requests')
+
+    def send_burst() -> None:  # in the harness's executor thread: no rclpy client race
+        timer.cancel()
+        for i in range(burst):
+            goals.client.send_goal_async(RunInstruction.Goal(instruction=f'{TASK} {i}')).add_done_callback(
+                lambda f: h._add(answers, f.result()))
+
+    timer = h.node.create_timer(0.01, send_burst)
+    h.wait_for(lambda: len(answers) == burst, 60)
+    h.node.destroy_timer(timer)
+    assert h.wait_for(lambda: h.counter(ACTION, 'goal_requests') - before == burst, 10, frames=False), \
+        f'{h.counter(ACTION, "goal_requests") - before} of {burst} requests reached the node'
+    assert len(answers) == burst, f'{len(answers)} of {burst} requests answered'
+    accepted = sum(a.accepted for a in answers)
+    assert 1 <= accepted <= 30, accepted  # the burst lasts well under 3 s: min_goal_interval 0.1 s
+    h.wait_for(lambda: False, 2.5)  # a diagnostics period: the intervals of the commands sent meanwhile
+    assert float(h.diag['worldvla_action']['command_interval_max_ms']) < 2 * 1000 * PERIOD, h.diag['worldvla_action']
+    assert h.counter(ACTION, 'rejected_goal_rate') >= burst - accepted
+    last = [a for a in answers if a.accepted][-1]
+    goals.cancel(last)
+    assert goals.result(last)[0].outcome in (Outcome.CANCELED, Outcome.PREEMPTED) and node.alive()

@@ -19,6 +19,7 @@ then stop the robot (each command is a displacement for one period, never a stan
 """
 from __future__ import annotations
 
+import gc
 import math
 import threading
 import time
@@ -114,6 +115,9 @@ PARAMETERS: dict[str, Param] = {
     'ensemble_decay': Param(0.01, 'chunk_merge ensemble: larger = older predictions count more', 0.0, 10.0),
     'success_topic': Param('', 'std_msgs/Bool topic whose true ends a running goal as succeeded '
                            '(the tabletop sim: sim/success); empty: goals end on their limits', read_only=True),
+    'min_goal_interval': Param(0.1, 'seconds; a goal arriving sooner than this after the last accepted one is '
+                               'rejected (counted rejected_goal_rate): no task runs for less than a control '
+                               'period, and a flood of goals cannot starve the control loop', 0.0, 60.0),
     'goal_policy': Param('preempt', 'a goal arriving while one runs: preempt (the running one ends as PREEMPTED) '
                          'or reject (the new one is refused)', choices=('preempt', 'reject')),
     # the same commands in forms drivers take (worldvla_ros/robot_outputs.py has the conventions)
@@ -237,6 +241,8 @@ class ActionNode(GuardedLifecycleNode):
         self._goal: Goal | None = None  # the running RunInstruction goal
         self._goal_end_hold = False  # a goal ended: the next tick holds, whatever is queued
         self._accepted: dict[bytes, Goal] = {}  # accepted goals whose execute callback has not picked them up
+        self._last_goal_accepted = -math.inf  # monotonic time (min_goal_interval)
+        self._last_send_time: float | None = None  # monotonic time of the last command sent (its interval)
         self._last_latency = math.nan
         self._surprise_psnr = math.nan
 
@@ -266,8 +272,11 @@ class ActionNode(GuardedLifecycleNode):
         self.create_state_subscription(Bool, 'worldvla/estop', self._on_estop, callback_group=control, once=False)
         self.create_service(Trigger, 'worldvla/reset_estop', self._on_reset_estop, callback_group=control)
         goals = ReentrantCallbackGroup()  # a running goal's execute callback waits; cancels and new goals must not
+        requests = reliable_qos(1000)  # a burst of requests is queued and answered, not dropped (default: 10)
         self._action_server = ActionServer(
             self, RunInstruction, 'worldvla/run_instruction',
+            goal_service_qos_profile=requests, cancel_service_qos_profile=requests,
+            result_service_qos_profile=requests,
             execute_callback=self._execute_goal,
             goal_callback=self._guard(self._on_goal_request, 'goal request', lambda: GoalResponse.REJECT),
             handle_accepted_callback=self._guard(self._on_goal_accepted, 'goal start'),
@@ -278,7 +287,8 @@ class ActionNode(GuardedLifecycleNode):
                                      callback_group=control)
         self.create_subscription(Float64MultiArray, 'worldvla/surprise', self._on_surprise, reliable_qos(10),
                                  callback_group=MutuallyExclusiveCallbackGroup())
-        self.create_timer(1.0 / self.rate, self._on_control_tick, callback_group=control)
+        # the control tick has a group of its own: no input (e-stop, reset, success) ever waits it out
+        self.create_timer(1.0 / self.rate, self._on_control_tick, callback_group=MutuallyExclusiveCallbackGroup())
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
         if p['autostart']:
             if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
@@ -335,6 +345,7 @@ class ActionNode(GuardedLifecycleNode):
                 self._last_sent = self._send(self._hold())
                 self.stats.count('holds_deactivate')
             self._active = False
+            self._last_send_time = None
             self._commanding = False
         self.get_logger().info('inactive: holding, no commands until activated')
         return super().on_deactivate(state)
@@ -365,6 +376,7 @@ class ActionNode(GuardedLifecycleNode):
                 self._last_sent = self._send(self._hold())
                 self.stats.count('holds_shutdown')
             self._active = False
+            self._last_send_time = None
             self._commanding = False
             self._finalized = True
         if not self._stop_worker(timeout=2.0):
@@ -419,6 +431,10 @@ class ActionNode(GuardedLifecycleNode):
             self.get_logger().warning(f'decode step not captured: {policy.engine.capture_error}')
         captured = f', decode step captured ({policy.engine.captured})' if policy.engine.captured else ''
         self.get_logger().info(f'loaded {policy.model_id} in {time.perf_counter() - t0:.1f} s{captured}')
+        # the model's objects (modules, the tokenizer's vocabulary) live as long as it does: out of the collector's
+        # full passes, which otherwise walk them all and stopped the control loop for up to 0.15 s
+        gc.collect()
+        gc.freeze()
         return policy
 
     def _on_set_parameters(self, params: list) -> SetParametersResult:
@@ -484,7 +500,7 @@ class ActionNode(GuardedLifecycleNode):
             self._instruction_version += 1
             self._clear_queue()  # commands of the old task must not run
         self.stats.count('instruction_changes')
-        self.get_logger().info(f'instruction: {text!r}', throttle_duration_sec=1.0)  # the newest is on /diagnostics
+        self.say('info', 'instruction', f'instruction: {text!r}', every=1.0)  # the newest is on /diagnostics
         self._frame_event.set()
 
     def _on_estop(self, msg: Bool) -> None:
@@ -520,6 +536,7 @@ class ActionNode(GuardedLifecycleNode):
 
     # -- task action (RunInstruction) ---------------------------------------------------------
     def _on_goal_request(self, request: RunInstruction.Goal) -> GoalResponse:
+        self.stats.count('goal_requests')
         if not self._commanding or self.policy is None:
             self._reject('goal', 'the node is not active (lifecycle)')
             return GoalResponse.REJECT
@@ -537,6 +554,12 @@ class ActionNode(GuardedLifecycleNode):
             if self._goal is not None and self._param('goal_policy') == 'reject':
                 self._reject('goal', 'a goal is running (goal_policy reject)')
                 return GoalResponse.REJECT
+            now, interval = time.monotonic(), self._param('min_goal_interval')
+            if now - self._last_goal_accepted < interval:
+                self._reject('goal_rate', f'a goal {now - self._last_goal_accepted:.3f} s after the last accepted '
+                                          f'one (min_goal_interval {interval:g} s)')
+                return GoalResponse.REJECT
+            self._last_goal_accepted = now
         return GoalResponse.ACCEPT
 
     def _on_goal_accepted(self, handle: ServerGoalHandle) -> None:
@@ -560,7 +583,8 @@ class ActionNode(GuardedLifecycleNode):
                 self._instruction_version += 1
                 self._clear_queue()  # nothing computed for an earlier task runs
         self.stats.count('goals_accepted')
-        self.get_logger().info(f'goal: {text!r} (max_steps {goal.max_steps}, time_limit {goal.time_limit:g} s)')
+        self.say('info', 'goal', f'goal: {text!r} (max_steps {goal.max_steps}, time_limit {goal.time_limit:g} s)',
+                 every=0.5)
         self._frame_event.set()
         handle.execute()
 
@@ -623,8 +647,8 @@ class ActionNode(GuardedLifecycleNode):
         result.outcome, result.message = goal.outcome, goal.message
         result.steps, result.duration = goal.steps, goal.end - goal.start
         self.stats.count(f'goals_{OUTCOME_NAMES[goal.outcome]}')
-        self.get_logger().info(f'goal {goal.instruction!r} ended: {OUTCOME_NAMES[goal.outcome]} ({goal.message}), '
-                               f'{goal.steps} steps in {result.duration:.1f} s')
+        self.say('info', 'goal_end', f'goal {goal.instruction!r} ended: {OUTCOME_NAMES[goal.outcome]} '
+                 f'({goal.message}), {goal.steps} steps in {result.duration:.1f} s', every=0.5)
         if goal.outcome == Outcome.SUCCEEDED:
             handle.succeed()
         elif goal.outcome == Outcome.CANCELED and handle.is_cancel_requested:
@@ -639,7 +663,7 @@ class ActionNode(GuardedLifecycleNode):
 
     def _reject(self, reason: str, detail: str) -> None:
         self.stats.count(f'rejected_{reason}')
-        self.get_logger().warning(f'rejected ({reason}): {detail}', throttle_duration_sec=2.0)
+        self.say('warning', f'rejected_{reason}', f'rejected ({reason}): {detail}')
 
     # -- inference (worker thread) ----------------------------------------------------------
     def _inference_loop(self) -> None:
@@ -665,6 +689,9 @@ class ActionNode(GuardedLifecycleNode):
                 instruction, version, epoch = self._instruction, self._instruction_version, self._epoch
             try:
                 self._check_and_infer(policy, history, instruction, version, epoch)
+            except Exception as exc:  # a defect here must not end the worker: counted, logged, the next frame runs
+                self.stats.count('callback_errors')
+                self.say('error', 'inference_loop', f'inference loop: {type(exc).__name__}: {exc}')
             finally:
                 self._inferring = False
 
@@ -812,6 +839,10 @@ class ActionNode(GuardedLifecycleNode):
             # sent under the lock: a cancel, e-stop or new goal is either before this command (then it is a
             # hold) or after it was published, never in between
             self._last_sent = self._send(cmd)
+            now = time.monotonic()
+            if self._last_send_time is not None:
+                self.stats.duration('command_interval', now - self._last_send_time)
+            self._last_send_time = now
         if reason:
             self.stats.count(f'holds_{reason}')
         if limited:

@@ -3,6 +3,7 @@ diagnostics, QoS, and a main() that always ends with the robot held."""
 from __future__ import annotations
 
 import functools
+import math
 import os
 import signal
 import sys
@@ -143,6 +144,29 @@ class GuardedNode(Node):
         self.stats = Stats()  # before Node.__init__: its parameter services are guarded too
         self.finished = threading.Event()  # a managed node reached finalized: its process may end
         super().__init__(node_name, **kwargs)
+        self._said: dict[str, tuple[float, int]] = {}  # key → (last logged, suppressed since)
+        self._said_lock = threading.Lock()
+
+    def say(self, level: str, key: str, text: str, every: float = 2.0) -> None:
+        """A log line at most once per ``every`` seconds for ``key``, saying how many were held back. Cheaper
+        than rclpy's own throttle, which inspects the caller's source on every call (≈ 1 ms): for paths that
+        a flood of messages or requests runs through."""
+        now = time.monotonic()
+        with self._said_lock:
+            last, held = self._said.get(key, (-math.inf, 0))
+            if now - last < every:
+                self._said[key] = (last, held + 1)
+                return
+            self._said[key] = (now, 0)
+        text += f' ({held} more like it held back)' if held else ''
+        logger = self.get_logger()
+        # one call site per severity: rclpy keys its logging context by call site and refuses a second severity
+        if level == 'error':
+            logger.error(text)
+        elif level == 'warning':
+            logger.warning(text)
+        else:
+            logger.info(text)
 
     def _guard(self, callback: Callable, what: str, fallback: Callable[[], Any] = lambda: None) -> Callable:
         @functools.wraps(callback)  # rclpy reads the signature (message info, timer info) through __wrapped__
@@ -282,7 +306,7 @@ def reliable_qos(depth: int = 10) -> QoSProfile:
 
 class Stats:
     """Thread-safe counters and windows of durations (``latency``: the model's; others by name), reported
-    on /diagnostics as ``<name>_p50_ms`` / ``<name>_p99_ms``."""
+    on /diagnostics as ``<name>_p50_ms`` / ``<name>_p99_ms`` / ``<name>_max_ms``."""
 
     def __init__(self, window: int = 200) -> None:
         self._lock = threading.Lock()
@@ -309,6 +333,7 @@ class Stats:
                 digits = 1 if name == 'latency' else 3
                 out[f'{name}_p50_ms'] = f'{np.percentile(ms, 50):.{digits}f}'
                 out[f'{name}_p99_ms'] = f'{np.percentile(ms, 99):.{digits}f}'
+                out[f'{name}_max_ms'] = f'{ms.max():.{digits}f}'
         return out
 
 
@@ -398,6 +423,9 @@ def spin_node(factory: Callable[[], GuardedNode | list[GuardedNode]], args: list
     are closed.
     """
     _die_with_parent()
+    # a thread waiting for the GIL (the executor's, between its many short C calls) gets it after this long at
+    # most: with the default 5 ms, a busy inference thread delayed control ticks by up to 0.5 s under load
+    sys.setswitchinterval(0.001)
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     logger = rclpy.logging.get_logger('worldvla')
     stop = threading.Event()
@@ -473,6 +501,7 @@ def release_memory(device: str) -> None:
     """Give freed model memory back: the CUDA cache on a GPU, glibc's free lists on the host."""
     import gc
 
+    gc.unfreeze()  # a node freezes what configure loaded (gc.freeze): the model's cycles must be collectable again
     gc.collect()
     if device.startswith('cuda'):
         import torch
