@@ -119,7 +119,8 @@ def tokenizer_report(policy, bags: list[Path]) -> dict:
     vq, cfg = policy.images.vqgan, policy.config
     kept, used, frames_all = [], set(), []
     for bag in bags:
-        frames = np.stack([to_model_frame(f, cfg.resolution, cfg.rotate_180) for f in read_episode(bag).frames])
+        episode = read_episode(bag, frame_size=cfg.resolution)
+        frames = np.stack([to_model_frame(f, cfg.resolution, cfg.rotate_180) for f in episode.frames])
         frames_all.append(frames)
         pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(policy.device)
         codes = vq.encode(pixels.to(next(vq.parameters()).dtype)).cpu().numpy()

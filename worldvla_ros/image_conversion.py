@@ -95,3 +95,23 @@ def fill_image_msg(msg: Any, rgb: np.ndarray) -> Any:
     msg.step = int(rgb.shape[1] * 3)
     msg.data = np.ascontiguousarray(rgb).tobytes()
     return msg
+
+
+def to_model_frame(frame: np.ndarray, resolution: int, rotate_180: bool) -> np.ndarray:
+    """Any H×W×3 uint8 RGB → center-cropped square, resized to the model's resolution.
+
+    The same function serves the action node, the world-model node and the bag evaluation,
+    so every path feeds the model identical pixels.
+    """
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        raise ValueError(f'expected an H×W×3 uint8 RGB frame, got {frame.shape} {frame.dtype}')
+    h, w = frame.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = frame[top : top + side, left : left + side]
+    if side != resolution:
+        interp = cv2.INTER_AREA if side > resolution else cv2.INTER_LINEAR
+        square = cv2.resize(square, (resolution, resolution), interpolation=interp)
+    if rotate_180:
+        square = square[::-1, ::-1]
+    return np.ascontiguousarray(square)

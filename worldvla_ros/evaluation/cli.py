@@ -118,6 +118,14 @@ def _config_paths(given: list[str]) -> list[Path]:
     return [default_config()]
 
 
+def model_resolution(checkpoint: str, tokenizer_dir: str = '') -> int:
+    """The checkpoint's image resolution, from its config.json (the model is not loaded)."""
+    from worldvla_ros.model.checkpoint import find_checkpoint_files, read_config, worldvla_settings
+
+    files = find_checkpoint_files(checkpoint, tokenizer_dir or None)
+    return worldvla_settings(read_config(files), files.root).resolution
+
+
 def summarize(args: argparse.Namespace, policy_info: dict[str, Any], episodes: list[Episode],
               runs: list[RunRecord], control_rate_hz: float, scale: tuple[float, ...],
               rate_source: str = '') -> dict[str, Any]:
@@ -188,8 +196,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
     topics = TopicMap(args.image_topic, args.instruction_topic, args.action_topic, args.gripper_topic,
                       args.instruction, args.time_source, args.gripper_open, args.gripper_closed)
     period = 1.0 / args.control_rate if args.control_rate and args.control_rate > 0 else None
-    # every bag checked before the model loads
-    episodes = [read_episode(b, topics, action_scale=scale, period_s=period) for b in args.bags]
+    # every bag checked before the model loads, each frame kept only as the model's crop: bounded memory
+    resolution = model_resolution(args.checkpoint, args.tokenizer_dir)
+    episodes = [read_episode(b, topics, action_scale=scale, period_s=period, frame_size=resolution)
+                for b in args.bags]
     control_rate, source = control_rate_of(episodes, args.control_rate,
                                            float(action_params.get('control_rate_hz', 10.0)))
     print(f'evaluate_bag: control period {1e3 / control_rate:.1f} ms ({control_rate:g} Hz), from {source}',

@@ -24,6 +24,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -54,6 +55,68 @@ def libero_instruction(h5file: object, path: Path, source: str = 'filename') -> 
     return ' '.join(stem.replace('_', ' ').split())
 
 
+MAX_DEMO_FRAMES = 100_000  # an hour and a half at LIBERO's 20 Hz; a file declaring more is refused
+MAX_FRAME_SIDE = 8192  # as the nodes' camera input
+STREAM_FRAMES = 64  # frames read from the HDF5 file at a time: memory stays bounded whatever a demo declares
+
+
+def _frame_converter(name: str, dataset: object) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """How a demo's stored frames become H×W×3 uint8 RGB, decided from the declared shape and dtype (and checked
+    per batch as they stream), or a BagError naming the dataset and why no single meaning exists."""
+    shape, dtype = tuple(dataset.shape), np.dtype(dataset.dtype)
+    where = f'{name} ({shape} {dtype})'
+    if (len(shape) == 4 and shape[3] == 1) or len(shape) == 3:
+        channels = 1
+    elif len(shape) == 4 and shape[3] in (3, 4):
+        channels = shape[3]
+    else:
+        raise BagError(f'{where}: not a frame sequence (N, H, W[, 1|3|4])')
+    n, h, w = shape[:3]
+    if n == 0:
+        raise BagError(f'{where}: holds no frames')
+    if n > MAX_DEMO_FRAMES or max(h, w) > MAX_FRAME_SIDE or min(h, w) < 1:
+        raise BagError(f'{where}: declares more than {MAX_DEMO_FRAMES} frames or sides beyond {MAX_FRAME_SIDE} px')
+    storage = getattr(getattr(dataset, 'id', None), 'get_storage_size', lambda: 1)()
+    if storage == 0:
+        raise BagError(f'{where}: declares {n} frames but stores no data (an empty, sparse dataset)')
+    if dtype == np.uint8:
+        to_uint8 = None
+    elif dtype.kind == 'f':
+        def to_uint8(x: np.ndarray) -> np.ndarray:
+            if not np.all(np.isfinite(x)) or x.min() < 0.0 or x.max() > 1.0:
+                raise BagError(f'{where}: float frames must lie in [0, 1] (found {np.nanmin(x):g} … {np.nanmax(x):g}'
+                               f'{", NaN or inf" if not np.all(np.isfinite(x)) else ""})')
+            return np.round(x * 255.0).astype(np.uint8)
+    else:
+        raise BagError(f'{where}: {dtype} frames have no single meaning as RGB (8-bit integers or floats in [0, 1] '
+                       'are converted)')
+
+    def convert(batch: np.ndarray) -> np.ndarray:
+        out = batch if to_uint8 is None else to_uint8(np.asarray(batch))
+        out = out.reshape(*out.shape[:3], -1)
+        if channels == 1:
+            out = np.repeat(out, 3, axis=3)  # gray → the same value in R, G and B
+        return np.ascontiguousarray(out[..., :3])  # RGBA → RGB: the alpha channel is not part of the image
+
+    note = {1: ', gray → RGB', 3: '', 4: ', RGBA → RGB'}[channels] + (', float [0, 1] → uint8' if to_uint8 else '')
+    return convert, note
+
+
+def _demo_actions(name: str, dataset: object, frames: int) -> np.ndarray:
+    from worldvla_ros.model.action_tokenizer import MAX_ACTION_UNITS
+
+    actions = np.asarray(dataset, dtype=np.float64)
+    if actions.ndim != 2 or actions.shape != (frames, 7):
+        raise BagError(f'{name}: actions have shape {actions.shape}, expected ({frames}, 7): one per frame')
+    bad = np.flatnonzero(~np.isfinite(actions).all(1))
+    if len(bad):
+        raise BagError(f'{name}: {len(bad)} of {frames} actions are NaN or infinite (first at step {bad[0]})')
+    huge = np.flatnonzero((np.abs(actions) > MAX_ACTION_UNITS).any(1))
+    if len(huge):
+        raise BagError(f'{name}: actions beyond ±{MAX_ACTION_UNITS:g} units (first at step {huge[0]})')
+    return actions
+
+
 def libero_to_bags(
     hdf5: str | Path,
     out_dir: str | Path,
@@ -65,7 +128,8 @@ def libero_to_bags(
     compressed: str = '',
     instruction_source: str = 'filename',
 ) -> list[Path]:
-    """One bag per ``data/demo_*`` group of a LIBERO demonstration file."""
+    """One bag per ``data/demo_*`` group of a LIBERO demonstration file. Every demo is checked before any bag is
+    written; frames stream from the file to the bag a batch at a time."""
     import h5py
 
     hdf5, out_dir = Path(hdf5), Path(out_dir)
@@ -80,20 +144,38 @@ def libero_to_bags(
         demos = sorted(f['data'].keys(), key=lambda k: int(re.sub(r'\D', '', k) or 0))
         if max_demos:
             demos = demos[:max_demos]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        bags = []
+        if not demos:
+            raise BagError(f'{hdf5}: the "data" group holds no demonstrations')
+        plans = []
         for name in demos:
             g = f['data'][name]
             if f'obs/{image_key}' not in g or 'actions' not in g:
                 keys = list(g['obs'].keys()) if 'obs' in g else []
                 raise BagError(f'{hdf5}: {name} lacks obs/{image_key} or actions (obs has: {", ".join(keys)})')
-            frames = np.asarray(g['obs'][image_key], dtype=np.uint8)
-            if rotate_180:
-                frames = frames[:, ::-1, ::-1]
-            actions = np.asarray(g['actions'], dtype=np.float64)
-            stem = re.sub(r'_demo$', '', hdf5.stem)
-            bags.append(write_episode(out_dir / f'{stem}_{name}', list(frames), actions, instruction, rate_hz, storage,
-                                      compressed=compressed))
+            frames = g['obs'][image_key]
+            convert, note = _frame_converter(f'{hdf5.name}: {name}/obs/{image_key}', frames)
+            if note:
+                print(f'convert_to_bag: {name}: frames converted{note}', file=sys.stderr)
+            actions = _demo_actions(f'{hdf5.name}: {name}/actions', g['actions'], frames.shape[0])
+            plans.append((name, frames, convert, actions))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = re.sub(r'_demo$', '', hdf5.stem)
+        bags = []
+        for name, frames, convert, actions in plans:
+            def stream(frames=frames, convert=convert):
+                for start in range(0, frames.shape[0], STREAM_FRAMES):
+                    batch = convert(frames[start : start + STREAM_FRAMES])
+                    yield from (b[::-1, ::-1] if rotate_180 else b for b in batch)
+
+            path = out_dir / f'{stem}_{name}'
+            try:
+                bags.append(write_episode(path, stream(), actions, instruction, rate_hz, storage,
+                                          compressed=compressed))
+            except BaseException:
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)  # no half-written bag is left behind
+                raise
     return bags
 
 
@@ -193,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                                   compressed=args.compressed)]
     except (BagError, FileExistsError, ValueError) as exc:
         print(f'convert_to_bag: error: {exc}', file=sys.stderr)
+        return 2
+    except OSError as exc:  # unreadable input, or a full disk while writing
+        print(f'convert_to_bag: error: {exc.filename or ""} {exc.strerror or exc}'.replace('  ', ' '), file=sys.stderr)
         return 2
     for b in bags:
         print(b)

@@ -1,14 +1,14 @@
 """One recorded episode: camera frames, instruction and ground-truth actions, aligned per frame."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from worldvla_ros.image_conversion import ImageRejected, compressed_msg_to_rgb, image_msg_to_rgb
+from worldvla_ros.image_conversion import ImageRejected, compressed_msg_to_rgb, image_msg_to_rgb, to_model_frame
 
 from .bag_io import (
     ACTION_CHUNK,
@@ -130,12 +130,17 @@ def gripper_to_action(value: np.ndarray, opened: float, closed: float) -> np.nda
 
 
 def read_episode(path: str | Path, topics: TopicMap | None = None, action_scale: Sequence[float] | None = None,
-                 period_s: float | None = None) -> Episode:
+                 period_s: float | None = None, frame_size: int | None = None) -> Episode:
     """Frames (decoded with the action node's own conversion) and per-frame ground truth.
 
+    ``frame_size``: each frame is kept only as the model's square crop at that resolution
+    (``to_model_frame``, unrotated), made as it is decoded — all a model reads of it, so memory stays at
+    N × size² × 3 bytes whatever the camera's resolution. None keeps the decoded frames whole.
     TwistStamped ground truth is converted to action units with ``action_scale`` and the control
     period (``period_s``, else the camera's); a Float gripper topic needs ``gripper_open/closed``.
     """
+    keep = (lambda rgb: np.array(rgb)) if frame_size is None else (
+        lambda rgb: to_model_frame(rgb, frame_size, rotate_180=False))
     topics = topics or TopicMap()
     use_header = topics.time_source == 'header'
     with BagReader(path) as reader:
@@ -173,7 +178,7 @@ def read_episode(path: str | Path, topics: TopicMap | None = None, action_scale:
                     why.setdefault(exc.reason, str(exc))
                     continue
                 frame_ns.append(_time(m, use_header))
-                frames.append(np.array(rgb))
+                frames.append(keep(rgb))
             elif m.topic == action_topic:
                 if m.msgtype == ACTION_CHUNK:
                     t0 = _time(m, use_header)
@@ -257,7 +262,7 @@ def _hold_values(at_ns: np.ndarray, ns: np.ndarray, values: np.ndarray) -> np.nd
 
 def write_episode(
     path: str | Path,
-    frames: Sequence[np.ndarray],
+    frames: Iterable[np.ndarray],
     actions: np.ndarray,
     instruction: str,
     rate_hz: float = 10.0,
@@ -273,10 +278,10 @@ def write_episode(
     ``compressed`` ('png', 'jpeg'): the frames as CompressedImage on ``<image_topic>/compressed``.
     """
     actions = np.asarray(actions, dtype=np.float64).reshape(-1, 7)
-    if len(actions) != len(frames):
+    if hasattr(frames, '__len__') and len(actions) != len(frames):
         raise ValueError(f'{len(frames)} frames but {len(actions)} actions')
     period = round(1e9 / rate_hz)
-    with BagWriter(path, storage) as bag:
+    with BagWriter(path, storage) as bag:  # frames may be an iterator: written as they come
         bag.write(instruction_topic, STRING, start_ns, string_msg(instruction))
         for i, (rgb, a) in enumerate(zip(frames, actions, strict=True)):
             t = start_ns + i * period

@@ -20,7 +20,7 @@ import numpy as np
 
 from worldvla_ros.model.errors import CheckpointError
 
-from .bag_io import ACTION_CHUNK, COMPRESSED, EE_COMMAND, FLOAT_ARRAY, IMAGE, BagReader, BagWriter, stamp_ns
+from .bag_io import ACTION_CHUNK, COMPRESSED, EE_COMMAND, FLOAT_ARRAY, IMAGE, BagError, BagReader, BagWriter, stamp_ns
 from .episode import Episode, _pick
 from .scoring import ChunkRecord, ExecutedAction, ImaginedFrame, RunRecord
 
@@ -41,7 +41,8 @@ def evaluate_live(args: argparse.Namespace, episodes: list[Episode], config: lis
     out.mkdir(parents=True, exist_ok=True)
     runs, info = [], {}
     for bag, episode in zip(args.bags, episodes, strict=True):
-        recording = out / f'outputs_{Path(bag).name}'
+        name = Path(bag).stem if Path(bag).suffix == '.mcap' else Path(bag).name  # a single .mcap file: no .mcap twice
+        recording = out / f'outputs_{name}'
         if recording.exists():
             import shutil
 
@@ -75,10 +76,16 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
     from worldvla_ros.bringup import start_nodes, stop_nodes
     from worldvla_ros.nodes.common import image_qos, latched_qos, reliable_qos
 
-    with BagReader(bag) as reader:
-        image_topic = _pick(reader, args.image_topic, (IMAGE, COMPRESSED), 'camera image', '--image-topic')
-        compressed = reader.topics[image_topic] == COMPRESSED
-        messages = list(reader.raw_messages([image_topic]))
+    # the camera messages stream from the bag as they are played: memory stays at one message, whatever its size
+    reader = BagReader(bag)
+    image_topic = _pick(reader, args.image_topic, (IMAGE, COMPRESSED), 'camera image', '--image-topic')
+    compressed = reader.topics[image_topic] == COMPRESSED
+    total = reader.counts.get(image_topic, 0)
+    messages = reader.raw_messages([image_topic])
+    pending = next(messages, None)
+    if pending is None:
+        reader.__exit__()
+        raise BagError(f'{bag}: topic {image_topic} holds no messages')
     use_wm = not args.no_world_model
     extra = {'use_sim_time': 'true', 'horizon': str(args.wm_horizon), 'dtype': args.dtype,
              'use_compressed': str(compressed).lower(), 'control_rate_hz': repr(float(control_rate_hz))}
@@ -87,14 +94,18 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
     # a ROS domain of its own, on this machine only: the replay's /clock and commands never reach a robot
     domain = args.domain_id if args.domain_id is not None else random.randint(120, 230)
     isolation = {'ROS_DOMAIN_ID': str(domain), 'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST'}
-    procs = start_nodes(args.checkpoint, config, args.device, use_world_model=use_wm, extra=extra, env=isolation)
+    try:
+        procs = start_nodes(args.checkpoint, config, args.device, use_world_model=use_wm, extra=extra, env=isolation)
+    except BaseException:
+        reader.__exit__()
+        raise
     context = rclpy.Context()
     os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
     rclpy.init(context=context, domain_id=domain)
     node = rclpy.create_node('worldvla_bag_player', context=context)
     executor = SingleThreadedExecutor(context=context)
     writer = BagWriter(recording, 'mcap')
-    t0 = messages[0][2]
+    t0 = pending[2]
     wall0 = [time.monotonic()]
     rate = max(args.rate, 1e-3)
 
@@ -112,6 +123,7 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
         return callback
 
     spinner: threading.Thread | None = None
+    played = 0
     try:
         for topic, msgtype in OUTPUTS.items():
             node.create_subscription(_rclpy_type(msgtype), topic, recorder(topic, msgtype), reliable_qos(100),
@@ -144,19 +156,18 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
 
         from tqdm import tqdm
 
-        bar = tqdm(total=len(messages), unit='frame', desc=f'live {bag.name}', disable=args.no_progress,
-                   file=sys.stderr)
+        bar = tqdm(total=total, unit='frame', desc=f'live {bag.name}', disable=args.no_progress, file=sys.stderr)
         wall0[0] = time.monotonic()
-        i = 0
         last_frame_wall = float('inf')
         while True:
             now = sim_now()
             publish_clock(now)
-            while i < len(messages) and messages[i][2] <= now:
-                image_pub.publish(messages[i][3])
-                i += 1
+            while pending is not None and pending[2] <= now:
+                image_pub.publish(pending[3])
+                played += 1
                 bar.update(1)
-                if i == len(messages):
+                pending = next(messages, None)
+                if pending is None:
                     last_frame_wall = time.monotonic()
             # run on (the clock too) until every node has said, after the last frame, that it has nothing
             # left to do: the last chunk executed, the last imagination done, the final counters sent
@@ -176,7 +187,8 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
         node.destroy_node()
         rclpy.shutdown(context=context)
         writer.close()
-    return len(messages)
+        reader.__exit__()
+    return played
 
 
 def _note_idle(data: bytes, idle_since: dict[str, float]) -> None:

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import cv2
 import numpy as np
 import torch
 from transformers.models.chameleon.modeling_chameleon import ChameleonImageVocabularyMapping
+
+from worldvla_ros.image_conversion import to_model_frame  # the model's crop, used here and re-exported
 
 from . import tokens as T
 from .vqgan import VQGAN
@@ -16,26 +17,6 @@ def image_block_length(side_px: int, downsample: int = 16) -> int:
     """Tokens of one square image block: start, 2 grid tokens, rows of codes + newline, end."""
     n = side_px // downsample
     return 3 + n * (n + 1) + 1
-
-
-def to_model_frame(frame: np.ndarray, resolution: int, rotate_180: bool) -> np.ndarray:
-    """Any H×W×3 uint8 RGB → center-cropped square, resized to the model's resolution.
-
-    The same function serves the action node, the world-model node and the bag evaluation,
-    so every path feeds the model identical pixels.
-    """
-    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-        raise ValueError(f'expected an H×W×3 uint8 RGB frame, got {frame.shape} {frame.dtype}')
-    h, w = frame.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = frame[top : top + side, left : left + side]
-    if side != resolution:
-        interp = cv2.INTER_AREA if side > resolution else cv2.INTER_LINEAR
-        square = cv2.resize(square, (resolution, resolution), interpolation=interp)
-    if rotate_180:
-        square = square[::-1, ::-1]
-    return np.ascontiguousarray(square)
 
 
 class ImageTokenizer:

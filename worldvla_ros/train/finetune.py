@@ -316,7 +316,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def load(bags: list[Path]) -> list[TokenizedEpisode]:
         with torch.no_grad():
             return load_episodes(bags, topics, scale, images.encode, key, cache, cfg.history_frames + 1,
-                                 lambda _: bar.update(1))
+                                 lambda _: bar.update(1), frame_size=cfg.resolution)
 
     if world > 1 and rank != 0:
         torch.distributed.barrier()  # rank 0 fills the cache first

@@ -97,8 +97,10 @@ def check_actions(name: str, actions: np.ndarray, source: str = '',
 
 def load_episodes(bags: Sequence[Path], topics: TopicMap, action_scale: Sequence[float] | None,
                   encode: Callable[[list[np.ndarray]], list[list[int]]], tok_key: str, cache_dir: Path | None,
-                  min_frames: int, progress: Callable[[str], None] | None = None) -> list[TokenizedEpisode]:
-    """Every bag read, checked and encoded (or taken from the cache)."""
+                  min_frames: int, progress: Callable[[str], None] | None = None,
+                  frame_size: int | None = None) -> list[TokenizedEpisode]:
+    """Every bag read, checked and encoded (or taken from the cache); ``frame_size``: frames are kept only as
+    the model's crop at that resolution while a bag is read (``read_episode``)."""
     episodes = []
     options = json.dumps(asdict(topics), sort_keys=True) + json.dumps(list(action_scale or []))
     for bag in bags:
@@ -110,7 +112,7 @@ def load_episodes(bags: Sequence[Path], topics: TopicMap, action_scale: Sequence
                                       int(z['trimmed']))
         else:
             try:
-                raw = read_episode(bag, topics, action_scale)
+                raw = read_episode(bag, topics, action_scale, frame_size=frame_size)
             except BagError as exc:
                 raise DataError(str(exc)) from exc
             actions, first, trimmed = check_actions(bag.name, raw.actions, raw.action_source)
