@@ -218,6 +218,11 @@ def test_bad_data_and_an_occupied_out_directory_are_clear_errors(data, tmp_path:
     assert 'is not empty' in capsys.readouterr().err and (full / 'notes.txt').read_text() == 'mine'
     assert finetune(['--out', str(tmp_path / 'never'), '--resume']) == 2
     assert 'holds no run to resume' in capsys.readouterr().err
+    zero = tmp_path / 'zero' / 'run'
+    zero.mkdir(parents=True)
+    (zero / 'args.json').symlink_to('/dev/zero')  # read whole, it would fill memory
+    assert finetune(['--out', str(zero.parent), '--resume']) == 2
+    assert 'not a regular file' in capsys.readouterr().err
     assert finetune(_args(data, tmp_path / 'x', '--world-fraction', '1.5')) == 2
     assert finetune(['--init', str(tmp_path / 'no_ckpt'), '--data', str(data['train']), '--out',
                      str(tmp_path / 'y'), '--no-progress']) == 1

@@ -137,14 +137,42 @@ def test_the_calibration_file_round_trips_and_hostile_ones_are_refused(tmp_path:
         'nan': json.dumps({**good, 'thresholds': {'peak_excess_bits': float('nan')}}),
         'a string': json.dumps({**good, 'thresholds': {'peak_excess_bits': '3'}}),
         'unknown signal': json.dumps({**good, 'thresholds': {'rm -rf': 1.0}}),
+        'rate a string': json.dumps({**good, 'false_alarm_rate': 'abc'}),
+        'rate nan': json.dumps({**good, 'false_alarm_rate': float('nan')}),
+        'rate 1': json.dumps({**good, 'false_alarm_rate': 1.0}),
+        'transitions a float': json.dumps({**good, 'transitions': 1e400}),
+        'transitions a bool': json.dumps({**good, 'transitions': True}),
+        'measured a dict': json.dumps({**good, 'measured_rate': {'a': 1}}),
+        'model id a list': json.dumps({**good, 'model_id': [1]}),
+        'source a string': json.dumps({**good, 'source': 'bag'}),
+        'deep nesting': '[' * 200_000 + ']' * 200_000,
+        'over a megabyte': json.dumps({**good, 'source': ['x' * 1000] * 1100}),
     }
     for what, text in cases.items():
         path.write_text(text)
-        with pytest.raises(CalibrationError):
+        with pytest.raises(CalibrationError) as refused:
             Calibration.load(path)
             pytest.fail(f'{what} was accepted')
-    with pytest.raises(CalibrationError, match='cannot read'):
+        assert str(path) in str(refused.value), (what, refused.value)  # the file is named, whatever is wrong
+    with pytest.raises(CalibrationError, match='No such file'):
         Calibration.load(tmp_path / 'missing.json')
+
+
+@pytest.mark.parametrize('special', ['/dev/zero', 'fifo', 'directory'])
+def test_a_calibration_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path, special: str) -> None:
+    """/dev/zero made the world-model node grow to 3.3 GB; a FIFO would block it forever."""
+    import os
+    import time
+
+    path = Path(special) if special.startswith('/') else tmp_path / special
+    if special == 'fifo':
+        os.mkfifo(path)
+    elif special == 'directory':
+        path.mkdir()
+    t0 = time.monotonic()
+    with pytest.raises(CalibrationError, match='not a regular file'):
+        Calibration.load(path)
+    assert time.monotonic() - t0 < 1.0
 
 
 def test_alerts_need_surprise_in_a_row() -> None:

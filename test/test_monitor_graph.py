@@ -160,7 +160,11 @@ def test_sustained_surprise_raises_diagnostics_and_when_enabled_latches_the_esto
     assert code == 0, node.log()[-3000:]
 
 
-def test_a_broken_calibration_stops_the_start_with_one_fatal_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize('case', ['shipped unknown signal', 'parameter at /dev/zero', 'parameter mistyped',
+                                  'error before warn'])
+def test_a_broken_calibration_stops_the_start_with_one_fatal_line(tiny_checkpoint: Path, tmp_path: Path,
+                                                                  case: str) -> None:
+    import json
     import shutil
     import subprocess
     import sys
@@ -169,10 +173,28 @@ def test_a_broken_calibration_stops_the_start_with_one_fatal_line(tiny_checkpoin
 
     broken = tmp_path / 'broken'
     shutil.copytree(tiny_checkpoint, broken)
-    (broken / CALIBRATION_FILE).write_text('{"format": "worldvla-monitor-calibration/1", "thresholds": {"x": 1}}')
-    proc = subprocess.run([sys.executable, '-m', 'worldvla_ros.nodes.world_model_node', '--ros-args', '-p',
-                           f'checkpoint:={broken}', '-p', 'device:=cpu'], capture_output=True, text=True, timeout=120)
+    params, says = [], []
+    if case == 'shipped unknown signal':
+        (broken / CALIBRATION_FILE).write_text('{"format": "worldvla-monitor-calibration/1", "thresholds": {"x": 1}}')
+        says = ['unknown signals', CALIBRATION_FILE, "checkpoint's calibration"]
+    elif case == 'parameter at /dev/zero':
+        params, says = ['monitor_calibration:=/dev/zero'], ['parameter monitor_calibration', '/dev/zero',
+                                                             'not a regular file']
+    elif case == 'parameter mistyped':
+        mine = tmp_path / 'mine.json'
+        mine.write_text(json.dumps({'format': 'worldvla-monitor-calibration/1', 'false_alarm_rate': 'abc',
+                                    'thresholds': {'peak_excess_bits': 1.0}}))
+        params, says = [f'monitor_calibration:={mine}'], ['parameter monitor_calibration', str(mine),
+                                                           'false_alarm_rate']
+    else:
+        params, says = ['surprise_warn_after:=5', 'surprise_error_after:=2'], ['surprise_error_after']
+    cmd = [sys.executable, '-m', 'worldvla_ros.nodes.world_model_node', '--ros-args', '-p', f'checkpoint:={broken}',
+           '-p', 'device:=cpu']
+    for p in params:
+        cmd += ['-p', p]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     fatal = [line for line in out.splitlines() if 'FATAL' in line]
     assert proc.returncode == 1 and 'Traceback' not in out and len(fatal) == 1, out[-2000:]
-    assert 'unknown signals' in fatal[0] and CALIBRATION_FILE in fatal[0]
+    assert all(s in fatal[0] for s in says), fatal[0]
+    assert 'ready: world model' not in out  # refused before the model loaded

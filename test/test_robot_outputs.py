@@ -313,6 +313,8 @@ def test_implausible_scales_are_refused_at_runtime_and_a_broken_measured_pose_gi
         assert not result.successful and 'action_scale' in result.reason, result
     assert hb.get_parameter(action, 'action_scale') == pytest.approx(SCALE)
     assert not hb.set_parameter(action, 'command_frame_id', '').successful
+    result = hb.set_parameter(action, 'use_sim_time', True)  # the clock of every stamp check: fixed at start
+    assert not result.successful and 'use_sim_time' in result.reason
     # a measured pose at infinity: no target (counted), the command and the other forms still go out
     rb.stream(1.0)
     msg = PoseStamped()

@@ -6,6 +6,7 @@ parameters, each through a real action-node process.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -46,6 +47,9 @@ BROKEN: dict[str, tuple[Callable[[Path], None], list[str], str]] = {
                                     'chunk_size must be in 1'),
     'max_instruction_chars beyond the cap': (_edit_config(lambda c: c['worldvla'].update(
         max_instruction_chars=10**6)), [], 'max_instruction_chars must be in 1'),
+    'config a 100 MB file': (lambda r: os.truncate(r / 'config.json', 100 * 2**20), [], 'larger than'),
+    'index names a file outside': (lambda r: (r / 'model.safetensors.index.json').write_text(json.dumps(
+        {'weight_map': {'lm_head.weight': '../../etc/passwd'}})), [], 'shard names must be file names'),
     'worldvla is not an object': (_edit_config(lambda c: c.update(worldvla=[1])), [], 'expected an object'),
     'heads do not divide hidden': (_edit_config(lambda c: c.update(num_attention_heads=3, num_key_value_heads=3)),
                                    [], 'divisible'),

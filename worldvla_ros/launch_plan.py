@@ -60,7 +60,9 @@ def node_parameters(configs: Path | str | Sequence[Path | str], node: str, names
     """One node's parameters from parameter files applied in order (later values win)."""
     out: dict[str, Any] = {}
     for config in [configs] if isinstance(configs, (str, Path)) else configs:
-        data = yaml.safe_load(Path(config).read_text()) or {}
+        from worldvla_ros.files import MB, read_text
+
+        data = yaml.safe_load(read_text(config, 16 * MB, 'parameter file')) or {}
         if not isinstance(data, dict):
             raise ValueError(f'{config}: not a ROS parameter file (a YAML mapping of node names)')
         for key, section in data.items():

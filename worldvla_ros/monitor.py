@@ -108,22 +108,44 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
+        """A calibration file, every field checked: a CalibrationError naming the file and the field otherwise."""
+        from worldvla_ros.files import MB, FileRefused, read_text
+
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise CalibrationError(f'cannot read the monitor calibration {path}: {exc}') from exc
+            data = json.loads(read_text(path, MB, 'monitor calibration'))
+        except FileRefused as exc:
+            raise CalibrationError(str(exc)) from exc
+        except (ValueError, RecursionError) as exc:
+            raise CalibrationError(f'monitor calibration {path}: not valid JSON ({type(exc).__name__}: '
+                                   f'{str(exc)[:200]})') from exc
         if not isinstance(data, dict) or data.get('format') != CALIBRATION_FORMAT:
             raise CalibrationError(f'{path} is not a monitor calibration ({CALIBRATION_FORMAT})')
         th = data.get('thresholds')
-        if not isinstance(th, dict) or not th or not all(
-                isinstance(v, (int, float)) and math.isfinite(v) for v in th.values()):
+        if not isinstance(th, dict) or not th or not all(_is_number(v) and math.isfinite(v) for v in th.values()):
             raise CalibrationError(f'{path}: thresholds must be a non-empty map of finite numbers')
         unknown = set(th) - set(LIKELIHOOD_SIGNALS) - {'frame_change'}
         if unknown:
             raise CalibrationError(f'{path}: unknown signals {sorted(unknown)}')
-        return cls({k: float(v) for k, v in th.items()}, float(data.get('false_alarm_rate', 0.0)),
-                   int(data.get('transitions', 0)), str(data.get('model_id', '')),
-                   float(data.get('measured_rate', 0.0)), list(data.get('source', [])))
+        rate = data.get('false_alarm_rate', 0.0)
+        if not _is_number(rate) or not 0.0 < rate < 1.0:
+            raise CalibrationError(f'{path}: false_alarm_rate must be a number in (0, 1), got {rate!r}')
+        measured = data.get('measured_rate', 0.0)
+        if not _is_number(measured) or not 0.0 <= measured <= 1.0:
+            raise CalibrationError(f'{path}: measured_rate must be a number in [0, 1], got {measured!r}')
+        transitions = data.get('transitions', 0)
+        if not isinstance(transitions, int) or isinstance(transitions, bool) or transitions < 0:
+            raise CalibrationError(f'{path}: transitions must be a whole number ≥ 0, got {transitions!r}')
+        model_id, source = data.get('model_id', ''), data.get('source', [])
+        if not isinstance(model_id, str):
+            raise CalibrationError(f'{path}: model_id must be a string, got {model_id!r}')
+        if not isinstance(source, list) or not all(isinstance(x, str) for x in source):
+            raise CalibrationError(f'{path}: source must be a list of bag names')
+        return cls({k: float(v) for k, v in th.items()}, float(rate), transitions, model_id, float(measured),
+                   list(source))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def min_transitions(false_alarm_rate: float) -> int:
@@ -135,7 +157,7 @@ def calibrate(normal: Sequence[Mapping[str, float]], false_alarm_rate: float,
               signals: Sequence[str] = DEFAULT_ALERT_SIGNALS, model_id: str = '') -> Calibration:
     """Thresholds at one common quantile of each signal's normal values, chosen so that the share of normal
     transitions with any signal above its threshold is at most ``false_alarm_rate`` (the largest such)."""
-    if not 0.0 < false_alarm_rate < 1.0:
+    if not 0.0 < false_alarm_rate < 1.0:  # NaN fails too
         raise CalibrationError(f'false_alarm_rate must be in (0, 1), got {false_alarm_rate}')
     missing = [s for s in signals if any(s not in n for n in normal)]
     if missing:

@@ -187,18 +187,26 @@ def folder_to_bag(folder: str | Path, out: str | Path, rate_hz: float = 10.0, st
     files = sorted(p for p in frame_dir.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
     if not files:
         raise BagError(f'{frame_dir}: no frames ({", ".join(FRAME_SUFFIXES)})')
-    if (folder / 'actions.npy').is_file():
-        actions = np.load(folder / 'actions.npy')
-    elif (folder / 'actions.csv').is_file():
-        actions = np.loadtxt(folder / 'actions.csv', delimiter=',', ndmin=2)
-    else:
-        raise BagError(f'{folder}: no actions.npy or actions.csv')
+    from worldvla_ros.files import MB, FileRefused, check_regular, read_text
+
+    try:
+        if (folder / 'actions.npy').exists():
+            actions = np.load(check_regular(folder / 'actions.npy', 256 * MB, 'actions'), allow_pickle=False)
+        elif (folder / 'actions.csv').exists():
+            actions = np.loadtxt(check_regular(folder / 'actions.csv', 256 * MB, 'actions'), delimiter=',', ndmin=2)
+        else:
+            raise BagError(f'{folder}: no actions.npy or actions.csv')
+    except (FileRefused, ValueError) as exc:
+        raise BagError(f'{folder}: unusable actions: {exc}') from exc
     if actions.ndim != 2 or actions.shape[1] != 7 or len(actions) != len(files):
         raise BagError(f'{folder}: actions have shape {actions.shape}, expected ({len(files)}, 7)')
     if not instruction:
         if not (folder / 'instruction.txt').is_file():
             raise BagError(f'{folder}: no instruction.txt (or give --instruction)')
-        instruction = (folder / 'instruction.txt').read_text().strip()
+        try:
+            instruction = read_text(folder / 'instruction.txt', MB, 'instruction').strip()
+        except FileRefused as exc:
+            raise BagError(str(exc)) from exc
     frames = []
     for p in files:
         bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)

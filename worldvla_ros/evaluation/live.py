@@ -58,10 +58,12 @@ def _rotates(checkpoint: Path) -> bool:
     """The checkpoint's rotate_180 setting (the release's LIBERO frames are turned), read without torch."""
     import json
 
+    from worldvla_ros.files import MB, read_text
+
     try:
-        cfg = json.loads((checkpoint / 'config.json').read_text())
+        cfg = json.loads(read_text(checkpoint / 'config.json', 64 * MB, 'config.json'))
         return bool(cfg.get('worldvla', {}).get('rotate_180', True))
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return True
 
 

@@ -24,6 +24,8 @@ from safetensors import SafetensorError, safe_open
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
 
+from worldvla_ros.files import MB, FileRefused, check_regular
+
 from .config import BackboneConfig, VQGANConfig, WorldVLAConfig
 from .errors import CheckpointError
 from .vqgan import VQGAN
@@ -40,6 +42,7 @@ class CheckpointFiles:
 
 
 TEXT_TOKENIZER_NAMES = ('text_tokenizer.json', 'tokenizer.json')
+CONFIG_MAX_BYTES = 64 * MB  # a config.json holds the 65536-entry vocabulary map: a few MB
 
 
 def _tokenizer_dir_candidates(root: Path) -> list[Path]:
@@ -57,12 +60,15 @@ def find_checkpoint_files(checkpoint_dir: str | Path, tokenizer_dir: str | Path 
         raise CheckpointError(f'{root}: no config.json (expected a HF save_pretrained directory)')
 
     index = root / 'model.safetensors.index.json'
-    if index.is_file():
+    if index.exists():
         try:
-            weight_map = json.loads(index.read_bytes().decode('utf-8'))['weight_map']
-            weights = tuple(root / name for name in sorted(set(weight_map.values())))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            weight_map = json.loads(_read(index, 64 * MB, 'weight index'))['weight_map']
+            names = sorted(set(weight_map.values()))
+        except (UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f'{index}: not a safetensors index ({type(exc).__name__}: {exc})') from exc
+        if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise CheckpointError(f'{index}: shard names must be file names in the checkpoint directory')
+        weights = tuple(root / name for name in names)
         missing = [w.name for w in weights if not w.is_file()]
         if missing:
             raise CheckpointError(f'{root}: shards named in the index are missing: {missing}')
@@ -87,13 +93,22 @@ def find_checkpoint_files(checkpoint_dir: str | Path, tokenizer_dir: str | Path 
     return CheckpointFiles(root, config, weights, text, tok_dir / 'vqgan.yaml', tok_dir / 'vqgan.ckpt')
 
 
-def read_config(files: CheckpointFiles) -> dict[str, Any]:
+def _read(path: Path, max_bytes: int, what: str) -> str:
+    """A checkpoint file read whole: a regular file of bounded size (else CheckpointError naming it)."""
+    from worldvla_ros.files import FileRefused, read_text
+
     try:
-        cfg = json.loads(files.config.read_bytes().decode('utf-8'))
-    except UnicodeDecodeError as exc:
-        raise CheckpointError(f'{files.config}: not UTF-8 text ({exc})') from exc
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f'{files.config}: invalid JSON ({exc})') from exc
+        return read_text(path, max_bytes, what)
+    except FileRefused as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
+def read_config(files: CheckpointFiles) -> dict[str, Any]:
+    text = _read(files.config, CONFIG_MAX_BYTES, 'config.json')
+    try:
+        cfg = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f'{files.config}: invalid JSON ({type(exc).__name__}: {str(exc)[:200]})') from exc
     if not isinstance(cfg, dict):
         raise CheckpointError(f'{files.config}: a JSON {type(cfg).__name__}, expected an object of settings')
     if cfg.get('model_type') != 'chameleon':
@@ -206,12 +221,17 @@ def load_backbone(
 def load_vqgan(files: CheckpointFiles, device: torch.device) -> VQGAN:
     """The VQGAN in float32: it is small, and fp32 keeps its codes identical on every device."""
     try:
-        vq_cfg = VQGANConfig.from_yaml_dict(yaml.safe_load(files.vqgan_yaml.read_bytes().decode('utf-8')))
+        vq_cfg = VQGANConfig.from_yaml_dict(yaml.safe_load(_read(files.vqgan_yaml, MB, 'vqgan.yaml')))
         vqgan = VQGAN(vq_cfg)
-    except (yaml.YAMLError, UnicodeDecodeError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except CheckpointError:
+        raise
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, KeyError, TypeError, RuntimeError, RecursionError) as exc:
         raise CheckpointError(f'{files.vqgan_yaml}: {type(exc).__name__}: {exc}') from exc
     try:
+        check_regular(files.vqgan_ckpt, 8 * 1024 * MB, 'vqgan.ckpt')
         ckpt = torch.load(files.vqgan_ckpt, map_location='cpu', weights_only=True)
+    except FileRefused as exc:
+        raise CheckpointError(str(exc)) from exc
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f'{files.vqgan_ckpt}: holds Python objects beyond tensors; refusing to unpickle arbitrary code '
@@ -245,5 +265,5 @@ def load_vqgan(files: CheckpointFiles, device: torch.device) -> VQGAN:
 
 
 def model_id_of(files: CheckpointFiles) -> str:
-    digest = hashlib.sha256(files.config.read_bytes()).hexdigest()[:8]
+    digest = hashlib.sha256(_read(files.config, CONFIG_MAX_BYTES, 'config.json').encode()).hexdigest()[:8]
     return f'{files.root.name}@{digest}'

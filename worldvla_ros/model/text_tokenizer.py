@@ -22,6 +22,9 @@ REQUIRED_IDS = {
 class TextTokenizer:
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
+        from worldvla_ros.files import MB, check_regular
+
+        check_regular(path, 256 * MB, 'text tokenizer')  # FileRefused is a ValueError
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON

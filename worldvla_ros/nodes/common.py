@@ -146,6 +146,8 @@ class GuardedNode(Node):
         super().__init__(node_name, **kwargs)
         self._said: dict[str, tuple[float, int]] = {}  # key → (last logged, suppressed since)
         self._said_lock = threading.Lock()
+        # the clock of every stamp and reset check: chosen at start, as ROS nodes usually have it
+        self.add_on_set_parameters_callback(_fixed_clock)
 
     def say(self, level: str, key: str, text: str, every: float = 2.0) -> None:
         """A log line at most once per ``every`` seconds for ``key``, saying how many were held back. Cheaper
@@ -227,6 +229,13 @@ class GuardedNode(Node):
     def close(self) -> bool:
         """Stop background work before the node is destroyed; False if some of it did not stop."""
         return True
+
+
+def _fixed_clock(params: list) -> SetParametersResult:
+    if any(p.name == 'use_sim_time' for p in params):
+        return SetParametersResult(successful=False, reason='use_sim_time is fixed at start-up (it would change the '
+                                                            'clock of every stamp and reset check mid-run)')
+    return SetParametersResult(successful=True)
 
 
 def image_qos(depth: int = 1) -> QoSProfile:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.time import Time
 from sensor_msgs.msg import Image
@@ -95,9 +96,12 @@ class WorldModelNode(GuardedNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('worldvla_world_model', **kwargs)
         p = declare_all(self, PARAMETERS)
-        self.add_on_set_parameters_callback(reject_changes_of({n for n, q in PARAMETERS.items() if q.read_only}, {}))
-        self.policy = load_node_policy(p)
-        self.policy.image_decoding = p['image_decoding']
+        self._guard_params = reject_changes_of({n for n, q in PARAMETERS.items() if q.read_only}, {})
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        if p['surprise_error_after'] < p['surprise_warn_after']:
+            raise StartupError(f'parameter surprise_error_after ({p["surprise_error_after"]}) must be ≥ '
+                               f'surprise_warn_after ({p["surprise_warn_after"]}): ERROR comes after WARN')
+        # the calibration before the model: a bad file fails the start at once, not after the model loaded
         self._calibration: Calibration | None = None
         calibration = p['monitor_calibration'] or ''
         shipped = Path(p['checkpoint']) / CALIBRATION_FILE
@@ -107,7 +111,11 @@ class WorldModelNode(GuardedNode):
             try:
                 self._calibration = Calibration.load(calibration)
             except CalibrationError as exc:
-                raise StartupError(str(exc)) from exc
+                what = 'parameter monitor_calibration' if p['monitor_calibration'] else "the checkpoint's calibration"
+                raise StartupError(f'{what}: {exc}') from exc
+        self.policy = load_node_policy(p)
+        self.policy.image_decoding = p['image_decoding']
+        if self._calibration is not None:
             self.get_logger().info(f'monitor calibrated from {calibration}: false alarms '
                                    f'{self._calibration.false_alarm_rate:g} per transition')
             if not self._calibration.fits(self.policy.model_id):
@@ -157,6 +165,21 @@ class WorldModelNode(GuardedNode):
                                          self._score_transition), name='worldvla-monitor', daemon=True)
         self._monitor.start()
         self.get_logger().info(f'ready: world model {self.policy.model_id} on {self.policy.device}')
+
+    def _on_set_parameters(self, params: list) -> SetParametersResult:
+        result = self._guard_params(params)
+        if not result.successful:
+            return result
+        new = {q.name: q.value for q in params}
+        warn = new.get('surprise_warn_after', self.get_parameter('surprise_warn_after').value)
+        error = new.get('surprise_error_after', self.get_parameter('surprise_error_after').value)
+        if error < warn:
+            return SetParametersResult(successful=False, reason=f'surprise_error_after ({error}) must be ≥ '
+                                                                 f'surprise_warn_after ({warn})')
+        if {'surprise_warn_after', 'surprise_error_after'} & set(new):
+            with self._lock:
+                self._alerts.warn_after, self._alerts.error_after = int(warn), int(error)
+        return result
 
     def _on_reject(self, exc: ImageRejected) -> None:
         self.stats.count(f'rejected_{exc.reason}')

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from worldvla_ros.evaluation.episode import TopicMap
 from worldvla_ros.evaluation.node_config import parse_action_scale
+from worldvla_ros.files import MB, FileRefused, read_text
 from worldvla_ros.model.action_tokenizer import ActionTokenizer
 from worldvla_ros.model.checkpoint import (
     find_checkpoint_files,
@@ -137,9 +138,14 @@ def prepare_out(args: argparse.Namespace, explicit: set[str]) -> argparse.Namesp
     state = out / 'run' / 'state.pt'
     saved = out / 'run' / 'args.json'
     if args.resume:
-        if not saved.is_file():
+        if not saved.exists():
             raise UsageError(f'{out} holds no run to resume (no run/args.json)')
-        stored = json.loads(saved.read_text())
+        try:
+            stored = json.loads(read_text(saved, MB, 'run arguments'))
+        except (FileRefused, ValueError, RecursionError) as exc:
+            raise UsageError(f'{saved}: cannot resume from it: {exc}') from exc
+        if not isinstance(stored, dict):
+            raise UsageError(f'{saved}: not the arguments of a run')
         given = vars(args)
         differ = [k for k in RESUME_KEYS if k in explicit and given.get(k) != stored.get(k)]
         if differ:
