@@ -275,3 +275,30 @@ def test_world_only_bags_train_the_world_model_and_never_the_policy(data, tmp_pa
     assert '--mode joint or world' in capsys.readouterr().err
     assert finetune(_args(data, tmp_path / 'b', '--world-only-data', str(data['train'] / 'ep0'))) == 2
     assert 'both as --world-only-data and as --data' in capsys.readouterr().err
+
+
+def test_resume_reads_the_same_files_from_any_directory_and_refuses_changed_inputs(data, tmp_path: Path,
+                                                                                   monkeypatch, capsys) -> None:
+    """A run started with relative paths stores them absolute, with digests of its checkpoint and bags: a resume
+    from elsewhere continues on the same files, and one whose bags changed is refused (not trained on)."""
+    work = tmp_path / 'work'
+    shutil.copytree(data['train'], work / 'bags')
+    shutil.copytree(data['val'], work / 'held')
+    monkeypatch.chdir(work)
+    common = ['--method', 'full', '--steps', '2', '--save-every', '1', '--eval-every', '2', '--batch-size', '4',
+              '--no-progress', '--val-imagine', '0', '--cache-dir', str(data['cache'])]
+    assert finetune(['--init', str(data['ckpt']), '--data', 'bags', '--val-data', 'held', '--out', 'run_a',
+                     *common]) == 0
+    stored = json.loads((work / 'run_a' / 'run' / 'args.json').read_text())
+    assert stored['data'] == [str(work / 'bags')] and stored['val_data'] == [str(work / 'held')]
+    assert set(stored['inputs']) == {'initial checkpoint', 'data'}
+    elsewhere = tmp_path / 'elsewhere'
+    (elsewhere / 'bags').mkdir(parents=True)  # other data at the same relative path must not be picked up
+    monkeypatch.chdir(elsewhere)
+    assert finetune(['--out', str(work / 'run_a'), '--resume', '--no-progress']) == 0
+    bag = next((work / 'bags').iterdir())
+    victim = next(p for p in bag.rglob('*') if p.is_file() and p.suffix == '.mcap')
+    os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert finetune(['--out', str(work / 'run_a'), '--resume', '--no-progress']) == 2
+    assert 'data changed since it started' in capsys.readouterr().err

@@ -53,6 +53,7 @@ from .finetune_data import (
     action_ranges,
     bag_paths,
     block_length_ok,
+    inputs_digest,
     load_episodes,
     ranges_table,
     tokenizer_key,
@@ -167,6 +168,15 @@ def prepare_out(args: argparse.Namespace, explicit: set[str]) -> argparse.Namesp
         raise UsageError('--world-fraction takes a value in [0, 1], with --mode joint')
     if args.steps < 1 or args.batch_size < 1 or args.accumulation < 1 or args.lora_rank < 1:
         raise UsageError('--steps, --batch-size, --accumulation and --lora-rank must be positive')
+    # stored as absolute paths: a resume from another working directory reads the same files
+    absolute = lambda given: [str(Path(g).expanduser().resolve()) for g in given]  # noqa: E731
+    args.data, args.val_data, args.world_only_data = (absolute(args.data), absolute(args.val_data),
+                                                      absolute(args.world_only_data))
+    args.init = str(Path(args.init).expanduser().resolve())
+    if args.tokenizer_dir:
+        args.tokenizer_dir = str(Path(args.tokenizer_dir).expanduser().resolve())
+    if args.cache_dir:
+        args.cache_dir = str(Path(args.cache_dir).expanduser().resolve())
     return args
 
 
@@ -311,6 +321,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     overlap = {p.resolve() for p in world_bags} & {p.resolve() for p in train_bags + val_bags}
     if overlap:
         raise DataError(f'bags given both as --world-only-data and as --data/--val-data: {sorted(map(str, overlap))}')
+    inputs = inputs_digest(files, train_bags + val_bags + world_bags)
+    if args.resume:
+        stored = getattr(args, 'inputs', None) or {}
+        changed = [k for k in inputs if k in stored and stored[k] != inputs[k]]
+        if changed:
+            raise UsageError(f'--resume: the run\'s {" and ".join(changed)} changed since it started (files, sizes or '
+                             'modification times): it would continue on other inputs; start a new run')
     topics = TopicMap(args.image_topic, args.instruction_topic, args.action_topic, args.gripper_topic,
                       args.instruction, args.time_source, args.gripper_open, args.gripper_closed)
     scale = parse_action_scale(args.action_scale) if args.action_scale else None
@@ -400,7 +417,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _log(rank, f'resumed at step {trainer.step_done} of {args.steps}')
     elif rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / 'args.json').write_text(json.dumps(vars(args), indent=2))
+        (run_dir / 'args.json').write_text(json.dumps({**vars(args), 'inputs': inputs}, indent=2))
     decode = tok.decode_values
     score_key = 'loss_action' if any(s.kind == 'action' for s in val_samples) else 'loss'
 

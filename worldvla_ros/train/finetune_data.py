@@ -60,6 +60,16 @@ def _fingerprint(bag: Path) -> list[tuple[str, int, int]]:
     return [(str(p.relative_to(bag.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
+def inputs_digest(files: object, bags: Sequence[Path]) -> dict[str, str]:
+    """What a run starts from, named by digests: the initial checkpoint (its config, weight and tokenizer files by
+    name, size and modification time) and the data (every bag's files alike). A resume compares them."""
+    ckpt = [files.config, *files.weights, files.text_tokenizer, files.vqgan_yaml, files.vqgan_ckpt]
+    described = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in ckpt]
+    data = [(str(b.resolve()), _fingerprint(b)) for b in bags]
+    digest = lambda x: hashlib.sha256(json.dumps(x).encode()).hexdigest()[:16]  # noqa: E731
+    return {'initial checkpoint': digest(described), 'data': digest(data)}
+
+
 def tokenizer_key(vqgan_ckpt: Path, resolution: int, rotate_180: bool, vocab: dict[str, int]) -> str:
     h = hashlib.sha256()
     with open(vqgan_ckpt, 'rb') as f:
