@@ -356,7 +356,17 @@ def test_bad_bags_give_a_clear_error_and_exit_2(tmp_path: Path, eval_checkpoint:
         bag.write('/instruction', STRING, 0, string_msg('x'))
         depth_bag.write('/instruction', STRING, 0, string_msg('x'))
 
+    long_instruction = write_episode(tmp_path / 'long_instruction', frames, actions, 'put it there ' * 60)
+    rows_deleted = tmp_path / 'rows_deleted'  # the image rows deleted from the sqlite storage, metadata kept
+    shutil.copytree(good['sqlite3'], rows_deleted)
+    import sqlite3
+
+    with sqlite3.connect(next(rows_deleted.glob('*.db3'))) as db:
+        db.execute("DELETE FROM messages WHERE topic_id = (SELECT id FROM topics WHERE name = '/camera/image_raw')")
+
     cases = {
+        long_instruction: 'long_instruction: the model refuses its instruction: instruction has 779 characters',
+        rows_deleted: 'topic /camera/image_raw holds no readable messages (its metadata declares 30)',
         no_actions: 'no ground-truth action topic',
         truncated: 'truncated or corrupt',
         corrupt: 'corrupt',

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -200,6 +201,8 @@ def test_bad_data_and_an_occupied_out_directory_are_clear_errors(data, tmp_path:
         one_bag('extreme', extreme).parent: 'actions beyond ±100 action units at frames [6]',
         one_bag('short', actions[:2], images[:2]).parent: 'needs at least 3',
         three.parent: 'a Float64MultiArray action has 3 values',
+        write_episode(tmp_path / 'bad' / 'wordy' / 'bag', images, actions, 'go ' * 300).parent:
+            'the model refuses its instruction',
         tmp_path / 'nowhere': 'no such bag or directory',
     }
     for bags, says in cases.items():
@@ -302,3 +305,28 @@ def test_resume_reads_the_same_files_from_any_directory_and_refuses_changed_inpu
     capsys.readouterr()
     assert finetune(['--out', str(work / 'run_a'), '--resume', '--no-progress']) == 2
     assert 'data changed since it started' in capsys.readouterr().err
+
+
+def test_a_full_disk_is_said_as_such_and_leaves_no_temporaries(data, tmp_path: Path) -> None:
+    """The run directory on a 2 MB filesystem (a tmpfs in a mount namespace of its own: a real full disk): the
+    first save fails for want of space. One clear line naming the file, exit 3, no traceback, and no *.tmp left,
+    also after a retry with --resume (before: raw tracebacks, exit 1, a .tmp per retry)."""
+    if shutil.which('unshare') is None:
+        pytest.skip('needs unshare (util-linux) for a mount namespace with a small tmpfs')
+    out = tmp_path / 'small'
+    out.mkdir()
+    first = ' '.join(map(shlex.quote, [sys.executable, '-m', 'worldvla_ros.train.finetune',
+                                       *_args(data, out, '--method', 'full', '--steps', '2')]))
+    again = ' '.join(map(shlex.quote, [sys.executable, '-m', 'worldvla_ros.train.finetune', '--out', str(out),
+                                       '--resume', '--no-progress']))
+    script = (f'mount -t tmpfs -o size=2m tmpfs {shlex.quote(str(out))} || exit 99; '
+              f'{first}; echo "rc=$?"; find {shlex.quote(str(out))} -name "*.tmp"; echo ---; '
+              f'{again}; echo "rc=$?"; find {shlex.quote(str(out))} -name "*.tmp"')
+    proc = subprocess.run(['unshare', '-rm', 'sh', '-c', script], capture_output=True, text=True, timeout=300)
+    if proc.returncode == 99:
+        pytest.skip(f'cannot mount a tmpfs here: {proc.stderr.strip()[:200]}')
+    seen = [line for line in proc.stdout.splitlines() if line.startswith(('rc=', '---')) or line.endswith('.tmp')]
+    assert seen == ['rc=3', '---', 'rc=3'], proc.stdout[-2000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if 'worldvla_finetune: error' in line]
+    assert len(errors) == 2 and all('disk full' in e and str(out / 'run') in e for e in errors), proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr

@@ -118,12 +118,25 @@ def _config_paths(given: list[str]) -> list[Path]:
     return [default_config()]
 
 
-def model_resolution(checkpoint: str, tokenizer_dir: str = '') -> int:
-    """The checkpoint's image resolution, from its config.json (the model is not loaded)."""
+def checkpoint_settings(checkpoint: str, tokenizer_dir: str = ''):
+    """The checkpoint's WorldVLA settings (resolution, instruction limit …) from its config.json, the model not
+    loaded."""
     from worldvla_ros.model.checkpoint import find_checkpoint_files, read_config, worldvla_settings
 
     files = find_checkpoint_files(checkpoint, tokenizer_dir or None)
-    return worldvla_settings(read_config(files), files.root).resolution
+    return worldvla_settings(read_config(files), files.root)
+
+
+def check_instructions(episodes: list[Episode], max_chars: int) -> None:
+    """Every bag's instruction as the model would take it, else a BagError naming the bag (before any work)."""
+    from worldvla_ros.model.prompts import check_instruction
+
+    for ep in episodes:
+        try:
+            ep.instruction = check_instruction(ep.instruction, max_chars)
+        except ValueError as exc:
+            raise BagError(f'{ep.name}: the model refuses its instruction: {exc} (give another with --instruction)') \
+                from exc
 
 
 def summarize(args: argparse.Namespace, policy_info: dict[str, Any], episodes: list[Episode],
@@ -197,9 +210,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
                       args.instruction, args.time_source, args.gripper_open, args.gripper_closed)
     period = 1.0 / args.control_rate if args.control_rate and args.control_rate > 0 else None
     # every bag checked before the model loads, each frame kept only as the model's crop: bounded memory
-    resolution = model_resolution(args.checkpoint, args.tokenizer_dir)
-    episodes = [read_episode(b, topics, action_scale=scale, period_s=period, frame_size=resolution)
+    settings = checkpoint_settings(args.checkpoint, args.tokenizer_dir)
+    episodes = [read_episode(b, topics, action_scale=scale, period_s=period, frame_size=settings.resolution)
                 for b in args.bags]
+    check_instructions(episodes, settings.max_instruction_chars)
     control_rate, source = control_rate_of(episodes, args.control_rate,
                                            float(action_params.get('control_rate_hz', 10.0)))
     print(f'evaluate_bag: control period {1e3 / control_rate:.1f} ms ({control_rate:g} Hz), from {source}',

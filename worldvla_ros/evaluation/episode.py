@@ -163,7 +163,8 @@ def read_episode(path: str | Path, topics: TopicMap | None = None, action_scale:
         instruction_topic = ''
         if not instruction:
             instruction_topic = _pick(reader, topics.instruction, (STRING,), 'instruction', '--instruction-topic')
-        if reader.counts.get(image_topic, 0) == 0:
+        declared_frames = reader.counts.get(image_topic, 0)
+        if declared_frames == 0:
             raise BagError(f'{reader.path}: topic {image_topic} holds no messages')
 
         frame_ns, frames, rejected, why = [], [], {}, {}
@@ -196,6 +197,9 @@ def read_episode(path: str | Path, topics: TopicMap | None = None, action_scale:
                 grips.append((1.0 if m.msg.data else -1.0) if m.msgtype.endswith('Bool') else float(m.msg.data))
             elif m.topic == instruction_topic and not instruction:
                 instruction = ' '.join(m.msg.data.split())
+    if not frames and not rejected:  # the metadata counted messages the storage no longer holds
+        raise BagError(f'{path}: topic {image_topic} holds no readable messages (its metadata declares '
+                       f'{declared_frames}): the bag is truncated or its storage was edited')
     if not frames:
         reasons = '; '.join(f'{n} × {why[r]}' for r, n in rejected.items())
         raise BagError(f'{path}: every frame on {image_topic} was rejected: {reasons}')

@@ -14,7 +14,7 @@ the paper's: action-model sequences under the action attention mask and world-mo
 Held-out bags are scored every ``--eval-every`` steps; DIR ends up holding the best of them as a
 checkpoint ``load_policy`` loads (LoRA merged into it; the adapter alone in DIR/adapter), with
 train_log.json, loss_curve.png and a model card (README.md). DIR/run/ holds what resuming needs.
-Exit status: 0 done, 1 checkpoint problem, 2 data or usage problem.
+Exit status: 0 done, 1 checkpoint problem, 2 data or usage problem, 3 the output could not be written (disk full).
 """
 from __future__ import annotations
 
@@ -244,11 +244,37 @@ def imagined_psnr(lm: torch.nn.Module, images: ImageTokenizer, text: TextTokeniz
     return float(np.mean(scores))
 
 
+class DiskFull(OSError):
+    """Writing the run's state or checkpoint failed for want of space (or write permission)."""
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
+    """Whole or not at all: a failed write (a full disk) leaves neither a half file nor its temporary."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f'.{os.getpid()}.tmp')
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError ('unexpected pos')
+        tmp.unlink(missing_ok=True)
+        raise DiskFull(f'cannot write {path}: {_write_failure(exc)}') from exc
+
+
+def _write_failure(exc: BaseException) -> str:
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return 'disk full'
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc)
+    return 'disk full' if ('unexpected pos' in text or 'failed writing' in text) else text.splitlines()[0]
+
+
+def _clean_temporaries(run_dir: Path) -> None:
+    """Temporaries of saves a killed or failed process left behind."""
+    for tmp in run_dir.glob('*.tmp') if run_dir.is_dir() else ():
+        tmp.unlink(missing_ok=True)
 
 
 def trainable_state(module: torch.nn.Module, lm: torch.nn.Module, lora: bool, fsdp: bool) -> dict[str, torch.Tensor]:
@@ -339,7 +365,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def load(bags: list[Path]) -> list[TokenizedEpisode]:
         with torch.no_grad():
             return load_episodes(bags, topics, scale, images.encode, key, cache, cfg.history_frames + 1,
-                                 lambda _: bar.update(1), frame_size=cfg.resolution)
+                                 lambda _: bar.update(1), frame_size=cfg.resolution,
+                                 max_instruction_chars=cfg.max_instruction_chars)
 
     if world > 1 and rank != 0:
         torch.distributed.barrier()  # rank 0 fills the cache first
@@ -405,6 +432,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              accumulation=args.accumulation, warmup_fraction=args.warmup, zero_other_rows=False)
     trainer = Trainer(module, lm, train_samples, emit, settings, rank, world)
     run_dir = out / 'run'
+    if rank == 0:
+        _clean_temporaries(run_dir)
     log: list[dict[str, float]] = []
     evals: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
@@ -416,8 +445,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log, evals, best = state['log'], state['evals'], state['best']
         _log(rank, f'resumed at step {trainer.step_done} of {args.steps}')
     elif rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / 'args.json').write_text(json.dumps({**vars(args), 'inputs': inputs}, indent=2))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / 'args.json').write_text(json.dumps({**vars(args), 'inputs': inputs}, indent=2))
+        except OSError as exc:
+            raise DiskFull(f'cannot write {run_dir / "args.json"}: {_write_failure(exc)}') from exc
     decode = tok.decode_values
     score_key = 'loss_action' if any(s.kind == 'action' for s in val_samples) else 'loss'
 
@@ -475,24 +507,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         'settings': cfg.to_dict(),
     }
     if rank == 0:
-        if lora:
-            peft_model.save_pretrained(str(out / 'adapter'))
-            plain = peft_model.merge_and_unload()
-        elif final is not None:  # FSDP: the gathered weights into a plain model on this process
-            plain = load_backbone(files, source_cfg, vocab, torch.device('cpu'), torch.float32)
-            plain.load_state_dict(final)
-        else:
-            plain = lm
-        write_finetuned(out, plain, files, source_cfg, cfg, torch.bfloat16 if weights_dtype == torch.bfloat16
-                        else torch.float32)
-        (out / 'train_log.json').write_text(json.dumps({**summary, 'log': log}, indent=2))
-        loss_plot(out / 'loss_curve.png', log, evals)
-        (out / 'README.md').write_text(model_card(summary))
-        _save_final_state(run_dir, trainer, log, evals, best)
+        try:
+            _export(out, lora, peft_model, final, files, source_cfg, vocab, lm, cfg, weights_dtype, summary, log,
+                    evals, run_dir, trainer, best)
+        except (OSError, RuntimeError) as exc:
+            raise DiskFull(f'cannot write the fine-tuned checkpoint to {out}: {_write_failure(exc)}') from exc
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
+
+
+def _export(out: Path, lora: bool, peft_model: Any, final: Any, files: Any,
+            source_cfg: dict[str, Any], vocab: dict[str, int], lm: torch.nn.Module, cfg: Any,
+            weights_dtype: torch.dtype, summary: dict[str, Any], log: list, evals: list, run_dir: Path,
+            trainer: Trainer, best: dict) -> None:
+    if lora:
+        peft_model.save_pretrained(str(out / 'adapter'))
+        plain = peft_model.merge_and_unload()
+    elif final is not None:  # FSDP: the gathered weights into a plain model on this process
+        plain = load_backbone(files, source_cfg, vocab, torch.device('cpu'), torch.float32)
+        plain.load_state_dict(final)
+    else:
+        plain = lm
+    write_finetuned(out, plain, files, source_cfg, cfg, torch.bfloat16 if weights_dtype == torch.bfloat16
+                    else torch.float32)
+    (out / 'train_log.json').write_text(json.dumps({**summary, 'log': log}, indent=2))
+    loss_plot(out / 'loss_curve.png', log, evals)
+    (out / 'README.md').write_text(model_card(summary))
+    _save_final_state(run_dir, trainer, log, evals, best)
 
 
 def _save_final_state(run_dir: Path, trainer: Trainer, log: list, evals: list, best: dict) -> None:
@@ -572,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f'worldvla_finetune: error: cannot load checkpoint: {exc}', file=sys.stderr)
         return 1
+    except DiskFull as exc:
+        print(f'worldvla_finetune: error: {exc} (free space, then --resume continues from the last saved state)',
+              file=sys.stderr)
+        return 3
     return 0
 
 

@@ -21,6 +21,7 @@ from worldvla_ros.evaluation.bag_io import BagError
 from worldvla_ros.evaluation.episode import TopicMap, read_episode
 from worldvla_ros.model import tokens as T
 from worldvla_ros.model.action_tokenizer import MAX_ACTION_UNITS
+from worldvla_ros.model.prompts import check_instruction
 
 
 class DataError(ValueError):
@@ -108,7 +109,7 @@ def check_actions(name: str, actions: np.ndarray, source: str = '',
 def load_episodes(bags: Sequence[Path], topics: TopicMap, action_scale: Sequence[float] | None,
                   encode: Callable[[list[np.ndarray]], list[list[int]]], tok_key: str, cache_dir: Path | None,
                   min_frames: int, progress: Callable[[str], None] | None = None,
-                  frame_size: int | None = None) -> list[TokenizedEpisode]:
+                  frame_size: int | None = None, max_instruction_chars: int = 0) -> list[TokenizedEpisode]:
     """Every bag read, checked and encoded (or taken from the cache); ``frame_size``: frames are kept only as
     the model's crop at that resolution while a bag is read (``read_episode``)."""
     episodes = []
@@ -139,6 +140,12 @@ def load_episodes(bags: Sequence[Path], topics: TopicMap, action_scale: Sequence
                 np.savez(tmp, name=ep.name, instruction=ep.instruction, blocks=ep.blocks, actions=ep.actions,
                          trimmed=ep.trimmed)
                 tmp.replace(cached)  # whole or not at all: a killed run leaves no half entry
+        if max_instruction_chars:  # cached or not: the limit is the checkpoint's, not the cache's
+            try:
+                ep.instruction = check_instruction(ep.instruction, max_instruction_chars)
+            except ValueError as exc:
+                raise DataError(f'{bag.name}: the model refuses its instruction: {exc} (give another with '
+                                '--instruction)') from exc
         if progress:
             progress(bag.name)
         episodes.append(ep)
