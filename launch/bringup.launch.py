@@ -10,16 +10,21 @@ decided by ``worldvla_ros.launch_plan``, the plan ``worldvla_bringup`` follows t
   starts nothing and says why;
 - every node is required: when one exits the launch shuts the others down, so a failed start or
   a crash never leaves half a graph commanding the robot (closing rviz ends the launch as well);
+  a node that fails (non-zero exit), a failed configure or a refused start ends ``ros2 launch`` with a
+  non-zero exit and one line saying why; Ctrl-C ends it with 0;
 - the action node is a managed (lifecycle) node: this launch configures it (loads and warms up the
   model) and, once inactive, activates it through launch_ros lifecycle events; a configure that
-  fails ends the launch. ``autostart:=false`` leaves it unconfigured for your lifecycle manager.
+  fails ends the launch. ``autostart:=false`` leaves it unconfigured for your lifecycle manager;
+- included under ``PushRosNamespace``, the pushed namespace comes first (``/site/robot1/…``).
 
 ``ros2 launch worldvla bringup.launch.py --show-args`` lists the arguments.
 """
 import os
+import shutil
 
 from ament_index_python.packages import get_package_share_directory
 from launch.actions import DeclareLaunchArgument, EmitEvent, LogInfo, OpaqueFunction, RegisterEventHandler, Shutdown
+from launch.event_handlers import OnShutdown
 from launch.events import matches_action
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode, Node
@@ -54,6 +59,35 @@ def _flag(text: str) -> bool:
     return text.strip().lower() in ('true', '1', 'yes', 'on')
 
 
+class LaunchRefused(RuntimeError):
+    """Ends ``ros2 launch`` with exit 1 and this message: launch reports an exception raised by an action as
+    '[ERROR] [launch]: Caught exception in launch …: <message>' and shuts everything down (its only way to
+    end a launch as failed; a Shutdown action ends it with 0)."""
+
+
+def required(name: str, stopping: dict) -> OpaqueFunction:
+    """on_exit of a required node: the others are stopped with one Shutdown (launch_ros raises on a second one
+    once a lifecycle node is part of the launch), and a node that failed fails the launch."""
+    def ended(context):
+        if stopping['now'] or context.is_shutdown:
+            return None  # already stopping (Ctrl-C, another node): nothing more to say
+        stopping['now'] = True
+        code = getattr(getattr(context.locals, 'event', None), 'returncode', 0)
+        if code:
+            raise LaunchRefused(f'{name} exited with code {code} (its log above says why)')
+        return [Shutdown(reason=f'{name} exited')]
+
+    return OpaqueFunction(function=ended)
+
+
+def refuse(message: str, stopping: dict) -> OpaqueFunction:
+    def fail(_context):
+        stopping['now'] = True
+        raise LaunchRefused(message)
+
+    return OpaqueFunction(function=fail)
+
+
 def _setup(context):
     from pathlib import Path
 
@@ -70,8 +104,8 @@ def _setup(context):
     use_rviz = _flag(arg['use_rviz'])
     missing = missing_packages(['rviz2'] if use_rviz else [])
     if missing:
-        reason = f'{", ".join(missing)} is not installed (apt install ros-$ROS_DISTRO-rviz2, or use_rviz:=false)'
-        return [LogInfo(msg=f'[worldvla] nothing started: {reason}'), Shutdown(reason=reason)]
+        raise LaunchRefused(f'[worldvla] nothing started: {", ".join(missing)} is not installed '
+                            '(apt install ros-$ROS_DISTRO-rviz2, or use_rviz:=false)')
     pushed = context.launch_configurations.get('ros_namespace', '')  # from a launch file including this one
     options = BringupOptions(
         checkpoint=arg['checkpoint'], configs=(Path(arg['config']),), device=arg['device'],
@@ -82,25 +116,29 @@ def _setup(context):
         enabled=_flag(arg['enabled']) if arg['enabled'].strip() else None, autostart=_flag(arg['autostart']))
     directory = parameter_directory()
     specs = plan(options)
-    namespace = normalize_namespace(arg['namespace']) or None  # launch_ros adds the pushed one itself
-    actions = []
+    # relative: launch_ros puts a pushed namespace (PushRosNamespace) in front of it; an absolute one it keeps as is
+    namespace = normalize_namespace(arg['namespace']).lstrip('/') or None
+    stopping = {'now': False}
+    actions = [RegisterEventHandler(OnShutdown(on_shutdown=lambda *_: shutil.rmtree(directory, ignore_errors=True)))]
     for spec in specs:
         kind = LifecycleNode if spec.lifecycle else Node
         node = kind(package='worldvla', executable=spec.executable, name=spec.name, namespace=namespace or '',
                     output='screen', parameters=[str(spec.write_parameters(directory))],
-                    remappings=list(spec.remaps.items()), on_exit=Shutdown(reason=f'{spec.name} exited'))
+                    remappings=list(spec.remaps.items()), on_exit=required(spec.name, stopping))
         actions.append(node)
         if spec.lifecycle and options.autostart:
-            actions += _bring_to_active(node, spec.name)
+            actions += _bring_to_active(node, spec.name, stopping)
     if use_rviz:
-        rviz = rviz_config(Path(SHARE, 'config', 'worldvla.rviz'), options.namespace, specs[0].remaps, directory)
+        frame = specs[0].parameters.get('command_frame_id', 'ee_delta')
+        rviz = rviz_config(Path(SHARE, 'config', 'worldvla.rviz'), options.namespace, specs[0].remaps, directory,
+                           fixed_frame=frame)
         actions.append(Node(package='rviz2', executable='rviz2', name='rviz2', namespace=namespace,
-                            arguments=['-d', str(rviz)], on_exit=Shutdown(reason='rviz2 exited')))
+                            arguments=['-d', str(rviz)], on_exit=required('rviz2', stopping)))
     return actions
 
 
-def _bring_to_active(node: LifecycleNode, name: str) -> list:
-    """Configure now; activate once inactive; a configure that fails (or errors) ends the launch."""
+def _bring_to_active(node: LifecycleNode, name: str, stopping: dict) -> list:
+    """Configure now; activate once inactive; a configure that fails (or errors) fails the launch."""
     def change(transition: int) -> EmitEvent:
         return EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(node), transition_id=transition))
 
@@ -108,12 +146,12 @@ def _bring_to_active(node: LifecycleNode, name: str) -> list:
         return RegisterEventHandler(OnStateTransition(target_lifecycle_node=node, start_state=start, goal_state=goal,
                                                       entities=entities))
 
-    failed = f'{name} could not be configured (its log says why)'
     return [
         on('configuring', 'inactive', [LogInfo(msg=f'[worldvla] {name} configured: activating'),
                                        change(Transition.TRANSITION_ACTIVATE)]),
-        on('configuring', 'unconfigured', [LogInfo(msg=f'[worldvla] {failed}'), Shutdown(reason=failed)]),
-        on('errorprocessing', None, [Shutdown(reason=f'{name} raised in a transition')]),
+        on('configuring', 'unconfigured', [refuse(f'[worldvla] {name} could not be configured (its log above says '
+                                                  'why)', stopping)]),
+        on('errorprocessing', None, [refuse(f'[worldvla] {name} raised in a lifecycle transition', stopping)]),
         change(Transition.TRANSITION_CONFIGURE),
     ]
 

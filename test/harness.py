@@ -87,6 +87,7 @@ class Harness:
         self._last_frame = self.camera.step(np.zeros(7))
         msg = fill_image_msg(Image(), self._last_frame)
         msg.header.stamp = Time(nanoseconds=self.now_ns() + int(stamp_offset * 1e9)).to_msg()
+        msg.header.frame_id = 'camera_optical'
         return msg
 
     def send_frame(self, stamp_offset: float = 0.0) -> int:

@@ -25,11 +25,13 @@ def test_namespaced_bringup_keeps_the_yaml_and_dies_with_its_launcher(tiny_check
                                                                        tmp_path: Path) -> None:
     user = tmp_path / 'robot.yaml'
     user.write_text('worldvla_action:\n  ros__parameters:\n    control_rate_hz: 5.0\n    max_obs_age: 2.0\n')
+    scratch = tmp_path / 'tmp'  # where the generated parameter files go (TMPDIR)
+    scratch.mkdir()
     bringup = subprocess.Popen(
         [sys.executable, '-m', 'worldvla_ros.bringup', '--checkpoint', str(tiny_checkpoint), '--device', 'cpu',
          '--namespace', NS, '--config', str(Path(__file__).parent.parent / 'config' / 'worldvla.yaml'),
          '--config', str(user), '--sim', '--no-world-model'],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, 'TMPDIR': str(scratch)})
     h = Harness(context=isolated_graph.context, namespace=NS)  # listens in /robot1; the sim is the camera
     action = f'/{NS}/worldvla_action'
     try:
@@ -74,12 +76,15 @@ def test_a_configure_that_fails_stops_every_node(tiny_checkpoint: Path, isolated
     shutil.copytree(tiny_checkpoint, broken)
     (broken / 'config.json').write_text('[1, 2, 3]')
     namespace = f'broken{os.getpid()}'  # its own: the Jazzy session runs this test at the same time
+    scratch = tmp_path / 'tmp'
+    scratch.mkdir()
     run = subprocess.run([sys.executable, '-m', 'worldvla_ros.bringup', '--checkpoint', str(broken), '--device',
                           'cpu', '--namespace', namespace, '--sim', '--no-world-model'], capture_output=True,
-                         text=True, timeout=100)
+                         text=True, timeout=100, env={**os.environ, 'TMPDIR': str(scratch)})
     assert run.returncode == 1, run.stderr[-2000:]
     assert f'/{namespace}/worldvla_action did not become active: configure failed' in run.stderr
     assert 'configure failed: ' in run.stderr and 'expected an object' in run.stderr  # the node's own reason
     assert 'Traceback' not in run.stderr
     leftovers = [p for p in psutil.process_iter(['cmdline']) if f'__ns:=/{namespace}' in (p.info['cmdline'] or [])]
     assert not leftovers, [p.info['cmdline'] for p in leftovers]
+    assert not list(scratch.iterdir()), 'generated parameter files left behind'  # every launch left them

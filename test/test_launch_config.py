@@ -71,6 +71,8 @@ def _load_launch(monkeypatch: pytest.MonkeyPatch, path: Path) -> Any:
     for kind in ('DeclareLaunchArgument', 'EmitEvent', 'LogInfo', 'OpaqueFunction', 'RegisterEventHandler',
                  'Shutdown'):
         setattr(actions, kind, _recorder(kind))
+    event_handlers = types.ModuleType('launch.event_handlers')
+    event_handlers.OnShutdown = _recorder('OnShutdown')
     events = types.ModuleType('launch.events')
     events.matches_action = lambda action: ('matches_action', action)
     substitutions = types.ModuleType('launch.substitutions')
@@ -84,6 +86,7 @@ def _load_launch(monkeypatch: pytest.MonkeyPatch, path: Path) -> Any:
     lifecycle_events = types.ModuleType('launch_ros.events.lifecycle')
     lifecycle_events.ChangeState = _recorder('ChangeState')
     for name, module in (('launch', launch), ('launch.actions', actions), ('launch.events', events),
+                         ('launch.event_handlers', event_handlers),
                          ('launch.substitutions', substitutions), ('launch_ros', launch_ros),
                          ('launch_ros.actions', ros_actions), ('launch_ros.event_handlers', handlers),
                          ('launch_ros.events', types.ModuleType('launch_ros.events')),
@@ -110,7 +113,7 @@ def test_fleet_launch_gives_each_robot_its_parameters(monkeypatch: pytest.Monkey
     module = _load_launch(monkeypatch, REPO / 'launch' / 'fleet.launch.py')
     (node,) = _nodes(module, robots='arm1, arm2,arm3', config=str(config), checkpoint='/models/x', enabled='true')
     assert node.kwargs['executable'] == 'fleet_node' and 'name' not in node.kwargs and 'namespace' not in node.kwargs
-    assert node.kwargs['on_exit'].record.kind == 'Shutdown'
+    _check_required(node)
     (path,) = node.kwargs['parameters']
     data = yaml.safe_load(Path(path).read_text())
     assert data['worldvla_fleet']['ros__parameters']['robots'] == ['/arm1', '/arm2', '/arm3']
@@ -118,6 +121,49 @@ def test_fleet_launch_gives_each_robot_its_parameters(monkeypatch: pytest.Monkey
         values = data[f'/{robot}/worldvla_action']['ros__parameters']
         assert values['control_rate_hz'] == 15.0 and values['checkpoint'] == '/models/x' and values['enabled']
         assert ('max_step' in values) == (robot == 'arm2')
+        assert 'success_topic' not in values  # no sim asked for
+    # names ROS does not take (a traceback and exit 0 before): refused with a non-zero exit and the reason
+    for robots in ('a,1b', 'arm1,arm1', 'a-b', ' , '):
+        with pytest.raises(module.LaunchRefused, match='distinct ROS names'):
+            _run_launch(module, robots=robots)
+
+
+def test_fleet_launch_with_sims_gives_each_robot_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """use_sim:=true: a tabletop sim per robot, in its namespace, and each robot's goals end on its own success."""
+    module = _load_launch(monkeypatch, REPO / 'launch' / 'fleet.launch.py')
+    fleet, *sims = _nodes(module, robots='arm1,arm2', use_sim='true')
+    assert [(n.kwargs['executable'], n.kwargs['namespace'], n.kwargs['name']) for n in sims] == [
+        ('sim_node', 'arm1', 'worldvla_sim'), ('sim_node', 'arm2', 'worldvla_sim')]
+    assert all(n.kwargs['on_exit'].record.kind == 'OpaqueFunction' for n in sims)
+    _check_required(fleet)  # one flag for all: after it, the sims' ending says nothing more
+    data = yaml.safe_load(Path(fleet.kwargs['parameters'][0]).read_text())
+    for robot in ('arm1', 'arm2'):
+        action = data[f'/{robot}/worldvla_action']['ros__parameters']
+        assert action['success_topic'] == 'sim/success' and action['enabled'] is True
+        assert data[f'/{robot}/worldvla_sim']['ros__parameters']['wait_for_active'] == 'worldvla_action'
+
+
+def _check_required(node: Recorded) -> None:
+    """on_exit: the others stop with one Shutdown; already stopping, nothing more; a failure fails the launch."""
+    handler = node.kwargs['on_exit'].record
+    assert handler.kind == 'OpaqueFunction'
+    ended = handler.kwargs['function']
+
+    def context(code: int, shutting: bool = False) -> Any:
+        return types.SimpleNamespace(is_shutdown=shutting, locals=types.SimpleNamespace(
+            event=types.SimpleNamespace(returncode=code)))
+
+    assert ended(context(0, shutting=True)) is None  # Ctrl-C: launch_ros raised on a second Shutdown
+    (stop,) = ended(context(0))
+    assert stop.record.kind == 'Shutdown'
+    assert ended(context(0)) is None  # a second node ending once the launch stops: no second Shutdown
+
+
+def test_a_failing_node_fails_the_launch(launch_file: Any) -> None:
+    node = _nodes(launch_file)[1]
+    with pytest.raises(launch_file.LaunchRefused, match='worldvla_world_model exited with code 1'):
+        node.kwargs['on_exit'].record.kwargs['function'](types.SimpleNamespace(
+            is_shutdown=False, locals=types.SimpleNamespace(event=types.SimpleNamespace(returncode=1))))
 
 
 def _run_launch(module: Any, **arguments: str) -> list[Recorded]:
@@ -163,7 +209,7 @@ def test_default_launch_starts_the_two_model_nodes_every_one_required(launch_fil
         ('LifecycleNode', 'action_node', 'worldvla_action'), ('Node', 'world_model_node', 'worldvla_world_model')]
     for n in nodes:
         assert n.kwargs['package'] == 'worldvla' and n.kwargs['namespace'] == ''
-        assert n.kwargs['on_exit'].record.kind == 'Shutdown'  # one exits: the launch ends, never half a graph
+    _check_required(nodes[0])  # one exits: the launch ends, never half a graph
     action = _params(nodes[0])
     assert action['checkpoint'].endswith('models/tabletop') and action['enabled'] is False
     assert action['control_rate_hz'] == 10.0
@@ -173,8 +219,9 @@ def test_namespace_keeps_every_yaml_parameter(launch_file: Any, tmp_path: Path) 
     user = tmp_path / 'robot.yaml'
     user.write_text('worldvla_action:\n  ros__parameters:\n    control_rate_hz: 5.0\n'
                     '/robot2/worldvla_action:\n  ros__parameters:\n    watchdog_timeout: 9.0\n')
-    nodes = _nodes(launch_file, namespace='robot1', config=str(user), use_sim='true')
-    assert [n.kwargs['namespace'] for n in nodes] == ['/robot1'] * 3
+    nodes = _nodes(launch_file, namespace='/robot1', config=str(user), use_sim='true')
+    # relative, so that launch_ros puts a namespace pushed by an including launch file in front (/site/robot1)
+    assert [n.kwargs['namespace'] for n in nodes] == ['robot1'] * 3
     action = _params(nodes[0])
     assert action['control_rate_hz'] == 5.0  # the user's file, keyed by the bare name
     assert action['enabled'] is True and action['replan_threshold'] == 1  # the sim's overlay
@@ -194,9 +241,8 @@ def test_rviz_missing_starts_nothing(launch_file: Any) -> None:
     from worldvla_ros.launch_plan import missing_packages
 
     assert missing_packages(['rviz2']) == ['rviz2']  # true on this machine
-    actions = _run_launch(launch_file, use_rviz='true', use_sim='true')
-    assert [a.kind for a in actions] == ['LogInfo', 'Shutdown']
-    assert 'rviz2 is not installed' in actions[0].kwargs['msg']
+    with pytest.raises(launch_file.LaunchRefused, match='rviz2 is not installed'):  # ros2 launch exits 1
+        _run_launch(launch_file, use_rviz='true', use_sim='true')
 
 
 def test_enabled_argument_overrides_the_files(launch_file: Any) -> None:
@@ -212,6 +258,8 @@ def test_the_launch_brings_the_managed_action_node_to_active_through_lifecycle_e
 
     actions = _run_launch(launch_file)
     node, world = (a for a in actions if a.kind in ('Node', 'LifecycleNode'))
+    cleanup, *actions = actions
+    assert cleanup.kind == 'RegisterEventHandler' and cleanup.args[0].record.kind == 'OnShutdown'
     assert actions[0] is node
     assert node.kind == 'LifecycleNode' and _params(node)['autostart'] is False
     assert 'autostart' not in _params(world)  # the world-model node is not managed
@@ -232,15 +280,30 @@ def test_the_launch_brings_the_managed_action_node_to_active_through_lifecycle_e
     assert set(handlers) == {('configuring', 'inactive'), ('configuring', 'unconfigured'), ('errorprocessing', None)}
     assert [change(e) for e in handlers['configuring', 'inactive'] if e.kind == 'EmitEvent'] == [
         Transition.TRANSITION_ACTIVATE]
-    assert handlers['configuring', 'unconfigured'][-1].kind == 'Shutdown'
-    assert handlers['errorprocessing', None][-1].kind == 'Shutdown'
+    for failed in (handlers['configuring', 'unconfigured'][-1], handlers['errorprocessing', None][-1]):
+        assert failed.kind == 'OpaqueFunction'  # the launch fails (exit 1) with the reason
+        with pytest.raises(launch_file.LaunchRefused, match='worldvla_action'):
+            failed.kwargs['function'](types.SimpleNamespace())
     emitted = [a for a in actions if a.kind == 'EmitEvent']
     assert [change(e) for e in emitted] == [Transition.TRANSITION_CONFIGURE]
     assert actions.index(emitted[0]) > max(i for i, a in enumerate(actions) if a.kind == 'RegisterEventHandler')
 
     # autostart:=false: unconfigured, for the user's lifecycle manager; nothing emitted, nothing registered
-    manual = _run_launch(launch_file, autostart='false')
+    manual = _run_launch(launch_file, autostart='false')[1:]
     assert [a.kind for a in manual] == ['LifecycleNode', 'Node'] and _params(manual[0])['autostart'] is False
+
+
+def test_the_parameter_files_go_with_the_launch(launch_file: Any) -> None:
+    """The generated files are removed when the launch shuts down (every launch left /tmp/worldvla-params-*)."""
+    actions = _run_launch(launch_file)
+    (path,) = _nodes_of(actions)[0].kwargs['parameters']
+    assert Path(path).is_file()
+    actions[0].args[0].record.kwargs['on_shutdown'](None, None)
+    assert not Path(path).parent.exists()
+
+
+def _nodes_of(actions: list[Recorded]) -> list[Recorded]:
+    return [a for a in actions if a.kind in ('Node', 'LifecycleNode')]
 
 
 # -- the plan's parameter-file semantics ---------------------------------------------------------------
@@ -279,6 +342,9 @@ def test_rviz_topics_follow_namespace_and_camera_remap(tmp_path: Path) -> None:
                       '/robot1/worldvla/surprise_map'}
     assert resolve_topic('camera/image_raw', '', {}) == '/camera/image_raw'
     assert resolve_topic('camera/image_raw', '/r', {'camera/image_raw': '/abs/cam'}) == '/abs/cam'
+    # the fixed frame follows command_frame_id (the planned path is drawn in it), not a hard-coded ee_delta
+    path = rviz_config(REPO / 'config' / 'worldvla.rviz', '', {}, tmp_path, fixed_frame='tool0')
+    assert yaml.safe_load(path.read_text())['Visualization Manager']['Global Options']['Fixed Frame'] == 'tool0'
 
 
 # -- executables, YAML, package.xml ------------------------------------------------------------------

@@ -72,3 +72,44 @@ def test_shutdown_from_inactive_ends_the_process_without_a_command(shut_graph) -
         after = [m for t, m in h.commands if t > deactivated + 0.3]
     assert not after, 'commands after deactivate and shutdown'
     assert 'finalized' in node.log()
+
+
+def test_the_sim_starts_its_episodes_when_the_action_node_is_active(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """With wait_for_active the sim publishes nothing and times nothing out while the model loads (the first
+    episode used to time out and count as a failure); once the action node is active the episodes start."""
+    import rclpy
+    from harness import NodeProcess
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import String
+
+    from worldvla_ros.nodes.common import reliable_qos
+
+    sim = NodeProcess('sim_node', tmp_path, {'wait_for_active': 'worldvla_action', 'episode_timeout': '1.0'})
+    action = None
+    rclpy.init()
+    h = Harness()
+    frames: list[float] = []
+    results: list[str] = []
+    h.node.create_subscription(Image, 'camera/image_raw', lambda _m: h._add(frames, time.monotonic()),
+                               qos_profile_sensor_data)
+    h.node.create_subscription(String, 'sim/episode_result', lambda m: h._add(results, m.data), reliable_qos(10))
+    try:
+        time.sleep(6.0)  # far beyond episode_timeout: nothing may have started
+        assert not frames and not results, sim.log()[-1500:]
+        assert 'waiting for worldvla_action to be active' in sim.log()
+        action = NodeProcess('action_node', tmp_path, {'checkpoint': str(tiny_checkpoint), 'device': 'cpu',
+                                                       'autostart': 'false'})
+        life = Lifecycle(h)
+        assert life.transition(Transition.TRANSITION_CONFIGURE)
+        time.sleep(1.5)
+        assert not frames, 'the sim started before the action node was active'
+        assert life.transition(Transition.TRANSITION_ACTIVATE)
+        assert wait_until(lambda: len(frames) > 5, 20), sim.log()[-1500:]
+        assert 'episode 0' in sim.log()
+    finally:
+        h.close()
+        rclpy.shutdown()
+        sim.stop()
+        if action is not None:
+            action.stop()

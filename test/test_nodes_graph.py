@@ -76,6 +76,7 @@ def test_imagined_frames_and_surprise(graph) -> None:
     with h.lock:
         img, chunks, score = h.imagined[-1], list(h.chunks), h.surprise[-1]
     assert (img.width, img.height, img.encoding) == (256, 256, 'rgb8') and len(img.data) == 256 * 256 * 3
+    assert img.header.frame_id == 'camera_optical' and {c.header.frame_id for c in chunks} == {'ee_delta'}
     chunk_stamps = {Time.from_msg(c.header.stamp).nanoseconds for c in chunks}
     t = Time.from_msg(img.header.stamp).nanoseconds
     assert any(t - s in (round(1e9 / RATE), round(2e9 / RATE)) for s in chunk_stamps)  # at its predicted time

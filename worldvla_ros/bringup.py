@@ -84,6 +84,8 @@ def start_nodes(checkpoint: str, config: Path | Sequence[Path], device: str = 'a
     directory = parameter_directory()
     specs = plan(options)
     procs = [subprocess.Popen(node_command(spec, directory), env=env) for spec in specs]
+    for proc in procs:
+        proc.worldvla_parameter_directory = directory  # removed by stop_nodes
     try:
         for spec in specs if autostart else []:
             running = {s.fqn: proc for s, proc in zip(specs, procs, strict=True)}
@@ -178,6 +180,10 @@ def stop_nodes(procs: list[subprocess.Popen], timeout: float = 10.0) -> list[int
         except subprocess.TimeoutExpired:
             p.kill()
             codes.append(p.wait())
+    import shutil
+
+    for directory in {getattr(p, 'worldvla_parameter_directory', None) for p in procs} - {None}:
+        shutil.rmtree(directory, ignore_errors=True)  # the generated parameter files go with the nodes
     return codes
 
 

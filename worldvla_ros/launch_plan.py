@@ -175,10 +175,14 @@ def resolve_topic(topic: str, namespace: str, remaps: dict[str, str]) -> str:
     return topic if topic.startswith('/') else f'{normalize_namespace(namespace)}/{topic}'
 
 
-def rviz_config(template: Path, namespace: str, remaps: dict[str, str], directory: Path) -> Path:
+def rviz_config(template: Path, namespace: str, remaps: dict[str, str], directory: Path,
+                fixed_frame: str = '') -> Path:
     """config/worldvla.rviz with every display's topic resolved for this namespace and these remaps
-    (rviz shows absolute names; the template's relative ones would only fit the root namespace)."""
+    (rviz shows absolute names; the template's relative ones would only fit the root namespace), and its
+    fixed frame the action node's ``command_frame_id`` (the planned path is drawn in it)."""
     data = yaml.safe_load(Path(template).read_text())
+    if fixed_frame:
+        data['Visualization Manager'].setdefault('Global Options', {})['Fixed Frame'] = fixed_frame
     for display in data['Visualization Manager']['Displays']:
         topic = display.get('Topic')
         if isinstance(topic, dict) and topic.get('Value'):

@@ -295,7 +295,8 @@ class ActionNode(GuardedLifecycleNode):
                 raise StartupError(self._configure_error or 'configure failed')
             self.trigger_activate()
         else:
-            self.get_logger().info('unconfigured (autostart:=false): waiting for lifecycle transitions')
+            self.get_logger().info('unconfigured: waiting for the lifecycle transitions configure and activate '
+                                   '(from the launch file, or your lifecycle manager)')
 
     # -- lifecycle ----------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:

@@ -473,17 +473,15 @@ def spin_node(factory: Callable[[], GuardedNode | list[GuardedNode]], args: list
     except Exception as exc:  # a defect: one clear line, and the robot is still held below
         logger.fatal(f'{type(exc).__name__}: {exc}')
         code = 1
-    clean = True
     for node in nodes:
         try:
-            clean = node.close() and clean
+            if not node.close():
+                logger.warning(f'{node.get_name()}: a worker did not stop in time: leaving without it')
         except Exception as exc:
             logger.error(f'closing failed: {type(exc).__name__}: {exc}')
-            clean = False
     if executor is not None and nodes:
         if not shutdown_executor(executor, timeout_sec=2.0):  # a callback stuck (in a driver, say)
             logger.error('a callback did not end within 2 s of the shutdown: leaving without it')
-            clean = False
     for node in nodes:
         node.destroy_node()
     if rclpy.ok():  # Jazzy's try_shutdown cannot keep the handlers; shutdown can, on every distro
@@ -491,15 +489,24 @@ def spin_node(factory: Callable[[], GuardedNode | list[GuardedNode]], args: list
             rclpy.shutdown(uninstall_handlers=False)  # rclpy would put the default handlers back
         except RuntimeError:  # shut down by someone else meanwhile
             pass
-    # Python's own finalization restores SIG_DFL for signals that have a Python handler: a late SIGTERM
-    # would then kill the process mid-exit (exit code -15). Ignored signals stay ignored.
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # The last hold is out and rclpy is shut down (its logging flushed): leave now. The interpreter's own
+    # teardown of torch and a model took 6–12 s on a busy machine, past launch's 5 s SIGINT window (then
+    # SIGTERM, then SIGKILL); a worker still inside the model (not clean) must not be waited for either.
+    leave(code)
+    return code  # not reached
+
+
+def leave(code: int) -> None:
+    """Exit at once with ``code``: Python's and C's output buffers flushed, no interpreter teardown."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # nothing interrupts the last flush
         signal.signal(sig, signal.SIG_IGN)
-    if not clean:  # a worker is still inside the model: leave without waiting for it (no C++ abort)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if sys.platform.startswith('linux'):
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)  # rcutils writes its log lines with C stdio
+    os._exit(code)
 
 
 class GuardedLifecycleNode(GuardedNode, LifecycleNode):

@@ -12,6 +12,7 @@ processes, on more machines, over the ROS 2 middleware.
 """
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
@@ -72,8 +73,10 @@ class FleetNode(GuardedNode):
         p = declare_all(self, PARAMETERS)
         self.add_on_set_parameters_callback(reject_changes_of(set(PARAMETERS), {}))
         robots = [normalize_namespace(r) for r in p['robots']]
-        if not robots or any(not r for r in robots) or len(set(robots)) != len(robots):
-            raise StartupError(f'parameter robots: distinct, non-empty namespaces needed, got {p["robots"]}')
+        names_ok = all(re.fullmatch(r'[A-Za-z][A-Za-z0-9_]*', part) for r in robots for part in r.strip('/').split('/'))
+        if not robots or any(not r for r in robots) or len(set(robots)) != len(robots) or not names_ok:
+            raise StartupError(f'parameter robots: distinct ROS namespaces needed (letters, digits and _, not starting '
+                               f'with a digit), got {p["robots"]}')
         self.robots = robots
         self.shared = SharedPolicy(len(robots), p['max_batch_wait_ms'] / 1000.0)
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
+from lifecycle_msgs.msg import State
+from lifecycle_msgs.srv import GetState
 from sensor_msgs.msg import Image
 from std_msgs.msg import Bool, String
 from worldvla.msg import EndEffectorCommand
@@ -44,6 +46,9 @@ PARAMETERS: dict[str, Param] = {
     'episodes': Param(0, 'stop after this many episodes (0 = run forever)', 0, 1000000),
     'execute_dry_run': Param(False, 'also execute commands marked dry_run'),
     'frame_id': Param('camera', 'frame_id of the camera images'),
+    'wait_for_active': Param('', 'a lifecycle node (its name, relative to this namespace) whose active state starts '
+                             'the episodes: nothing is published and no episode times out while it loads its model; '
+                             'empty: start at once', read_only=True),
     'start_holding_near': Param(0.0, 'metres; > 0: every episode starts with the named block in the closed gripper '
                                      'within this distance of its target (only the release remains)', 0.0, 0.3),
 }
@@ -68,9 +73,38 @@ class SimNode(GuardedNode):
         self.success_pub = self.create_publisher(Bool, 'sim/success', reliable_qos(10))
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', reliable_qos())
         self.create_subscription(EndEffectorCommand, 'worldvla/ee_command', self._on_command, reliable_qos(50))
+        self._started = False
+        self._state_client = None
+        self._asking = None
+        if p['wait_for_active']:
+            self._state_client = self.create_client(GetState, f'{p["wait_for_active"].strip("/")}/get_state')
+            self._watch_timer = self.create_timer(0.5, self._ask_state)
+            self.get_logger().info(f'waiting for {p["wait_for_active"]} to be active before the first episode')
+        else:
+            self._start()
         self.create_timer(1.0 / float(p['rate_hz']), self._publish_frame)
         self.create_timer(1.0, self._publish_diagnostics)
-        self._start_episode()
+
+    def _start(self) -> None:
+        with self._lock:
+            self._started = True
+            self._start_episode()
+
+    def _ask_state(self) -> None:
+        """Poll the lifecycle state (its service answers as soon as the process runs, the model still loading)."""
+        if self._started:
+            return
+        if self._asking is not None:
+            if not self._asking.done():
+                return
+            state = self._asking.result()
+            self._asking = None
+            if state is not None and state.current_state.id == State.PRIMARY_STATE_ACTIVE:
+                self.destroy_timer(self._watch_timer)
+                self._start()
+                return
+        if self._state_client.service_is_ready():
+            self._asking = self._state_client.call_async(GetState.Request())
 
     def _start_episode(self) -> None:
         task = self.get_parameter('task').value
@@ -91,7 +125,7 @@ class SimNode(GuardedNode):
             self.get_logger().warning('rejected a non-finite command', throttle_duration_sec=2.0)
             return
         with self._lock:
-            if self._finished:
+            if self._finished or not self._started:
                 return
             self.sim.step(action)
             self.stats.count('commands_executed')
@@ -118,6 +152,8 @@ class SimNode(GuardedNode):
 
     def _publish_frame(self) -> None:
         with self._lock:
+            if not self._started:
+                return
             if not self._finished:
                 elapsed = (self.get_clock().now() - self._episode_start).nanoseconds * 1e-9
                 if elapsed > self.get_parameter('episode_timeout').value:
@@ -129,6 +165,8 @@ class SimNode(GuardedNode):
         self.image_pub.publish(msg)
 
     def _publish_diagnostics(self) -> None:
+        if not self._started:
+            return
         values = {'episodes_done': str(len(self._results)),
                   'successes': str(int(np.sum(self._results))),
                   'success_rate': f'{np.mean(self._results):.3f}' if self._results else 'n/a',

@@ -321,6 +321,9 @@ class WorldModelNode(GuardedNode):
         from worldvla_ros.model import ImageSampling
 
         t0 = Time.from_msg(chunk.header.stamp).nanoseconds
+        with self._lock:
+            camera_frame = self._latest[2].frame_id if self._latest is not None and self._latest[2].frame_id \
+                else 'camera'
         start = self._frame_at(t0)
         deadline = time.monotonic() + 0.5  # the chunk may overtake its frame between processes
         while start is None and time.monotonic() < deadline and self._running:
@@ -345,7 +348,7 @@ class WorldModelNode(GuardedNode):
                 stamp_ns = t0 + round(step * period)
                 msg = fill_image_msg(Image(), frame)
                 msg.header.stamp = Time(nanoseconds=stamp_ns).to_msg()
-                msg.header.frame_id = chunk.header.frame_id or 'camera'
+                msg.header.frame_id = camera_frame  # an image of the camera: its frame, not the command's
                 self.imagined_pub.publish(msg)
                 self.stats.count('frames_imagined')
                 with self._lock:
