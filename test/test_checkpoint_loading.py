@@ -151,3 +151,61 @@ def test_bfloat16_loading(tiny_checkpoint: Path, frames) -> None:
     policy = load_policy(tiny_checkpoint, device='cpu', dtype='bfloat16')
     assert policy.lm.lm_head.weight.dtype == torch.bfloat16
     assert policy.predict_actions(frames, 'stack the blocks').shape[1] == 7
+
+
+def test_every_checkpoint_the_package_writes_loads_in_the_releases_model_class(tmp_path: Path) -> None:
+    """The bundled model and the tiny checkpoints follow the release's q/k-norm rule (fine-tuning and training
+    outputs are checked where those tests write them). Before: the bundled model stored a row per head with
+    no model_parallel_size, and the release's class refused it."""
+    from release_rules import release_layout_problems
+
+    from worldvla_ros.model import make_tiny_checkpoint
+    from worldvla_ros.sim.bundled import bundled_checkpoint
+
+    assert release_layout_problems(bundled_checkpoint()) == []
+    assert release_layout_problems(make_tiny_checkpoint(tmp_path / 'tiny')) == []
+
+
+def test_per_head_norms_are_written_exactly_and_load_back_to_the_same_logits(tmp_path: Path) -> None:
+    """A model whose q/k-norm rows differ per head (any trained one): written with model_parallel_size = heads,
+    loaded back to the same logits (the training writer used to keep only the first row)."""
+    import torch
+    from release_rules import release_layout_problems
+
+    from worldvla_ros.model.checkpoint import find_checkpoint_files, load_backbone, read_config
+    from worldvla_ros.model.config import TINY_BACKBONE, TINY_VQGAN, WorldVLAConfig
+    from worldvla_ros.model.text_tokenizer import TextTokenizer
+    from worldvla_ros.model.tiny import build_lm, build_vocab, write_checkpoint
+    from worldvla_ros.model.vqgan import VQGAN
+
+    vocab = build_vocab()
+    lm = build_lm(TINY_BACKBONE, TINY_VQGAN, vocab)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if '_norm.' in name and ('q_norm' in name or 'k_norm' in name):
+                p.add_(torch.randn_like(p) * 0.3)
+    out = write_checkpoint(tmp_path / 'per_head', lm, TINY_BACKBONE, VQGAN(TINY_VQGAN), vocab,
+                           WorldVLAConfig(resolution=TINY_VQGAN.resolution))
+    assert json.loads((out / 'config.json').read_text())['model_parallel_size'] == TINY_BACKBONE.num_attention_heads
+    assert release_layout_problems(out) == []
+    files = find_checkpoint_files(out)
+    back = load_backbone(files, read_config(files), TextTokenizer(files.text_tokenizer).vocab(), torch.device('cpu'),
+                         torch.float32)
+    ids = torch.randint(4, 8000, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, lm.eval()(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_norm_rows_the_releases_layout_cannot_hold_are_refused() -> None:
+    import torch
+
+    from worldvla_ros.model.checkpoint import release_norm_layout
+
+    shared = {'l.q_norm.weight': torch.ones(4, 8), 'l.k_norm.weight': torch.ones(2, 8)}
+    assert release_norm_layout(shared, 4, 2)[1] == 1
+    grouped = {'l.q_norm.weight': torch.arange(4.0)[:, None].repeat(1, 8) // 2, 'l.k_norm.weight': torch.eye(2, 8)}
+    state, mp = release_norm_layout(grouped, 4, 2)  # q rows shared within each key group: 2 rows
+    assert mp == 2 and state['l.q_norm.weight'].shape == (2, 8)
+    with pytest.raises(ValueError, match="release's layout"):
+        release_norm_layout({'l.q_norm.weight': torch.randn(4, 8), 'l.k_norm.weight': torch.ones(2, 8)}, 4, 2)

@@ -81,6 +81,9 @@ def test_full_fine_tuning_lowers_held_out_loss_and_the_checkpoint_uses_the_data_
     for name in ('README.md', 'loss_curve.png', 'tokenizer/vqgan.ckpt'):
         assert (out / name).is_file(), name
     assert set(_weights(out)) == set(_weights(data['ckpt']))  # the published layout: the source's tensors
+    from release_rules import release_layout_problems
+
+    assert release_layout_problems(out) == []  # the release's model class loads it as it is
 
 
 def test_lora_merged_checkpoint_gives_the_adapter_models_logits(data, tmp_path: Path) -> None:

@@ -215,6 +215,9 @@ def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     assert actions.shape == (5, 7) and np.all(np.isfinite(actions))
     imagined = policy.imagine(sim.render(), scripted_action(sim))
     assert imagined.shape == (64, 64, 3)
+    from release_rules import release_layout_problems
+
+    assert release_layout_problems(out) == [] and release_layout_problems(more) == []
 
 
 def test_reach_direction_probe_tells_a_geometry_reader_from_one_that_ignores_it() -> None:

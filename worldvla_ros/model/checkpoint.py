@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 import re
 from dataclasses import dataclass
@@ -169,6 +170,34 @@ def _open_shard(path: Path, device: torch.device):
         raise CheckpointError(f'{path}: unreadable or truncated safetensors file ({exc})') from exc
 
 
+NORM_NAME = re.compile(r'\.(q|k)_norm\.(weight|bias)$')
+
+
+def release_norm_layout(state: dict[str, torch.Tensor], heads: int, kv_heads: int
+                        ) -> tuple[dict[str, torch.Tensor], int]:
+    """q/k-norm rows as the release's model class stores them, and its ``model_parallel_size``.
+
+    transformers keeps one LayerNorm row per head ([heads, head_dim]); the release's class keeps
+    ``model_parallel_size`` rows, each shared by consecutive heads (q: heads/mp of them, k: kv_heads/mp), and
+    sizes them by ``model_parallel_size`` from config.json (default 1). The smallest such count that holds these
+    weights exactly is chosen (1 when every head has the same row, as in the released checkpoints); ValueError
+    when none does (grouped-query attention with q rows that differ within a key group)."""
+    norms = {k: v for k, v in state.items() if NORM_NAME.search(k)}
+    candidates = [mp for mp in range(1, math.gcd(heads, kv_heads) + 1) if heads % mp == 0 and kv_heads % mp == 0]
+    for mp in candidates:
+        reduced = {}
+        for name, t in norms.items():
+            per = (heads if '.q_norm.' in name else kv_heads) // mp
+            rows = t.reshape(mp, per, -1)
+            if not torch.equal(rows, rows[:, :1].expand_as(rows)):
+                break
+            reduced[name] = rows[:, 0].contiguous()
+        else:
+            return {**state, **reduced}, mp
+    raise ValueError(f'q/k-norm rows that differ within a group of heads sharing a key ({heads} heads, {kv_heads} '
+                     'key heads) cannot be written in the release\'s layout')
+
+
 def load_backbone(
     files: CheckpointFiles, cfg: dict[str, Any], vocab: dict[str, int], device: torch.device, dtype: torch.dtype
 ) -> ChameleonForConditionalGeneration:
@@ -184,6 +213,9 @@ def load_backbone(
         raise CheckpointError(f'{files.config}: not a valid Chameleon config ({type(exc).__name__}: {exc})') from exc
     del lm.model.vqmodel  # the VQGAN ships separately (vqgan.ckpt); the LM never runs it
     expected = {k: v.shape for k, v in lm.state_dict().items()}
+    parallel = cfg.get('model_parallel_size', 1)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise CheckpointError(f'{files.config}: model_parallel_size must be a whole number ≥ 1, got {parallel!r}')
 
     state: dict[str, torch.Tensor] = {}
     for shard in files.weights:
@@ -198,10 +230,11 @@ def load_backbone(
                 except (SafetensorError, OSError) as exc:
                     raise CheckpointError(f'{shard.name}: tensor {name} unreadable ({exc})') from exc
                 want = expected[name]
-                if re.search(r'\.(q|k)_norm\.(weight|bias)$', name) and tensor.shape != want:
-                    # the release stores one LayerNorm row shared by all heads: [1, head_dim]
-                    if tensor.ndim == 2 and tensor.shape[0] == 1 and tensor.shape[1] == want[1]:
-                        tensor = tensor.expand(want[0], -1)
+                if NORM_NAME.search(name) and tensor.shape != want:
+                    # the release stores model_parallel_size rows (default 1), each shared by heads/mp heads
+                    if tensor.ndim == 2 and tensor.shape[0] == parallel and want[0] % parallel == 0 \
+                            and tensor.shape[1] == want[1]:
+                        tensor = tensor.repeat_interleave(want[0] // parallel, dim=0)
                 if tensor.shape != want:
                     raise CheckpointError(
                         f'{shard.name}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(want)}'

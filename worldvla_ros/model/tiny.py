@@ -17,6 +17,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
 from . import tokens as T
+from .checkpoint import release_norm_layout
 from .config import TINY_BACKBONE, TINY_VQGAN, BackboneConfig, VQGANConfig, WorldVLAConfig
 from .vqgan import VQGAN
 
@@ -111,9 +112,9 @@ def write_checkpoint(
     cfg.update(torch_dtype=str(dtype).removeprefix('torch.'), worldvla=settings.to_dict())
     state = {k: v.detach().to('cpu', dtype).contiguous() for k, v in lm.state_dict().items()
              if not k.startswith('model.vqmodel.')}
-    for k in list(state):
-        if k.endswith(('q_norm.weight', 'q_norm.bias', 'k_norm.weight', 'k_norm.bias')):
-            state[k] = state[k][:1].clone()  # the release stores one shared row
+    # the release's layout: one shared row when every head has the same (a fresh model), else a row per head
+    state, cfg['model_parallel_size'] = release_norm_layout(state, backbone.num_attention_heads,
+                                                            backbone.num_key_value_heads)
     names = sorted(state)
     groups = [names[i::shards] for i in range(shards)]
     weight_map = {}

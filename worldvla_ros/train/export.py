@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import ChameleonForConditionalGeneration
 
-from worldvla_ros.model.checkpoint import CheckpointFiles
+from worldvla_ros.model.checkpoint import CheckpointFiles, release_norm_layout
 from worldvla_ros.model.config import WorldVLAConfig
 
 
@@ -21,6 +21,7 @@ def write_finetuned(out: Path, lm: ChameleonForConditionalGeneration, source: Ch
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to('cpu', dtype).contiguous() for k, v in lm.state_dict().items()
              if not k.startswith('model.vqmodel.')}
+    state, parallel = release_norm_layout(state, lm.config.num_attention_heads, lm.config.num_key_value_heads)
     shards: list[list[str]] = [[]]
     size = 0
     for name in sorted(state):
@@ -41,7 +42,7 @@ def write_finetuned(out: Path, lm: ChameleonForConditionalGeneration, source: Ch
     (out / 'model.safetensors.index.json').write_text(
         json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2))
     cfg = {**source_config, 'torch_dtype': str(dtype).removeprefix('torch.'), 'worldvla': settings.to_dict(),
-           **(extra or {})}
+           'model_parallel_size': parallel, **(extra or {})}
     (out / 'config.json').write_text(json.dumps(cfg, indent=2))
     tok = out / 'tokenizer'
     tok.mkdir(exist_ok=True)
