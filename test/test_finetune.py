@@ -150,8 +150,9 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(data, tmp_p
 def test_two_processes_under_torchrun_follow_the_single_process_loss_curve(data, tmp_path: Path, method: str) -> None:
     """2 processes × 2 sequences against 1 process × 4, the same global batches: full fine-tuning sharded with
     FSDP (gloo on this CPU); with method lora the same job under DDP."""
+    # the release's objective without its dropout: dropout's masks are drawn per process, the rest is exact
     common = ('--method', method, '--steps', '4', '--lr', '1e-2' if method == 'lora' else '1e-3', '--eval-every',
-              '4', '--seed', '1')
+              '4', '--seed', '1', '--dropout', '0')
     single = tmp_path / 'single'
     assert finetune(_args(data, single, *common)) == 0
     pair = tmp_path / 'pair'
@@ -333,3 +334,80 @@ def test_a_full_disk_is_said_as_such_and_leaves_no_temporaries(data, tmp_path: P
     errors = [line for line in proc.stderr.splitlines() if 'worldvla_finetune: error' in line]
     assert len(errors) == 2 and all('disk full' in e and str(out / 'run') in e for e in errors), proc.stderr[-3000:]
     assert 'Traceback' not in proc.stderr
+
+
+def test_the_release_objective_equals_its_formula_on_one_batch(data) -> None:
+    """One batch of action and world-model sequences (answers labelled whole, as the release does): the trainer's
+    loss equals a hand computation of the release's: CrossEntropyLoss(weight=w) over all 65536 logits, w = 1 but
+    0.04 on ids 3 … 8194, plus 1e-5 × mean(logsumexp(logits)²) over the labelled positions."""
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+
+    from worldvla_ros.model import tokens as T
+    from worldvla_ros.model.action_tokenizer import ActionTokenizer
+    from worldvla_ros.model.checkpoint import find_checkpoint_files, load_backbone, read_config, worldvla_settings
+    from worldvla_ros.model.text_tokenizer import TextTokenizer
+    from worldvla_ros.train.sequences import action_samples, collate, world_model_samples
+    from worldvla_ros.train.trainer import RELEASE_OBJECTIVE, EmitHead, Trainer, TrainSettings
+
+    files = find_checkpoint_files(data['ckpt'])
+    cfg = worldvla_settings(read_config(files), files.root)
+    text = TextTokenizer(files.text_tokenizer)
+    lm = load_backbone(files, read_config(files), text.vocab(), torch.device('cpu'), torch.float32)
+    tok = ActionTokenizer(cfg.action_min, cfg.action_max)
+    rng = np.random.default_rng(0)
+    per_image = cfg.resolution // 16
+    blocks = [[T.IMAGE_START, T.grid_token(cfg.resolution), T.grid_token(cfg.resolution),
+               *[x for _ in range(per_image) for x in (*rng.integers(4, 8196, per_image).tolist(), T.IMAGE_NEWLINE)],
+               T.IMAGE_END] for _ in range(3)]
+    actions = rng.uniform(-0.5, 0.5, (3, 7))
+    world = world_model_samples(blocks, actions, text, tok, cfg, label_structure=True)
+    batch = action_samples(blocks, actions, 'pick it up', text, tok, cfg)[:2] + world
+    assert world[0].target[-len(blocks[1]) - 1:].all() and world[0].ids[-1] == T.END_OF_TURN  # whole answer
+    objective = replace(RELEASE_OBJECTIVE, dropout=0.0)  # the formula's terms; dropout is checked below
+    trainer = Trainer(EmitHead(lm, None), lm, batch, torch.arange(10), TrainSettings(
+        steps=1, batch_size=4, bf16=False, zero_other_rows=False, objective=objective))
+    got = trainer.objective_loss(batch)
+
+    ids, mask, positions, target = collate(batch)
+    with torch.no_grad():  # the release's forward: no image-logit mask (its mask_image_logits is off)
+        logits = lm.lm_head(lm.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state)
+    labels = torch.where(target, ids, torch.full_like(ids, -100))
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    weights = torch.ones(T.VOCAB_SIZE)
+    weights[3:8195] = 0.04
+    ce = F.cross_entropy(shift_logits.reshape(-1, T.VOCAB_SIZE), shift_labels.reshape(-1), weight=weights)
+    z = torch.logsumexp(shift_logits, -1).pow(2)[shift_labels >= 0].mean()
+    torch.testing.assert_close(got, ce + 1e-5 * z, rtol=1e-5, atol=1e-6)
+
+    # residual dropout 0.05 on every layer's attention and MLP output: random in training, off in evaluation
+    dropping = Trainer(EmitHead(lm, None), lm, batch, torch.arange(10), TrainSettings(
+        steps=1, batch_size=4, bf16=False, zero_other_rows=False, objective=RELEASE_OBJECTIVE))
+    assert len(dropping.dropout_hooks) == 2 * lm.config.num_hidden_layers
+    lm.train()
+    with torch.no_grad():
+        a, b = dropping.objective_loss(batch), dropping.objective_loss(batch)
+    assert not torch.equal(a, b)
+    lm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dropping.objective_loss(batch), got)
+    for h in dropping.dropout_hooks:
+        h.remove()
+
+
+def test_the_objective_follows_the_checkpoint_unless_told(data) -> None:
+    from argparse import Namespace
+
+    from worldvla_ros.model.config import WorldVLAConfig
+    from worldvla_ros.train.finetune import UsageError, choose_objective
+    from worldvla_ros.train.trainer import COMPACT_OBJECTIVE, RELEASE_OBJECTIVE
+
+    none = dict(image_loss_weight=None, z_loss=None, dropout=None, softmax=None)
+    assert choose_objective(Namespace(objective='auto', **none), WorldVLAConfig()) == ('release', RELEASE_OBJECTIVE)
+    bundled_like = WorldVLAConfig(extra={'objective': 'compact'})
+    assert choose_objective(Namespace(objective='auto', **none), bundled_like) == ('compact', COMPACT_OBJECTIVE)
+    name, obj = choose_objective(Namespace(objective='release', **{**none, 'z_loss': 0.0}), bundled_like)
+    assert name == 'release with z_loss 0.0' and obj.z_loss == 0.0 and obj.image_weight == 0.04
+    with pytest.raises(UsageError):
+        choose_objective(Namespace(objective='release', **{**none, 'dropout': 1.5}), bundled_like)

@@ -44,7 +44,8 @@ BACKBONE = BackboneConfig(hidden_size=128, num_hidden_layers=4, num_attention_he
 VQGAN_CONFIG = VQGANConfig(embed_dim=32, z_channels=64, resolution=64, ch=32, ch_mult=(1, 1, 2, 2),
                            num_res_blocks=1)
 SETTINGS = WorldVLAConfig(resolution=64, chunk_size=5, min_actions=5, history_frames=1, rotate_180=False,
-                          action_prompt='{instruction}', world_model_prompt='next image:')
+                          action_prompt='{instruction}', world_model_prompt='next image:',
+                          extra={'objective': 'compact'})  # fine-tuning it later keeps this objective (auto)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +61,12 @@ from .finetune_data import (
 )
 from .lm_trainer import emit_ids
 from .sequences import Sample, action_samples, world_model_samples
-from .trainer import EmitHead, Trainer, TrainSettings
+from .trainer import OBJECTIVES, EmitHead, Objective, Trainer, TrainSettings
 
 LORA_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 RESUME_KEYS = ('init', 'data', 'world_only_data', 'val_data', 'val_fraction', 'method', 'steps', 'batch_size',
-               'accumulation', 'lr',
-               'seed', 'mode', 'world_fraction', 'lora_rank', 'lora_alpha', 'action_stats', 'precision', 'fsdp')
+               'accumulation', 'lr', 'seed', 'mode', 'world_fraction', 'lora_rank', 'lora_alpha', 'action_stats',
+               'precision', 'fsdp', 'objective', 'image_loss_weight', 'z_loss', 'dropout', 'softmax')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                         'e.g. recordings where the robot pauses, is pushed or fails, which it must not imitate')
     o.add_argument('--world-fraction', type=float, default=None,
                    help='joint: share of world-model sequences per batch (default: as the data holds them)')
+    o.add_argument('--objective', choices=('auto', 'release', 'compact'), default='auto',
+                   help="release: the WorldVLA release's fine-tuning loss (full-vocabulary cross-entropy, image codes "
+                        'weighted 0.04, z-loss 1e-5, residual dropout 0.05, world-model answers labelled whole); '
+                        'compact: the embedded default\'s (softmax over the emittable tokens, unweighted, codes only); '
+                        "auto (default): the one the checkpoint records having been trained with, else release")
+    o.add_argument('--image-loss-weight', type=float, default=None, help='override: weight of image-code labels')
+    o.add_argument('--z-loss', type=float, default=None, help='override: weight of the z-loss')
+    o.add_argument('--dropout', type=float, default=None, help='override: residual dropout')
+    o.add_argument('--softmax', choices=('full', 'emittable'), default=None, help='override: the softmax\'s tokens')
     o.add_argument('--action-stats', choices=('quantile', 'minmax', 'keep'), default='quantile',
                    help="action tokenizer ranges: 1st/99th percentiles of your data (the release's way), "
                         "its extremes, or keep the checkpoint's")
@@ -151,7 +161,9 @@ def prepare_out(args: argparse.Namespace, explicit: set[str]) -> argparse.Namesp
         differ = [k for k in RESUME_KEYS if k in explicit and given.get(k) != stored.get(k)]
         if differ:
             raise UsageError(f'--resume continues the run as it was started; these differ: {differ}')
-        kept = {'world_only_data': [], **stored}  # runs started before --world-only-data existed have none
+        # runs started before --world-only-data existed have none; before --objective, the compact objective ran
+        kept = {'world_only_data': [], 'objective': 'compact', 'image_loss_weight': None, 'z_loss': None,
+                'dropout': None, 'softmax': None, **stored}
         return argparse.Namespace(**{**kept, 'resume': True, 'out': args.out, 'no_progress': args.no_progress,
                                      'device': args.device})
     if state.is_file() or saved.is_file():
@@ -209,15 +221,32 @@ def split_bags(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
 
 
 def build_samples(episodes: list[TokenizedEpisode], mode: str, text: TextTokenizer, tok: ActionTokenizer,
-                  cfg: Any) -> list[Sample]:
+                  cfg: Any, label_structure: bool = False) -> list[Sample]:
     samples: list[Sample] = []
     for ep in episodes:
         blocks = [b.tolist() for b in ep.blocks]
         if mode in ('joint', 'action'):
             samples += action_samples(blocks, ep.actions, ep.instruction, text, tok, cfg, finished=True)
         if mode in ('joint', 'world'):
-            samples += world_model_samples(blocks, ep.actions, text, tok, cfg)
+            samples += world_model_samples(blocks, ep.actions, text, tok, cfg, label_structure=label_structure)
     return samples
+
+
+def choose_objective(args: argparse.Namespace, settings: Any) -> tuple[str, Objective]:
+    """The objective's name and values: the preset (auto: what the checkpoint records, else the release's) with the
+    command line's overrides."""
+    name = args.objective
+    if name == 'auto':
+        name = str(settings.extra.get('objective', 'release'))
+        name = name if name in OBJECTIVES else 'release'
+    base = OBJECTIVES[name]
+    changes = {k: v for k, v in (('image_weight', args.image_loss_weight), ('z_loss', args.z_loss),
+                                 ('dropout', args.dropout), ('softmax', args.softmax)) if v is not None}
+    try:
+        chosen = replace(base, **changes)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return (name if not changes else f'{name} with {", ".join(f"{k} {v}" for k, v in changes.items())}'), chosen
 
 
 def imagined_psnr(lm: torch.nn.Module, images: ImageTokenizer, text: TextTokenizer, tok: ActionTokenizer, cfg: Any,
@@ -384,9 +413,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                + ranges_table(cfg.action_min, cfg.action_max, new_min, new_max))
     cfg = cfg.replace(action_min=tuple(new_min), action_max=tuple(new_max))
     tok = ActionTokenizer(cfg.action_min, cfg.action_max)
-    train_samples = build_samples(train_eps, args.mode, text, tok, cfg) + build_samples(world_eps, 'world', text,
-                                                                                        tok, cfg)
-    val_samples = build_samples(val_eps, args.mode, text, tok, cfg)
+    objective_name, objective = choose_objective(args, cfg)
+    _log(rank, f'objective: {objective_name} ({objective})')
+    cfg = cfg.replace(extra={**cfg.extra, 'objective': objective_name.split(' ')[0]})
+    whole = objective.label_structure
+    train_samples = build_samples(train_eps, args.mode, text, tok, cfg, whole) + build_samples(
+        world_eps, 'world', text, tok, cfg, whole)
+    val_samples = build_samples(val_eps, args.mode, text, tok, cfg, whole)
     if not train_samples:
         raise DataError('the training bags give no training sequences')
     _log(rank, f'{len(train_eps)} training bags ({sum(len(e.actions) for e in train_eps)} frames, '
@@ -415,7 +448,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lm.requires_grad_(True)
         lm.get_input_embeddings().requires_grad_(True)
     emit = emit_ids(images.image_token_ids, images.codes_to_block(np.zeros((images.grid, images.grid), int))[1])
-    module: torch.nn.Module = EmitHead(lm, emit)
+    module: torch.nn.Module = EmitHead(lm, None if objective.softmax == 'full' else emit)
     if world > 1:
         if args.fsdp:  # FSDP2: each decoder layer a unit, the rest (embeddings, head) the root's
             from torch.distributed.fsdp import fully_shard
@@ -429,7 +462,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size,
                              lr=args.lr if args.lr is not None else (2e-4 if lora else 2e-5), seed=args.seed,
                              bf16=precision == 'bf16', world_fraction=args.world_fraction,
-                             accumulation=args.accumulation, warmup_fraction=args.warmup, zero_other_rows=False)
+                             accumulation=args.accumulation, warmup_fraction=args.warmup, zero_other_rows=False,
+                             objective=objective)
     trainer = Trainer(module, lm, train_samples, emit, settings, rank, world)
     run_dir = out / 'run'
     if rank == 0:
@@ -503,6 +537,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         'world_only_bags': [str(b) for b in world_bags],
         'train_sequences': len(train_samples), 'val_sequences': len(val_samples),
         'action_stats': args.action_stats, 'action_min': list(cfg.action_min), 'action_max': list(cfg.action_max),
+        'objective': objective_name, 'objective_values': asdict(objective),
         'best': best, 'validation': evals, 'seconds_this_run': round(seconds, 1),
         'settings': cfg.to_dict(),
     }
@@ -579,6 +614,7 @@ def model_card(s: dict[str, Any]) -> str:
         f'- from: `{s["init"]}`', f'- method: {s["method"]} ({s["mode"]} objective, world-model share '
         f'{s["world_fraction"] if s["world_fraction"] is not None else "as in the data"}), {s["steps"]} steps of '
         f'{s["batch_size"]} sequences, peak lr {s["lr"]:g}, {s["precision"]}, {s["processes"]} process(es)',
+        f'- objective: {s["objective"]} ({", ".join(f"{k} {v}" for k, v in s["objective_values"].items())})',
         f'- data: {len(s["train_bags"])} training bags ({s["train_sequences"]} sequences), '
         f'{len(s["val_bags"])} held out ({s["val_sequences"]} sequences)',
         f'- kept: the step with the lowest held-out loss: step {best.get("step", "–")}', '',

@@ -49,19 +49,28 @@ def action_samples(blocks: Sequence[list[int]], actions: np.ndarray, instruction
 
 
 def world_model_samples(blocks: Sequence[list[int]], actions: np.ndarray, text: TextTokenizer,
-                        tok: ActionTokenizer, cfg: WorldVLAConfig) -> list[Sample]:
-    """One per transition: IMG(t), ACT(t) → IMG(t+1); only the codes are predicted (structure is placed)."""
+                        tok: ActionTokenizer, cfg: WorldVLAConfig, label_structure: bool = False) -> list[Sample]:
+    """One per transition: IMG(t), ACT(t) → IMG(t+1).
+
+    ``label_structure`` (the release's sequences): the answer is the whole next image block and the end of turn
+    (image start, grid, codes, row ends, image end, 8710), every token of it predicted. Without it (the embedded
+    default's training) only the codes are predicted: the decoder places the structure tokens itself."""
     out = []
     for t in range(len(actions) - 1):
         if t + 1 >= len(blocks):
             break
         prompt = world_model_prompt(text, blocks[t], tok.encode(actions[t : t + 1]).tolist(), cfg.world_model_prompt)
         nxt = np.asarray(blocks[t + 1], dtype=np.int64)
+        if label_structure:
+            nxt = np.append(nxt, T.END_OF_TURN)
         ids = np.concatenate([np.asarray(prompt, dtype=np.int64), nxt])
         target = np.zeros(len(ids), dtype=bool)
-        body = np.zeros(len(nxt), dtype=bool)
-        body[3:-1] = nxt[3:-1] != T.IMAGE_NEWLINE
-        target[len(prompt) :] = body
+        if label_structure:
+            target[len(prompt) :] = True
+        else:
+            body = np.zeros(len(nxt), dtype=bool)
+            body[3:-1] = nxt[3:-1] != T.IMAGE_NEWLINE
+            target[len(prompt) :] = body
         out.append(Sample(ids, target, 'world'))
     return out
 

@@ -27,6 +27,58 @@ from .sequences import Sample, collate
 
 
 @dataclass(frozen=True)
+class Objective:
+    """What a step minimises. ``RELEASE``: the WorldVLA release's fine-tuning (xllmx ``pretrain_ck``, its
+    "w004" runs): cross-entropy over the whole vocabulary, image-code tokens (ids 3 … 8194, as the release
+    indexes them) weighted 0.04 in a weighted mean, plus 1e-5 × the mean squared log-partition (z-loss), with
+    residual dropout 0.05, and world-model answers labelled whole (structure tokens and the end of turn too).
+    ``COMPACT``: the embedded default's own training, an unweighted mean over the tokens the decoders can emit
+    (softmax restricted to them), no z-loss, no dropout, only the image codes of world-model answers."""
+
+    softmax: str = 'emittable'  # 'full' (all 65536 logits) or 'emittable' (the tokens a decoder can emit)
+    image_weight: float = 1.0  # weight of image-code labels in the weighted mean
+    z_loss: float = 0.0
+    dropout: float = 0.0  # residual dropout on every decoder layer's attention and MLP output (training only)
+    label_structure: bool = False  # world-model answers: every token (release) or the codes only
+
+    def __post_init__(self) -> None:
+        if self.softmax not in ('full', 'emittable'):
+            raise ValueError(f'softmax must be full or emittable, got {self.softmax!r}')
+        if not (0.0 <= self.image_weight <= 1e3 and 0.0 <= self.z_loss <= 1.0 and 0.0 <= self.dropout < 1.0):
+            raise ValueError('image weight in [0, 1000], z-loss in [0, 1], dropout in [0, 1)')
+
+    def token_weights(self) -> np.ndarray:
+        """(vocabulary,) weight of each label id: the release's ``loss_weights[3:8195] = image_weight``."""
+        w = np.ones(T.VOCAB_SIZE, dtype=np.float64)
+        w[IMAGE_WEIGHT_IDS] = self.image_weight
+        return w
+
+
+IMAGE_WEIGHT_IDS = slice(3, 8195)  # the release's slice (its image codes are ids 4 … 8195)
+RELEASE_OBJECTIVE = Objective(softmax='full', image_weight=0.04, z_loss=1e-5, dropout=0.05, label_structure=True)
+COMPACT_OBJECTIVE = Objective()
+OBJECTIVES = {'release': RELEASE_OBJECTIVE, 'compact': COMPACT_OBJECTIVE}
+
+
+def residual_dropout(lm: ChameleonForConditionalGeneration, p: float) -> list:
+    """The release's ``hidden = residual + dropout(sublayer(hidden))`` on every decoder layer, as forward hooks
+    (active in training mode only); returns the hook handles."""
+    def drop(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        if not _module.training:
+            return output
+        if isinstance(output, tuple):
+            return (F.dropout(output[0], p, True), *output[1:])
+        return F.dropout(output, p, True)
+
+    handles = []
+    swin = getattr(lm.config, 'swin_norm', False)
+    for layer in lm.model.layers:  # swin: the sublayer output is normalised before the residual sum
+        parts = (layer.input_layernorm, layer.post_attention_layernorm) if swin else (layer.self_attn, layer.mlp)
+        handles += [m.register_forward_hook(drop) for m in parts]
+    return handles
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     steps: int
     batch_size: int = 24  # global: over accumulation and processes
@@ -40,22 +92,25 @@ class TrainSettings:
     weight_decay: float = 0.01
     clip_norm: float = 1.0
     zero_other_rows: bool = True  # from scratch: output rows of tokens never emitted stay zero
+    objective: Objective = COMPACT_OBJECTIVE
 
 
 class EmitHead(nn.Module):
-    """The backbone's forward for training: hidden states, then logits over the emittable tokens only
-    (one module, so that DDP/FSDP wrap exactly what runs)."""
+    """The backbone's forward for training: hidden states, then logits over the emittable tokens only, or
+    over the whole vocabulary when ``emit`` is None (one module, so that DDP/FSDP wrap exactly what runs)."""
 
-    def __init__(self, lm: ChameleonForConditionalGeneration, emit: torch.Tensor) -> None:
+    def __init__(self, lm: ChameleonForConditionalGeneration, emit: torch.Tensor | None) -> None:
         super().__init__()
         self.lm = lm
-        self.register_buffer('emit', emit, persistent=False)
+        self.full = emit is None
+        self.register_buffer('emit', torch.zeros(0, dtype=torch.long) if emit is None else emit, persistent=False)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, b: torch.Tensor,
                 q: torch.Tensor) -> torch.Tensor:
         hidden = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                use_cache=False).last_hidden_state
-        return F.linear(hidden[b, q], self.lm.lm_head.weight[self.emit]).float()
+        weight = self.lm.lm_head.weight if self.full else self.lm.lm_head.weight[self.emit]
+        return F.linear(hidden[b, q], weight).float()
 
 
 def soft_targets(token_ids: torch.Tensor, labels: torch.Tensor, to_emit: torch.Tensor, n_emit: int,
@@ -93,6 +148,11 @@ def n_targets(s: Sample) -> int:
     return int(s.target[1:].sum())
 
 
+def target_weight(s: Sample, weights: np.ndarray) -> float:
+    """The summed label weight of a sample's predicted tokens (the denominator of a weighted mean)."""
+    return float(weights[s.ids[1:][s.target[1:]]].sum())
+
+
 class Trainer:
     """``module`` runs the forward (an ``EmitHead``, or it wrapped in DDP/FSDP); ``lm`` is the model under it."""
 
@@ -103,10 +163,17 @@ class Trainer:
         if s.batch_size % per_step:
             raise ValueError(f'batch size {s.batch_size} is not a multiple of accumulation × processes ({per_step})')
         self.module, self.lm, self.samples, self.s, self.rank, self.world = module, lm, samples, s, rank, world
+        self.objective = s.objective
+        self.full = s.objective.softmax == 'full'
+        if self.full and (s.bin_sigma > 0 or s.zero_other_rows):
+            raise ValueError('the full-vocabulary softmax takes neither bin_sigma nor zero_other_rows')
         self.device = lm.lm_head.weight.device
         self.emit = emit.to(self.device)
         self.to_emit = torch.full((T.VOCAB_SIZE,), -1, dtype=torch.long, device=self.device)
         self.to_emit[self.emit] = torch.arange(len(self.emit), device=self.device)
+        self.weights_np = s.objective.token_weights()
+        self.weights = torch.as_tensor(self.weights_np, dtype=torch.float32, device=self.device)
+        self.dropout_hooks = residual_dropout(lm, s.objective.dropout) if s.objective.dropout > 0 else []
         if s.zero_other_rows:
             self.keep = torch.zeros(lm.lm_head.weight.shape[0], dtype=torch.bool, device=self.device)
             self.keep[self.emit] = True
@@ -128,26 +195,40 @@ class Trainer:
         with torch.no_grad():
             self.lm.lm_head.weight[~self.keep] = 0.0
 
-    def _losses(self, batch: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-token loss, logits, labels and the sample row of each predicted token."""
+    def _losses(self, batch: Sequence[Sample]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token cross-entropy, logits, labels (indices into the logits), the sample row of each predicted
+        token, and each label's weight."""
         ids, mask, positions, target = (t.to(self.device, non_blocking=True) for t in collate(batch))
         b, q = torch.nonzero(target[:, 1:], as_tuple=True)  # hidden at i predicts token i + 1
-        labels = self.to_emit[ids[b, q + 1]]
+        tokens = ids[b, q + 1]
+        labels = tokens if self.full else self.to_emit[tokens]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.bf16):
             logits = self.module(ids, mask, positions, b, q)
         if self.s.bin_sigma > 0:
-            each = -(soft_targets(ids[b, q + 1], labels, self.to_emit, len(self.emit), self.s.bin_sigma)
+            each = -(soft_targets(tokens, labels, self.to_emit, len(self.emit), self.s.bin_sigma)
                      * F.log_softmax(logits, -1)).sum(-1)
         else:
             each = F.cross_entropy(logits, labels, reduction='none')
-        return each, logits, labels, b
+        return each, logits, labels, b, self.weights[tokens]
+
+    def objective_loss(self, batch: Sequence[Sample]) -> torch.Tensor:
+        """The objective on one batch alone: Σ w·CE / Σ w + z · mean(logsumexp(logits)²) (the release's formula)."""
+        each, logits, _, _, w = self._losses(batch)
+        loss = (w * each).sum() / w.sum()
+        if self.objective.z_loss:
+            loss = loss + self.objective.z_loss * torch.logsumexp(logits, -1).pow(2).mean()
+        return loss
 
     def step(self) -> dict[str, float]:
         self.module.train()
         idx = self.draw()
-        total = sum(n_targets(self.samples[i]) for i in idx)
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, action-token loss, world-token loss
-        counts = torch.zeros(3, dtype=torch.float64)
+        chosen = [self.samples[i] for i in idx]
+        count = sum(n_targets(s) for s in chosen)  # normalised over the whole global batch (see the module doc)
+        weight = sum(target_weight(s, self.weights_np) for s in chosen)
+        z = self.objective.z_loss
+        sums = torch.zeros(4, dtype=torch.float64)  # objective, loss, action-token loss, world-token loss
+        counts = torch.zeros(4, dtype=torch.float64)
         self.opt.zero_grad(set_to_none=True)
         n_micro = self.s.accumulation
         for a in range(n_micro):
@@ -155,27 +236,33 @@ class Trainer:
             batch = [self.samples[i] for i in mine]
             sync = a == n_micro - 1 or not hasattr(self.module, 'no_sync')
             with contextlib.nullcontext() if sync else self.module.no_sync():
-                each, _, _, b = self._losses(batch)
-                (each.sum() * self.world / total).backward()
+                each, logits, _, b, w = self._losses(batch)
+                part = (w * each).sum() / weight
+                if z:
+                    part = part + z * torch.logsumexp(logits, -1).pow(2).sum() / count
+                (part * self.world).backward()
             with torch.no_grad():
                 kind = np.array([batch[i].kind for i in b.tolist()])
-                sums[0] += float(each.sum())
-                counts[0] += len(each)
-                for j, k in ((1, 'action'), (2, 'world')):
+                sums[0] += float(part)
+                sums[1] += float(each.sum())
+                counts[1] += len(each)
+                for j, k in ((2, 'action'), (3, 'world')):
                     sel = torch.from_numpy(kind == k).to(each.device)
                     sums[j] += float(each[sel].sum())
                     counts[j] += int(sel.sum())
         if self.world > 1:
             both = torch.cat([sums, counts])
             torch.distributed.all_reduce(both)
-            sums, counts = both[:3], both[3:]
+            sums, counts = both[:4], both[4:]
         torch.nn.utils.clip_grad_norm_(self.params, self.s.clip_norm)  # with FSDP's sharded (DTensor) grads too
         self.opt.step()
         self.sched.step()
         if self.s.zero_other_rows:
             self._zero_other_rows()
-        entry = {'step': self.step_done, 'loss': float(sums[0] / counts[0]), 'lr': self.sched.get_last_lr()[0]}
-        for j, k in ((1, 'action'), (2, 'world')):
+        entry = {'step': self.step_done, 'loss': float(sums[1] / counts[1]), 'lr': self.sched.get_last_lr()[0]}
+        if self.objective != COMPACT_OBJECTIVE:
+            entry['objective'] = float(sums[0])  # the weighted mean and z-loss the step minimised
+        for j, k in ((2, 'action'), (3, 'world')):
             if counts[j]:
                 entry[f'loss_{k}'] = float(sums[j] / counts[j])
         self.step_done += 1
@@ -191,9 +278,9 @@ class Trainer:
         l1, n_l1 = np.zeros(T.ACTION_DIMS), 0
         for start in range(0, len(samples), batch_size):
             batch = list(samples[start : start + batch_size])
-            each, logits, labels, b = self._losses(batch)
-            guess = self.emit[logits.argmax(-1)]
-            truth = self.emit[labels]
+            each, logits, labels, b, _ = self._losses(batch)
+            guess = logits.argmax(-1) if self.full else self.emit[logits.argmax(-1)]
+            truth = labels if self.full else self.emit[labels]
             rows = b.cpu().numpy()
             for i, s in enumerate(batch):
                 sel = torch.from_numpy(rows == i).to(each.device)
