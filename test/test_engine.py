@@ -124,6 +124,18 @@ def test_sampling_and_guidance_on_the_engine_draw_what_the_reference_draws(tiny_
         assert out == ref, sampling
 
 
+def test_the_unconditional_stream_is_the_image_block_alone_as_in_the_release(tiny_policy, frames) -> None:
+    """Guidance at scale 0 decodes the unconditional stream alone: the greedy block after nothing but its own start
+    token (the release's input_ids[:, image_start:]), not after BOS, on the engine and on the reference path."""
+    prompt, _ = _wm_case(tiny_policy, frames[0], 0)
+    grid, gt, ids = tiny_policy.images.grid, T.grid_token(tiny_policy.resolution), tiny_policy._image_ids
+    alone = engine_image_block(tiny_policy.engine, [], grid, gt, ids)
+    assert alone != engine_image_block(tiny_policy.engine, [T.BOS], grid, gt, ids)  # the two inputs differ
+    unconditional = ImageSampling(cfg_scale=0.0)
+    assert engine_image_block(tiny_policy.engine, prompt, grid, gt, ids, unconditional) == alone
+    assert _reference(tiny_policy, prompt, unconditional) == alone
+
+
 def test_rows_of_one_cache_give_each_sequence_its_own_logits(tiny_policy, frames) -> None:
     """Guidance's batch of rows: prompts of different lengths (the longest not first), fed the same tokens in
     steps of one and two; each row's logits are those of its sequence decoded alone."""

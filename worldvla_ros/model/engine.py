@@ -444,8 +444,9 @@ class EngineSession:
 class EngineRowsSession:
     """Several sequences decoded as the rows of one static cache, fed the same tokens: one pass a step.
 
-    Classifier-free guidance's two streams (the prompt, and BOS alone, each followed by the image block)
-    are its use. Row r's prompt fills slots 0 … P_r - 1 of its row, the slots past it up to the longest
+    Classifier-free guidance's two streams (the prompt followed by the image block, and the image block alone
+    from its start token, as the release's guidance builds its unconditional input) are its use. Row r's
+    prompt fills slots 0 … P_r - 1 of its row, the slots past it up to the longest
     prompt are masked out in that row and each row keeps its own RoPE positions (as the batched chunk
     decoding), so each row's logits are those of its sequence decoded alone.
     """
@@ -503,7 +504,7 @@ def engine_image_block(
     if sampling.cfg_scale == 1.0:
         streams = SessionPair(EngineSession(engine, [*prompt, *header], max_new, action_attention_mask_rows, allowed))
     else:  # guidance: both streams in one batch of two rows, one pass a token
-        streams = EngineRowsSession(engine, [[*prompt, *header], [T.BOS, *header]], max_new, allowed)
+        streams = EngineRowsSession(engine, [[*prompt, *header], header], max_new, allowed)
     return image_block_loop(streams, header, grid, allowed, sampling, should_stop)
 
 

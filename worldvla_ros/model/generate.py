@@ -245,21 +245,22 @@ def generate_image_block(
     """One image block after ``prompt``: ``8197, g, g, rows of codes + 8803, 8196``.
 
     Structure tokens are placed, not sampled (as Lumina-mGPT's image decoding does); codes are
-    chosen among the 8192 image tokens only. With ``cfg_scale`` ≠ 1 the unconditional stream
-    sees only the image being generated (Lumina-mGPT's image-start-triggered guidance).
+    chosen among the 8192 image tokens only. With ``cfg_scale`` ≠ 1 the unconditional stream is the
+    image block alone, from its start token on, with no BOS: the input the release's image-start-triggered
+    guidance (Lumina-mGPT's) gives its unconditional pass, ``input_ids[:, image_start:]``.
     ``should_stop`` is asked before every token: True raises ``DecodeCancelled``.
     """
     sampling = sampling or ImageSampling()
     header = [T.IMAGE_START, grid_token, grid_token]
     allowed = image_token_ids.to(lm.lm_head.weight.device)
     cond = DecodeSession(lm, [*prompt, *header], vocab=allowed)  # logits of the 8192 image tokens only
-    uncond = DecodeSession(lm, [T.BOS, *header], vocab=allowed) if sampling.cfg_scale != 1.0 else None
+    uncond = DecodeSession(lm, header, vocab=allowed) if sampling.cfg_scale != 1.0 else None
     return image_block_loop(SessionPair(cond, uncond), header, grid, allowed, sampling, should_stop)
 
 
 class SessionPair:
     """Guidance's two streams as separate sessions (``last_logits``, ``feed``), fed the same tokens:
-    ``cond`` after the prompt and header, ``uncond`` after BOS and header, or None without guidance."""
+    ``cond`` after the prompt and header, ``uncond`` after the header alone, or None without guidance."""
 
     def __init__(self, cond: Any, uncond: Any = None) -> None:
         self.cond, self.uncond = cond, uncond
