@@ -106,6 +106,21 @@ def test_scores_equal_hand_computed_values() -> None:
     assert t['inference_ms']['p50'] == pytest.approx(275.0)
 
 
+@pytest.mark.parametrize('rate', [5.0, 10.0, 20.0])
+def test_direction_agreement_counts_the_same_motion_at_any_rate(rate: float) -> None:
+    """0.1 m/s along x recorded at 5, 10 and 20 Hz (0.4, 0.2, 0.1 units of 0.05 m): a clear move at every rate
+    (before: only at 5 Hz, the threshold being 0.25 action units); a hover is never counted."""
+    n = 12
+    gt = np.zeros((n, 7))
+    gt[:, 0] = 0.1 / rate / 0.05
+    gt[::3, 1] = 0.001  # a hover in y
+    chunks = [ChunkRecord(0, gt.copy(), gt.copy(), 0.0)]
+    run = RunRecord('moving', 'lockstep', gt, chunks, executed_from_chunks(chunks, n))
+    s = action_scores([run], action_scale=(0.05, 0.05, 0.05, 0.5, 0.5, 0.5, 1.0), control_rate_hz=rate)
+    assert s['direction_agreement'] == {'x': 1.0, 'y': None, 'z': None}
+    assert s['direction_moves'] == {'x': n, 'y': 0, 'z': 0} and '0.05 m/s' in s['direction_clear_move']
+
+
 def test_ground_truth_alignment_by_stamp() -> None:
     frames = np.array([100, 200, 300, 400]) * 1_000_000
     a = [np.full(7, v) for v in (1.0, 2.0, 3.0, 4.0, 5.0)]
@@ -196,6 +211,9 @@ def test_libero_hdf5_converts_with_the_release_rotation_and_evaluates(tmp_path: 
     assert ep.instruction == 'turn on the stove'  # the release's instruction: the file name's task name
     assert convert_to_bag(['libero', str(path), str(tmp_path / 'bddl'), '--instruction-source', 'bddl']) == 0
     assert read_episode(sorted((tmp_path / 'bddl').iterdir())[0]).instruction == 'switch the stove on'
+    # LIBERO-10's training text in the release: the whole task name, the scene prefix kept
+    assert convert_to_bag(['libero', str(path), str(tmp_path / 'name'), '--instruction-source', 'name']) == 0
+    assert read_episode(sorted((tmp_path / 'name').iterdir())[0]).instruction == 'KITCHEN SCENE3 turn on the stove'
     np.testing.assert_array_equal(np.stack(ep.frames), rgb)
     np.testing.assert_allclose(ep.actions, act)
     # what the model sees is the simulator frame turned by 180°, as in the release's LIBERO evaluation
@@ -274,6 +292,7 @@ def test_twist_gripper_float_array_and_chunk_ground_truth(tmp_path: Path) -> Non
     np.testing.assert_allclose(twist.actions[:, 5], np.array([0, -1, -2]) * 0.1 / 0.5)
     np.testing.assert_allclose(twist.actions[:, 6], [-1, 1, 1])  # Bool: true = closed, during step 1
     assert 'TwistStamped (m/s, rad/s) × 100.0 ms' in twist.conversion
+    assert 'np.' not in twist.conversion and '[0.05, 0.05, 0.05' in twist.conversion  # plain numbers, no reprs
     slower = read_episode(tmp_path / 'bag', TopicMap(actions='/cmd_twist'), action_scale=libero, period_s=0.2)
     np.testing.assert_allclose(slower.actions[:, 0], np.array([0, 1, 2]) * 0.2 / 0.05)
     with pytest.raises(BagError, match='--gripper-open and --gripper-closed'):

@@ -37,7 +37,7 @@ from .scoring import RunRecord, action_scores, executed_from_chunks, timing_scor
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='evaluate_bag', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('bags', nargs='+', help='rosbag2 directories (sqlite3 or mcap)')
+    p.add_argument('bags', nargs='+', help='rosbag2 bags: directories (sqlite3 or mcap) or single .mcap files')
     p.add_argument('--checkpoint', required=True, help='WorldVLA checkpoint directory')
     p.add_argument('--tokenizer-dir', default='')
     p.add_argument('--device', default='auto')

@@ -13,10 +13,13 @@ LIBERO frames are stored as the simulator rendered them. The released checkpoint
 evaluation does (``img[::-1, ::-1]``), so the model sees what it was trained on. Use
 ``--rotate-180`` only for a configuration with ``rotate_180: false``.
 
-The instruction is the task name taken from the file name (``KITCHEN_SCENE3_turn_on_the_stove_demo.hdf5``
-→ "turn on the stove"), which is what the released checkpoints were trained and evaluated with; the
-BDDL ``:language`` text in ``problem_info`` differs for 34 of the 130 LIBERO tasks
-(``--instruction-source bddl`` takes it instead).
+The instruction (``--instruction-source``): ``filename`` (default) is the task name from the file name
+without its scene prefix (``KITCHEN_SCENE3_turn_on_the_stove_demo.hdf5`` → "turn on the stove"), the text
+the release's LIBERO evaluation gives the model (``task.language``) and, for LIBERO-Spatial, -Object and
+-Goal, the text it trained on. For LIBERO-10 (and -90) the release is inconsistent with itself: it trained
+on the task name with underscores as spaces and the scene prefix kept ("KITCHEN SCENE3 turn on the
+stove"), ``--instruction-source name``, but evaluates with the prefix stripped. ``bddl`` takes the BDDL
+``:language`` text in ``problem_info``, which differs from the file name for 34 of the 130 LIBERO tasks.
 """
 from __future__ import annotations
 
@@ -37,11 +40,15 @@ FRAME_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp')
 
 
 def libero_instruction(h5file: object, path: Path, source: str = 'filename') -> str:
-    """The task's instruction: from the file name (``source='filename'``, what the released checkpoints
-    were trained and evaluated with) or from the BDDL ``:language`` text in ``problem_info`` (``'bddl'``).
+    """The task's instruction: from the file name without its scene prefix (``'filename'``: what the release's
+    evaluation uses), the file name's task name whole, underscores as spaces (``'name'``: what the release
+    trained LIBERO-10 on), or the BDDL ``:language`` text in ``problem_info`` (``'bddl'``).
 
-    The two differ for 34 of LIBERO's 130 tasks; a model must see the text it was trained on.
+    The file name and the BDDL text differ for 34 of LIBERO's 130 tasks; a model must see the text it was
+    trained on.
     """
+    if source == 'name':
+        return ' '.join(re.sub(r'_demo$', '', path.stem).replace('_', ' ').split())
     if source == 'bddl':
         info = getattr(h5file['data'], 'attrs', {}).get('problem_info')  # type: ignore[index]
         if info is None:
@@ -254,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     lib.add_argument('--rate', type=float, default=20.0, help='Hz (LIBERO control rate: 20)')
     lib.add_argument('--rotate-180', action='store_true', help='store frames turned by 180° (see above)')
     lib.add_argument('--max-demos', type=int, default=0)
-    lib.add_argument('--instruction-source', choices=('filename', 'bddl'), default='filename',
-                     help="filename: the task name from the file name, as the released checkpoints were trained "
-                          "and evaluated (default); bddl: problem_info's language_instruction")
+    lib.add_argument('--instruction-source', choices=('filename', 'name', 'bddl'), default='filename',
+                     help='filename (default): the task name from the file name, scene prefix stripped: what the '
+                          "release evaluates every suite with and trained Spatial/Object/Goal on; name: the whole "
+                          'task name, scene prefix kept, underscores as spaces: what the release trained LIBERO-10 '
+                          "on (it then evaluates with the prefix stripped); bddl: problem_info's language_instruction")
     fol = sub.add_parser('folder', help='frames + actions + instruction.txt → one bag')
     fol.add_argument('folder')
     fol.add_argument('out')

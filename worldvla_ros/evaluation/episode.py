@@ -216,7 +216,7 @@ def read_episode(path: str | Path, topics: TopicMap | None = None, action_scale:
             raise BagError(f'{path}: one frame only: give the control rate to convert its twists')
         gt[:, :6] = twist_to_actions(gt, period, action_scale)
         conversion = (f'TwistStamped (m/s, rad/s) × {period * 1e3:.1f} ms / action scale '
-                      f'{list(np.round(np.asarray(action_scale, dtype=float)[:6], 6))}')
+                      f'{[round(float(x), 6) for x in np.asarray(action_scale, dtype=float)[:6]]}')
     if gripper_topic:
         # the gripper command in force during step i: the last one before frame i+1
         step_end = np.append(frame_ns_arr[1:] - 1, np.iinfo(np.int64).max)

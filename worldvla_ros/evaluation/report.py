@@ -46,7 +46,9 @@ def markdown(s: dict[str, Any]) -> str:
         f'- bags: {", ".join(f"`{b}`" for b in s["bags"])}; {s["frames"]} frames; '
         f'ground truth from {", ".join(sorted(set(s["action_sources"])))}',
         f'- actions compared: {a.get("actions_compared", 0)}; gripper accuracy: {_fmt(a.get("gripper_accuracy"))}; '
-        f'direction agreement Δx/Δy/Δz: {"/".join(_fmt(v) for v in (a.get("direction_agreement") or {}).values())}',
+        f'direction agreement Δx/Δy/Δz: {"/".join(_fmt(v) for v in (a.get("direction_agreement") or {}).values())}'
+        + (f' (over the clear moves: {a["direction_clear_move"]}; "–" where the bags hold none)'
+           if a.get('direction_clear_move') else ''),
     ]
     if s.get('control_rate_hz'):
         lines.append(f'- control period: {1e3 / s["control_rate_hz"]:.1f} ms ({s["control_rate_hz"]:g} Hz), from '

@@ -90,13 +90,17 @@ def _nanmean(x: np.ndarray, axis: int = 0) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
+DIRECTION_SPEED = 0.05  # m/s: a recorded move this fast or faster is a clear move (direction agreement)
+
+
 def action_scores(runs: Sequence[RunRecord], gripper_threshold: float = 0.0,
                   direction_threshold: float = 0.25, action_scale: Sequence[float] | None = None,
                   control_rate_hz: float | None = None) -> dict[str, Any]:
     """L1/RMSE per dimension, gripper accuracy, direction agreement, error per chunk position, steps at seams.
 
-    Direction agreement: how often Δx, Δy, Δz have the recorded action's sign, counted where the
-    recorded value is larger than ``direction_threshold`` in magnitude (a clear move, not a hover).
+    Direction agreement: how often Δx, Δy, Δz have the recorded action's sign, counted where the recorded
+    move is clear (not a hover): faster than ``DIRECTION_SPEED`` when the action scale and control rate are
+    known — the same motion counts at any rate — else larger than ``direction_threshold`` action units.
     With ``action_scale`` (metres / radians per action unit) and the control rate, the section
     ``physical`` gives the errors in m and rad per step and the jerk in m/s³ and rad/s³.
     """
@@ -132,10 +136,18 @@ def action_scores(runs: Sequence[RunRecord], gripper_threshold: float = 0.0,
     out['gripper_accuracy'] = (round(float(np.mean((pred_a[g_ok, 6] > gripper_threshold)
                                                    == (true_a[g_ok, 6] > gripper_threshold))), 6)
                                if g_ok.any() else None)
-    clear = np.abs(true_a[:, :3]) > direction_threshold
+    if action_scale is not None and control_rate_hz:
+        scale = np.asarray(action_scale, dtype=np.float64)[:3]
+        threshold = np.where(scale > 0, DIRECTION_SPEED / control_rate_hz / np.where(scale > 0, scale, 1), np.inf)
+        out['direction_clear_move'] = f'recorded speed above {DIRECTION_SPEED:g} m/s'
+    else:
+        threshold = np.full(3, direction_threshold)
+        out['direction_clear_move'] = f'recorded value above {direction_threshold:g} action units'
+    clear = np.abs(true_a[:, :3]) > threshold
     agree = np.sign(pred_a[:, :3]) == np.sign(true_a[:, :3])
     out['direction_agreement'] = {
         d: (round(float(agree[clear[:, i], i].mean()), 6) if clear[:, i].any() else None) for i, d in enumerate('xyz')}
+    out['direction_moves'] = {d: int(clear[:, i].sum()) for i, d in enumerate('xyz')}
 
     # every predicted position (executed or not) against the frame it was meant for
     k_max = max((len(c.actions) for r in runs for c in r.chunks), default=0)
