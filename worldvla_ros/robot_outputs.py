@@ -29,9 +29,11 @@ def action_scale_problem(values: Sequence[float]) -> str | None:
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     if len(v) != 7 or not np.all(np.isfinite(v)):
         return f'needs 7 finite values, got {list(values)}'
-    if np.any(v < 0) or np.any(v > np.asarray(MAX_ACTION_SCALE)):
-        return (f'each value must lie in [0, {list(np.round(MAX_ACTION_SCALE, 4))}] (metres, radians and the '
-                f'gripper per action unit), got {list(values)}')
+    if np.any(v < 0):
+        return f'must be ≥ 0 in every dimension, got {[float(x) for x in v]}'
+    if np.any(v > np.asarray(MAX_ACTION_SCALE)):
+        return (f'at most 1 m, π rad and 1 per action unit (metres for Δxyz, radians for Δrotation, the gripper), '
+                f'got {[float(x) for x in v]}')
     return None
 
 

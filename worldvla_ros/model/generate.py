@@ -24,6 +24,8 @@ _BIN_IDS = torch.arange(T.ACTION_BIN_FIRST, T.ACTION_BIN_LAST + 1)
 class NonFiniteLogits(RuntimeError):
     """The model produced NaN/inf logits: argmax would still pick a token, so stop here instead."""
 
+    non_finite = True  # what the controller reads (it imports no torch)
+
 
 class DecodeCancelled(RuntimeError):
     """The caller asked a long decoding to stop (e.g. its node is shutting down)."""
