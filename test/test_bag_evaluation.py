@@ -150,7 +150,7 @@ def test_lockstep_metrics_equal_a_direct_computation(tmp_path: Path, eval_checkp
     # sqlite3: the parameter files layered as ROS does (the sim's action_scale over the default's)
     configs = [a for name in ('worldvla.yaml', 'tabletop_sim.yaml') for a in ('--config', str(REPO / 'config' / name))]
     rc = _run_cli(str(bag), '--checkpoint', str(eval_checkpoint), '--device', 'cpu', '--out', str(out),
-                  *(['--wm-horizon', '2', *configs] if wm else ['--no-world-model']))
+                  '--replan-every', '0', *(['--wm-horizon', '2', *configs] if wm else ['--no-world-model']))
     assert rc == 0
     report = json.loads((out / 'report.json').read_text())
     assert (out / 'report.md').read_text().startswith('# WorldVLA bag evaluation')
@@ -489,7 +489,7 @@ def test_control_rate_from_the_bag_unless_given_and_jerk_follows_it(tmp_path: Pa
     for name, extra in (('bag', []), ('given', ['--control-rate', '10'])):
         out = tmp_path / name
         assert _run_cli(str(bag), '--checkpoint', str(eval_checkpoint), '--device', 'cpu', '--out', str(out),
-                        '--no-world-model', *extra) == 0
+                        '--no-world-model', '--replan-every', '0', *extra) == 0
         reports[name] = json.loads((out / 'report.json').read_text())
     assert reports['bag']['control_rate_hz'] == 20.0 and reports['given']['control_rate_hz'] == 10.0
     jerk = {k: reports[k]['actions']['physical']['jerk_within_chunks']['dx'] for k in reports}

@@ -246,7 +246,7 @@ class Controller:
                     self.goals.running.chunks += 1
                 self.stats.count('chunks')
                 return Chunk(sequence, request.stamps_ns[-1], list(request.stamps_ns), request.instruction,
-                             np.asarray(actions, dtype=np.float64), commands, latency_s)
+                             np.asarray(actions, dtype=np.float64), safe, commands, latency_s)
             finally:
                 self.inferring = False
 

@@ -85,7 +85,8 @@ class Chunk:
     observation_stamps_ns: list[int]
     instruction: str
     raw: np.ndarray  # (K, 7) the model's
-    commands: list[Command]
+    safe: np.ndarray  # (K, 7) after the safety filter (clamped, step-limited from the last command sent)
+    commands: list[Command]  # merged with what was queued: what runs from the next period
     latency_s: float = 0.0
 
 

@@ -30,7 +30,7 @@ from worldvla_ros.launch_plan import node_parameters
 
 from .bag_io import BagError
 from .episode import Episode, TopicMap, read_episode
-from .node_config import action_scale, parse_action_scale, safety_limits
+from .node_config import action_scale, control_settings, parse_action_scale, safety_limits
 from .scoring import RunRecord, action_scores, executed_from_chunks, timing_scores, world_model_scores
 
 
@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Float gripper topic's value when closed (→ +1)")
     t.add_argument('--time-source', choices=('header', 'bag'), default='header')
     e = p.add_argument_group('evaluation')
-    e.add_argument('--replan-every', type=int, default=0, help='lockstep: frames between chunks (0: chunk length)')
+    e.add_argument('--replan-every', type=int, default=None,
+                   help="lockstep: frames between chunks (0: a chunk runs out first); default: the action node's "
+                        'replan_threshold from the parameter file (-1: a chunk on every frame)')
     e.add_argument('--sequential', action='store_true', help='release decoding loop instead of batched')
     e.add_argument('--chunk-merge', choices=MERGES, default=None,
                    help="lockstep: a new chunk vs the actions still queued (default: the action node's chunk_merge); "
@@ -227,7 +229,6 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
         return summarize(args, policy_info, episodes, runs, control_rate, scale, source), runs
 
     from worldvla_ros.model import load_policy
-    from worldvla_ros.safety import SafetyFilter
 
     from .lockstep import LockstepSettings, evaluate_lockstep
 
@@ -235,18 +236,23 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
     decay = args.ensemble_decay if args.ensemble_decay is not None else float(action_params.get('ensemble_decay', 0.01))
     if merge not in MERGES or not 0.0 <= decay <= 10.0:
         raise BagError(f'chunk merge {merge!r} / ensemble decay {decay}: use replace|ensemble, decay in [0, 10]')
+    if args.replan_every is not None and args.replan_every < 0:
+        raise BagError(f'--replan-every must be ≥ 0, got {args.replan_every}')
     overrides = {k: int(action_params[k]) for k in ('chunk_size', 'history_frames') if action_params.get(k)}
     policy = load_policy(args.checkpoint, args.device, args.dtype, args.tokenizer_dir or None, **overrides)
-    safety = SafetyFilter(safety_limits(action_params))
-    settings = LockstepSettings(args.replan_every, not args.sequential, not args.no_world_model,
-                                args.wm_horizon, args.wm_every, chunk_merge=merge, ensemble_decay=decay)
+    control = replace(control_settings(action_params), rate_hz=control_rate, chunk_merge=merge,
+                      ensemble_decay=decay)
+    if args.replan_every is not None:  # a chunk every N frames: asked for once K - N are left (0: run out)
+        control = replace(control, replan_threshold=max(policy.chunk_size - args.replan_every, 0)
+                          if args.replan_every else 0)
+    settings = LockstepSettings(not args.sequential, not args.no_world_model, args.wm_horizon, args.wm_every)
     runs = []
     t0 = time.perf_counter()
     with tqdm(total=sum(len(e.frames) for e in episodes), unit='frame', disable=args.no_progress,
               desc='lockstep', file=sys.stderr) as bar:
         for ep in episodes:
             bar.set_postfix_str(ep.name)
-            runs.append(evaluate_lockstep(policy, ep, safety, settings, bar.update))
+            runs.append(evaluate_lockstep(policy, ep, safety_limits(action_params), control, settings, bar.update))
     info = {'model_id': policy.model_id, 'device': str(policy.device), 'chunk_size': policy.chunk_size,
             'history_frames': policy.config.history_frames, 'rotate_180': policy.config.rotate_180,
             'throughput_frames_per_s': round(sum(len(e.frames) for e in episodes) / (time.perf_counter() - t0), 3)}

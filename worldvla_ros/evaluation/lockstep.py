@@ -1,72 +1,73 @@
-"""Lockstep replay: every frame of an episode, in order, through the action node's own pipeline.
+"""Lockstep replay: every frame of an episode, in order, through the action node's own control loop.
 
-Frames were decoded by ``image_msg_to_rgb`` (the node's conversion), the history window and the
-call are the node's (``policy.predict`` on the newest ``history_frames``), and the node's
-``SafetyFilter`` with the YAML's limits turns the model output into commands. Deterministic:
-one chunk is computed at its frame, executed until the next chunk, and no frame is dropped.
+Frames were decoded by ``image_msg_to_rgb`` (the node's conversion); the controller is the node's
+(``worldvla_ros.control``), with the YAML's settings and limits, driven one control period per frame by
+``SynchronousLoop``: the frame, the model if the controller asks for a chunk (greedy, answering within the
+period), then the tick's command — what the node sends, holds included, merging and limits at send time.
+Deterministic, as fast as the model runs, no frame dropped.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from worldvla_ros.control import Chunk, Controller, ControlSettings, Tally
+from worldvla_ros.control.loop import SynchronousLoop
+from worldvla_ros.image_conversion import to_model_frame
 from worldvla_ros.metrics import psnr, ssim
-from worldvla_ros.model.image_tokenizer import to_model_frame
 from worldvla_ros.model.policy import WorldVLAPolicy
-from worldvla_ros.safety import SafetyFilter, UnsafeChunk, at_rest
+from worldvla_ros.safety import SafetyLimits
 
 from .episode import Episode
-from .scoring import ChunkRecord, ImaginedFrame, RunRecord, executed_from_chunks
+from .scoring import ChunkRecord, ExecutedAction, ImaginedFrame, RunRecord
 
 
 @dataclass
 class LockstepSettings:
-    replan_every: int = 0  # frames between chunks; 0 = when the chunk's actions run out
     batched: bool = True
     world_model: bool = True
     wm_horizon: int = 1  # imagined frames per rollout (recorded actions, scored against recorded frames)
     wm_every: int = 1  # roll out from every n-th chunk's frame
     strip_frames: int = 6  # real/imagined pairs kept for the report
-    chunk_merge: str = 'replace'  # a new chunk vs the queued actions: replace | ensemble (chunk_merge.py)
-    ensemble_decay: float = 0.01
 
 
-def evaluate_lockstep(
-    policy: WorldVLAPolicy,
-    episode: Episode,
-    safety: SafetyFilter,
-    settings: LockstepSettings,
-    progress: Callable[[int], None] | None = None,
-) -> RunRecord:
+def evaluate_lockstep(policy: WorldVLAPolicy, episode: Episode, limits: SafetyLimits, control: ControlSettings,
+                      settings: LockstepSettings, progress: Callable[[int], None] | None = None) -> RunRecord:
+    """``control``: the action node's settings (its YAML, with any override: replanning, chunk merge)."""
     n = len(episode.frames)
-    hist = policy.config.history_frames
     run = RunRecord(episode.name, 'lockstep', episode.actions, times_s=episode.times_s)
-    run.counts = {'frames': n, 'frames_dropped': 0, 'frames_stale': 0,
-                  **{f'frames_rejected_{k}': v for k, v in episode.rejected_frames.items()}}
-    previous = at_rest()  # as the node: the first command ramps up from no motion
-    next_query = 0
-    for f in range(n):
-        if f == next_query:
-            window = episode.frames[max(0, f - hist + 1) : f + 1]
-            pred = policy.predict(window, episode.instruction, batched=settings.batched)
-            try:
-                safe, changed = safety.apply(pred.actions, previous)
-            except UnsafeChunk:
-                run.counts['unsafe_chunks'] = run.counts.get('unsafe_chunks', 0) + 1
-                next_query = f + 1
-                continue
-            run.counts['values_limited'] = run.counts.get('values_limited', 0) + changed
-            run.chunks.append(ChunkRecord(f, safe, pred.actions, pred.timing.total_s))
-            step = settings.replan_every or len(safe)
-            previous = safe[min(step, len(safe)) - 1]
-            next_query = f + step
-            if settings.world_model and (len(run.chunks) - 1) % settings.wm_every == 0:
-                _rollout(policy, episode, f, settings, run)
+    tally = Tally()
+    ctrl = Controller(replace(control, history_frames=policy.config.history_frames, enabled=True), limits, tally)
+    ctrl.set_instruction(episode.instruction)
+    ctrl.activate()
+    index = {int(t): i for i, t in enumerate(episode.frame_ns)}
+
+    def infer(request):
+        pred = policy.predict(request.frames, request.instruction, batched=settings.batched)
+        return pred.actions, pred.timing.total_s
+
+    def on_chunk(chunk: Chunk) -> None:
+        f = index[chunk.stamp_ns]
+        run.chunks.append(ChunkRecord(f, chunk.safe, chunk.raw, chunk.latency_s))
+        if settings.world_model and (len(run.chunks) - 1) % settings.wm_every == 0:
+            _rollout(policy, episode, f, settings, run)
+
+    loop = SynchronousLoop(ctrl, infer, on_chunk=on_chunk)
+    for i in range(n):
+        cmd = loop.step(episode.frames[i], int(episode.frame_ns[i]))
+        if cmd is not None:
+            seam = not cmd.hold and cmd.index == 0 and cmd.chunk_sequence > 0
+            run.executed.append(ExecutedAction(i, np.asarray(cmd.action, dtype=np.float64), seam))
+            run.commands.append(cmd)
         if progress:
             progress(1)
-    run.executed = executed_from_chunks(run.chunks, n, settings.chunk_merge, settings.ensemble_decay)
+    c = tally.counts
+    run.counts = {'frames': n, 'frames_dropped': c['frames_dropped'], 'frames_stale': c['rejected_stale'],
+                  'values_limited': c['values_limited'], 'unsafe_chunks': c['rejected_unsafe_chunk'],
+                  'holds': sum(v for k, v in c.items() if k.startswith('holds_')),
+                  **{f'frames_rejected_{k}': v for k, v in episode.rejected_frames.items()}}
     return run
 
 

@@ -58,6 +58,7 @@ class RunRecord:
     counts: dict[str, int] = field(default_factory=dict)  # frames, dropped, stale, holds, rejected …
     strip: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)  # (frame, real, imagined)
     times_s: np.ndarray | None = None  # (N,) seconds since the first frame, per frame
+    commands: list = field(default_factory=list)  # lockstep: every command the node's loop sent (control.Command)
 
 
 def executed_from_chunks(chunks: Sequence[ChunkRecord], n_frames: int, merge: str = 'replace',

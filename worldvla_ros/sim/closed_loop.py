@@ -2,8 +2,9 @@
 
     worldvla_sim_eval --checkpoint DIR [--episodes 50] [--no-action-mask] [--chance] [--workers 2]
 
-Each chunk is executed open-loop and the next one is computed from the newest frames, as the
-action node does; commands pass the node's safety filter with the release's ranges. Held-out
+Every step goes through the action node's control loop (``worldvla_ros.control``): each chunk is executed
+open-loop and the next one is computed from the newest frames, after its last action (replan_threshold 0,
+the release's protocol); commands pass the node's limits with the release's ranges, at send time. Held-out
 layouts: seeds start at 100000 (demonstrations are recorded from seed 0 upwards).
 """
 from __future__ import annotations
@@ -12,15 +13,17 @@ import argparse
 import json
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from worldvla_ros.control import Controller, ControlSettings
+from worldvla_ros.control.loop import SynchronousLoop
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
-from worldvla_ros.safety import SafetyFilter, SafetyLimits
+from worldvla_ros.safety import SafetyLimits
 
 from .tabletop import TASKS, SimConfig, TabletopSim
 
@@ -47,31 +50,41 @@ class Progress:
                 'chunks': chunks, 'grasped': self.grasped, 'closest_cm': round(100 * self.closest, 2)}
 
 
+# each chunk run out, the next from the frame after its last action, as the release evaluates
+CLOSED_LOOP = ControlSettings(rate_hz=10.0, replan_threshold=0, enabled=True)
+LIMITS = SafetyLimits(LIBERO_ACTION_MIN, LIBERO_ACTION_MAX, (0.0,) * 7)
+
+
 def run_episode(policy: Any, seed: int, action_mask: bool = True, config: SimConfig | None = None,
-                on_chunk: Callable[[TabletopSim], None] | None = None) -> dict[str, Any]:
-    """One episode; ``on_chunk(sim)`` is called at every state where the policy is asked for a chunk."""
+                on_chunk: Callable[[TabletopSim], None] | None = None,
+                settings: ControlSettings = CLOSED_LOOP) -> dict[str, Any]:
+    """One episode through the action node's control loop (``worldvla_ros.control``), one control period per sim
+    step; ``on_chunk(sim)`` is called at every state where the policy is asked for a chunk."""
     sim = TabletopSim(config)
     frame = sim.reset(seed)
     progress = Progress(sim)
     progress.update()
-    history: deque[np.ndarray] = deque([frame], maxlen=policy.config.history_frames)
-    safety = SafetyFilter(SafetyLimits(LIBERO_ACTION_MIN, LIBERO_ACTION_MAX, (0.0,) * 7))
-    previous = None
-    chunks = 0
-    while not sim.done:
+    ctrl = Controller(replace(settings, history_frames=policy.config.history_frames), LIMITS)
+    ctrl.set_instruction(sim.instruction)
+    ctrl.activate()
+
+    def infer(request: Any) -> tuple[np.ndarray, float]:
         if on_chunk is not None:
             on_chunk(sim)
-        pred = policy.predict(list(history), sim.instruction, batched=action_mask, action_mask=action_mask)
-        actions, _ = safety.apply(pred.actions, previous)
-        chunks += 1
-        for a in actions:
-            frame = sim.step(a)
+        pred = policy.predict(request.frames, request.instruction, batched=action_mask, action_mask=action_mask)
+        return pred.actions, pred.timing.total_s
+
+    loop = SynchronousLoop(ctrl, infer)
+    period_ns = round(1e9 / settings.rate_hz)
+    step = silent = 0
+    while not sim.done and silent < 3:
+        command = loop.step(frame, step * period_ns)
+        step += 1
+        silent = silent + 1 if command is None else 0  # nothing commanded yet: the model failed its first chunk
+        if command is not None:
+            frame = sim.step(command.action)
             progress.update()
-            history.append(frame)
-            previous = a
-            if sim.done:
-                break
-    return progress.result(seed, chunks)
+    return progress.result(seed, len(loop.chunks))
 
 
 def run_chance_episode(seed: int, config: SimConfig | None = None) -> dict[str, Any]:
