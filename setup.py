@@ -22,7 +22,7 @@ setup(
         'scipy>=1.10',
     ],
     extras_require={
-        'test': ['pytest>=8', 'pytest-timeout>=2', 'ruff>=0.6', 'psutil>=5'],
+        'test': ['pytest>=8', 'pytest-timeout>=2', 'ruff>=0.6', 'psutil>=5', 'hypothesis>=6'],
         'eval': ['matplotlib>=3.7', 'h5py>=3.8'],
         'train': ['peft>=0.13'],  # worldvla_finetune --method lora
     },

@@ -12,7 +12,7 @@ before a command (then it is a hold) or after it went out, never in between.
 from __future__ import annotations
 
 import threading
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -23,26 +23,11 @@ from worldvla_ros.chunk_merge import merge_chunk
 from worldvla_ros.safety import SafetyFilter, SafetyLimits, UnsafeChunk, at_rest, changed_values
 
 from .goals import Goals
-from .types import Chunk, Command, ControlSettings, Goal, Request
-
-Send = Callable[[Command], Command]  # publishes a command, returns the one that went out (a hold, if refused)
-
-
-class Tally:
-    """Counters and durations for callers without a node's ``Stats`` (the same two methods)."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self.durations: dict[str, list[float]] = {}
-
-    def count(self, key: str, n: int = 1) -> None:
-        self.counts[key] += n
-
-    def duration(self, name: str, seconds: float) -> None:
-        self.durations.setdefault(name, []).append(seconds)
+from .supervision import Send, Supervision
+from .types import Chunk, Command, ControlSettings, Request, Tally
 
 
-class Controller:
+class Controller(Supervision):
     def __init__(self, settings: ControlSettings, limits: SafetyLimits, stats: Any = None,
                  log: Callable[[str, str], None] = lambda reason, detail: None) -> None:
         """``stats``: ``count(key, n)`` and ``duration(name, s)`` (a node's Stats; default a ``Tally``);
@@ -86,43 +71,6 @@ class Controller:
         with self.lock:
             self.safety = SafetyFilter(limits)
 
-    # -- lifecycle ------------------------------------------------------------------------------------
-    def activate(self) -> None:
-        """Frames are taken from now on; nothing computed before moves the robot."""
-        with self.lock:
-            self.epoch += 1
-            self.history.clear()
-            self.fresh = False
-            self.commanding = True
-
-    def deactivate(self, now: float, stamp_ns: int, send: Send | None = None, outcome: str = 'deactivated',
-                   message: str = 'the node was deactivated') -> Command | None:
-        """Hold (if anything was commanded), end the running goal, then command nothing."""
-        with self.lock:
-            self._end_goal(outcome, message, now)
-            self._clear_queue()
-            self.epoch += 1
-            hold = None
-            if self.active or (self.estop and self.commanding):
-                hold = self._send(self.make_hold(stamp_ns, outcome if outcome == 'shutdown' else 'deactivate'),
-                                  send, now)
-            self.active = self.commanding = False
-            self.last_send_time = None
-            return hold
-
-    def shutdown(self, now: float, stamp_ns: int, send: Send | None = None) -> Command | None:
-        """Lifecycle shutdown, from any state: as deactivate, then nothing is accepted any more."""
-        with self.lock:
-            hold = self.deactivate(now, stamp_ns, send, 'shutdown', 'the node was shut down (lifecycle)')
-            self.finalized = True
-            return hold
-
-    def close(self, now: float, stamp_ns: int, send: Send | None = None) -> Command | None:
-        """The process stops: the last word is a hold (if anything was commanded)."""
-        with self.lock:
-            self.closing = True
-            return self.deactivate(now, stamp_ns, send, 'shutdown', 'the node is shutting down')
-
     # -- inputs ---------------------------------------------------------------------------------------
     def on_frame(self, frame: Any, stamp_ns: int, now: float, intake_s: float = 0.0) -> bool:
         """Keep a frame (the newest wins); False when it is not taken (inactive, stamped before a reset)."""
@@ -158,32 +106,6 @@ class Controller:
             if text is not None:
                 self.stats.count('instruction_changes')
             return 'changed'
-
-    def on_estop(self, now: float) -> bool:
-        """Latch: holds only, until a reset; the running goal ends. True when newly latched."""
-        with self.lock:
-            newly = not self.estop
-            self.estop = True
-            self.epoch += 1
-            self._end_goal('estopped', 'e-stop', now)
-            self._clear_queue()
-            self.history.clear()
-            self.fresh = False
-            if newly:
-                self.stats.count('estops')
-            return newly
-
-    def reset_estop(self, stamp_ns: int) -> bool:
-        """Unlatch; from now on only frames stamped after ``stamp_ns`` count. True when it was latched."""
-        with self.lock:
-            was = self.estop
-            if was:
-                self.estop = False
-                self.epoch += 1
-                self.reset_stamp_ns = stamp_ns
-                self.history.clear()
-                self.fresh = False
-            return was
 
     # -- inference ------------------------------------------------------------------------------------
     def next_request(self, stamp_now_ns: int, now: float) -> Request | None:
@@ -260,8 +182,9 @@ class Controller:
             self._end_goal_of(request, 'model_error', f'inference failed: {message}', now)
 
     def idle(self) -> bool:
-        with self.lock:  # no chunk left to run, no inference running or waiting for one
-            return not self.queue and not self.inferring and not self.fresh
+        with self.lock:  # no chunk left to run, no inference running, none to start before a new frame comes
+            waiting = self.fresh and (self.settings.replan_threshold < 0 or self.seen_last_command)
+            return not self.queue and not self.inferring and not waiting
 
     # -- control --------------------------------------------------------------------------------------
     def tick(self, now: float, stamp_ns: int, send: Send | None = None) -> Command | None:
@@ -313,56 +236,6 @@ class Controller:
             self.stats.duration('command_interval', now - self.last_send_time)
         self.last_send_time = now
         return cmd
-
-    # -- goals ----------------------------------------------------------------------------------------
-    def goal_refusal(self, now: float, time_limit: float) -> tuple[str, str] | None:
-        with self.lock:
-            return self.goals.refusal(self.settings, now, self.commanding and not self.finalized, self.estop,
-                                      time_limit)
-
-    def start_goal(self, goal: Goal, now: float) -> bool:
-        """Run an accepted goal (it preempts the running one), or end it at once when the node stopped accepting
-        since the request (e-stop, deactivated, shut down). True when it runs."""
-        with self.lock:
-            refusal = None
-            if self.estop:
-                refusal = ('estopped', 'e-stop')
-            elif self.finalized:
-                refusal = ('shutdown', 'the node was shut down')
-            elif not self.commanding:
-                refusal = ('deactivated', 'the node was deactivated')
-            if not self.goals.start(goal, now, refusal):
-                return False
-            self.instruction = goal.instruction
-            self.version += 1
-            self._clear_queue()  # nothing computed for an earlier task runs
-        return True
-
-    def cancel_goal(self, key: Any, now: float) -> bool:
-        with self.lock:  # the robot holds from the next tick on, before the goal reports canceled
-            ended = self.goals.running
-            if self.goals.cancel(key, now):
-                self._after_goal(ended)
-                return True
-            return False
-
-    def on_success(self, message: str, now: float) -> None:
-        with self.lock:
-            self._end_goal('succeeded', message, now)
-
-    def _end_goal(self, outcome: str, message: str, now: float) -> None:
-        self._after_goal(self.goals.end(outcome, message, now))
-
-    def _end_goal_of(self, request: Request, outcome: str, message: str, now: float) -> None:
-        if self.goals.running is not None and request.version == self.version:
-            self._end_goal(outcome, message, now)
-
-    def _after_goal(self, goal: Goal | None) -> None:
-        """No command of an ended goal's task is sent after it ended."""
-        if goal is not None:
-            self.instruction = None
-            self.version += 1
-            self._clear_queue()
 
     def _clear_queue(self) -> None:
         self.queue.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,3 +111,17 @@ class Goal:
     @property
     def duration(self) -> float:
         return self.end - self.start
+
+
+class Tally:
+    """Counters and durations for callers without a node's ``Stats`` (the same two methods)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.durations: dict[str, list[float]] = {}
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] += n
+
+    def duration(self, name: str, seconds: float) -> None:
+        self.durations.setdefault(name, []).append(seconds)

@@ -2,7 +2,9 @@
 
 Per bag: start the nodes (``use_sim_time``), wait until they subscribe, publish the instruction,
 play the camera messages byte for byte at their recorded times (scaled by ``--rate``) while
-/clock advances, keep the clock running until the last chunk has been executed, record every
+/clock advances (from half a control period before the first frame: the node's control timer starts on that
+clock, so each frame arrives half a period before the tick that first can use it, never in a race with it),
+keep the clock running until the last chunk has been executed, record every
 output topic into ``OUT/outputs_<bag>`` (mcap), stop the nodes, and score that recording.
 """
 from __future__ import annotations
@@ -107,7 +109,7 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
     node = rclpy.create_node('worldvla_bag_player', context=context)
     executor = SingleThreadedExecutor(context=context)
     writer = BagWriter(recording, 'mcap')
-    t0 = pending[2]
+    t0 = pending[2] - round(0.5e9 / control_rate_hz)  # ticks half a period away from the frames (docstring)
     wall0 = [time.monotonic()]
     rate = max(args.rate, 1e-3)
 

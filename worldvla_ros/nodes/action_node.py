@@ -13,7 +13,6 @@ deadline gets a "deadline missed" event when commands stop; it must then stop th
 """
 from __future__ import annotations
 
-import gc
 import math
 import threading
 import time
@@ -23,20 +22,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.action import ActionServer, CancelResponse, GoalResponse
-from rclpy.action.server import ServerGoalHandle
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.duration import Duration
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from std_msgs.msg import Bool, Float64MultiArray, Header, String
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
-from worldvla.action import RunInstruction
 from worldvla.msg import ActionChunk, EndEffectorCommand
 
-from worldvla_ros.control import Command, Controller, Goal
+from worldvla_ros.control import Command, Controller
 from worldvla_ros.image_conversion import ImageRejected
-from worldvla_ros.model.prompts import MAX_INSTRUCTION_CHARS, check_instruction, normalize_instruction
+from worldvla_ros.model.prompts import MAX_INSTRUCTION_CHARS, check_instruction
 from worldvla_ros.nodes.action_parameters import (
     LIMIT_PARAMETERS,
     PARAMETERS,
@@ -53,17 +49,17 @@ from worldvla_ros.nodes.common import (
     declare_all,
     diagnostics_msg,
     load_node_policy,
+    prepare_policy,
     reject_changes_of,
     release_memory,
     reliable_qos,
     spin_node,
 )
 from worldvla_ros.nodes.driver_outputs import DriverPublishers, chunk_msg, planned_path
+from worldvla_ros.nodes.task_action import TaskActionServer
 
 if TYPE_CHECKING:  # torch and transformers load with the model (configure), not at import: a refused start is quick
     from worldvla_ros.model.policy import WorldVLAPolicy
-
-Outcome = RunInstruction.Result
 
 
 class ActionNode(GuardedLifecycleNode):
@@ -76,6 +72,7 @@ class ActionNode(GuardedLifecycleNode):
         checkpoint; the fleet node passes one shared, batching policy)."""
         super().__init__('worldvla_action', **kwargs)
         self._policy_loader = policy_loader
+        self.sim_time = bool(self.get_parameter('use_sim_time').value)  # fixed at start-up
         p = declare_all(self, PARAMETERS)
         self._start_params = p
         problems = startup_problems(p)
@@ -93,8 +90,6 @@ class ActionNode(GuardedLifecycleNode):
         self._configure_error = ''
         self._worker: threading.Thread | None = None
         self._running = False  # the inference worker runs (configured)
-        self._last_latency = self._surprise_psnr = math.nan
-        self._goals: dict[bytes, Goal] = {}  # accepted goals whose execute callback has not taken them yet
 
         sensors, control = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
         rate = float(p['control_rate_hz'])
@@ -111,14 +106,7 @@ class ActionNode(GuardedLifecycleNode):
                                        callback_group=MutuallyExclusiveCallbackGroup())
         self.create_state_subscription(Bool, 'worldvla/estop', self._on_estop, callback_group=control, once=False)
         self.create_service(Trigger, 'worldvla/reset_estop', self._on_reset_estop, callback_group=control)
-        requests = reliable_qos(1000)  # a burst of requests is queued and answered, not dropped (default: 10)
-        self._action_server = ActionServer(
-            self, RunInstruction, 'worldvla/run_instruction', execute_callback=self._execute_goal,
-            goal_callback=self._guard(self._on_goal_request, 'goal request', lambda: GoalResponse.REJECT),
-            handle_accepted_callback=self._guard(self._on_goal_accepted, 'goal start'),
-            cancel_callback=self._guard(self._on_cancel_request, 'cancel request', lambda: CancelResponse.ACCEPT),
-            goal_service_qos_profile=requests, cancel_service_qos_profile=requests,
-            result_service_qos_profile=requests, callback_group=ReentrantCallbackGroup())
+        self.tasks = TaskActionServer(self)
         if p['success_topic']:
             self.create_subscription(Bool, p['success_topic'], self._on_success, reliable_qos(10),
                                      callback_group=control)
@@ -171,7 +159,7 @@ class ActionNode(GuardedLifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Hold, then stop commanding: no command goes out until activated again."""
-        self.controller.deactivate(time.monotonic(), self._now_ns(), self._send)
+        self.controller.deactivate(self.clock_s(), self._now_ns(), self._send)
         self.get_logger().info('inactive: holding, no commands until activated')
         return super().on_deactivate(state)
 
@@ -189,7 +177,7 @@ class ActionNode(GuardedLifecycleNode):
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         """From any state: as deactivate (a hold if anything was commanded, the running goal ended), then
         nothing more: goals and instructions are refused, the model released, and the process ends."""
-        self.controller.shutdown(time.monotonic(), self._now_ns(), self._send)
+        self.controller.shutdown(self.clock_s(), self._now_ns(), self._send)
         if not self._stop_worker(timeout=2.0):
             self.get_logger().error('shutdown: the inference worker did not stop')
         self.policy = None
@@ -200,7 +188,7 @@ class ActionNode(GuardedLifecycleNode):
     def close(self) -> bool:
         """Stop the worker and, if anything was commanded, send one last hold (delivery awaited briefly)."""
         self._running = False  # before the hold: no inference starts meanwhile
-        last = self.controller.close(time.monotonic(), self._now_ns(), self._send if self.context.ok() else None)
+        last = self.controller.close(self.clock_s(), self._now_ns(), self._send if self.context.ok() else None)
         self._frame_event.set()
         if last is not None and self.context.ok():
             self.command_pub.wait_for_all_acked(Duration(seconds=0.5))
@@ -219,25 +207,8 @@ class ActionNode(GuardedLifecycleNode):
     def _load_policy(self, p: dict[str, Any]):
         overrides = {k: p[k] for k in ('chunk_size', 'history_frames') if p[k]}
         t0 = time.perf_counter()
-        policy = self._policy_loader(p, **overrides)
-        try:
-            policy.capture_decoding(p['decode_capture'])
-        except ValueError as exc:  # e.g. cuda_graph asked for a CPU device
-            raise StartupError(f'parameter decode_capture: {exc}') from exc
-        if p['warmup']:
-            try:
-                policy.warmup()
-            except Exception as exc:  # a model that cannot answer must not go active
-                raise StartupError(f'warm-up inference failed: {exc}') from exc
-        if policy.engine.capture_error:
-            self.get_logger().warning(f'decode step not captured: {policy.engine.capture_error}')
-        captured = f', decode step captured ({policy.engine.captured})' if policy.engine.captured else ''
-        self.get_logger().info(f'loaded {policy.model_id} in {time.perf_counter() - t0:.1f} s{captured}')
-        # the model's objects (modules, the tokenizer's vocabulary) live as long as it does: out of the collector's
-        # full passes, which otherwise walk them all and stopped the control loop for up to 0.15 s
-        gc.collect()
-        gc.freeze()
-        return policy
+        return prepare_policy(self._policy_loader(p, **overrides), p['decode_capture'], p['warmup'],
+                              self.get_logger(), t0)
 
     # -- parameters -----------------------------------------------------------------------------------
     def _check_parameters(self, params: list) -> SetParametersResult:
@@ -272,7 +243,7 @@ class ActionNode(GuardedLifecycleNode):
         frame = policy.model_frame(rgb)  # all the model reads of it: bounded memory whatever the camera sends
         now = time.perf_counter()
         stamp = header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
-        if self.controller.on_frame(frame, stamp, time.monotonic(), now - received):
+        if self.controller.on_frame(frame, stamp, self.clock_s(), now - received):
             self._frame_event.set()
 
     def _on_camera_reject(self, exc: ImageRejected) -> None:
@@ -294,7 +265,7 @@ class ActionNode(GuardedLifecycleNode):
             self._frame_event.set()
 
     def _on_estop(self, msg: Bool) -> None:
-        if msg.data and self.controller.on_estop(time.monotonic()):
+        if msg.data and self.controller.on_estop(self.clock_s()):
             self.get_logger().warning('E-STOP latched: holding until /worldvla/reset_estop is called')
 
     def _on_reset_estop(self, _req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
@@ -308,11 +279,15 @@ class ActionNode(GuardedLifecycleNode):
     def _on_success(self, msg: Bool) -> None:
         if msg.data:
             self.controller.on_success(f'success signal on {self.get_parameter("success_topic").value}',
-                                       time.monotonic())
+                                       self.clock_s())
 
     def _on_surprise(self, msg: Float64MultiArray) -> None:
         if len(msg.data) >= 2 and math.isfinite(msg.data[1]):
-            self._surprise_psnr = float(msg.data[1])
+            self.tasks.surprise_psnr = float(msg.data[1])
+
+    def wake(self) -> None:
+        """The worker looks for a request now (a new task, a new frame)."""
+        self._frame_event.set()
 
     # -- inference (worker thread) ----------------------------------------------------------------------
     def _inference_loop(self) -> None:
@@ -323,7 +298,7 @@ class ActionNode(GuardedLifecycleNode):
                 continue
             self._frame_event.clear()
             policy = self.policy
-            request = self.controller.next_request(self._now_ns(), time.monotonic()) if policy else None
+            request = self.controller.next_request(self._now_ns(), self.clock_s()) if policy else None
             if request is None:
                 continue
             try:
@@ -331,7 +306,7 @@ class ActionNode(GuardedLifecycleNode):
             except Exception as exc:  # never let one bad inference end the worker
                 if not self.context.ok() or not self._running:
                     return  # shutting down
-                self.controller.inference_failed(request, str(exc), time.monotonic(),
+                self.controller.inference_failed(request, str(exc), self.clock_s(),
                                                  non_finite=getattr(exc, 'non_finite', False))
                 if not getattr(exc, 'non_finite', False):
                     self.say('error', 'inference', f'inference failed: {exc!r}')
@@ -341,9 +316,9 @@ class ActionNode(GuardedLifecycleNode):
         pred = policy.predict(request.frames, request.instruction,
                               batched=self.get_parameter('batched_decoding').value)
         model_done = time.perf_counter()
-        self._last_latency = model_done - t0
-        self.stats.latency(self._last_latency)
-        chunk = self.controller.on_chunk(request, pred.actions, time.monotonic(), self._last_latency)
+        self.tasks.latency = latency = model_done - t0
+        self.stats.latency(latency)
+        chunk = self.controller.on_chunk(request, pred.actions, self.clock_s(), latency)
         if chunk is None:
             return
         msg = chunk_msg(chunk, self.get_parameter('command_frame_id').value, policy.model_id)
@@ -354,7 +329,7 @@ class ActionNode(GuardedLifecycleNode):
 
     # -- control (timer) ------------------------------------------------------------------------------
     def _on_control_tick(self) -> None:
-        self.controller.tick(time.monotonic(), self._now_ns(), self._send)
+        self.controller.tick(self.clock_s(), self._now_ns(), self._send)
 
     def _send(self, cmd: Command) -> Command:
         """The command in every form, under the controller's lock; the one sent (a hold, if the gate refused)."""
@@ -363,59 +338,10 @@ class ActionNode(GuardedLifecycleNode):
     def _now_ns(self) -> int:
         return self.get_clock().now().nanoseconds
 
-    # -- task action (RunInstruction) -------------------------------------------------------------------
-    def _on_goal_request(self, request: RunInstruction.Goal) -> GoalResponse:
-        self.stats.count('goal_requests')
-        policy = self.policy
-        try:  # the one check of the instruction, before acceptance
-            if policy is None:
-                raise ValueError('the node is not active (lifecycle)')
-            policy.check_instruction(request.instruction)
-        except ValueError as exc:
-            refusal = ('goal', str(exc))
-        else:
-            refusal = self.controller.goal_refusal(time.monotonic(), request.time_limit)
-        if refusal is not None:
-            self.stats.count(f'rejected_{refusal[0]}')
-            self.say('warning', f'rejected_{refusal[0]}', f'rejected ({refusal[0]}): {refusal[1]}')
-            return GoalResponse.REJECT
-        return GoalResponse.ACCEPT
-
-    def _on_goal_accepted(self, handle: ServerGoalHandle) -> None:
-        r = handle.request
-        goal = Goal(handle, normalize_instruction(r.instruction), int(r.max_steps), float(r.time_limit))
-        if self.controller.start_goal(goal, time.monotonic()):
-            self.say('info', 'goal', f'goal: {goal.instruction!r} (max_steps {goal.max_steps}, time_limit '
-                     f'{goal.time_limit:g} s)', every=0.5)
-            self._frame_event.set()
-        self._goals[bytes(handle.goal_id.uuid)] = goal  # for its execute callback
-        handle.execute()
-
-    def _on_cancel_request(self, handle: ServerGoalHandle) -> CancelResponse:
-        self.controller.cancel_goal(handle, time.monotonic())  # a hold from the next tick on, then the answer
-        return CancelResponse.ACCEPT
-
-    def _execute_goal(self, handle: ServerGoalHandle) -> RunInstruction.Result:
-        goal = self._goals.pop(bytes(handle.goal_id.uuid))
-        feedback, sent = RunInstruction.Feedback(), None
-        while not goal.done.wait(0.1):
-            now = (goal.chunks, goal.steps)
-            if now != sent and handle.is_active:
-                feedback.chunks, feedback.commands_sent = now
-                feedback.last_inference_latency, feedback.surprise_psnr = self._last_latency, self._surprise_psnr
-                handle.publish_feedback(feedback)
-                sent = now
-        result = RunInstruction.Result(outcome=getattr(Outcome, goal.outcome.upper()), message=goal.message,
-                                       steps=goal.steps, duration=goal.duration)
-        self.say('info', 'goal_end', f'goal {goal.instruction!r} ended: {goal.outcome} ({goal.message}), '
-                 f'{goal.steps} steps in {goal.duration:.1f} s', every=0.5)
-        if goal.outcome == 'succeeded':
-            handle.succeed()
-        elif goal.outcome == 'canceled' and handle.is_cancel_requested:
-            handle.canceled()
-        else:
-            handle.abort()
-        return result
+    def clock_s(self) -> float:
+        """The controller's clock (watchdog, goal time limits): the ROS clock under use_sim_time, as the control
+        timer runs on it (a sim slower than real time is not a stalled model), else monotonic time."""
+        return self._now_ns() * 1e-9 if self.sim_time else time.monotonic()
 
     def _publish_diagnostics(self) -> None:
         ctrl, policy = self.controller, self.policy

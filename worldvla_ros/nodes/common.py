@@ -91,6 +91,32 @@ def load_node_policy(p: dict[str, Any], **overrides: Any):
         raise StartupError(f'cannot load checkpoint: {exc}') from exc
 
 
+def prepare_policy(policy: Any, capture: str, warmup: bool, logger: Any, t0: float) -> Any:
+    """A freshly loaded policy made ready to serve: its decode step captured (``capture``), one inference run
+    (``warmup``: a model that cannot answer must not go active), its objects frozen out of the collector's full
+    passes. Any problem is a StartupError."""
+    import gc
+
+    try:
+        policy.capture_decoding(capture)
+    except ValueError as exc:  # e.g. cuda_graph asked for a CPU device
+        raise StartupError(f'parameter decode_capture: {exc}') from exc
+    if warmup:
+        try:
+            policy.warmup()
+        except Exception as exc:
+            raise StartupError(f'warm-up inference failed: {exc}') from exc
+    if policy.engine.capture_error:
+        logger.warning(f'decode step not captured: {policy.engine.capture_error}')
+    captured = f', decode step captured ({policy.engine.captured})' if policy.engine.captured else ''
+    logger.info(f'loaded {policy.model_id} in {time.perf_counter() - t0:.1f} s{captured}')
+    # the model's objects (modules, the tokenizer's vocabulary) live as long as it does: out of the collector's
+    # full passes, which otherwise walk them all and stopped the control loop for up to 0.15 s
+    gc.collect()
+    gc.freeze()
+    return policy
+
+
 def declare_all(node: Node, table: dict[str, Param]) -> dict[str, Any]:
     """Declare every parameter; a value given at start-up that does not fit is a StartupError."""
     for name, p in table.items():
