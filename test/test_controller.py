@@ -229,3 +229,16 @@ def test_the_control_package_imports_neither_ros_nor_torch() -> None:
 def test_settings_that_make_no_sense_are_refused(field: str) -> None:
     with pytest.raises(ValueError):
         ControlSettings(**{field: -1.0})
+
+
+def test_the_settings_defaults_are_the_action_nodes() -> None:
+    """Lockstep, the sims and the fleet get the node's behaviour where a parameter file is silent."""
+    from dataclasses import fields
+
+    from worldvla_ros.control.types import PARAMETER_FIELDS
+    from worldvla_ros.nodes.action_parameters import PARAMETERS
+
+    defaults = {f.name: f.default for f in fields(ControlSettings)}
+    for name, field in PARAMETER_FIELDS.items():
+        assert PARAMETERS[name].default == defaults[field], name
+    assert ControlSettings.from_parameters({'replan_threshold': 2, 'unrelated': 1}).replan_threshold == 2

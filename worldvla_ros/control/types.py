@@ -49,6 +49,20 @@ class ControlSettings:
     def period(self) -> float:
         return 1.0 / self.rate_hz
 
+    @classmethod
+    def from_parameters(cls, params: dict[str, Any], **overrides: Any) -> ControlSettings:
+        """From the action node's parameters (declared values, or its YAML section: a key not given keeps the
+        default here, which is the node's default)."""
+        given = {field: params[name] for name, field in PARAMETER_FIELDS.items() if name in params}
+        return cls(**{**given, **overrides})
+
+
+PARAMETER_FIELDS = {  # the action node's parameter → ControlSettings field (changed at runtime: from the next decision)
+    'control_rate_hz': 'rate_hz', 'replan_threshold': 'replan_threshold', 'chunk_merge': 'chunk_merge',
+    'ensemble_decay': 'ensemble_decay', 'watchdog_timeout': 'watchdog_timeout', 'max_obs_age': 'max_obs_age',
+    'max_future_stamp': 'max_future_stamp', 'enabled': 'enabled', 'goal_policy': 'goal_policy',
+    'min_goal_interval': 'min_goal_interval'}
+
 
 @dataclass
 class Request:

@@ -11,16 +11,7 @@ from worldvla_ros.safety import SafetyLimits
 
 def control_settings(params: dict[str, Any]) -> ControlSettings:
     """The action node's control settings from its parameter-file section (its defaults where not set)."""
-    d = ControlSettings()
-    return ControlSettings(
-        rate_hz=float(params.get('control_rate_hz', d.rate_hz)),
-        replan_threshold=int(params.get('replan_threshold', d.replan_threshold)),
-        chunk_merge=str(params.get('chunk_merge', d.chunk_merge)),
-        ensemble_decay=float(params.get('ensemble_decay', d.ensemble_decay)),
-        watchdog_timeout=float(params.get('watchdog_timeout', d.watchdog_timeout)),
-        max_obs_age=float(params.get('max_obs_age', d.max_obs_age)),
-        max_future_stamp=float(params.get('max_future_stamp', d.max_future_stamp)),
-        enabled=bool(params.get('enabled', d.enabled)))
+    return ControlSettings.from_parameters(params)
 
 
 def safety_limits(params: dict[str, Any]) -> SafetyLimits:

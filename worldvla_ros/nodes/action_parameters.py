@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from worldvla_ros.control import ControlSettings
+from worldvla_ros.control.types import PARAMETER_FIELDS
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN, LIBERO_ACTION_SCALE
 from worldvla_ros.nodes.common import CAMERA_PARAMETERS, MODEL_PARAMETERS, Param
 from worldvla_ros.robot_outputs import action_scale_problem
@@ -73,15 +74,11 @@ PARAMETERS: dict[str, Param] = {
 }
 
 LIMIT_PARAMETERS = ('action_min', 'action_max', 'max_step')  # SafetyLimits' fields, in order
-SETTING_PARAMETERS = {  # parameter → ControlSettings field; changed at runtime, in force from the next decision
-    'replan_threshold': 'replan_threshold', 'chunk_merge': 'chunk_merge', 'ensemble_decay': 'ensemble_decay',
-    'watchdog_timeout': 'watchdog_timeout', 'max_obs_age': 'max_obs_age', 'max_future_stamp': 'max_future_stamp',
-    'enabled': 'enabled', 'goal_policy': 'goal_policy', 'min_goal_interval': 'min_goal_interval'}
+SETTING_PARAMETERS = {n: f for n, f in PARAMETER_FIELDS.items() if n != 'control_rate_hz'}  # runtime changes
 
 
 def control_settings(p: dict[str, Any], history_frames: int = 1) -> ControlSettings:
-    return ControlSettings(rate_hz=float(p['control_rate_hz']), history_frames=history_frames,
-                           **{field: p[name] for name, field in SETTING_PARAMETERS.items()})
+    return ControlSettings.from_parameters(p, history_frames=history_frames)
 
 
 def safety_limits(p: dict[str, Any]) -> SafetyLimits:
