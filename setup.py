@@ -45,6 +45,8 @@ setup(
             'record_demos = worldvla_ros.sim.record:main',
             'worldvla_train = worldvla_ros.train.cli:main',
             'worldvla_sim_eval = worldvla_ros.sim.closed_loop:main',
+            'libero_sim_node = worldvla_ros.nodes.libero_sim_node:main',
+            'worldvla_libero_eval = worldvla_ros.sim.libero_eval:main',
         ],
     },
 )

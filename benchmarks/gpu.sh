@@ -42,4 +42,13 @@ step monitor_costs "$py" "$repo/benchmarks/monitor_anomalies.py" --device cuda -
 # 7B world-model frames (256 steps a frame on random weights: minutes)
 STEP_LIMIT_S=${WM_LIMIT_S:-540} step model_core_7b_256_k10_world_model "$py" "$repo/benchmarks/model_core.py" \
   --config 7b --device cuda --dtype bfloat16 --resolution 256 --chunk-size 10 --repeats 2
+# The paper's LIBERO table with the released checkpoints (needs scripts/install.sh --libero and the weights under
+# $WORLDVLA_RELEASE, e.g. /data/WorldVLA/model_256; hours: 500 episodes per suite). Off unless LIBERO_TABLE=1.
+if [[ ${LIBERO_TABLE:-0} == 1 ]]; then
+  release=${WORLDVLA_RELEASE:-/data/WorldVLA/model_256}
+  for suite in libero_spatial libero_object libero_goal libero_10; do
+    STEP_LIMIT_S=${LIBERO_LIMIT_S:-36000} step "libero_$suite" "$py" -m worldvla_ros.sim.libero_eval --suite "$suite" \
+      --checkpoint "$release/$suite" --device cuda --envs 8 --out "$out/libero_$suite" --no-progress
+  done
+fi
 echo "results in $out" >&2

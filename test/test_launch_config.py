@@ -199,8 +199,23 @@ def test_every_launch_argument_has_a_description(launch_file: Any) -> None:
     declared = [e.record for e in entities if e.record.kind == 'DeclareLaunchArgument']
     names = [r.args[0] if r.args else r.kwargs['name'] for r in declared]
     assert set(names) == {'checkpoint', 'device', 'config', 'namespace', 'camera_topic', 'instruction_topic',
-                          'use_world_model', 'use_rviz', 'use_sim', 'use_sim_time', 'enabled', 'autostart'}
+                          'use_world_model', 'use_rviz', 'use_sim', 'use_sim_time', 'enabled', 'autostart',
+                          'libero_suite', 'libero_task', 'libero_episodes'}
     assert all(len(r.kwargs.get('description', '')) > 10 for r in declared)
+
+
+def test_use_sim_libero_starts_the_libero_sim_owning_the_clock(launch_file: Any) -> None:
+    """use_sim:=libero: the LIBERO sim node with its suite and task; it publishes /clock, so the model nodes
+    follow it (use_sim_time) and it does not; the action node runs the release's protocol at LIBERO's 20 Hz."""
+    nodes = _nodes(launch_file, use_sim='libero', libero_suite='libero_goal', libero_task='3')
+    assert [n.kwargs['executable'] for n in nodes] == ['action_node', 'world_model_node', 'libero_sim_node']
+    action, world, sim = (_params(n) for n in nodes)
+    assert action['use_sim_time'] is True and world['use_sim_time'] is True and 'use_sim_time' not in sim
+    assert (sim['suite'], sim['task'], sim['episodes']) == ('libero_goal', 3, 0)
+    assert action['control_rate_hz'] == 20.0 and action['replan_threshold'] == 0 and action['enabled'] is True
+    assert action['image_rotation'] == '0' and action['success_topic'] == 'sim/success'
+    with pytest.raises(launch_file.LaunchRefused, match='whole numbers'):
+        _run_launch(launch_file, use_sim='libero', libero_task='three')
 
 
 def test_default_launch_starts_the_two_model_nodes_every_one_required(launch_file: Any) -> None:

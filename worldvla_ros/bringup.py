@@ -42,9 +42,9 @@ def default_config() -> Path:
     return installed_config('worldvla.yaml')
 
 
-def sim_config() -> Path:
-    """The overrides for the tabletop sim as the robot, applied after the default config."""
-    return installed_config('tabletop_sim.yaml')
+def sim_config(sim: str = 'tabletop') -> Path:
+    """The overrides for a sim as the robot (tabletop, libero), applied after the default config."""
+    return installed_config(f'{sim}_sim.yaml')
 
 
 def node_command(spec: NodeSpec, parameter_dir: Path) -> list[str]:
@@ -65,7 +65,8 @@ def start_nodes(checkpoint: str, config: Path | Sequence[Path], device: str = 'a
                 use_world_model: bool = True, extra: dict[str, str] | None = None, use_sim: bool = False,
                 sim_params: dict[str, str] | None = None, camera_topic: str = '',
                 instruction_topic: str = '', env: dict[str, str] | None = None,
-                autostart: bool = True, activate_timeout: float = 900.0) -> list[subprocess.Popen]:
+                autostart: bool = True, activate_timeout: float = 900.0, sim: str = 'tabletop'
+                ) -> list[subprocess.Popen]:
     """The action node, the world-model node and the sim, each in its own process (in that order); with
     ``autostart`` the action node is configured and activated before this returns (BringupError if not).
 
@@ -75,7 +76,7 @@ def start_nodes(checkpoint: str, config: Path | Sequence[Path], device: str = 'a
     options = BringupOptions(
         checkpoint=checkpoint, configs=tuple(Path(c) for c in configs), device=device, namespace=namespace,
         camera_topic=camera_topic, instruction_topic=instruction_topic,
-        use_world_model=use_world_model, use_sim=use_sim, autostart=autostart,
+        use_world_model=use_world_model, use_sim=use_sim, sim=sim, autostart=autostart,
         extra={k: parse_value(v) for k, v in (extra or {}).items()},
         sim_extra={k: parse_value(v) for k, v in (sim_params or {}).items()})
     env = {**os.environ, **(env or {})}

@@ -22,7 +22,9 @@ from typing import Any
 
 import yaml
 
-NODES = {'action_node': 'worldvla_action', 'world_model_node': 'worldvla_world_model', 'sim_node': 'worldvla_sim'}
+NODES = {'action_node': 'worldvla_action', 'world_model_node': 'worldvla_world_model', 'sim_node': 'worldvla_sim',
+         'libero_sim_node': 'worldvla_libero_sim'}
+SIMS = {'tabletop': 'sim_node', 'libero': 'libero_sim_node'}
 CAMERA = 'camera/image_raw'
 INSTRUCTION = 'instruction'
 
@@ -113,6 +115,7 @@ class BringupOptions:
     instruction_topic: str = ''
     use_world_model: bool = True
     use_sim: bool = False
+    sim: str = 'tabletop'  # which sim, with use_sim: tabletop | libero (it owns /clock: the others follow it)
     sim_config: Path | None = None  # applied after ``configs`` with the sim
     use_sim_time: bool = False
     enabled: bool | None = None  # None: as the parameter files say (the sim's file enables)
@@ -134,20 +137,23 @@ def plan(options: BringupOptions) -> list[NodeSpec]:
     if options.instruction_topic and options.instruction_topic != INSTRUCTION:
         remaps[INSTRUCTION] = options.instruction_topic
     model = {'checkpoint': options.checkpoint, 'device': options.device, **options.extra}
-    time = {'use_sim_time': True} if options.use_sim_time else {}
+    clock_owner = options.use_sim and options.sim == 'libero'
+    time = {'use_sim_time': True} if options.use_sim_time or clock_owner else {}
+    sim_exe = SIMS[options.sim]
     executables = ['action_node'] + (['world_model_node'] if options.use_world_model else []) + (
-        ['sim_node'] if options.use_sim else [])
+        [sim_exe] if options.use_sim else [])
     specs = []
     for exe in executables:
         name = NODES[exe]
         params = node_parameters(configs, name, ns)
-        params.update(options.sim_extra if exe == 'sim_node' else model)
+        params.update(options.sim_extra if exe == sim_exe else model)
         if exe == 'action_node' and options.enabled is not None:
             params['enabled'] = options.enabled
         managed = exe == 'action_node'
         if managed:
             params['autostart'] = False  # the launcher's lifecycle transitions (or the user's manager) instead
-        params.update(time)
+        if not (exe == sim_exe and clock_owner):  # the LIBERO sim publishes /clock: it cannot follow one
+            params.update(time)
         specs.append(NodeSpec(exe, name, ns, params, dict(remaps), lifecycle=managed))
     return specs
 

@@ -1,6 +1,8 @@
 """Image similarity of imagined vs real frames (world-model surprise, bag evaluation)."""
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -29,3 +31,13 @@ def side_by_side(real: np.ndarray, imagined: np.ndarray) -> np.ndarray:
     real = _same_size(real, imagined)
     diff = np.clip(np.abs(real.astype(np.int16) - imagined.astype(np.int16)) * 4, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(np.concatenate([real, imagined, diff], axis=1))
+
+
+def wilson95(successes: int, n: int) -> tuple[float, float]:
+    """Wilson 95 % interval of a success rate: honest error bars for a few dozen episodes."""
+    if n <= 0:
+        return (0.0, 0.0)
+    p, z = successes / n, 1.96
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (round(max(centre - half, 0.0), 4), round(min(centre + half, 1.0), 4))

@@ -97,6 +97,8 @@ class Supervision:
             self.instruction = goal.instruction
             self.version += 1
             self._clear_queue()  # nothing computed for an earlier task runs
+            self.history.clear()  # its observations start with it (a sim's next episode is another scene)
+            self.fresh = False
         return True
 
     def cancel_goal(self, key: Any, now: float) -> bool:

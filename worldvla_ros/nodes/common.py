@@ -69,6 +69,9 @@ MODEL_PARAMETERS: dict[str, Param] = {
     'dtype': Param('auto', 'auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32', read_only=True),
     'cpu_threads': Param(1, 'on a CPU device: torch threads of the inference thread (0: torch default); small '
                          'models run fastest with 1', 0, 1024, read_only=True),
+    'image_rotation': Param('checkpoint', 'turn camera frames before the model: checkpoint (its rotate_180: the '
+                            'released LIBERO checkpoints turn LIBERO\'s raw renders by 180°), 0 (an upright camera '
+                            'for such a checkpoint), 180', read_only=True, choices=('checkpoint', '0', '180')),
 }
 CAMERA_PARAMETERS: dict[str, Param] = {
     'use_compressed': Param(False, 'subscribe to sensor_msgs/CompressedImage on <camera>/compressed',
@@ -85,6 +88,8 @@ def load_node_policy(p: dict[str, Any], **overrides: Any):
     if not p['checkpoint']:
         raise StartupError('parameter checkpoint is empty: give a WorldVLA checkpoint directory')
     try:
+        if p.get('image_rotation', 'checkpoint') != 'checkpoint':
+            overrides['rotate_180'] = p['image_rotation'] == '180'
         return load_policy(p['checkpoint'], device=p['device'], dtype=p['dtype'],
                            tokenizer_dir=p['tokenizer_dir'] or None, **overrides)
     except CheckpointError as exc:

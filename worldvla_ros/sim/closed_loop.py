@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from worldvla_ros.control import Controller, ControlSettings
 from worldvla_ros.control.loop import SynchronousLoop
+from worldvla_ros.metrics import wilson95
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
 from worldvla_ros.safety import SafetyLimits
 
@@ -105,12 +106,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     ok = np.array([r['success'] for r in results], dtype=float)
     per_task = {t: float(np.mean([r['success'] for r in results if r['task'] == t]))
                 for t, _, _ in TASKS if any(r['task'] == t for r in results)}
-    # Wilson 95 % interval: honest error bars for a few dozen episodes
-    n, p, z = len(ok), ok.mean() if len(ok) else 0.0, 1.96
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n) if n else 0.0
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n) if n else 0.0
-    return {'episodes': n, 'success_rate': round(float(p), 4),
-            'wilson95': [round(float(centre - half), 4), round(float(centre + half), 4)],
+    n, p = len(ok), ok.mean() if len(ok) else 0.0
+    return {'episodes': n, 'success_rate': round(float(p), 4), 'wilson95': list(wilson95(int(ok.sum()), n)),
             'mean_steps': round(float(np.mean([r['steps'] for r in results])), 1) if n else None,
             'grasped_named_block': round(float(np.mean([r['grasped'] for r in results])), 4) if n else None,
             'median_closest_cm': round(float(np.median([r['closest_cm'] for r in results])), 2) if n else None,
