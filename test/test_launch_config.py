@@ -28,14 +28,14 @@ from worldvla_ros.launch_plan import (
     resolve_topic,
     rviz_config,
 )
-from worldvla_ros.nodes import action_node, sim_node, world_model_node
+from worldvla_ros.nodes import action_node, libero_sim_node, sim_node, world_model_node
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / 'launch' / 'bringup.launch.py'
 CONFIG = REPO / 'config' / 'worldvla.yaml'
 SIM = REPO / 'config' / 'tabletop_sim.yaml'
 NODE_PARAMS = {'worldvla_action': action_node.PARAMETERS, 'worldvla_world_model': world_model_node.PARAMETERS,
-               'worldvla_sim': sim_node.PARAMETERS}
+               'worldvla_sim': sim_node.PARAMETERS, 'worldvla_libero_sim': libero_sim_node.PARAMETERS}
 
 
 # -- a stand-in for launch / launch_ros that records the actions ------------------------------------
@@ -372,7 +372,7 @@ def test_every_worldvla_executable_is_installed() -> None:
     assert 'worldvla_bringup' in (REPO / 'setup.py').read_text()
 
 
-@pytest.mark.parametrize('name', ['worldvla.yaml', 'tabletop_sim.yaml'])
+@pytest.mark.parametrize('name', ['worldvla.yaml', 'tabletop_sim.yaml', 'libero_sim.yaml'])
 def test_every_yaml_parameter_is_declared_by_its_node(name: str) -> None:
     config = yaml.safe_load((REPO / 'config' / name).read_text())
     if name == 'worldvla.yaml':  # the full reference: every node, every parameter

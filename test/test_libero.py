@@ -172,3 +172,28 @@ def test_the_evaluation_in_process_and_through_ros_execute_the_same_actions(tmp_
     # resumable: a second run of the same settings runs nothing and reports the same
     assert libero_eval([*common, '--out', str(tmp_path / 'local')]) == 0
     assert len((tmp_path / 'local' / 'episodes.jsonl').read_text().splitlines()) == 1
+
+
+@needs_libero
+@pytest.mark.libero
+@pytest.mark.timeout(600)
+def test_expert_demonstrations_are_bags_the_evaluation_and_fine_tuning_read(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from worldvla_ros.evaluation.episode import TopicMap, read_episode
+    from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
+    from worldvla_ros.sim.record import main as record_demos
+
+    for k, v in RENDER.items():
+        monkeypatch.setenv(k, v)
+    assert record_demos([str(tmp_path), '--env', 'libero', '--suite', 'libero_object', '--tasks', '2',
+                         '--trials', '1', '--no-progress']) == 0
+    (bag,) = tmp_path.iterdir()
+    assert bag.name == 'libero_object_task02_trial00'
+    episode = read_episode(bag, TopicMap(), frame_size=256)
+    assert episode.instruction == 'pick up the salad dressing and place it in the basket'
+    assert 50 < len(episode.frames) == len(episode.actions) < 280  # a successful episode, one action per frame
+    assert np.all(episode.actions >= np.array(LIBERO_ACTION_MIN) - 1e-9)
+    assert np.all(episode.actions <= np.array(LIBERO_ACTION_MAX) + 1e-9)
+    assert np.isclose(np.median(np.diff(episode.times_s)), 0.05)  # LIBERO's 20 Hz
+    with LiberoEnv('libero_object', 2) as env:
+        np.testing.assert_array_equal(episode.frames[0], env.reset(0).image)  # the render as LIBERO draws it

@@ -183,7 +183,8 @@ class PickPlaceExpert:
             target = eef.copy() if self.count < 15 else np.array([eef[0], eef[1], goal[2] + self.CLEAR])
             if self.count > 40:
                 self.phase, self.count = 'above', 0
-        delta = np.clip((target - eef) / 0.05 * 2.0, -1.0, 1.0)  # proportional, in OSC units
+        # proportional, in OSC units, within the release's action ranges (what its tokenizer can say)
+        delta = np.clip((target - eef) / 0.05 * 2.0, -0.9375, 0.9375)
         return [float(delta[0]), float(delta[1]), float(delta[2]), 0.0, 0.0, 0.0, gripper]
 
 

@@ -3,6 +3,7 @@
     record_demos OUT_DIR [--episodes 300] [--seed 0] [--noise 0.1] [--storage mcap] [--diverse-starts]
     record_demos OUT_DIR --snippets 5 [--episodes N] [--seed S] [--near 0.08] [--held 0.3]
     record_demos OUT_DIR --snippets 5 --dagger CHECKPOINT [--episodes N] [--seed 400000]
+    record_demos OUT_DIR --env libero --suite libero_object [--tasks 0,1] [--trials 5]
 
 One bag per episode (``/camera/image_raw``, ``/instruction``, ``/teleop/ee_command``: the expert's
 command for the frame; the robot executed it with exploration noise, see ``expert_episode``), named
@@ -168,9 +169,18 @@ def record_demos(out_dir: str | Path, episodes: int, seed: int = 0, noise: float
 
 
 def main(argv: list[str] | None = None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--env', choices=('tabletop', 'libero'), default='tabletop')
+    which, rest = pre.parse_known_args(argv)
+    if which.env == 'libero':
+        from .libero_record import main as record_libero
+
+        return record_libero(rest)
     parser = argparse.ArgumentParser(prog='record_demos', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('out_dir')
+    parser.add_argument('--env', choices=('tabletop', 'libero'), default='tabletop',
+                        help='libero: the scripted expert in LIBERO (record_demos OUT --env libero --help)')
     parser.add_argument('--episodes', type=int, default=300)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--noise', type=float, default=0.1, help='std of the noise on the expert’s Δxyz')
