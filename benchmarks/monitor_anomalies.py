@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     monitors = {}
     for name, chosen in (('default', DEFAULT_ALERT_SIGNALS), ('with_frame_change', (*DEFAULT_ALERT_SIGNALS,
                                                                                     'frame_change'))):
-        cal = calibrate(calib_set, args.false_alarm_rate, chosen, model_id=policy.model_id)
+        cal = calibrate(calib_set, args.false_alarm_rate, chosen, model_id=policy.model_id,
+                        weights=policy.weights_digest)
         monitors[name] = {'thresholds': cal.thresholds, 'calibration_rate': cal.measured_rate,
                           'held_out_false_alarms': float(np.mean([bool(cal.alarm(n)) for n in normal])),
                           'held_out_false_alarms_by_signal': {k: float(np.mean([n[k] > t for n in normal]))

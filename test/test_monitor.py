@@ -130,6 +130,12 @@ def test_the_calibration_file_round_trips_and_hostile_ones_are_refused(tmp_path:
     assert back.alarm({'peak_excess_bits': 3.5}) == []  # at the threshold is normal; a missing signal never alarms
     assert back.fits('tabletop@x') and back.fits('x') and not back.fits('tabletop@y')  # the digest decides
     assert Calibration({'peak_excess_bits': 1.0}, 0.05, 100).fits('anything@z')
+    bound = Calibration(cal.thresholds, 0.05, 400, 'tabletop@x', 0.0475, weights='0123456789ab')
+    bound.save(path)
+    back = Calibration.load(path)
+    assert back.weights == '0123456789ab' and back.fits('tabletop@x', '0123456789ab')
+    assert not back.fits('tabletop@x', 'ba9876543210')  # same config.json, other weights: refused
+    assert back.fits('tabletop@x')  # a caller that cannot tell the weights: the config decides
     good = json.loads(path.read_text())
     cases = {
         'not json': '{', 'a list': '[]', 'wrong format': json.dumps({**good, 'format': 'x'}),
@@ -144,6 +150,7 @@ def test_the_calibration_file_round_trips_and_hostile_ones_are_refused(tmp_path:
         'transitions a bool': json.dumps({**good, 'transitions': True}),
         'measured a dict': json.dumps({**good, 'measured_rate': {'a': 1}}),
         'model id a list': json.dumps({**good, 'model_id': [1]}),
+        'weights a number': json.dumps({**good, 'weights': 5}),
         'source a string': json.dumps({**good, 'source': 'bag'}),
         'deep nesting': '[' * 200_000 + ']' * 200_000,
         'over a megabyte': json.dumps({**good, 'source': ['x' * 1000] * 1100}),
@@ -207,6 +214,39 @@ def test_every_anomaly_changes_the_next_frame_and_the_bundled_monitor_sees_a_tel
     assert auroc(normal, teleported) >= 0.8  # the benchmark measures 0.99 on 100 + 100
 
 
+def test_the_weights_fingerprint_tells_checkpoints_with_one_config_apart(tmp_path: Path) -> None:
+    """A fine-tune that kept the action statistics has the config.json of its base: the config digest in the
+    model id cannot tell them apart, the weights' fingerprint does (and reads a few blocks, not gigabytes)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from worldvla_ros.model import make_tiny_checkpoint
+    from worldvla_ros.model.checkpoint import find_checkpoint_files, model_id_of, weights_fingerprint
+
+    a = find_checkpoint_files(make_tiny_checkpoint(tmp_path / 'a'))
+    shutil.copytree(tmp_path / 'a', tmp_path / 'b')
+    for shard in (tmp_path / 'b').glob('*.safetensors'):  # "fine-tuned": every tensor moved a little
+        tensors = load_file(shard)
+        save_file({k: v + 1e-3 * torch.randn_like(v) if v.is_floating_point() else v for k, v in tensors.items()},
+                  shard, metadata={'format': 'pt'})
+    b = find_checkpoint_files(tmp_path / 'b')
+    assert model_id_of(a).split('@')[1] == model_id_of(b).split('@')[1]
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    assert weights_fingerprint(a) == weights_fingerprint(find_checkpoint_files(tmp_path / 'a'))
+    assert Calibration({'peak_excess_bits': 1.0}, 0.05, 100, model_id_of(a), weights=weights_fingerprint(a)).fits(
+        model_id_of(b), weights_fingerprint(b)) is False
+
+
+def test_the_bundled_calibration_is_bound_to_the_bundled_weights() -> None:
+    from worldvla_ros.model.checkpoint import find_checkpoint_files, model_id_of, weights_fingerprint
+
+    files = find_checkpoint_files(bundled_checkpoint())
+    cal = Calibration.load(bundled_checkpoint() / 'monitor_calibration.json')
+    assert cal.weights == weights_fingerprint(files) and cal.fits(model_id_of(files), weights_fingerprint(files))
+
+
 def test_evaluate_bag_calibrates_the_monitor_on_recorded_bags(tmp_path: Path, capsys) -> None:
     from worldvla_ros.evaluation.cli import main
     from worldvla_ros.evaluation.episode import write_episode
@@ -222,6 +262,7 @@ def test_evaluate_bag_calibrates_the_monitor_on_recorded_bags(tmp_path: Path, ca
     cal = Calibration.load(out)
     assert cal.transitions == 48 and cal.measured_rate <= 0.05
     assert set(cal.thresholds) == {'peak_excess_bits', 'action_consistency'} and cal.model_id.startswith('tabletop')
+    assert cal.weights and cal.weights == Calibration.load(bundled_checkpoint() / 'monitor_calibration.json').weights
     assert cal.source == [Path(b).name for b in bags]
     assert 'monitor calibrated on' in capsys.readouterr().err
     assert not (tmp_path / 'eval_report').exists()  # calibration writes its file only

@@ -87,19 +87,26 @@ class Calibration:
     model_id: str = ''
     measured_rate: float = 0.0
     source: list[str] = field(default_factory=list)
+    weights: str = ''  # checkpoint.weights_fingerprint of the weights it was found with
 
-    def fits(self, model_id: str) -> bool:
-        """Whether these thresholds were found for ``model_id``'s weights: ids are ``<directory>@<config digest>``
-        and a checkpoint's directory name differs between the source tree and an install, so the digest decides.
-        An empty id (a hand-written file) fits any model."""
-        return not self.model_id or self.model_id.split('@')[-1] == model_id.split('@')[-1]
+    def fits(self, model_id: str, weights: str = '') -> bool:
+        """Whether these thresholds were found for these weights: ids are ``<directory>@<config digest>`` and a
+        checkpoint's directory name differs between the source tree and an install, so the config digest decides,
+        and the weights' fingerprint where both sides have one (one config.json is shared by a fine-tune that kept
+        the action statistics, or by the weights before a revision). An empty id (a hand-written file) fits any
+        model."""
+        if not self.model_id:
+            return True
+        same_config = self.model_id.split('@')[-1] == model_id.split('@')[-1]
+        return same_config and (not self.weights or not weights or self.weights == weights)
 
     def alarm(self, signals: Mapping[str, float]) -> list[str]:
         """The signals above their thresholds (an alarm when not empty); a missing signal never alarms."""
         return [k for k, t in self.thresholds.items() if k in signals and signals[k] > t]
 
     def to_json(self) -> dict[str, Any]:
-        return {'format': CALIBRATION_FORMAT, 'model_id': self.model_id, 'false_alarm_rate': self.false_alarm_rate,
+        return {'format': CALIBRATION_FORMAT, 'model_id': self.model_id, 'weights': self.weights,
+                'false_alarm_rate': self.false_alarm_rate,
                 'measured_rate': self.measured_rate, 'transitions': self.transitions,
                 'thresholds': self.thresholds, 'source': self.source}
 
@@ -138,10 +145,13 @@ class Calibration:
         model_id, source = data.get('model_id', ''), data.get('source', [])
         if not isinstance(model_id, str):
             raise CalibrationError(f'{path}: model_id must be a string, got {model_id!r}')
+        weights = data.get('weights', '')
+        if not isinstance(weights, str) or len(weights) > 64:
+            raise CalibrationError(f'{path}: weights must be a fingerprint string, got {str(weights)[:80]!r}')
         if not isinstance(source, list) or not all(isinstance(x, str) for x in source):
             raise CalibrationError(f'{path}: source must be a list of bag names')
         return cls({k: float(v) for k, v in th.items()}, float(rate), transitions, model_id, float(measured),
-                   list(source))
+                   list(source), weights)
 
 
 def _is_number(v: Any) -> bool:
@@ -154,7 +164,7 @@ def min_transitions(false_alarm_rate: float) -> int:
 
 
 def calibrate(normal: Sequence[Mapping[str, float]], false_alarm_rate: float,
-              signals: Sequence[str] = DEFAULT_ALERT_SIGNALS, model_id: str = '') -> Calibration:
+              signals: Sequence[str] = DEFAULT_ALERT_SIGNALS, model_id: str = '', weights: str = '') -> Calibration:
     """Thresholds at one common quantile of each signal's normal values, chosen so that the share of normal
     transitions with any signal above its threshold is at most ``false_alarm_rate`` (the largest such)."""
     if not 0.0 < false_alarm_rate < 1.0:  # NaN fails too
@@ -176,7 +186,7 @@ def calibrate(normal: Sequence[Mapping[str, float]], false_alarm_rate: float,
     ordered = np.sort(values, axis=0)
     thresholds = {s: float(ordered[r, i]) for i, s in enumerate(signals)}
     measured = float(np.mean((values > ordered[r][None]).any(axis=1)))
-    return Calibration(thresholds, false_alarm_rate, n, model_id, measured)
+    return Calibration(thresholds, false_alarm_rate, n, model_id, measured, weights=weights)
 
 
 @dataclass

@@ -313,7 +313,8 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
             lik = policy.transition_likelihood(before, ep.actions[i], after)
             signals.append(transition_signals(lik, policy.model_frame(before), policy.model_frame(after)))
     try:
-        cal = calibrate(signals, args.false_alarm_rate, chosen, model_id=policy.model_id)
+        cal = calibrate(signals, args.false_alarm_rate, chosen, model_id=policy.model_id,
+                        weights=policy.weights_digest)
     except CalibrationError as exc:
         raise BagError(str(exc)) from exc
     cal.source = [e.name for e in episodes]

@@ -24,6 +24,7 @@ from .checkpoint import (
     read_config,
     resolve_device,
     resolve_dtype,
+    weights_fingerprint,
     worldvla_settings,
 )
 from .config import WorldVLAConfig
@@ -95,6 +96,7 @@ class WorldVLAPolicy:
         self.actions = ActionTokenizer(config.action_min, config.action_max)
         self.config = config
         self.model_id = model_id
+        self.weights_digest = ''  # load_policy: checkpoint.weights_fingerprint
         self.device = lm.lm_head.weight.device
         self.dtype = lm.lm_head.weight.dtype
         self.last_timing = Timing()
@@ -397,4 +399,6 @@ def load_policy(
             f'resolution {wv.resolution} needs ~{needed} positions, the model was trained with '
             f'{lm.config.max_position_embeddings}'
         )
-    return WorldVLAPolicy(lm, images, text, wv, model_id_of(files))
+    policy = WorldVLAPolicy(lm, images, text, wv, model_id_of(files))
+    policy.weights_digest = weights_fingerprint(files)  # what a monitor calibration is bound to
+    return policy

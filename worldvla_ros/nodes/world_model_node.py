@@ -118,9 +118,11 @@ class WorldModelNode(GuardedNode):
         if self._calibration is not None:
             self.get_logger().info(f'monitor calibrated from {calibration}: false alarms '
                                    f'{self._calibration.false_alarm_rate:g} per transition')
-            if not self._calibration.fits(self.policy.model_id):
-                self.get_logger().warning(f'the monitor was calibrated for {self._calibration.model_id}, not '
-                                          f'{self.policy.model_id}: recalibrate, its false-alarm rate does not hold')
+            if not self._calibration.fits(self.policy.model_id, self.policy.weights_digest):
+                self.get_logger().warning(
+                    f'the monitor was calibrated for {self._calibration.model_id} (weights '
+                    f'{self._calibration.weights or "?"}), not {self.policy.model_id} (weights '
+                    f'{self.policy.weights_digest}): recalibrate, its false-alarm rate does not hold')
         self._lock = threading.Lock()
         # (stamp ns, model-resolution crop): all the model and the scoring read of a frame, so memory is
         # history_size × R²×3 bytes whatever the camera's resolution
