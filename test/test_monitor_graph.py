@@ -12,7 +12,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from harness import Harness, NodeProcess
 from sensor_msgs.msg import Image
-from std_msgs.msg import Bool, Float64MultiArray
+from std_msgs.msg import Bool, Float64MultiArray, String
 from worldvla.msg import EndEffectorCommand
 
 from worldvla_ros.bringup import default_config
@@ -116,6 +116,27 @@ def test_sustained_surprise_raises_diagnostics_and_when_enabled_latches_the_esto
         assert max(m[-1] for m in normal) < 2 and not estops
         with lock:
             assert maps and (maps[-1].height, maps[-1].width) == (64, 64)
+
+        # an instruction between two commands (a sim's new episode) ends the chain: no transition spans it
+        before = count()
+        h.instruction_pub.publish(String(data='stack the blocks'))  # ends the chain play() left open
+        time.sleep(0.2)
+        sim.reset(655_000)
+        publish_frame(sim.render())
+        commands.publish(EndEffectorCommand(action=[0.0] * 7))
+        time.sleep(0.2)
+        h.instruction_pub.publish(String(data='stack the blocks'))  # a new episode: this command's chain ends
+        time.sleep(0.2)
+        for _ in range(2):
+            publish_frame(sim.render())
+            commands.publish(EndEffectorCommand(action=[0.0] * 7))
+            time.sleep(0.2)
+        assert h.wait_for(lambda: count() >= before + 1, timeout=20, frames=False)
+        time.sleep(1.5)
+        assert count() == before + 1  # of three commands only the last closes a transition
+        with lock:
+            assert int(node_values.get('transitions_across_reset', 0)) == 2, node_values
+            normal = list(monitor)
 
         play(8, surprising=True, seed=660_000)  # hold_on_surprise is off: ERROR but no e-stop
         assert h.wait_for(lambda: count() >= len(normal) + 6, timeout=30, frames=False)

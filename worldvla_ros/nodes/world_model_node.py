@@ -27,7 +27,7 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.time import Time
 from sensor_msgs.msg import Image
-from std_msgs.msg import Bool, Float64MultiArray, Header, MultiArrayDimension
+from std_msgs.msg import Bool, Float64MultiArray, Header, MultiArrayDimension, String
 from worldvla.msg import ActionChunk, EndEffectorCommand
 
 from worldvla_ros.image_conversion import ImageRejected, fill_image_msg
@@ -157,6 +157,8 @@ class WorldModelNode(GuardedNode):
         CameraInput(self, p['use_compressed'], self._on_frame, self._on_reject, sensors)
         self.create_subscription(ActionChunk, 'worldvla/action_chunk', self._on_chunk, reliable_qos(1),
                                  callback_group=sensors)
+        # a new instruction (the sims publish one per episode) ends the chain: no transition spans a reset
+        self.create_subscription(String, 'instruction', self._on_instruction, latched_qos())
         self.create_subscription(EndEffectorCommand, 'worldvla/ee_command', self._on_command, reliable_qos(50),
                                  callback_group=sensors)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
@@ -217,6 +219,12 @@ class WorldModelNode(GuardedNode):
                 self.stats.count('transitions_dropped')
             self._transitions.append((last[2], last[0], latest[1], latest[2]))
         self._transition_event.set()
+
+    def _on_instruction(self, _msg: String) -> None:
+        with self._lock:
+            if self._command is not None:
+                self.stats.count('transitions_across_reset')  # its next frame may show another scene
+            self._command = None
 
     def _next_transition(self) -> tuple | None:
         with self._lock:
