@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 
 from worldvla_ros.chunk_merge import MERGES
+from worldvla_ros.control import ControlSettings
 from worldvla_ros.launch_plan import node_parameters
 
 from .bag_io import BagError
 from .episode import Episode, TopicMap, read_episode
-from .node_config import action_scale, control_settings, parse_action_scale, safety_limits
+from .node_config import action_scale, parse_action_scale, safety_limits
 from .scoring import RunRecord, action_scores, executed_from_chunks, timing_scores, world_model_scores
 
 
@@ -240,7 +241,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
         raise BagError(f'--replan-every must be ≥ 0, got {args.replan_every}')
     overrides = {k: int(action_params[k]) for k in ('chunk_size', 'history_frames') if action_params.get(k)}
     policy = load_policy(args.checkpoint, args.device, args.dtype, args.tokenizer_dir or None, **overrides)
-    control = replace(control_settings(action_params), rate_hz=control_rate, chunk_merge=merge,
+    control = replace(ControlSettings.from_parameters(action_params), rate_hz=control_rate, chunk_merge=merge,
                       ensemble_decay=decay)
     if args.replan_every is not None:  # a chunk every N frames: asked for once K - N are left (0: run out)
         control = replace(control, replan_threshold=max(policy.chunk_size - args.replan_every, 0)

@@ -3,15 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from worldvla_ros.control import ControlSettings
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN, LIBERO_ACTION_SCALE
 from worldvla_ros.robot_outputs import action_scale_problem
 from worldvla_ros.safety import SafetyLimits
-
-
-def control_settings(params: dict[str, Any]) -> ControlSettings:
-    """The action node's control settings from its parameter-file section (its defaults where not set)."""
-    return ControlSettings.from_parameters(params)
 
 
 def safety_limits(params: dict[str, Any]) -> SafetyLimits:

@@ -30,14 +30,13 @@ from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 from worldvla.msg import ActionChunk, EndEffectorCommand
 
-from worldvla_ros.control import Command, Controller
+from worldvla_ros.control import Command, Controller, ControlSettings
 from worldvla_ros.image_conversion import ImageRejected
 from worldvla_ros.model.prompts import MAX_INSTRUCTION_CHARS, check_instruction
 from worldvla_ros.nodes.action_parameters import (
     LIMIT_PARAMETERS,
     PARAMETERS,
     SETTING_PARAMETERS,
-    control_settings,
     runtime_checks,
     safety_limits,
     startup_problems,
@@ -80,7 +79,7 @@ class ActionNode(GuardedLifecycleNode):
             raise StartupError(problems[0])
         self.policy: WorldVLAPolicy | None = None  # loaded by configure, released by cleanup
         self._frame_event = threading.Event()
-        self.controller = Controller(control_settings(p), safety_limits(p), self.stats,
+        self.controller = Controller(ControlSettings.from_parameters(p), safety_limits(p), self.stats,
                                      lambda reason, detail: self.say('warning', f'rejected_{reason}',
                                                                      f'rejected ({reason}): {detail}'))
         self._guard_params = reject_changes_of({n for n, q in PARAMETERS.items() if q.read_only},

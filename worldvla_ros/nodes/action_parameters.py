@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 
-from worldvla_ros.control import ControlSettings
 from worldvla_ros.control.types import PARAMETER_FIELDS
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN, LIBERO_ACTION_SCALE
 from worldvla_ros.nodes.common import CAMERA_PARAMETERS, MODEL_PARAMETERS, Param
@@ -75,10 +74,6 @@ PARAMETERS: dict[str, Param] = {
 
 LIMIT_PARAMETERS = ('action_min', 'action_max', 'max_step')  # SafetyLimits' fields, in order
 SETTING_PARAMETERS = {n: f for n, f in PARAMETER_FIELDS.items() if n != 'control_rate_hz'}  # runtime changes
-
-
-def control_settings(p: dict[str, Any], history_frames: int = 1) -> ControlSettings:
-    return ControlSettings.from_parameters(p, history_frames=history_frames)
 
 
 def safety_limits(p: dict[str, Any]) -> SafetyLimits:

@@ -106,13 +106,16 @@ class ExpertChunks:
 
 
 def run_jobs(jobs: list[tuple[int, int]], opts: Options, chunks: Any, envs: int, out: Path | None,
-             progress: bool = True, resolution: int = 256) -> list[dict[str, Any]]:
+             progress: bool = True, resolution: int = 256, first_env: LiberoEnv | None = None
+             ) -> list[dict[str, Any]]:
     """Run (task, trial) jobs over ``envs`` simulators; each finished episode's record is appended to
-    ``out/episodes.jsonl`` (and returned)."""
+    ``out/episodes.jsonl`` (and returned). ``first_env``: an env already open (it is closed here), used for
+    its task instead of opening another."""
     from tqdm import tqdm
 
     pending = list(jobs)
     slots: list[dict[str, Any]] = [{'env': None, 'episode': None, 'frame': None} for _ in range(max(envs, 1))]
+    slots[0]['env'] = first_env
     results: list[dict[str, Any]] = []
     limit = opts.max_steps or SUITES[opts.suite]
     bar = tqdm(total=len(jobs), unit='episode', desc=opts.suite, disable=not progress, file=sys.stderr)
@@ -125,8 +128,6 @@ def run_jobs(jobs: list[tuple[int, int]], opts: Options, chunks: Any, envs: int,
                         if slot['env'] is not None:
                             slot['env'].close()
                         slot['env'] = LiberoEnv(opts.suite, task, resolution)
-                        if isinstance(chunks, ExpertChunks) and not slot['env'].has_expert:
-                            raise LiberoMissing(f'{opts.suite} has no scripted expert (libero_object has one)')
                     ep = new_episode(slot['env'], task, trial, opts, chunks.chunk_size, chunks.history)
                     try:
                         slot['frame'] = slot['env'].reset(trial)
@@ -137,10 +138,10 @@ def run_jobs(jobs: list[tuple[int, int]], opts: Options, chunks: Any, envs: int,
             live = [s for s in slots if s['episode'] is not None]
             asking = []
             for s in live:  # the node's order: the frame, then a request if the controller wants one
-                ep, view = s['episode'], model_view(s['frame'].image)
+                ep = s['episode']
                 ep.ctrl.on_frame(s['frame'].image, ep.stamp, ep.stamp * 1e-9)
                 if len(ep.strip) < 400:
-                    ep.strip.append(view[::4, ::4])
+                    ep.strip.append(model_view(s['frame'].image)[::4, ::4])
                 request = ep.ctrl.next_request(ep.stamp, ep.stamp * 1e-9)
                 if request is not None:
                     asking.append((s, request))
@@ -311,12 +312,24 @@ def run(args: argparse.Namespace) -> int:
             raise LiberoMissing(f'cannot load the checkpoint: {exc}') from exc
         chunks = ModelChunks(policy, opts.action_mask)
         label = f'{policy.model_id}' + ('' if opts.action_mask else ' (no action mask)')
-    with LiberoEnv(args.suite, int((args.tasks or '0').split(',')[0])) as probe:
-        n_tasks, n_trials = probe.task_count, probe.trials
     try:
-        tasks = [int(t) for t in args.tasks.split(',')] if args.tasks else list(range(n_tasks))
+        tasks = [int(t) for t in args.tasks.split(',')] if args.tasks else None
     except ValueError:
         raise LiberoMissing(f'--tasks {args.tasks!r}: comma-separated task indices') from None
+    # the first task's env, which also tells the suite's size: in process it runs that task's episodes
+    first = LiberoEnv(args.suite, tasks[0] if tasks else 0)
+    try:
+        return _run(args, opts, chunks, label, tasks, first)
+    finally:
+        first.close()  # idempotent: run_jobs closes it once done with it
+
+
+def _run(args: argparse.Namespace, opts: Options, chunks: Any, label: str, tasks: list[int] | None,
+         first: LiberoEnv) -> int:
+    n_tasks, n_trials = first.task_count, first.trials
+    if isinstance(chunks, ExpertChunks) and not first.has_expert:  # a suite has one for all its tasks, or none
+        raise LiberoMissing(f'{args.suite} has no scripted expert (libero_object has one)')
+    tasks = tasks if tasks is not None else list(range(n_tasks))
     bad = [t for t in tasks if not 0 <= t < n_tasks]
     if bad:
         raise LiberoMissing(f'{args.suite} has tasks 0 … {n_tasks - 1}, not {bad[0]}')
@@ -336,9 +349,10 @@ def run(args: argparse.Namespace) -> int:
     if args.through_ros:
         from .libero_ros import run_through_ros
 
+        first.close()  # the sim node opens its own
         run_through_ros(jobs, opts, args, out, progress=not args.no_progress)
     else:
-        run_jobs(jobs, opts, chunks, args.envs, out, progress=not args.no_progress)
+        run_jobs(jobs, opts, chunks, args.envs, out, progress=not args.no_progress, first_env=first)
     records = [r for (t, i), r in _done(out, opts).items() if t in tasks and i < args.trials]
     summary = summarize(records, opts, time.perf_counter() - t0 if jobs else 0.0)
     write_report(out, summary, label + (' through ROS' if args.through_ros else ''))

@@ -22,21 +22,18 @@ def record(out: Path, suite: str, tasks: list[int] | None, trials: int, storage:
     """Bags written (failed episodes are left out, and counted on stderr)."""
     out.mkdir(parents=True, exist_ok=True)
     written = failed = 0
-    with LiberoEnv(suite, (tasks or [0])[0]) as probe:
-        if not probe.has_expert:
-            raise LiberoMissing(f'{suite} has no scripted expert (libero_object has one)')
-        all_tasks = list(range(probe.task_count))
-    todo = [(t, i) for t in (tasks if tasks is not None else all_tasks) for i in range(trials)]
-    env: LiberoEnv | None = None
+    env = LiberoEnv(suite, (tasks or [0])[0])  # the first task's, which also tells the suite's size
     try:
+        if not env.has_expert:
+            raise LiberoMissing(f'{suite} has no scripted expert (libero_object has one)')
+        todo = [(t, i) for t in (tasks if tasks is not None else range(env.task_count)) for i in range(trials)]
         for task, trial in tqdm(todo, unit='episode', desc=f'record {suite}', disable=not progress, file=sys.stderr):
             name = out / f'{suite}_task{task:02d}_trial{trial:02d}'
             if name.exists():
                 written += 1
                 continue
-            if env is None or env.task != task:
-                if env is not None:
-                    env.close()
+            if env.task != task:
+                env.close()
                 env = LiberoEnv(suite, task)
             step = env.reset(trial)
             frames, actions = [], []
@@ -53,8 +50,7 @@ def record(out: Path, suite: str, tasks: list[int] | None, trials: int, storage:
             write_episode(name, frames, np.asarray(actions), env.language, rate_hz=RATE_HZ, storage=storage)
             written += 1
     finally:
-        if env is not None:
-            env.close()
+        env.close()
     if failed:
         print(f'record_demos: {failed} of {len(todo)} expert episodes failed and were left out', file=sys.stderr)
     return written
