@@ -44,12 +44,14 @@ class Harness:
         self.instruction_pub = n.create_publisher(String, 'instruction', latched_qos())
         self.estop_pub = n.create_publisher(Bool, 'worldvla/estop', latched_qos())
         self.reset_client = n.create_client(Trigger, 'worldvla/reset_estop')
+        self.clients: dict[str, Any] = {}  # service name -> client, kept between calls
         self.lock = threading.RLock()  # predicates of wait_for may take it again
         self.chunks: list[ActionChunk] = []
         self.commands: list[tuple[float, EndEffectorCommand]] = []
         self.imagined: list[Image] = []
         self.surprise: list[list[float]] = []
         self.diag: dict[str, dict[str, str]] = {}
+        self.diag_messages = 0
         self.sent_stamps: list[int] = []
         self.sent_frames: dict[int, np.ndarray] = {}  # stamp ns → the rgb frame (the newest 300)
         rec = self._recorder
@@ -79,6 +81,14 @@ class Harness:
             merged.setdefault(s.hardware_id, {}).update({kv.key: kv.value for kv in s.values})
         with self.lock:
             self.diag.update(merged)
+            self.diag_messages += 1
+
+    def settled_counter(self, node: str, key: str, timeout: float = 10.0) -> int:
+        """A /diagnostics value from a message published after this call, so it counts what happened before."""
+        with self.lock:
+            seen = self.diag_messages
+        assert self.wait_for(lambda: self.diag_messages >= seen + 2, timeout, frames=False), 'no diagnostics'
+        return self.counter(node, key)
 
     def now_ns(self) -> int:
         return self.node.get_clock().now().nanoseconds
@@ -136,24 +146,30 @@ class Harness:
 
         srv, suffix = (SetParametersAtomically, 'set_parameters_atomically') if atomically else (
             SetParameters, 'set_parameters')
-        client = self.node.create_client(srv, f'{node}/{suffix}')
-        assert client.wait_for_service(timeout_sec=10), f'{node}/{suffix} not available'
         request = srv.Request(parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
-        response = client.call(request, timeout_sec=10)
-        self.node.destroy_client(client)
-        assert response is not None
+        response = self._call(srv, f'{node}/{suffix}', request)
         return response.result if atomically else response.results[0]
 
     def get_parameter(self, node: str, name: str) -> Any:
         from rcl_interfaces.srv import GetParameters
         from rclpy.parameter import parameter_value_to_python
 
-        client = self.node.create_client(GetParameters, f'{node}/get_parameters')
-        assert client.wait_for_service(timeout_sec=10), f'{node}/get_parameters not available'
-        response = client.call(GetParameters.Request(names=[name]), timeout_sec=10)
-        self.node.destroy_client(client)
-        assert response is not None
+        response = self._call(GetParameters, f'{node}/get_parameters', GetParameters.Request(names=[name]))
         return parameter_value_to_python(response.values[0])
+
+    def _call(self, srv: Any, name: str, request: Any, tries: int = 3) -> Any:
+        """An idempotent service call, the client kept for the next one: a fresh client's first request can be
+        answered before the server has matched its response reader, which a starved CI machine hits; such a
+        lost response is asked again."""
+        client = self.clients.get(name)
+        if client is None:
+            client = self.clients[name] = self.node.create_client(srv, name)
+        assert client.wait_for_service(timeout_sec=10), f'{name} not available'
+        for _ in range(tries):
+            response = client.call(request, timeout_sec=10)
+            if response is not None:
+                return response
+        raise AssertionError(f'{name}: no answer to {tries} requests in {10 * tries} s')
 
     def close(self) -> None:
         self.executor.shutdown()
