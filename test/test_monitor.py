@@ -68,6 +68,32 @@ def test_bits_per_token_are_the_cross_entropies_of_a_full_forward_pass(tiny_poli
     np.testing.assert_allclose(alone.bits[0], lik.bits[1], atol=1e-4)
 
 
+def test_counterfactual_rows_equal_each_action_scored_alone(tiny_policy, frames) -> None:
+    """The counterfactual actions of a transition, one batch row each, give each row the bits the action gets when
+    it is scored alone; the world-model evidence compares the whole frame's bits of the command and the best."""
+    from worldvla_ros.monitor import transition_signals, world_model_evidence
+    from worldvla_ros.motion_check import counterfactual_actions
+
+    p = tiny_policy
+    action = np.array([0.6, -0.3, 0.2, 0.0, 0.0, 0.1, -1.0])
+    hyp = counterfactual_actions(action, [np.full(7, 0.1), np.full(7, -0.2)])
+    assert len(hyp) == 10
+    batch = p.transition_likelihood(frames[0], None, frames[1], rows=list(hyp.values()))
+    assert batch.bits.shape[0] == len(hyp)
+    for row, a in enumerate(hyp.values()):
+        alone = p.transition_likelihood(frames[0], a, frames[1], still=False)
+        np.testing.assert_allclose(batch.bits[row], alone.bits[0], atol=1e-4)
+        np.testing.assert_allclose(batch.expected_bits[row], alone.expected_bits[0], atol=1e-4)
+    totals = {k: float(batch.bits[i].sum()) for i, k in enumerate(hyp)}
+    margin, best = world_model_evidence(batch, list(hyp))
+    assert best == min((k for k in hyp if k != 'command'), key=totals.get)
+    assert margin == pytest.approx(totals['command'] - totals[best])
+    signals = transition_signals(batch, p.model_frame(frames[0]), p.model_frame(frames[1]), list(hyp))
+    assert signals['wm_evidence'] == pytest.approx(margin)
+    with pytest.raises(ValueError, match='at least one'):
+        p.transition_likelihood(frames[0], None, frames[1], rows=[])
+
+
 def test_a_next_block_that_is_not_an_image_is_refused(tiny_policy, frames) -> None:
     p = tiny_policy
     block = p.images.encode([frames[0]])[0]

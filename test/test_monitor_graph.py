@@ -219,3 +219,80 @@ def test_a_broken_calibration_stops_the_start_with_one_fatal_line(tiny_checkpoin
     assert proc.returncode == 1 and 'Traceback' not in out and len(fatal) == 1, out[-2000:]
     assert all(s in fatal[0] for s in says), fatal[0]
     assert 'ready: world model' not in out  # refused before the model loaded
+
+
+def test_a_driver_that_flips_x_raises_warn_then_error_and_holds_the_robot(tiny_checkpoint: Path,
+                                                                           tmp_path: Path) -> None:
+    """A robot whose driver executes Δx with the wrong sign from transition 8 on, its camera and its commands
+    into a real world-model node whose calibration (the motion check, fitted on the expert's normal work) alarms
+    on motion_cusum: the node's values are the ones computed here without ROS; it stays OK before the fault,
+    then WARN, then ERROR within 2 + surprise_error_after transitions of the first alarm, and latches the e-stop
+    (hold_on_surprise)."""
+    from worldvla_ros.monitor import CalibrationEpisode, calibrate_episodes, motion_signals
+    from worldvla_ros.motion_check import motion_features, motion_frame
+    from worldvla_ros.nodes.world_model_node import MONITOR_FIELDS
+    from worldvla_ros.sim.anomalies import fault_episode
+
+    def features(ep) -> list[np.ndarray]:
+        gray = [motion_frame(f) for f in ep.observed]
+        return [motion_features(gray[k], gray[k + 1]) for k in range(len(ep.commands))]
+
+    normal = [fault_episode(None, 186_000 + i, steps=30) for i in range(16)]
+    cal = calibrate_episodes([CalibrationEpisode(str(i), features(e), e.commands, [{} for _ in e.commands])
+                              for i, e in enumerate(normal)], 0.02, ('motion_cusum',))
+    path = tmp_path / 'motion_calibration.json'
+    cal.save(path)
+    onset, error_after = 8, 4
+    ep = fault_episode('flipped_x', 189_005, steps=24, onset=onset)
+    cusum, expected = cal.sequential(), []
+    for k, f in enumerate(features(ep)):
+        expected.append(motion_signals(cal.motion, cusum, f, ep.commands[k], ep.commands[max(0, k - 2):k])[0])
+    alarms = [e['motion_cusum'] > cal.thresholds['motion_cusum'] for e in expected]
+    first = alarms.index(True)
+    assert not any(alarms[:onset]) and onset <= first < onset + 5 and all(alarms[first:first + error_after])
+
+    node = NodeProcess('world_model_node', tmp_path, {
+        'checkpoint': str(tiny_checkpoint), 'device': 'cpu', 'monitor_calibration': str(path),
+        'surprise_warn_after': '2', 'surprise_error_after': str(error_after), 'hold_on_surprise': 'true',
+        'max_obs_age': '5.0'}, config=[default_config()])
+    rclpy.init()
+    h = Harness()
+    lock = threading.Lock()
+    monitor: list[list[float]] = []
+    estops: list[bool] = []
+    n = h.node
+    n.create_subscription(Float64MultiArray, 'worldvla/monitor', lambda m: (lock.acquire(), monitor.append(
+        list(m.data)), lock.release()), reliable_qos(100))
+    n.create_subscription(Bool, 'worldvla/estop', lambda m: (lock.acquire(), estops.append(m.data), lock.release()),
+                          reliable_qos(10))
+    commands = n.create_publisher(EndEffectorCommand, 'worldvla/ee_command', reliable_qos(50))
+    try:
+        assert h.wait_for(lambda: h.image_pub.get_subscription_count() > 0 and commands.get_subscription_count() > 0,
+                          timeout=120, frames=False), node.log()[-3000:]
+        for k, frame in enumerate(ep.observed):
+            for _ in range(5 if k == 0 else 1):  # the first frames on a new best-effort connection may be lost
+                msg = fill_image_msg(Image(), frame)
+                msg.header.stamp = n.get_clock().now().to_msg()
+                h.image_pub.publish(msg)
+                time.sleep(0.1)
+            action = ep.commands[k] if k < len(ep.commands) else np.zeros(7)
+            commands.publish(EndEffectorCommand(action=np.asarray(action).tolist()))
+            # one transition at a time: a loaded machine's monitor would drop the oldest of a queue (counted)
+            assert h.wait_for(lambda k=k: len(monitor) >= k, timeout=30, frames=False), (k, len(monitor))
+        assert h.wait_for(lambda: len(monitor) >= len(expected), timeout=30, frames=False), node.log()[-3000:]
+        time.sleep(0.5)
+        with lock:
+            got = list(monitor)
+        assert len(got) == len(expected)
+        at = {name: i for i, name in enumerate(MONITOR_FIELDS)}
+        np.testing.assert_allclose([g[at['motion_cusum']] for g in got], [e['motion_cusum'] for e in expected],
+                                   atol=1e-6)
+        levels = [int(g[at['level']]) for g in got]
+        assert levels[:onset] == [0] * onset, levels
+        assert levels[first + 1] == 1 and 2 in levels and levels.index(2) == first + error_after - 1, levels
+        assert h.wait_for(lambda: bool(estops) and estops[-1], timeout=10, frames=False), estops
+    finally:
+        h.close()
+        rclpy.shutdown()
+        code = node.stop()
+    assert code == 0, node.log()[-3000:]

@@ -12,6 +12,12 @@ Signals (larger = more surprising):
   removed changes a few codes, which a mean over the whole frame dilutes.
 - ``action_consistency``: bits under the commanded action − bits under no motion: positive when
   standing still explains the real frame better than the command does (a stuck arm).
+- ``wm_evidence``: bits of the real next frame under the command − under the counterfactual action that
+  explains it best (``motion_check.counterfactual_actions``; rows of the same forward batch): positive when the
+  world model finds the robot did something else.
+- ``motion_evidence`` / ``motion_cusum``: the same comparison by the calibration's ``MotionModel`` (flow at
+  128 px), per transition and summed over the recent ones (CUSUM): a robot moving the wrong way or a camera
+  seeing late.
 - ``frame_change`` (model-free baseline): mean squared pixel change between the two frames.
 """
 from __future__ import annotations
@@ -25,8 +31,21 @@ from typing import Any
 
 import numpy as np
 
+from worldvla_ros.motion_check import (
+    CUSUM_DRIFT,
+    EVIDENCE_CLIP,
+    MotionModel,
+    SequentialEvidence,
+    counterfactual_actions,
+    evidence,
+)
+
 LIKELIHOOD_SIGNALS = ('bits_per_token', 'excess_bits', 'surprise_z', 'peak_excess_bits', 'action_consistency')
+MOTION_SIGNALS = ('motion_evidence', 'motion_cusum')
+KNOWN_SIGNALS = (*LIKELIHOOD_SIGNALS, 'wm_evidence', *MOTION_SIGNALS, 'frame_change')
 DEFAULT_ALERT_SIGNALS = ('peak_excess_bits', 'action_consistency')
+MOTION_ALERT_SIGNALS = (*DEFAULT_ALERT_SIGNALS, 'motion_cusum')  # with a motion model
+CUSUM_CAP = 24.0  # bits, for a calibration file without one (calibrate_episodes: twice the threshold)
 CALIBRATION_FORMAT = 'worldvla-monitor-calibration/1'
 CALIBRATION_FILE = 'monitor_calibration.json'  # a checkpoint may ship one (the bundled model does, for the sim)
 
@@ -47,13 +66,25 @@ def likelihood_signals(bits: np.ndarray, expected: np.ndarray, variance: np.ndar
     return out
 
 
-def transition_signals(likelihood: Any, frame: np.ndarray, next_frame: np.ndarray) -> dict[str, float]:
-    """Every signal of one transition: the likelihood signals of a two-row ``CodeLikelihood`` (commanded action,
-    no motion) and the frame change between the two model-resolution frames."""
+def transition_signals(likelihood: Any, frame: np.ndarray, next_frame: np.ndarray,
+                       hypotheses: Sequence[str] = ()) -> dict[str, float]:
+    """Every signal of one transition: the likelihood signals of a ``CodeLikelihood`` whose rows are the commanded
+    action, no motion and (named by ``hypotheses``, which then lists every row) further counterfactuals, and
+    the frame change between the two model-resolution frames."""
     lik = likelihood
     out = likelihood_signals(lik.bits[0], lik.expected_bits[0], lik.variance[0], lik.bits[1])
+    if len(hypotheses) > 2:
+        out['wm_evidence'] = world_model_evidence(lik, hypotheses)[0]
     out['frame_change'] = frame_change(frame, next_frame)
     return out
+
+
+def world_model_evidence(likelihood: Any, hypotheses: Sequence[str]) -> tuple[float, str]:
+    """(bits of the whole next frame under the command − under the best other row, that row's name)."""
+    totals = np.asarray(likelihood.bits).reshape(len(hypotheses), -1).sum(axis=1)
+    if hypotheses[0] != 'command':
+        raise ValueError('the first row must be the command')
+    return evidence(dict(zip(hypotheses, (float(t) for t in totals), strict=True)))
 
 
 def frame_change(frame: np.ndarray, next_frame: np.ndarray) -> float:
@@ -88,6 +119,9 @@ class Calibration:
     measured_rate: float = 0.0
     source: list[str] = field(default_factory=list)
     weights: str = ''  # checkpoint.weights_fingerprint of the weights it was found with
+    motion: MotionModel | None = None  # the robot's motion, for motion_evidence / motion_cusum
+    cusum_drift: float = CUSUM_DRIFT
+    cusum_cap: float = CUSUM_CAP
 
     def fits(self, model_id: str, weights: str = '') -> bool:
         """Whether these thresholds were found for these weights: ids are ``<directory>@<config digest>`` and a
@@ -105,10 +139,17 @@ class Calibration:
         return [k for k, t in self.thresholds.items() if k in signals and signals[k] > t]
 
     def to_json(self) -> dict[str, Any]:
-        return {'format': CALIBRATION_FORMAT, 'model_id': self.model_id, 'weights': self.weights,
-                'false_alarm_rate': self.false_alarm_rate,
-                'measured_rate': self.measured_rate, 'transitions': self.transitions,
-                'thresholds': self.thresholds, 'source': self.source}
+        out = {'format': CALIBRATION_FORMAT, 'model_id': self.model_id, 'weights': self.weights,
+               'false_alarm_rate': self.false_alarm_rate,
+               'measured_rate': self.measured_rate, 'transitions': self.transitions,
+               'thresholds': self.thresholds, 'source': self.source}
+        if self.motion is not None:
+            out['motion'] = {**self.motion.to_json(), 'cusum_drift': self.cusum_drift, 'cusum_cap': self.cusum_cap}
+        return out
+
+    def sequential(self) -> SequentialEvidence | None:
+        """A fresh CUSUM of this calibration's motion evidence (None without a motion model)."""
+        return None if self.motion is None else SequentialEvidence(self.cusum_drift, self.cusum_cap)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + '\n')
@@ -130,9 +171,22 @@ class Calibration:
         th = data.get('thresholds')
         if not isinstance(th, dict) or not th or not all(_is_number(v) and math.isfinite(v) for v in th.values()):
             raise CalibrationError(f'{path}: thresholds must be a non-empty map of finite numbers')
-        unknown = set(th) - set(LIKELIHOOD_SIGNALS) - {'frame_change'}
+        unknown = set(th) - set(KNOWN_SIGNALS)
         if unknown:
             raise CalibrationError(f'{path}: unknown signals {sorted(unknown)}')
+        motion, drift, cap = None, CUSUM_DRIFT, CUSUM_CAP
+        if data.get('motion') is not None:
+            m = data['motion']
+            try:
+                motion = MotionModel.from_json(m)
+            except (ValueError, TypeError) as exc:
+                raise CalibrationError(f'{path}: motion: {exc}') from exc
+            drift, cap = m.get('cusum_drift', CUSUM_DRIFT), m.get('cusum_cap', CUSUM_CAP)
+            if not (_is_number(drift) and _is_number(cap) and 0 <= drift < 1e3 and 0 < cap < 1e6):
+                raise CalibrationError(f'{path}: motion: cusum_drift in [0, 1000) and cusum_cap in (0, 1e6)')
+        elif set(MOTION_SIGNALS) & set(th):
+            raise CalibrationError(f'{path}: thresholds for {sorted(set(MOTION_SIGNALS) & set(th))} need a motion '
+                                   'model')
         rate = data.get('false_alarm_rate', 0.0)
         if not _is_number(rate) or not 0.0 < rate < 1.0:
             raise CalibrationError(f'{path}: false_alarm_rate must be a number in (0, 1), got {rate!r}')
@@ -151,7 +205,7 @@ class Calibration:
         if not isinstance(source, list) or not all(isinstance(x, str) for x in source):
             raise CalibrationError(f'{path}: source must be a list of bag names')
         return cls({k: float(v) for k, v in th.items()}, float(rate), transitions, model_id, float(measured),
-                   list(source), weights)
+                   list(source), weights, motion, float(drift), float(cap))
 
 
 def _is_number(v: Any) -> bool:
@@ -187,6 +241,58 @@ def calibrate(normal: Sequence[Mapping[str, float]], false_alarm_rate: float,
     thresholds = {s: float(ordered[r, i]) for i, s in enumerate(signals)}
     measured = float(np.mean((values > ordered[r][None]).any(axis=1)))
     return Calibration(thresholds, false_alarm_rate, n, model_id, measured, weights=weights)
+
+
+def motion_signals(model: MotionModel, cusum: SequentialEvidence, features: np.ndarray, command: np.ndarray,
+                   recent: Sequence[np.ndarray] = ()) -> tuple[dict[str, float], str]:
+    """``motion_evidence`` and ``motion_cusum`` (``cusum`` updated) of one transition, and which counterfactual
+    action explains its flow best."""
+    x, best = evidence(model.costs(features, counterfactual_actions(command, recent)), EVIDENCE_CLIP)
+    return {'motion_evidence': x, 'motion_cusum': cusum.update(x)}, best
+
+
+@dataclass
+class CalibrationEpisode:
+    """One episode of normal work, transition by transition: flow features, commands, the other signals."""
+
+    name: str
+    features: list[np.ndarray]
+    commands: list[np.ndarray]
+    signals: list[dict[str, float]]
+
+
+def calibrate_episodes(episodes: Sequence[CalibrationEpisode], false_alarm_rate: float,
+                       signals: Sequence[str] = MOTION_ALERT_SIGNALS, model_id: str = '', weights: str = '',
+                       drift: float = CUSUM_DRIFT, cap: float | None = None) -> Calibration:
+    """A calibration with a motion model, on whole episodes (the sequential evidence runs along each): the motion
+    model is fitted on every transition; the thresholds come from motion evidence cross-fitted by episode (each
+    half's from a model fitted on the other half), so they are not those of a model that has seen the very
+    transitions it scores. ``cap`` (default: twice the motion_cusum threshold, found uncapped) bounds how long
+    the evidence takes to fall back after a fault; a cap above the threshold changes no alarm of the calibration
+    set but the ones that follow a peak above it."""
+    eps = [e for e in episodes if e.commands]
+    feats = [np.asarray(e.features, dtype=np.float64).reshape(len(e.commands), -1) for e in eps]
+    acts = [np.asarray(e.commands, dtype=np.float64).reshape(len(e.commands), 7) for e in eps]
+    try:
+        model = MotionModel.fit(np.concatenate(feats), np.concatenate(acts))
+        folds = [model] * len(eps)
+        if len(eps) >= 4:
+            half = [MotionModel.fit(np.concatenate(feats[1 - j::2]), np.concatenate(acts[1 - j::2])) for j in (0, 1)]
+            folds = [half[i % 2] for i in range(len(eps))]
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        raise CalibrationError(f'cannot fit the motion model: {exc}') from exc
+    rows: list[dict[str, float]] = []
+    for e, f, a, m in zip(eps, feats, acts, folds, strict=True):
+        cusum = SequentialEvidence(drift, math.inf if cap is None else cap)
+        for k in range(len(a)):
+            found, _ = motion_signals(m, cusum, f[k], a[k], list(a[max(0, k - 2):k]))
+            rows.append({**e.signals[k], **found})
+    cal = calibrate(rows, false_alarm_rate, signals, model_id, weights)
+    if cap is None:
+        cap = 2 * max(cal.thresholds.get('motion_cusum', CUSUM_CAP / 2), drift, 1.0)
+    cal.motion, cal.cusum_drift, cal.cusum_cap = model, float(drift), float(cap)
+    cal.source = [e.name for e in eps]
+    return cal
 
 
 @dataclass

@@ -291,16 +291,23 @@ class WorldVLAPolicy:
         return image
 
     def transition_likelihood(
-        self, frame: np.ndarray, action: np.ndarray, next_frame: np.ndarray, still: bool = True
+        self, frame: np.ndarray, action: np.ndarray, next_frame: np.ndarray, still: bool = True,
+        rows: Sequence[np.ndarray] | None = None,
     ) -> CodeLikelihood:
         """The world model's bits for each code of the real ``next_frame`` after ``action`` from ``frame``, in one
         teacher-forced pass (no generation). ``still``: a second row under the no-motion hypothesis
-        (``still_action``), for telling a stuck arm from a moving one. Each frame is encoded once across calls,
-        so a stream of transitions encodes every camera frame once."""
-        action = np.asarray(action, dtype=np.float64).reshape(-1, T.ACTION_DIMS)
-        if action.shape[0] != 1:
-            raise ValueError('transition_likelihood takes one action')
-        hypotheses = [action, still_action(action)[None]] if still else [action]
+        (``still_action``), for telling a stuck arm from a moving one. ``rows``: instead, every action to score
+        (counterfactuals, ``motion_check.counterfactual_actions``), one batch row each, ``action`` unused. Each
+        frame is encoded once across calls, so a stream of transitions encodes every camera frame once."""
+        if rows is not None:
+            hypotheses = [np.asarray(a, dtype=np.float64).reshape(1, T.ACTION_DIMS) for a in rows]
+            if not hypotheses:
+                raise ValueError('rows: at least one action')
+        else:
+            action = np.asarray(action, dtype=np.float64).reshape(-1, T.ACTION_DIMS)
+            if action.shape[0] != 1:
+                raise ValueError('transition_likelihood takes one action')
+            hypotheses = [action, still_action(action)[None]] if still else [action]
         with self._lock:
             t0 = time.perf_counter()
             block, following = self.encode_frames([frame, next_frame])

@@ -35,12 +35,16 @@ from worldvla_ros.metrics import psnr, side_by_side, ssim
 from worldvla_ros.monitor import (
     CALIBRATION_FILE,
     LIKELIHOOD_SIGNALS,
+    MOTION_SIGNALS,
     AlertState,
     Calibration,
     CalibrationError,
     excess_map,
+    motion_signals,
     transition_signals,
+    world_model_evidence,
 )
+from worldvla_ros.motion_check import counterfactual_actions, motion_features, motion_frame
 from worldvla_ros.nodes.common import (
     CAMERA_PARAMETERS,
     MODEL_PARAMETERS,
@@ -60,7 +64,7 @@ from worldvla_ros.nodes.common import (
 
 MAX_PENDING = 256  # imagined frames waiting for their real frame (older ones are dropped first)
 MAX_TRANSITIONS = 8  # real transitions waiting for the monitor (older ones are dropped first, counted)
-MONITOR_FIELDS = (*LIKELIHOOD_SIGNALS, 'frame_change', 'alarm', 'level')
+MONITOR_FIELDS = (*LIKELIHOOD_SIGNALS, 'frame_change', 'wm_evidence', *MOTION_SIGNALS, 'alarm', 'level')
 
 PARAMETERS: dict[str, Param] = {
     **MODEL_PARAMETERS,
@@ -82,6 +86,10 @@ PARAMETERS: dict[str, Param] = {
                             choices=('drafted', 'engine', 'reference')),
     'monitor': Param(True, "score every executed command's real outcome by the world model's likelihood (one "
                      'forward pass per transition, no generation) on worldvla/monitor and worldvla/surprise_map'),
+    'monitor_counterfactuals': Param(False, 'score the real next frame under the counterfactual actions too (no '
+                                     'motion, opposite, turned ±90° about z, the last two commands) in the same '
+                                     'forward batch: wm_evidence and the best explanation (about 4× the cost of '
+                                     'the two rows; the motion check does this at a fraction)'),
     'monitor_calibration': Param('', 'thresholds file from evaluate_bag --calibrate-monitor; empty: the '
                                  "checkpoint's monitor_calibration.json if it has one, else the signals are "
                                  'published but never alert', read_only=True),
@@ -133,10 +141,17 @@ class WorldModelNode(GuardedNode):
         self._cancel = threading.Event()
         self._running = True
         self._imagining = False
-        self._latest: tuple[int, np.ndarray, Header] | None = None  # (arrival number, model-resolution crop, header)
+        # (arrival number, model-resolution crop, header, gray motion crop or None)
+        self._latest: tuple[int, np.ndarray, Header, np.ndarray | None] | None = None
         self._arrivals = 0
-        self._command: tuple[np.ndarray, int, np.ndarray] | None = None  # (action, frame arrival, frame)
-        self._transitions: deque[tuple[np.ndarray, np.ndarray, np.ndarray, Header]] = deque(maxlen=MAX_TRANSITIONS)
+        # (action, frame arrival, frame, motion crop), and the chain's commands before it (counterfactuals)
+        self._command: tuple[np.ndarray, int, np.ndarray, np.ndarray | None] | None = None
+        self._recent: deque[np.ndarray] = deque(maxlen=3)  # the transition's command and the two before it
+        self._chain = 0  # a new chain (after a reset or a gap) restarts the sequential evidence
+        self._transitions: deque[tuple] = deque(maxlen=MAX_TRANSITIONS)
+        self._cusum = self._calibration.sequential() if self._calibration is not None else None
+        self._cusum_chain = 0
+        self._explained: dict[str, str] = {}
         self._transition_event = threading.Event()
         self._monitoring = False
         self._alerts = AlertState(int(p['surprise_warn_after']), int(p['surprise_error_after']))
@@ -192,10 +207,11 @@ class WorldModelNode(GuardedNode):
     def _on_frame(self, rgb: np.ndarray, header: Header, _received: float) -> None:
         stamp = Time.from_msg(header.stamp).nanoseconds
         frame = self.policy.model_frame(rgb)
+        gray = motion_frame(rgb) if self._cusum is not None else None
         with self._lock:
             self._frames.append((stamp, frame))
             self._arrivals += 1
-            self._latest = (self._arrivals, frame, header)
+            self._latest = (self._arrivals, frame, header, gray)
         self._score(stamp, frame, header)
 
     def _on_command(self, msg: EndEffectorCommand) -> None:
@@ -204,11 +220,16 @@ class WorldModelNode(GuardedNode):
         action = np.asarray(msg.action, dtype=np.float64)
         if msg.dry_run or not np.all(np.isfinite(action)) or not self.get_parameter('monitor').value:
             with self._lock:
-                self._command = None
+                self._end_chain()
             return
         with self._lock:
             latest, last = self._latest, self._command
-            self._command = None if latest is None else (action, latest[0], latest[1])
+            self._command = None if latest is None else (action, latest[0], latest[1], latest[3])
+            recent = list(self._recent)
+            if latest is None:
+                self._end_chain()
+            else:
+                self._recent.append(action)
         if last is None or latest is None:
             return
         if latest[0] == last[1]:
@@ -217,14 +238,21 @@ class WorldModelNode(GuardedNode):
         with self._lock:
             if len(self._transitions) == self._transitions.maxlen:
                 self.stats.count('transitions_dropped')
-            self._transitions.append((last[2], last[0], latest[1], latest[2]))
+            self._transitions.append((last[2], last[0], latest[1], latest[2], last[3], latest[3], recent[:-1],
+                                      self._chain))
         self._transition_event.set()
+
+    def _end_chain(self) -> None:
+        """No transition pairs what came before with what comes after (under the lock)."""
+        self._command = None
+        self._recent.clear()
+        self._chain += 1
 
     def _on_instruction(self, _msg: String) -> None:
         with self._lock:
             if self._command is not None:
                 self.stats.count('transitions_across_reset')  # its next frame may show another scene
-            self._command = None
+            self._end_chain()
 
     def _next_transition(self) -> tuple | None:
         with self._lock:
@@ -242,17 +270,36 @@ class WorldModelNode(GuardedNode):
         finally:
             self._monitoring = False
 
-    def _monitor_transition(self, frame: np.ndarray, action: np.ndarray, real: np.ndarray, header: Header) -> None:
+    def _monitor_transition(self, frame: np.ndarray, action: np.ndarray, real: np.ndarray, header: Header,
+                            gray: np.ndarray | None, gray_real: np.ndarray | None, recent: list[np.ndarray],
+                            chain: int) -> None:
         """Score one real transition, publish its signals and excess-bits map, update the alert (and hold)."""
         t = time.perf_counter()
-        lik = self.policy.transition_likelihood(frame, action, real)
-        signals = transition_signals(lik, frame, real)
+        explained: dict[str, str] = {}
+        if self.get_parameter('monitor_counterfactuals').value:
+            hypotheses = counterfactual_actions(action, recent)
+            lik = self.policy.transition_likelihood(frame, action, real, rows=list(hypotheses.values()))
+            signals = transition_signals(lik, frame, real, list(hypotheses))
+            explained['world_model'] = world_model_evidence(lik, list(hypotheses))[1]
+        else:
+            lik = self.policy.transition_likelihood(frame, action, real)
+            signals = transition_signals(lik, frame, real)
+        cal = self._calibration
+        if self._cusum is not None and cal is not None and cal.motion is not None and gray is not None \
+                and gray_real is not None:
+            if chain != self._cusum_chain:  # a new episode, instruction or chain: the evidence starts again
+                self._cusum.reset()
+                self._cusum_chain = chain
+            found, explained['motion'] = motion_signals(cal.motion, self._cusum, motion_features(gray, gray_real),
+                                                        action, recent)
+            signals.update(found)
         self.stats.duration('monitor', time.perf_counter() - t)
         above = self._calibration.alarm(signals) if self._calibration is not None else []
         with self._lock:
             level = self._alerts.update(bool(above))
             self._alert_signals = above  # a raised level means this transition alarmed too
             self._last_signals = signals
+            self._explained = explained
             # every transition at ERROR latches again: an e-stop reset while the surprise persists lasts until the
             # next alarmed transition; the run ends (and a `false` replaces the latched `true`) at a normal one
             hold = level == 2 and self.get_parameter('hold_on_surprise').value
@@ -265,7 +312,8 @@ class WorldModelNode(GuardedNode):
         self.stats.count('transitions_scored')
         if above:
             self.stats.count('transitions_alarmed')
-        out = Float64MultiArray(data=[*(signals[k] for k in MONITOR_FIELDS[:-2]), float(bool(above)), float(level)])
+        out = Float64MultiArray(data=[*(signals.get(k, float('nan')) for k in MONITOR_FIELDS[:-2]),
+                                      float(bool(above)), float(level)])
         out.layout.dim = [MultiArrayDimension(label=','.join(MONITOR_FIELDS), size=len(MONITOR_FIELDS),
                                               stride=len(MONITOR_FIELDS))]
         self.monitor_pub.publish(out)
@@ -394,7 +442,7 @@ class WorldModelNode(GuardedNode):
             held = sum(f.nbytes for _, f in self._frames) + sum(f.nbytes for *_, f in self._pending)
             idle = self._chunk is None and not self._imagining and not self._transitions and not self._monitoring
             level, streak = self._alerts.level, self._alerts.streak
-            above, last = self._alert_signals, self._last_signals
+            above, last, explained = self._alert_signals, self._last_signals, self._explained
         values = {'model': self.policy.model_id, 'device': str(self.policy.device), 'idle': str(idle).lower(),
                   'frame_memory_bytes': str(held), **self.stats.snapshot()}
         msg = diagnostics_msg(self, 'worldvla: world model node', 0, 'running', values)
@@ -408,6 +456,8 @@ class WorldModelNode(GuardedNode):
         kv = {'calibrated': str(cal is not None).lower(), 'streak': str(streak),
               **({'false_alarm_rate': str(cal.false_alarm_rate)} if cal else {}),
               **{k: f'{v:.4g}' for k, v in last.items()},
+              **{f'best_explanation_{k}': v for k, v in explained.items()},  # which action the frames show
+              **({'motion_check': 'on'} if cal is not None and cal.motion is not None else {}),
               **({f'threshold_{k}': f'{v:.4g}' for k, v in cal.thresholds.items()} if cal else {})}
         msg.status.append(diagnostic_status(self, 'worldvla: world model monitor', level, message, kv))
         self.diag_pub.publish(msg)

@@ -16,7 +16,7 @@ Anomalies, each on its own held-out layout:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -25,6 +25,8 @@ from .record import diverse_start, with_exploration_noise
 from .tabletop import TABLE, SimConfig, TabletopSim, scripted_action
 
 KINDS = ('teleported', 'removed', 'stuck', 'slipped', 'camera_bump', 'lighting')
+FAULTS = ('wrong_direction', 'flipped_x', 'wrong_axis', 'late_frames')  # persistent: from an onset to the episode's end
+LATE_STEPS = 2
 MIN_STUCK_MOTION = 0.5  # action units (1 cm at the sim's 2 cm per unit): a stuck arm is only visible if told to move
 
 
@@ -109,3 +111,70 @@ def anomalous_transition(kind: str, seed: int, config: SimConfig | None = None, 
             nxt = np.clip(np.round(nxt.astype(np.float64) * gain), 0, 255).astype(np.uint8)
         return Transition(frame, action, nxt, kind, seed)
     raise RuntimeError(f'no state for {kind!r} from seed {seed}')
+
+
+@dataclass
+class FaultEpisode:
+    """What the monitor sees of one episode: frames ``observed[k]`` at command ``commands[k]`` (transition k is
+    observed[k] → observed[k + 1] under commands[k]); the fault from transition ``onset`` on (None: normal)."""
+
+    observed: list[np.ndarray]
+    commands: list[np.ndarray]
+    fault: str | None
+    onset: int | None
+    seed: int
+    instruction: str = ''
+    executed: list[np.ndarray] = field(default_factory=list)
+
+    def transitions(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]]:
+        """(frame, command, next frame, the two commands before) of each transition."""
+        return [(self.observed[k], self.commands[k], self.observed[k + 1], self.commands[max(0, k - 2):k])
+                for k in range(len(self.commands))]
+
+
+def executed_action(fault: str | None, command: np.ndarray, turn: int = 1) -> np.ndarray:
+    """What a faulty robot executes for ``command``: ``wrong_direction`` negates translation and rotation (a sign
+    error in a driver), ``flipped_x`` negates Δx alone (one axis' sign), ``wrong_axis`` turns the translation by
+    90° about z (``turn`` ±1: a wrong frame)."""
+    a = np.asarray(command, dtype=np.float64).copy()
+    if fault == 'wrong_direction':
+        a[:6] = -a[:6]
+    elif fault == 'flipped_x':
+        a[0] = -a[0]
+    elif fault == 'wrong_axis':
+        a[:2] = (-turn * command[1], turn * command[0])
+    return a
+
+
+def fault_episode(fault: str | None, seed: int, steps: int = 40, onset: int | None = None,
+                  config: SimConfig | None = None, noise: float = 0.1) -> FaultEpisode:
+    """An expert-driven episode on layout ``seed`` (a diverse start), with ``fault`` (one of ``FAULTS``, or None)
+    from transition ``onset`` (default: a random step in the first half) to the end. ``late_frames``: the robot
+    moves as commanded, but from the onset each frame the monitor receives is ``LATE_STEPS`` steps old (a lagging
+    camera stamped on arrival)."""
+    if fault is not None and fault not in FAULTS:
+        raise ValueError(f'unknown fault {fault!r}; one of {FAULTS}')
+    rng = np.random.default_rng(seed)
+    sim = TabletopSim(config)
+    sim.reset(seed)
+    diverse_start(sim, rng, held=0.3)
+    if fault is not None and onset is None:
+        onset = int(rng.integers(LATE_STEPS + 1, max(LATE_STEPS + 2, steps // 2)))
+    turn = 1 if rng.random() < 0.5 else -1
+    real, commands, executed = [sim.render()], [], []
+    for k in range(steps):
+        if sim.done:
+            break
+        command = with_exploration_noise(scripted_action(sim), rng, noise)
+        faulty = fault in ('wrong_direction', 'flipped_x', 'wrong_axis') and onset is not None and k >= onset
+        done = executed_action(fault if faulty else None, command, turn)
+        real.append(sim.step(done))
+        commands.append(command)
+        executed.append(done)
+    observed = list(real)
+    if fault == 'late_frames' and onset is not None:
+        # the frame received when command k is sent (and after the last one) is real[k - LATE_STEPS] from the
+        # onset's next frame on: the first late transition ends on a frame older than the one it starts from
+        for k in range(onset + 1, len(real)):
+            observed[k] = real[k - LATE_STEPS]
+    return FaultEpisode(observed, commands, fault, onset, seed, sim.instruction, executed)

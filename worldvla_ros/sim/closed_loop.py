@@ -58,9 +58,10 @@ LIMITS = SafetyLimits(LIBERO_ACTION_MIN, LIBERO_ACTION_MAX, (0.0,) * 7)
 
 def run_episode(policy: Any, seed: int, action_mask: bool = True, config: SimConfig | None = None,
                 on_chunk: Callable[[TabletopSim], None] | None = None,
-                settings: ControlSettings = CLOSED_LOOP) -> dict[str, Any]:
+                settings: ControlSettings = CLOSED_LOOP, trace: list | None = None) -> dict[str, Any]:
     """One episode through the action node's control loop (``worldvla_ros.control``), one control period per sim
-    step; ``on_chunk(sim)`` is called at every state where the policy is asked for a chunk."""
+    step; ``on_chunk(sim)`` is called at every state where the policy is asked for a chunk. ``trace`` receives
+    (frame, the command executed from it) per step and (last frame, None) at the end."""
     sim = TabletopSim(config)
     frame = sim.reset(seed)
     progress = Progress(sim)
@@ -83,8 +84,12 @@ def run_episode(policy: Any, seed: int, action_mask: bool = True, config: SimCon
         step += 1
         silent = silent + 1 if command is None else 0  # nothing commanded yet: the model failed its first chunk
         if command is not None:
+            if trace is not None:
+                trace.append((frame, np.asarray(command.action, dtype=np.float64)))
             frame = sim.step(command.action)
             progress.update()
+    if trace is not None:
+        trace.append((frame, None))
     return progress.result(seed, len(loop.chunks))
 
 
