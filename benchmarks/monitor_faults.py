@@ -28,6 +28,7 @@ from worldvla_ros.model import load_policy
 from worldvla_ros.monitor import (
     MOTION_ALERT_SIGNALS,
     AlertState,
+    Calibration,
     CalibrationEpisode,
     auroc,
     calibrate_episodes,
@@ -46,8 +47,10 @@ CONTROL_HZ = 10.0
 COSTS: dict[str, list[float]] = {'world_model_2_rows_ms': [], 'world_model_all_rows_ms': [], 'motion_ms': []}
 
 
-def score_episode(policy, observed: list, commands: list, last: int | None = None) -> CalibrationEpisode:
-    """Every signal but the calibrated motion ones, per transition (up to ``last``)."""
+def score_episode(policy, observed: list, commands: list, last: int | None = None,
+                  counterfactuals: bool = True) -> CalibrationEpisode:
+    """Every signal but the calibrated motion ones, per transition (up to ``last``); without ``counterfactuals``
+    the world model scores the command and no motion only (no wm_evidence)."""
     n = len(commands) if last is None else min(len(commands), last)
     gray = [motion_frame(f) for f in observed[: n + 1]]
     model = [policy.model_frame(f) for f in observed[: n + 1]]
@@ -56,6 +59,10 @@ def score_episode(policy, observed: list, commands: list, last: int | None = Non
         t0 = time.perf_counter()
         feats.append(motion_features(gray[k], gray[k + 1]))
         t1 = time.perf_counter()
+        if not counterfactuals:
+            lik = policy.transition_likelihood(model[k], commands[k], model[k + 1])
+            rows.append(transition_signals(lik, model[k], model[k + 1]))
+            continue
         hyp = counterfactual_actions(commands[k], commands[max(0, k - 2):k])
         lik = policy.transition_likelihood(model[k], None, model[k + 1], rows=list(hyp.values()))
         t2 = time.perf_counter()
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--false-alarm-rate', type=float, default=0.01)
     ap.add_argument('--ranges', type=int, nargs='+', default=[140_000, 160_000])
     ap.add_argument('--calibration-range', type=int, default=185_000)
+    ap.add_argument('--calibration', default='', metavar='FILE',
+                    help='test this calibration (e.g. the one the bundled model ships) instead of making one')
     args = ap.parse_args(argv)
     policy = load_policy(args.checkpoint or bundled_checkpoint(), device='cpu')
     policy.use_cpu_threads(1)
@@ -131,16 +140,24 @@ def main(argv: list[str] | None = None) -> int:
         last = None if fault is None else ep.onset + SCORED_AFTER_ONSET
         return ep, score_episode(policy, ep.observed, ep.commands, last)
 
-    cal_eps = []
-    for i in range(args.calibration_episodes):
-        _, scored = expert(None, args.calibration_range + i)
-        scored.name = f'expert_{args.calibration_range + i}'
-        cal_eps.append(scored)
-    cal = calibrate_episodes(cal_eps, args.false_alarm_rate, MOTION_ALERT_SIGNALS, policy.model_id,
-                             policy.weights_digest)
+    if args.calibration:
+        cal = Calibration.load(args.calibration)
+        if cal.motion is None:
+            raise SystemExit(f'{args.calibration} has no motion model')
+        cal_eps = []
+    else:
+        cal_eps = []
+        for i in range(args.calibration_episodes):
+            _, scored = expert(None, args.calibration_range + i)
+            scored.name = f'expert_{args.calibration_range + i}'
+            cal_eps.append(scored)
+        cal = calibrate_episodes(cal_eps, args.false_alarm_rate, MOTION_ALERT_SIGNALS, policy.model_id,
+                                 policy.weights_digest)
     signals = ('peak_excess_bits', 'action_consistency', 'wm_evidence', 'motion_evidence', 'motion_cusum',
                'frame_change')
-    result = {'model': policy.model_id, 'calibration': {'episodes': len(cal_eps), 'transitions': cal.transitions,
+    result = {'model': policy.model_id, 'calibration': {'file': args.calibration or None,
+                                                        'episodes': len(cal_eps) or len(cal.source),
+                                                        'transitions': cal.transitions,
                                                         'thresholds': cal.thresholds,
                                                         'measured_rate': cal.measured_rate},
               'ranges': {}}

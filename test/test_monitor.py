@@ -287,11 +287,17 @@ def test_evaluate_bag_calibrates_the_monitor_on_recorded_bags(tmp_path: Path, ca
     assert main([*common, '--calibrate-monitor', str(out), '--false-alarm-rate', '0.05']) == 0
     cal = Calibration.load(out)
     assert cal.transitions == 48 and cal.measured_rate <= 0.05
-    assert set(cal.thresholds) == {'peak_excess_bits', 'action_consistency'} and cal.model_id.startswith('tabletop')
+    assert set(cal.thresholds) == {'peak_excess_bits', 'action_consistency', 'motion_cusum'}
+    assert cal.model_id.startswith('tabletop') and cal.motion is not None  # the robot's motion, from the bags
     assert cal.weights and cal.weights == Calibration.load(bundled_checkpoint() / 'monitor_calibration.json').weights
     assert cal.source == [Path(b).name for b in bags]
     assert 'monitor calibrated on' in capsys.readouterr().err
     assert not (tmp_path / 'eval_report').exists()  # calibration writes its file only
+    plain = tmp_path / 'plain.json'
+    assert main([*common, '--calibrate-monitor', str(plain), '--false-alarm-rate', '0.05', '--no-motion-check']) == 0
+    cal = Calibration.load(plain)
+    assert set(cal.thresholds) == {'peak_excess_bits', 'action_consistency'} and cal.motion is None
+    capsys.readouterr()
     # what fails without the model fails before it loads: a rate these transitions cannot support, a file that
     # cannot be written, an unknown signal (usage errors, exit 2)
     for extra, says in ((['--false-alarm-rate', '0.001'], 'too few'), (['--false-alarm-rate', '1.5'], '(0, 1)'),

@@ -291,6 +291,19 @@ def test_a_driver_that_flips_x_raises_warn_then_error_and_holds_the_robot(tiny_c
         assert levels[:onset] == [0] * onset, levels
         assert levels[first + 1] == 1 and 2 in levels and levels.index(2) == first + error_after - 1, levels
         assert h.wait_for(lambda: bool(estops) and estops[-1], timeout=10, frames=False), estops
+        # a frame captured before the command it should show arrived (a camera seeing late, stamped honestly)
+        # closes no transition: counted
+        before = len(monitor)
+        commands.publish(EndEffectorCommand(action=[0.1] * 6 + [1.0]))
+        time.sleep(0.3)
+        old = fill_image_msg(Image(), ep.observed[-1])
+        old.header.stamp = (n.get_clock().now() - rclpy.duration.Duration(seconds=1.0)).to_msg()
+        h.image_pub.publish(old)
+        time.sleep(0.3)
+        commands.publish(EndEffectorCommand(action=[0.1] * 6 + [1.0]))
+        assert h.wait_for(lambda: h.counter('worldvla_world_model', 'transitions_stale_frame') >= 1, timeout=10,
+                          frames=False)
+        assert len(monitor) == before
     finally:
         h.close()
         rclpy.shutdown()

@@ -96,8 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument('--false-alarm-rate', type=float, default=0.05,
                    help='share of normal transitions that may raise an alarm (default 0.05)')
     m.add_argument('--monitor-signals', nargs='+', default=None, metavar='SIGNAL',
-                   help='signals that alarm (default: peak_excess_bits action_consistency; frame_change adds the '
-                        'model-free pixel change, which sees lighting and camera changes best)')
+                   help='signals that alarm (default: peak_excess_bits action_consistency motion_cusum; '
+                        'frame_change adds the model-free pixel change, which sees lighting and camera changes best)')
+    m.add_argument('--no-motion-check', action='store_true',
+                   help='no motion model in the calibration (no motion_evidence / motion_cusum): the robot moving '
+                        'the wrong way or a camera seeing late go unseen')
     e.add_argument('--no-progress', action='store_true')
     e.add_argument('--debug', action='store_true', help='show the traceback of unexpected errors')
     return p
@@ -214,8 +217,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunRecord]]:
     period = 1.0 / args.control_rate if args.control_rate and args.control_rate > 0 else None
     # every bag checked before the model loads, each frame kept only as the model's crop: bounded memory
     settings = checkpoint_settings(args.checkpoint, args.tokenizer_dir)
-    episodes = [read_episode(b, topics, action_scale=scale, period_s=period, frame_size=settings.resolution)
-                for b in args.bags]
+    episodes = [read_episode(b, topics, action_scale=scale, period_s=period, frame_size=settings.resolution,
+                             motion=bool(args.calibrate_monitor) and not args.no_motion_check) for b in args.bags]
     check_instructions(episodes, settings.max_instruction_chars)
     control_rate, source = control_rate_of(episodes, args.control_rate,
                                            float(action_params.get('control_rate_hz', 10.0)))
@@ -272,17 +275,22 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
     from worldvla_ros.monitor import (
         DEFAULT_ALERT_SIGNALS,
         LIKELIHOOD_SIGNALS,
+        MOTION_ALERT_SIGNALS,
+        MOTION_SIGNALS,
+        CalibrationEpisode,
         CalibrationError,
         calibrate,
+        calibrate_episodes,
         min_transitions,
         transition_signals,
     )
+    from worldvla_ros.motion_check import motion_features
 
-    chosen = tuple(args.monitor_signals or DEFAULT_ALERT_SIGNALS)
-    unknown = set(chosen) - {*LIKELIHOOD_SIGNALS, 'frame_change'}
+    chosen = tuple(args.monitor_signals or (DEFAULT_ALERT_SIGNALS if args.no_motion_check else MOTION_ALERT_SIGNALS))
+    known = {*LIKELIHOOD_SIGNALS, 'frame_change', *(() if args.no_motion_check else MOTION_SIGNALS)}
+    unknown = set(chosen) - known
     if unknown:
-        raise BagError(f'unknown monitor signals {sorted(unknown)}; known: {", ".join(LIKELIHOOD_SIGNALS)}, '
-                       'frame_change')
+        raise BagError(f'unknown monitor signals {sorted(unknown)}; known: {", ".join(sorted(known))}')
 
     # what can fail without the model fails before it loads: the output place, the rate, too little data
     target = Path(args.calibrate_monitor)
@@ -291,6 +299,7 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
     if not 0.0 < args.false_alarm_rate < 1.0:
         raise BagError(f'--false-alarm-rate must lie in (0, 1), got {args.false_alarm_rate}')
     pairs = []  # (episode, frame index, frames a control period later)
+    last_index: dict[str, int] = {}
     skipped = 0
     for ep in episodes:
         step = max(1, round(1.0 / (ep.period_s * control_rate))) if ep.period_s > 0 else 1
@@ -306,16 +315,27 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
 
     overrides = {k: int(action_params[k]) for k in ('chunk_size', 'history_frames') if action_params.get(k)}
     policy = load_policy(args.checkpoint, args.device, args.dtype, args.tokenizer_dir or None, **overrides)
-    signals = []
+    per_episode: dict[str, CalibrationEpisode] = {}
     with tqdm(total=len(pairs), unit='transition', disable=args.no_progress, desc='monitor', file=sys.stderr) as bar:
         for ep, i, step in pairs:
             bar.update()
             before, after = ep.frames[i], ep.frames[i + step]
             lik = policy.transition_likelihood(before, ep.actions[i], after)
-            signals.append(transition_signals(lik, policy.model_frame(before), policy.model_frame(after)))
+            got = per_episode.setdefault(ep.name, CalibrationEpisode(ep.name, [], [], []))
+            if got.commands and i != last_index[ep.name] + step:  # a gap (no command): the next sequence
+                got = per_episode[f'{ep.name}#{i}'] = CalibrationEpisode(ep.name, [], [], [])
+            last_index[ep.name] = i
+            got.signals.append(transition_signals(lik, policy.model_frame(before), policy.model_frame(after)))
+            got.commands.append(ep.actions[i])
+            if ep.motion_frames:
+                got.features.append(motion_features(ep.motion_frames[i], ep.motion_frames[i + step]))
     try:
-        cal = calibrate(signals, args.false_alarm_rate, chosen, model_id=policy.model_id,
-                        weights=policy.weights_digest)
+        if args.no_motion_check:
+            cal = calibrate([s for e in per_episode.values() for s in e.signals], args.false_alarm_rate, chosen,
+                            model_id=policy.model_id, weights=policy.weights_digest)
+        else:
+            cal = calibrate_episodes(list(per_episode.values()), args.false_alarm_rate, chosen,
+                                     model_id=policy.model_id, weights=policy.weights_digest)
     except CalibrationError as exc:
         raise BagError(str(exc)) from exc
     cal.source = [e.name for e in episodes]

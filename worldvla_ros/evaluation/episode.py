@@ -56,6 +56,7 @@ class Episode:
     action_source: str = ''
     rejected_frames: dict[str, int] = field(default_factory=dict)
     conversion: str = ''  # how the recorded actions were turned into action units, when they were
+    motion_frames: list[np.ndarray] = field(default_factory=list)  # gray motion-check crops, when asked for
 
     @property
     def period_s(self) -> float:
@@ -130,7 +131,7 @@ def gripper_to_action(value: np.ndarray, opened: float, closed: float) -> np.nda
 
 
 def read_episode(path: str | Path, topics: TopicMap | None = None, action_scale: Sequence[float] | None = None,
-                 period_s: float | None = None, frame_size: int | None = None) -> Episode:
+                 period_s: float | None = None, frame_size: int | None = None, motion: bool = False) -> Episode:
     """Frames (decoded with the action node's own conversion) and per-frame ground truth.
 
     ``frame_size``: each frame is kept only as the model's square crop at that resolution
@@ -138,6 +139,7 @@ def read_episode(path: str | Path, topics: TopicMap | None = None, action_scale:
     N × size² × 3 bytes whatever the camera's resolution. None keeps the decoded frames whole.
     TwistStamped ground truth is converted to action units with ``action_scale`` and the control
     period (``period_s``, else the camera's); a Float gripper topic needs ``gripper_open/closed``.
+    ``motion``: also keep each frame's gray motion-check crop (``motion_check.motion_frame``, 128² bytes).
     """
     keep = (lambda rgb: np.array(rgb)) if frame_size is None else (
         lambda rgb: to_model_frame(rgb, frame_size, rotate_180=False))
@@ -167,7 +169,7 @@ def read_episode(path: str | Path, topics: TopicMap | None = None, action_scale:
         if declared_frames == 0:
             raise BagError(f'{reader.path}: topic {image_topic} holds no messages')
 
-        frame_ns, frames, rejected, why = [], [], {}, {}
+        frame_ns, frames, rejected, why, gray = [], [], {}, {}, []
         act_ns, acts, grip_ns, grips = [], [], [], []
         wanted = [t for t in (image_topic, action_topic, gripper_topic, instruction_topic) if t]
         for m in reader.messages(wanted):
@@ -180,6 +182,10 @@ def read_episode(path: str | Path, topics: TopicMap | None = None, action_scale:
                     continue
                 frame_ns.append(_time(m, use_header))
                 frames.append(keep(rgb))
+                if motion:
+                    from worldvla_ros.motion_check import motion_frame
+
+                    gray.append(motion_frame(rgb))
             elif m.topic == action_topic:
                 if m.msgtype == ACTION_CHUNK:
                     t0 = _time(m, use_header)
@@ -208,6 +214,7 @@ def read_episode(path: str | Path, topics: TopicMap | None = None, action_scale:
     order = np.argsort(frame_ns, kind='stable')
     frame_ns_arr = np.asarray(frame_ns, dtype=np.int64)[order]
     frames = [frames[i] for i in order]
+    gray = [gray[i] for i in order] if gray else []
     gt = align_actions(frame_ns_arr, act_ns, acts)
     conversion = ''
     if action_type == TWIST:
@@ -230,7 +237,7 @@ def read_episode(path: str | Path, topics: TopicMap | None = None, action_scale:
         raise BagError(f'{path}: no action on {action_topic} lines up with a camera frame; '
                        'try --time-source bag')
     return Episode(Path(path).name, instruction, frame_ns_arr, frames, gt, f'{action_topic} [{action_type}]',
-                   rejected, conversion.lstrip('; '))
+                   rejected, conversion.lstrip('; '), gray)
 
 
 def align_actions(frame_ns: np.ndarray, act_ns: Sequence[tuple[int, int]], acts: Sequence[np.ndarray]) -> np.ndarray:

@@ -144,8 +144,8 @@ class WorldModelNode(GuardedNode):
         # (arrival number, model-resolution crop, header, gray motion crop or None)
         self._latest: tuple[int, np.ndarray, Header, np.ndarray | None] | None = None
         self._arrivals = 0
-        # (action, frame arrival, frame, motion crop), and the chain's commands before it (counterfactuals)
-        self._command: tuple[np.ndarray, int, np.ndarray, np.ndarray | None] | None = None
+        # (action, frame arrival, frame, motion crop, received ns), and the chain's commands before it
+        self._command: tuple[np.ndarray, int, np.ndarray, np.ndarray | None, int] | None = None
         self._recent: deque[np.ndarray] = deque(maxlen=3)  # the transition's command and the two before it
         self._chain = 0  # a new chain (after a reset or a gap) restarts the sequential evidence
         self._transitions: deque[tuple] = deque(maxlen=MAX_TRANSITIONS)
@@ -216,15 +216,18 @@ class WorldModelNode(GuardedNode):
 
     def _on_command(self, msg: EndEffectorCommand) -> None:
         """A transition ends where the next command is sent: (frame before the last command, that command, the
-        newest frame now). Commands the robot does not execute (dry run) end the chain: no transition."""
+        newest frame now), if that frame was captured after the last command arrived (its stamp, against this
+        node's clock): an older one cannot show the command's result (a camera seeing late, with honest stamps)
+        and is counted, not scored. Commands the robot does not execute (dry run) end the chain."""
         action = np.asarray(msg.action, dtype=np.float64)
+        received = self.get_clock().now().nanoseconds
         if msg.dry_run or not np.all(np.isfinite(action)) or not self.get_parameter('monitor').value:
             with self._lock:
                 self._end_chain()
             return
         with self._lock:
             latest, last = self._latest, self._command
-            self._command = None if latest is None else (action, latest[0], latest[1], latest[3])
+            self._command = None if latest is None else (action, latest[0], latest[1], latest[3], received)
             recent = list(self._recent)
             if latest is None:
                 self._end_chain()
@@ -234,6 +237,9 @@ class WorldModelNode(GuardedNode):
             return
         if latest[0] == last[1]:
             self.stats.count('transitions_without_frame')  # no frame between the two commands
+            return
+        if Time.from_msg(latest[2].stamp).nanoseconds < last[4] - self._tolerance_ns():
+            self.stats.count('transitions_stale_frame')  # captured before the command it should show arrived
             return
         with self._lock:
             if len(self._transitions) == self._transitions.maxlen:
