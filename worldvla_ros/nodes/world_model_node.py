@@ -64,6 +64,8 @@ from worldvla_ros.nodes.common import (
 
 MAX_PENDING = 256  # imagined frames waiting for their real frame (older ones are dropped first)
 MAX_TRANSITIONS = 8  # real transitions waiting for the monitor (older ones are dropped first, counted)
+MAX_DELIVERY_NS = 2_000_000_000  # a source timestamp further back than this is a clock apart, not a delivery
+BLIND_AFTER_S = 5.0  # commands within this long, and no transition scored for this long: the monitor is blind
 MONITOR_FIELDS = (*LIKELIHOOD_SIGNALS, 'frame_change', 'wm_evidence', *MOTION_SIGNALS, 'alarm', 'level')
 
 PARAMETERS: dict[str, Param] = {
@@ -152,6 +154,9 @@ class WorldModelNode(GuardedNode):
         self._cusum = self._calibration.sequential() if self._calibration is not None else None
         self._cusum_chain = 0
         self._explained: dict[str, str] = {}
+        # a monitor that scores nothing while the robot moves (no frames, stale frames, an instruction flood ending
+        # every chain) must say so: its silence is not "as expected"
+        self._last_command_at = self._last_scored_at = time.monotonic()
         self._transition_event = threading.Event()
         self._monitoring = False
         self._alerts = AlertState(int(p['surprise_warn_after']), int(p['surprise_error_after']))
@@ -214,17 +219,22 @@ class WorldModelNode(GuardedNode):
             self._latest = (self._arrivals, frame, header, gray)
         self._score(stamp, frame, header)
 
-    def _on_command(self, msg: EndEffectorCommand) -> None:
+    def _on_command(self, msg: EndEffectorCommand, info: Any) -> None:
         """A transition ends where the next command is sent: (frame before the last command, that command, the
-        newest frame now), if that frame was captured after the last command arrived (its stamp, against this
-        node's clock): an older one cannot show the command's result (a camera seeing late, with honest stamps)
-        and is counted, not scored. Commands the robot does not execute (dry run) end the chain."""
+        newest frame now), if that frame was captured after the last command was sent (its stamp, against this
+        node's clock less the command's delivery time, from the publisher's source timestamp): an older one
+        cannot show the command's result (a camera seeing late, with honest stamps) and is counted, not scored.
+        Commands the robot does not execute (dry run) end the chain."""
         action = np.asarray(msg.action, dtype=np.float64)
-        received = self.get_clock().now().nanoseconds
+        source = int(info.get('source_timestamp', 0) or 0) if isinstance(info, dict) else 0
+        delivery = min(max(time.time_ns() - source, 0), MAX_DELIVERY_NS) if source > 0 else 0
+        received = self.get_clock().now().nanoseconds - delivery
+        self.stats.count('commands_received')
         if msg.dry_run or not np.all(np.isfinite(action)) or not self.get_parameter('monitor').value:
             with self._lock:
                 self._end_chain()
             return
+        self._last_command_at = time.monotonic()  # an executed command: the monitor should be scoring
         with self._lock:
             latest, last = self._latest, self._command
             self._command = None if latest is None else (action, latest[0], latest[1], latest[3], received)
@@ -316,6 +326,7 @@ class WorldModelNode(GuardedNode):
             elif over:
                 self._held_on_surprise = False
         self.stats.count('transitions_scored')
+        self._last_scored_at = time.monotonic()
         if above:
             self.stats.count('transitions_alarmed')
         out = Float64MultiArray(data=[*(signals.get(k, float('nan')) for k in MONITOR_FIELDS[:-2]),
@@ -453,7 +464,15 @@ class WorldModelNode(GuardedNode):
                   'frame_memory_bytes': str(held), **self.stats.snapshot()}
         msg = diagnostics_msg(self, 'worldvla: world model node', 0, 'running', values)
         cal = self._calibration
-        if cal is None:
+        now = time.monotonic()
+        blind = now - self._last_command_at < BLIND_AFTER_S and now - self._last_scored_at > BLIND_AFTER_S
+        if blind and self.get_parameter('monitor').value:
+            level = max(level, 1)
+            message = (f'blind: commands executed but no transition scored for {now - self._last_scored_at:.0f} s '
+                       '(no frames between commands, frames stamped before their command, instructions ending '
+                       'every chain, or dry-run commands)')
+            self.stats.count('blind_reports')
+        elif cal is None:
             message = 'uncalibrated: signals published, no alerts (evaluate_bag --calibrate-monitor)'
         elif level:
             message = f'sustained surprise: {streak} transitions in a row above threshold ({", ".join(above)})'
