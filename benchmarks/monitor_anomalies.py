@@ -26,15 +26,20 @@ from worldvla_ros.metrics import psnr, ssim
 from worldvla_ros.model import load_policy
 from worldvla_ros.monitor import (
     DEFAULT_ALERT_SIGNALS,
+    Calibration,
     auroc,
     calibrate,
     detection_rate,
     frame_change,
     likelihood_signals,
+    motion_signals,
 )
+from worldvla_ros.motion_check import motion_features, motion_frame
 from worldvla_ros.sim.anomalies import KINDS, anomalous_transition, normal_transition
 from worldvla_ros.sim.bundled import bundled_checkpoint
 from worldvla_ros.sim.closed_loop import HELD_OUT_SEED
+
+SHIPPED: Calibration | None = None
 
 
 def score(policy, t, imagine: bool, costs: dict[str, list[float]]) -> dict[str, float]:
@@ -44,6 +49,9 @@ def score(policy, t, imagine: bool, costs: dict[str, list[float]]) -> dict[str, 
     out = likelihood_signals(lik.bits[0], lik.expected_bits[0], lik.variance[0], lik.bits[1])
     t2 = time.perf_counter()
     out['frame_change'] = frame_change(policy.model_frame(t.frame), policy.model_frame(t.next_frame))
+    if SHIPPED is not None and SHIPPED.motion is not None:  # a transition on its own: a chain of one
+        feats = motion_features(motion_frame(t.frame), motion_frame(t.next_frame))
+        out.update(motion_signals(SHIPPED.motion, SHIPPED.sequential(), feats, t.action)[0])
     t3 = time.perf_counter()
     costs['likelihood_ms'].append((t1 - t0) * 1e3 + (t2 - t1) * 1e3)
     costs['frame_change_ms'].append((t3 - t2) * 1e3)
@@ -101,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--no-imagine', action='store_true', help='skip the imagined-frame surprise (the slow part)')
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--costs-only', action='store_true', help='only the per-transition costs on a stream')
+    ap.add_argument('--calibration', default='', metavar='FILE',
+                    help='also report this calibration as it stands (e.g. the one the bundled model ships)')
     args = ap.parse_args(argv)
+    global SHIPPED
+    SHIPPED = Calibration.load(args.calibration) if args.calibration else None
     policy = load_policy(args.checkpoint or bundled_checkpoint(), device=args.device)
     policy.use_cpu_threads(1)
     imagine = not args.no_imagine
@@ -131,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
                                                               for k, t in cal.thresholds.items()},
                           'detected': {kind: float(np.mean([bool(cal.alarm(a)) for a in rows]))
                                        for kind, rows in anomalous.items()}}
+    if SHIPPED is not None:
+        monitors['as_shipped'] = {'file': args.calibration, 'thresholds': SHIPPED.thresholds,
+                                  'held_out_false_alarms': float(np.mean([bool(SHIPPED.alarm(n)) for n in normal])),
+                                  'detected': {kind: float(np.mean([bool(SHIPPED.alarm(a)) for a in rows]))
+                                               for kind, rows in anomalous.items()}}
     result = {
         'model': policy.model_id, 'device': str(policy.device), 'per_kind': args.per_kind, 'normal': args.normal,
         'calibration': args.calibration,

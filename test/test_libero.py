@@ -54,6 +54,23 @@ def test_the_prompt_is_the_release_string() -> None:
     assert prompt_text(env, 'name') == 'LIVING ROOM SCENE2 put the bowl on the plate'  # libero_10's training text
 
 
+def test_the_sim_nodes_queues_are_bounded_and_drop_the_oldest() -> None:
+    """A flood of commands (another publisher on worldvla/ee_command) cannot grow the LIBERO sim node's queue: the
+    oldest go first, counted."""
+    import queue
+    import types
+
+    from worldvla_ros.nodes.common import Stats
+    from worldvla_ros.nodes.libero_sim_node import MAX_QUEUED, LiberoSimNode
+
+    node = types.SimpleNamespace(stats=Stats())
+    q: queue.Queue = queue.Queue(maxsize=MAX_QUEUED)
+    for i in range(MAX_QUEUED + 500):
+        LiberoSimNode._put(node, q, i, 'commands_dropped')
+    assert q.qsize() == MAX_QUEUED and q.get_nowait() == 500
+    assert int(node.stats.snapshot()['commands_dropped']) == 500
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     assert libero_eval(['--suite', 'libero_nothing', '--policy', 'expert', '--out', str(tmp_path / 'a')]) == 2

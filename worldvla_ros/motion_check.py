@@ -32,8 +32,8 @@ FEATURES = 8
 HYPOTHESES = ('command', 'still', 'opposite', 'turned_left', 'turned_right', 'flipped_x', 'flipped_y', 'flipped_z',
               'previous_1', 'previous_2')
 DEGREES_OF_FREEDOM = 3.0  # of the Student-t residual
-EVIDENCE_CLIP = 4.0  # bits one transition may add to (or take from) the sequential evidence
-CUSUM_DRIFT = 0.5  # bits subtracted per transition: normal work's evidence sits below it
+EVIDENCE_CLIP = 8.0  # bits one transition may add to (or take from) the sequential evidence
+CUSUM_DRIFT = 2.0  # bits subtracted per transition: normal work's evidence mostly sits below it
 _LN2 = math.log(2.0)
 
 

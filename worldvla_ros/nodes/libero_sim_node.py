@@ -51,6 +51,7 @@ from worldvla_ros.nodes.common import (
 from worldvla_ros.sim.libero import RATE_HZ, SUITES, ActionDigest, LiberoEnv, LiberoMissing, model_view
 
 START_S = 1000  # sim time of the first period (0 means "no clock yet" to a ROS node)
+MAX_QUEUED = 256  # commands or chunk stamps waiting for the episode loop; the oldest go first
 
 PARAMETERS: dict[str, Param] = {
     'suite': Param('libero_object', 'LIBERO suite', read_only=True, choices=tuple(SUITES)),
@@ -91,8 +92,9 @@ class LiberoSimNode(GuardedNode):
             raise StartupError(str(exc)) from None
         self.instruction = self.env.name.replace('_', ' ') if p['prompt_source'] == 'name' else self.env.language
         self.period_ns = round(1e9 / RATE_HZ)
-        self.commands: queue.Queue[EndEffectorCommand] = queue.Queue()
-        self.chunks: queue.Queue[int] = queue.Queue()  # stamps (ns) of the chunks' newest frames
+        # bounded: a flood of commands or chunks (another publisher on the topic) drops the oldest, counted
+        self.commands: queue.Queue[EndEffectorCommand] = queue.Queue(maxsize=MAX_QUEUED)
+        self.chunks: queue.Queue[int] = queue.Queue(maxsize=MAX_QUEUED)  # stamps (ns) of the chunks' newest frames
         self.results: list[dict[str, Any]] = []
         self.stop = threading.Event()
         group = ReentrantCallbackGroup()
@@ -108,7 +110,8 @@ class LiberoSimNode(GuardedNode):
             raise StartupError(f'{p["suite"]} has no scripted expert (libero_object has one)')
         self.expert_pub = (self.create_publisher(EndEffectorCommand, 'sim/expert_command', reliable_qos(10))
                            if p['publish_expert'] else None)
-        self.create_subscription(EndEffectorCommand, 'worldvla/ee_command', self.commands.put, reliable_qos(100),
+        self.create_subscription(EndEffectorCommand, 'worldvla/ee_command',
+                                 lambda m: self._put(self.commands, m, 'commands_dropped'), reliable_qos(100),
                                  callback_group=group)
         self.create_subscription(ActionChunk, 'worldvla/action_chunk', self._on_chunk, reliable_qos(50),
                                  callback_group=group)
@@ -245,7 +248,19 @@ class LiberoSimNode(GuardedNode):
         return None
 
     def _on_chunk(self, msg: ActionChunk) -> None:
-        self.chunks.put(msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec)
+        self._put(self.chunks, msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec, 'chunks_dropped')
+
+    def _put(self, q: queue.Queue, item: Any, dropped: str) -> None:
+        while True:
+            try:
+                q.put_nowait(item)
+                return
+            except queue.Full:
+                try:
+                    q.get_nowait()
+                    self.stats.count(dropped)
+                except queue.Empty:
+                    pass
 
     @staticmethod
     def _drain(q: queue.Queue) -> None:
