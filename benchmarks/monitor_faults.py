@@ -33,6 +33,7 @@ from worldvla_ros.monitor import (
     auroc,
     calibrate_episodes,
     motion_signals,
+    transition_condition,
     transition_signals,
     world_model_evidence,
 )
@@ -83,7 +84,8 @@ def with_motion(cal, ep: CalibrationEpisode) -> list[dict]:
     out = []
     for k, sig in enumerate(ep.signals):
         found, best = motion_signals(cal.motion, cusum, ep.features[k], ep.commands[k], ep.commands[max(0, k - 2):k])
-        out.append({**sig, **found, 'motion_best': best})
+        previous = ep.commands[k - 1] if k else None
+        out.append({**sig, **found, 'motion_best': best, 'condition': transition_condition(ep.commands[k], previous)})
     return out
 
 
@@ -105,13 +107,13 @@ def oriented_auroc(normal: list[float], faulty: list[float]) -> dict:
 
 
 def false_alarms(cal, episodes: list[list[dict]]) -> dict:
-    alarmed = sum(bool(cal.alarm(s)) for ep in episodes for s in ep)
+    alarmed = sum(bool(cal.alarm(s, s['condition'])) for ep in episodes for s in ep)
     n = sum(len(ep) for ep in episodes)
     warns = 0
     for ep in episodes:
         state, level = AlertState(), 0
         for s in ep:
-            new = state.update(bool(cal.alarm(s)))
+            new = state.update(bool(cal.alarm(s, s['condition'])))
             warns += new >= 1 and level == 0
             level = new
     hours = n / CONTROL_HZ / 3600
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 ep, scored = expert(fault, base + 1_000 * (j + 1) + i)
                 sig = with_motion(cal, scored)
                 rows += sig[ep.onset:]
-                hits = [k - ep.onset for k in range(ep.onset, len(sig)) if cal.alarm(sig[k])]
+                hits = [k - ep.onset for k in range(ep.onset, len(sig)) if cal.alarm(sig[k], sig[k]['condition'])]
                 if hits and hits[0] < WINDOW:
                     detected += 1
                 latency.append(hits[0] if hits else None)

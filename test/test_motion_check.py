@@ -170,3 +170,37 @@ def test_world_model_evidence_compares_whole_frames() -> None:
     assert world_model_evidence(Lik(), ['command', 'still', 'opposite']) == (2.0, 'still')
     with pytest.raises(ValueError):
         world_model_evidence(Lik(), ['still', 'command', 'opposite'])
+
+
+def test_gripper_toggles_get_thresholds_of_their_own(tmp_path: Path) -> None:
+    """Transitions where the gripper command changes sign surprise the world model legitimately: with enough of
+    them the calibration gives them their own thresholds (at the same rate), so they neither alarm all the time
+    nor raise the thresholds of every other transition."""
+    from worldvla_ros.monitor import transition_condition
+
+    rng = np.random.default_rng(1)
+    episodes = []
+    for e in range(20):
+        n = 50
+        commands = [np.r_[rng.normal(0, 0.5, 6), 1.0 if (k // 5) % 2 else -1.0] for k in range(n)]
+        signals = []
+        for k in range(n):
+            toggle = transition_condition(commands[k], commands[k - 1] if k else None) == 'gripper_toggle'
+            signals.append({'peak_excess_bits': float(rng.normal(20 if toggle else 5, 1))})
+        episodes.append(CalibrationEpisode(f'e{e}', list(rng.normal(size=(n, FEATURES))), commands, signals))
+    cal = calibrate_episodes(episodes, 0.05, ('peak_excess_bits',))
+    usual, toggles = cal.thresholds['peak_excess_bits'], cal.by_condition['gripper_toggle']['peak_excess_bits']
+    assert 5 < usual < 9 and 20 < toggles < 24, (usual, toggles)
+    assert cal.alarm({'peak_excess_bits': 15.0}) and not cal.alarm({'peak_excess_bits': 15.0}, 'gripper_toggle')
+    assert cal.measured_rate <= 0.05 and cal.transitions == 1000
+    path = tmp_path / 'cal.json'
+    cal.save(path)
+    assert Calibration.load(path).by_condition == cal.by_condition
+    data = json.loads(path.read_text())
+    for bad in ({'lunch': {'peak_excess_bits': 1.0}}, {'gripper_toggle': {'other': 1.0}},
+                {'gripper_toggle': {'peak_excess_bits': 'x'}}, ['gripper_toggle']):
+        path.write_text(json.dumps({**data, 'by_condition': bad}))
+        with pytest.raises(CalibrationError, match='by_condition'):
+            Calibration.load(path)
+    assert transition_condition(np.r_[np.zeros(6), 1.0], None) == 'normal'
+    assert transition_condition(np.r_[np.zeros(6), 1.0], np.r_[np.zeros(6), -1.0]) == 'gripper_toggle'

@@ -122,6 +122,8 @@ class Calibration:
     motion: MotionModel | None = None  # the robot's motion, for motion_evidence / motion_cusum
     cusum_drift: float = CUSUM_DRIFT
     cusum_cap: float = CUSUM_CAP
+    # thresholds of transitions in a condition that legitimately surprises more (CONDITIONS), found on those alone
+    by_condition: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def fits(self, model_id: str, weights: str = '') -> bool:
         """Whether these thresholds were found for these weights: ids are ``<directory>@<config digest>`` and a
@@ -134,15 +136,19 @@ class Calibration:
         same_config = self.model_id.split('@')[-1] == model_id.split('@')[-1]
         return same_config and (not self.weights or not weights or self.weights == weights)
 
-    def alarm(self, signals: Mapping[str, float]) -> list[str]:
-        """The signals above their thresholds (an alarm when not empty); a missing signal never alarms."""
-        return [k for k, t in self.thresholds.items() if k in signals and signals[k] > t]
+    def alarm(self, signals: Mapping[str, float], condition: str = 'normal') -> list[str]:
+        """The signals above their thresholds (an alarm when not empty) for a transition in ``condition``
+        (``transition_condition``); a missing signal never alarms."""
+        thresholds = self.by_condition.get(condition, self.thresholds)
+        return [k for k, t in thresholds.items() if k in signals and signals[k] > t]
 
     def to_json(self) -> dict[str, Any]:
         out = {'format': CALIBRATION_FORMAT, 'model_id': self.model_id, 'weights': self.weights,
                'false_alarm_rate': self.false_alarm_rate,
                'measured_rate': self.measured_rate, 'transitions': self.transitions,
                'thresholds': self.thresholds, 'source': self.source}
+        if self.by_condition:
+            out['by_condition'] = self.by_condition
         if self.motion is not None:
             out['motion'] = {**self.motion.to_json(), 'cusum_drift': self.cusum_drift, 'cusum_cap': self.cusum_cap}
         return out
@@ -204,8 +210,15 @@ class Calibration:
             raise CalibrationError(f'{path}: weights must be a fingerprint string, got {str(weights)[:80]!r}')
         if not isinstance(source, list) or not all(isinstance(x, str) for x in source):
             raise CalibrationError(f'{path}: source must be a list of bag names')
+        by_condition = data.get('by_condition', {})
+        if not isinstance(by_condition, dict) or not set(by_condition) <= set(CONDITIONS) or not all(
+                isinstance(t, dict) and set(t) == set(th) and all(_is_number(v) and math.isfinite(v)
+                                                                  for v in t.values()) for t in by_condition.values()):
+            raise CalibrationError(f'{path}: by_condition must map conditions {CONDITIONS} to thresholds of the same '
+                                   'signals')
         return cls({k: float(v) for k, v in th.items()}, float(rate), transitions, model_id, float(measured),
-                   list(source), weights, motion, float(drift), float(cap))
+                   list(source), weights, motion, float(drift), float(cap),
+                   {c: {k: float(v) for k, v in t.items()} for c, t in by_condition.items()})
 
 
 def _is_number(v: Any) -> bool:
@@ -241,6 +254,17 @@ def calibrate(normal: Sequence[Mapping[str, float]], false_alarm_rate: float,
     thresholds = {s: float(ordered[r, i]) for i, s in enumerate(signals)}
     measured = float(np.mean((values > ordered[r][None]).any(axis=1)))
     return Calibration(thresholds, false_alarm_rate, n, model_id, measured, weights=weights)
+
+
+CONDITIONS = ('gripper_toggle',)  # besides 'normal'
+
+
+def transition_condition(command: np.ndarray, previous: np.ndarray | None) -> str:
+    """'gripper_toggle' when the gripper command changed sign since the previous command (fingers move, a block is
+    picked or dropped: the world model is more surprised, legitimately), else 'normal'."""
+    if previous is not None and np.sign(float(np.asarray(previous)[6])) != np.sign(float(np.asarray(command)[6])):
+        return 'gripper_toggle'
+    return 'normal'
 
 
 def motion_signals(model: MotionModel, cusum: SequentialEvidence, features: np.ndarray, command: np.ndarray,
@@ -282,12 +306,22 @@ def calibrate_episodes(episodes: Sequence[CalibrationEpisode], false_alarm_rate:
     except (ValueError, np.linalg.LinAlgError) as exc:
         raise CalibrationError(f'cannot fit the motion model: {exc}') from exc
     rows: list[dict[str, float]] = []
+    conditions: list[str] = []
     for e, f, a, m in zip(eps, feats, acts, folds, strict=True):
         cusum = SequentialEvidence(drift, math.inf if cap is None else cap)
         for k in range(len(a)):
             found, _ = motion_signals(m, cusum, f[k], a[k], list(a[max(0, k - 2):k]))
             rows.append({**e.signals[k], **found})
-    cal = calibrate(rows, false_alarm_rate, signals, model_id, weights)
+            conditions.append(transition_condition(a[k], a[k - 1] if k else None))
+    # each condition with enough transitions gets thresholds of its own at the same rate; the rest share them
+    special = {c: [r for r, rc in zip(rows, conditions, strict=True) if rc == c] for c in CONDITIONS}
+    special = {c: rs for c, rs in special.items() if len(rs) >= min_transitions(false_alarm_rate)}
+    usual = [r for r, rc in zip(rows, conditions, strict=True) if rc not in special]
+    cal = calibrate(usual, false_alarm_rate, signals, model_id, weights)
+    cal.by_condition = {c: calibrate(rs, false_alarm_rate, signals).thresholds for c, rs in special.items()}
+    if special:
+        alarms = sum(bool(cal.alarm(r, c)) for r, c in zip(rows, conditions, strict=True))
+        cal.transitions, cal.measured_rate = len(rows), alarms / len(rows)
     if cap is None:
         cap = 2 * max(cal.thresholds.get('motion_cusum', CUSUM_CAP / 2), drift, 1.0)
     cal.motion, cal.cusum_drift, cal.cusum_cap = model, float(drift), float(cap)

@@ -41,6 +41,7 @@ from worldvla_ros.monitor import (
     CalibrationError,
     excess_map,
     motion_signals,
+    transition_condition,
     transition_signals,
     world_model_evidence,
 )
@@ -310,7 +311,8 @@ class WorldModelNode(GuardedNode):
                                                         action, recent)
             signals.update(found)
         self.stats.duration('monitor', time.perf_counter() - t)
-        above = self._calibration.alarm(signals) if self._calibration is not None else []
+        condition = transition_condition(action, recent[-1] if recent else None)
+        above = self._calibration.alarm(signals, condition) if self._calibration is not None else []
         with self._lock:
             level = self._alerts.update(bool(above))
             self._alert_signals = above  # a raised level means this transition alarmed too
