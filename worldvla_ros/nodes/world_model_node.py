@@ -90,9 +90,10 @@ PARAMETERS: dict[str, Param] = {
     'monitor': Param(True, "score every executed command's real outcome by the world model's likelihood (one "
                      'forward pass per transition, no generation) on worldvla/monitor and worldvla/surprise_map'),
     'monitor_counterfactuals': Param(False, 'score the real next frame under the counterfactual actions too (no '
-                                     'motion, opposite, turned ±90° about z, the last two commands) in the same '
-                                     'forward batch: wm_evidence and the best explanation (about 4× the cost of '
-                                     'the two rows; the motion check does this at a fraction)'),
+                                     'motion, opposite, turned ±90° about z, one axis flipped, the last two '
+                                     'commands) in the same forward batch: wm_evidence and the best explanation '
+                                     '(about 5× the cost of the two rows; the motion check does this at a fraction '
+                                     'and sees what the world model misses)'),
     'monitor_calibration': Param('', 'thresholds file from evaluate_bag --calibrate-monitor; empty: the '
                                  "checkpoint's monitor_calibration.json if it has one, else the signals are "
                                  'published but never alert', read_only=True),
