@@ -109,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--no-imagine', action='store_true', help='skip the imagined-frame surprise (the slow part)')
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--costs-only', action='store_true', help='only the per-transition costs on a stream')
-    ap.add_argument('--calibration', default='', metavar='FILE',
-                    help='also report this calibration as it stands (e.g. the one the bundled model ships)')
+    ap.add_argument('--shipped', default='', metavar='FILE',
+                    help='also report this calibration file as it stands (e.g. the one the bundled model ships)')
     args = ap.parse_args(argv)
     global SHIPPED
-    SHIPPED = Calibration.load(args.calibration) if args.calibration else None
+    SHIPPED = Calibration.load(args.shipped) if args.shipped else None
     policy = load_policy(args.checkpoint or bundled_checkpoint(), device=args.device)
     policy.use_cpu_threads(1)
     imagine = not args.no_imagine
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                           'detected': {kind: float(np.mean([bool(cal.alarm(a)) for a in rows]))
                                        for kind, rows in anomalous.items()}}
     if SHIPPED is not None:
-        monitors['as_shipped'] = {'file': args.calibration, 'thresholds': SHIPPED.thresholds,
+        monitors['as_shipped'] = {'file': args.shipped, 'thresholds': SHIPPED.thresholds,
                                   'held_out_false_alarms': float(np.mean([bool(SHIPPED.alarm(n)) for n in normal])),
                                   'detected': {kind: float(np.mean([bool(SHIPPED.alarm(a)) for a in rows]))
                                                for kind, rows in anomalous.items()}}
