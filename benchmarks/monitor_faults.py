@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--calibration-range', type=int, default=185_000)
     ap.add_argument('--calibration', default='', metavar='FILE',
                     help='test this calibration (e.g. the one the bundled model ships) instead of making one')
+    ap.add_argument('--faults', nargs='+', default=list(FAULTS), choices=FAULTS)
     ap.add_argument('--no-counterfactuals', action='store_true',
                     help="skip the world model's counterfactual rows (wm_evidence; about 5× the cost of the rest)")
     args = ap.parse_args(argv)
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                 driven.append(with_motion(cal, score_episode(policy, frames, commands,
                                                              counterfactuals=not args.no_counterfactuals)))
         by_range['normal_policy'] = false_alarms(cal, driven)
-        for j, fault in enumerate(FAULTS):
+        for fault in args.faults:
+            j = FAULTS.index(fault)  # the same layouts whichever faults are run
             rows, detected, latency = [], 0, []
             for i in range(args.episodes):
                 ep, scored = expert(fault, base + 1_000 * (j + 1) + i)

@@ -25,7 +25,7 @@ from .record import diverse_start, with_exploration_noise
 from .tabletop import TABLE, SimConfig, TabletopSim, scripted_action
 
 KINDS = ('teleported', 'removed', 'stuck', 'slipped', 'camera_bump', 'lighting')
-FAULTS = ('wrong_direction', 'flipped_x', 'wrong_axis', 'late_frames')  # persistent: from an onset to the episode's end
+FAULTS = ('wrong_direction', 'flipped_x', 'wrong_axis', 'late_frames', 'stuck_arm')  # from an onset to the end
 LATE_STEPS = 2
 MIN_STUCK_MOTION = 0.5  # action units (1 cm at the sim's 2 cm per unit): a stuck arm is only visible if told to move
 
@@ -135,12 +135,14 @@ class FaultEpisode:
 def executed_action(fault: str | None, command: np.ndarray, turn: int = 1) -> np.ndarray:
     """What a faulty robot executes for ``command``: ``wrong_direction`` negates translation and rotation (a sign
     error in a driver), ``flipped_x`` negates Δx alone (one axis' sign), ``wrong_axis`` turns the translation by
-    90° about z (``turn`` ±1: a wrong frame)."""
+    90° about z (``turn`` ±1: a wrong frame), ``stuck_arm`` moves nothing (the gripper still opens and closes)."""
     a = np.asarray(command, dtype=np.float64).copy()
     if fault == 'wrong_direction':
         a[:6] = -a[:6]
     elif fault == 'flipped_x':
         a[0] = -a[0]
+    elif fault == 'stuck_arm':
+        a[:6] = 0.0
     elif fault == 'wrong_axis':
         a[:2] = (-turn * command[1], turn * command[0])
     return a
@@ -166,7 +168,7 @@ def fault_episode(fault: str | None, seed: int, steps: int = 40, onset: int | No
         if sim.done:
             break
         command = with_exploration_noise(scripted_action(sim), rng, noise)
-        faulty = fault in ('wrong_direction', 'flipped_x', 'wrong_axis') and onset is not None and k >= onset
+        faulty = fault is not None and fault != 'late_frames' and onset is not None and k >= onset
         done = executed_action(fault if faulty else None, command, turn)
         real.append(sim.step(done))
         commands.append(command)
