@@ -285,6 +285,19 @@ def action_node_graph(checkpoint: Path, log_dir: Path, params: dict[str, str],
         node.stop()
 
 
+@contextmanager
+def task_action_graph(checkpoint: Path, log_dir: Path, params: dict[str, str]
+                      ) -> Iterator[tuple[Harness, GoalClient, NodeProcess]]:
+    """``action_node_graph`` with a RunInstruction client and a success topic (``h.success_pub`` on test/success)."""
+    def goal_client(h: Harness) -> GoalClient:
+        h.success_pub = h.node.create_publisher(Bool, 'test/success', reliable_qos(10))
+        return GoalClient(h)
+
+    with action_node_graph(checkpoint, log_dir, {'success_topic': 'test/success', **params}, goal_client,
+                           'the action node offers no task action') as (h, node, goals):
+        yield h, goals, node
+
+
 class GoalClient:
     """An action client on the harness node; every time is taken in the harness's executor thread,
     in the same order as the commands it records."""

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import GoalClient, Harness, action_node_graph
-from std_msgs.msg import Bool
+from harness import task_action_graph
 from worldvla.action import RunInstruction
 
 from worldvla_ros.chunk_merge import merge_chunk
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
-from worldvla_ros.nodes.common import reliable_qos
 
 pytestmark = pytest.mark.ros
 ACTION = 'worldvla_action'
@@ -25,15 +23,9 @@ Outcome = RunInstruction.Result
 
 @pytest.fixture(scope='module')
 def slow_task_graph(fixed_chunk_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    def goal_client(h: Harness) -> GoalClient:
-        h.success_pub = h.node.create_publisher(Bool, 'test/success', reliable_qos(10))
-        return GoalClient(h)
-
-    with action_node_graph(fixed_chunk_checkpoint, tmp_path_factory.mktemp('logs'),
-                           {'control_rate_hz': '2.0', 'watchdog_timeout': '5.0', 'replan_threshold': '-1',
-                            'success_topic': 'test/success'},
-                           goal_client, 'the action node offers no task action') as (h, node, goals):
-        yield h, goals, node
+    with task_action_graph(fixed_chunk_checkpoint, tmp_path_factory.mktemp('logs'),
+                           {'control_rate_hz': '2.0', 'watchdog_timeout': '5.0', 'replan_threshold': '-1'}) as g:
+        yield g
 
 
 def test_ensemble_merge_blends_the_queued_actions_into_the_new_chunk(slow_task_graph) -> None:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 from action_msgs.msg import GoalStatus
-from harness import GoalClient, Harness, action_node_graph, wait_until
+from harness import Harness, task_action_graph, wait_until
 from std_msgs.msg import Bool, String
 from std_srvs.srv import Trigger
 from worldvla.action import RunInstruction
 from worldvla.msg import EndEffectorCommand
 
-from worldvla_ros.nodes.common import latched_qos, reliable_qos
+from worldvla_ros.nodes.common import latched_qos
 
 pytestmark = pytest.mark.ros
 ACTION = 'worldvla_action'
@@ -29,14 +29,8 @@ Outcome = RunInstruction.Result
 
 @pytest.fixture(scope='module')
 def task_graph(fixed_chunk_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    def goal_client(h: Harness) -> GoalClient:
-        h.success_pub = h.node.create_publisher(Bool, 'test/success', reliable_qos(10))
-        return GoalClient(h)
-
-    with action_node_graph(fixed_chunk_checkpoint, tmp_path_factory.mktemp('logs'),
-                           {'replan_threshold': '1', 'success_topic': 'test/success'}, goal_client,
-                           'the action node offers no task action') as (h, node, goals):
-        yield h, goals, node
+    with task_action_graph(fixed_chunk_checkpoint, tmp_path_factory.mktemp('logs'), {'replan_threshold': '1'}) as g:
+        yield g
 
 
 def _commands(h: Harness, after: float, before: float = math.inf) -> list[tuple[float, EndEffectorCommand]]:
