@@ -307,3 +307,15 @@ def test_evaluate_bag_calibrates_the_monitor_on_recorded_bags(tmp_path: Path, ca
     for unwritable in (tmp_path / 'no' / 'dir.json', tmp_path):
         assert main([*common, '--calibrate-monitor', str(unwritable)]) == 2
         assert 'cannot write' in capsys.readouterr().err
+
+
+def test_calibration_transitions_are_chained_a_control_period_apart() -> None:
+    """The sequential evidence runs along chains: a gap (a frame without a command) ends one, a camera twice as
+    fast as the control rate gives two interleaved chains per bag, and two bags never share one."""
+    from worldvla_ros.evaluation.cli import transition_chains
+
+    a, b = object(), object()
+    pairs = [(a, i, 1) for i in (0, 1, 2, 4, 5)] + [(b, i, 2) for i in range(6)]
+    chains = [[(id(ep), i) for ep, i, _ in c] for c in transition_chains(pairs)]
+    assert chains == [[(id(a), 0), (id(a), 1), (id(a), 2)], [(id(a), 4), (id(a), 5)],
+                      [(id(b), 0), (id(b), 2), (id(b), 4)], [(id(b), 1), (id(b), 3), (id(b), 5)]]

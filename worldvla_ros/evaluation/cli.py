@@ -299,7 +299,6 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
     if not 0.0 < args.false_alarm_rate < 1.0:
         raise BagError(f'--false-alarm-rate must lie in (0, 1), got {args.false_alarm_rate}')
     pairs = []  # (episode, frame index, frames a control period later)
-    last_index: dict[str, int] = {}
     skipped = 0
     for ep in episodes:
         step = max(1, round(1.0 / (ep.period_s * control_rate))) if ep.period_s > 0 else 1
@@ -315,26 +314,25 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
 
     overrides = {k: int(action_params[k]) for k in ('chunk_size', 'history_frames') if action_params.get(k)}
     policy = load_policy(args.checkpoint, args.device, args.dtype, args.tokenizer_dir or None, **overrides)
-    per_episode: dict[str, CalibrationEpisode] = {}
+    sequences = []
     with tqdm(total=len(pairs), unit='transition', disable=args.no_progress, desc='monitor', file=sys.stderr) as bar:
-        for ep, i, step in pairs:
-            bar.update()
-            before, after = ep.frames[i], ep.frames[i + step]
-            lik = policy.transition_likelihood(before, ep.actions[i], after)
-            got = per_episode.setdefault(ep.name, CalibrationEpisode(ep.name, [], [], []))
-            if got.commands and i != last_index[ep.name] + step:  # a gap (no command): the next sequence
-                got = per_episode[f'{ep.name}#{i}'] = CalibrationEpisode(ep.name, [], [], [])
-            last_index[ep.name] = i
-            got.signals.append(transition_signals(lik, policy.model_frame(before), policy.model_frame(after)))
-            got.commands.append(ep.actions[i])
-            if ep.motion_frames:
-                got.features.append(motion_features(ep.motion_frames[i], ep.motion_frames[i + step]))
+        for chain in transition_chains(pairs):
+            got = CalibrationEpisode(chain[0][0].name, [], [], [])
+            sequences.append(got)
+            for ep, i, step in chain:
+                bar.update()
+                before, after = ep.frames[i], ep.frames[i + step]
+                lik = policy.transition_likelihood(before, ep.actions[i], after)
+                got.signals.append(transition_signals(lik, policy.model_frame(before), policy.model_frame(after)))
+                got.commands.append(ep.actions[i])
+                if ep.motion_frames:
+                    got.features.append(motion_features(ep.motion_frames[i], ep.motion_frames[i + step]))
     try:
         if args.no_motion_check:
-            cal = calibrate([s for e in per_episode.values() for s in e.signals], args.false_alarm_rate, chosen,
+            cal = calibrate([s for e in sequences for s in e.signals], args.false_alarm_rate, chosen,
                             model_id=policy.model_id, weights=policy.weights_digest)
         else:
-            cal = calibrate_episodes(list(per_episode.values()), args.false_alarm_rate, chosen,
+            cal = calibrate_episodes(sequences, args.false_alarm_rate, chosen,
                                      model_id=policy.model_id, weights=policy.weights_digest)
     except CalibrationError as exc:
         raise BagError(str(exc)) from exc
@@ -348,6 +346,22 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
           + ', '.join(f'{k} {v:.4g}' for k, v in cal.thresholds.items()) + f' → {args.calibrate_monitor}',
           file=sys.stderr)
     return {'calibration': cal.to_json()}
+
+
+def transition_chains(pairs: list[tuple[Any, int, int]]) -> list[list[tuple[Any, int, int]]]:
+    """(episode, frame, step) transitions grouped into unbroken chains a control period apart, in order: a camera
+    faster than the control rate gives ``step`` interleaved chains per bag, and a frame without a command ends
+    one. The monitor's sequential evidence runs along a chain, never across a gap or between chains."""
+    chains: list[list[tuple[Any, int, int]]] = []
+    open_: dict[tuple[int, int], list[tuple[Any, int, int]]] = {}  # (bag, residue) → its chain
+    for ep, i, step in pairs:
+        key = (id(ep), i % step)
+        chain = open_.get(key)
+        if chain is None or i != chain[-1][1] + step:
+            chain = open_[key] = []
+            chains.append(chain)
+        chain.append((ep, i, step))
+    return chains
 
 
 def merge_comparison(runs: list[RunRecord], used: str, decay: float, gripper_threshold: float,
