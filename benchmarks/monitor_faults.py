@@ -32,8 +32,7 @@ from worldvla_ros.monitor import (
     CalibrationEpisode,
     auroc,
     calibrate_episodes,
-    motion_signals,
-    transition_condition,
+    chain_motion_signals,
     transition_signals,
     world_model_evidence,
 )
@@ -80,13 +79,9 @@ def score_episode(policy, observed: list, commands: list, last: int | None = Non
 
 
 def with_motion(cal, ep: CalibrationEpisode) -> list[dict]:
-    cusum = cal.sequential()
-    out = []
-    for k, sig in enumerate(ep.signals):
-        found, best = motion_signals(cal.motion, cusum, ep.features[k], ep.commands[k], ep.commands[max(0, k - 2):k])
-        previous = ep.commands[k - 1] if k else None
-        out.append({**sig, **found, 'motion_best': best, 'condition': transition_condition(ep.commands[k], previous)})
-    return out
+    found = chain_motion_signals(cal.motion, cal.sequential(), ep.features, ep.commands)
+    return [{**sig, **f, 'motion_best': best, 'condition': condition}
+            for sig, (f, best, condition) in zip(ep.signals, found, strict=True)]
 
 
 def policy_episode(policy, seed: int, steps: int) -> tuple[list, list]:

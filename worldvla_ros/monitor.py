@@ -275,6 +275,17 @@ def motion_signals(model: MotionModel, cusum: SequentialEvidence, features: np.n
     return {'motion_evidence': x, 'motion_cusum': cusum.update(x)}, best
 
 
+def chain_motion_signals(model: MotionModel, cusum: SequentialEvidence, features: Sequence[np.ndarray],
+                         commands: Sequence[np.ndarray]) -> list[tuple[dict[str, float], str, str]]:
+    """Along one chain of transitions (the command of each and the two before it, as the node sees them): the
+    motion signals, the best explanation and the transition's condition of each."""
+    out = []
+    for k, command in enumerate(commands):
+        found, best = motion_signals(model, cusum, features[k], command, list(commands[max(0, k - 2):k]))
+        out.append((found, best, transition_condition(command, commands[k - 1] if k else None)))
+    return out
+
+
 @dataclass
 class CalibrationEpisode:
     """One episode of normal work, transition by transition: flow features, commands, the other signals."""
@@ -308,11 +319,10 @@ def calibrate_episodes(episodes: Sequence[CalibrationEpisode], false_alarm_rate:
     rows: list[dict[str, float]] = []
     conditions: list[str] = []
     for e, f, a, m in zip(eps, feats, acts, folds, strict=True):
-        cusum = SequentialEvidence(drift, math.inf if cap is None else cap)
-        for k in range(len(a)):
-            found, _ = motion_signals(m, cusum, f[k], a[k], list(a[max(0, k - 2):k]))
+        for k, (found, _, condition) in enumerate(chain_motion_signals(m, SequentialEvidence(
+                drift, math.inf if cap is None else cap), f, a)):
             rows.append({**e.signals[k], **found})
-            conditions.append(transition_condition(a[k], a[k - 1] if k else None))
+            conditions.append(condition)
     # each condition with enough transitions gets thresholds of its own at the same rate; the rest share them
     special = {c: [r for r, rc in zip(rows, conditions, strict=True) if rc == c] for c in CONDITIONS}
     special = {c: rs for c, rs in special.items() if len(rs) >= min_transitions(false_alarm_rate)}
