@@ -86,7 +86,8 @@ def motion_features(before: np.ndarray, after: np.ndarray) -> np.ndarray:
 
 @dataclass
 class MotionModel:
-    """Commanded Δxyz ≈ features @ weights; residuals ~ N(0, covariance), both found on normal transitions."""
+    """Commanded Δxyz ≈ features @ weights; residuals ~ Student-t(dof) with the residual covariance, both found on
+    normal transitions."""
 
     weights: np.ndarray  # (FEATURES, 3)
     covariance: np.ndarray  # (3, 3)

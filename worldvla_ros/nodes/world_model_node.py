@@ -472,8 +472,8 @@ class WorldModelNode(GuardedNode):
         if blind and self.get_parameter('monitor').value:
             level = max(level, 1)
             message = (f'blind: commands executed but no transition scored for {now - self._last_scored_at:.0f} s '
-                       '(no frames between commands, frames stamped before their command, instructions ending '
-                       'every chain, or dry-run commands)')
+                       '(no frames between commands, frames stamped before their command, or instructions '
+                       'ending every chain)')
             self.stats.count('blind_reports')
         elif cal is None:
             message = 'uncalibrated: signals published, no alerts (evaluate_bag --calibrate-monitor)'
