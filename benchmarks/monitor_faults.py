@@ -174,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         by_range['normal_policy'] = false_alarms(cal, driven)
         for fault in args.faults:
             j = FAULTS.index(fault)  # the same layouts whichever faults are run
-            rows, detected, latency = [], 0, []
+            rows, detected, latency, short = [], 0, [], 0
             for i in range(args.episodes):
                 ep, scored = expert(fault, base + 1_000 * (j + 1) + i)
+                short += len(ep.commands) - ep.onset < WINDOW  # counted as they are (a short fault is harder)
                 sig = with_motion(cal, scored)
                 rows += sig[ep.onset:]
                 hits = [k - ep.onset for k in range(ep.onset, len(sig)) if cal.alarm(sig[k], sig[k]['condition'])]
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 'detected_within_5': rate(detected, args.episodes),
                 'latency_median': float(np.median(found)) if found else None,
                 'never_detected': sum(x is None for x in latency),
+                'episodes_with_fewer_faulty_transitions_than_the_window': short,
                 'world_model_best_explanation': best_wm,
             }
         result['ranges'][str(base)] = by_range

@@ -279,14 +279,14 @@ def test_evaluate_bag_calibrates_the_monitor_on_recorded_bags(tmp_path: Path, ca
     from worldvla_ros.sim.record import expert_episode
 
     bags = []
-    for seed in range(190_100, 190_102):  # held-out layouts, 25 frames of the expert each: 24 transitions
+    for seed in range(190_100, 190_104):  # held-out layouts, 25 frames of the expert each: 24 transitions
         frames, actions, instruction, _ = expert_episode(seed, max_steps=25)
         bags.append(str(write_episode(tmp_path / f'episode_{seed}', frames, actions, instruction, 10.0, 'mcap')))
     out = tmp_path / 'monitor.json'
     common = [*bags, '--checkpoint', str(bundled_checkpoint()), '--device', 'cpu', '--no-progress']
     assert main([*common, '--calibrate-monitor', str(out), '--false-alarm-rate', '0.05']) == 0
     cal = Calibration.load(out)
-    assert cal.transitions == 48 and cal.measured_rate <= 0.05
+    assert cal.transitions == 96 and cal.measured_rate <= 0.05
     assert set(cal.thresholds) == {'peak_excess_bits', 'action_consistency', 'motion_cusum'}
     assert cal.model_id.startswith('tabletop') and cal.motion is not None  # the robot's motion, from the bags
     assert cal.weights and cal.weights == Calibration.load(bundled_checkpoint() / 'monitor_calibration.json').weights
@@ -298,6 +298,10 @@ def test_evaluate_bag_calibrates_the_monitor_on_recorded_bags(tmp_path: Path, ca
     cal = Calibration.load(plain)
     assert set(cal.thresholds) == {'peak_excess_bits', 'action_consistency'} and cal.motion is None
     capsys.readouterr()
+    # the motion model needs two transitions per feature: on half the bags it says so and what to do
+    assert main([*bags[:2], *common[4:], '--calibrate-monitor', str(tmp_path / 'x.json'), '--false-alarm-rate',
+                 '0.05']) == 2
+    assert 'too few to fit the motion model' in capsys.readouterr().err
     # what fails without the model fails before it loads: a rate these transitions cannot support, a file that
     # cannot be written, an unknown signal (usage errors, exit 2)
     for extra, says in ((['--false-alarm-rate', '0.001'], 'too few'), (['--false-alarm-rate', '1.5'], '(0, 1)'),

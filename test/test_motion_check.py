@@ -79,6 +79,7 @@ def test_evidence_names_the_best_alternative_and_clips() -> None:
     assert evidence({'command': 5.0, 'still': 1.0, 'opposite': 3.0}) == (4.0, 'still')
     assert evidence({'command': 50.0, 'still': 1.0}, clip=4.0) == (4.0, 'still')
     assert evidence({'command': 0.0, 'still': 80.0}, clip=4.0) == (-4.0, 'still')
+    assert evidence({'command': 5.0, 'still': 1.0, 'opposite': 3.0}, ignore=('still',)) == (2.0, 'opposite')
 
 
 def test_the_motion_model_recovers_a_linear_map_and_round_trips(tmp_path: Path) -> None:
@@ -144,6 +145,30 @@ def test_the_motion_check_sees_a_sign_error_that_the_command_does_not_explain(mo
         detected += any(r['motion_cusum'] > threshold for r in rows[ep.onset:ep.onset + 5])
     assert detected >= 6, detected
     assert explained.count('opposite') > len(explained) / 2, explained
+
+
+def test_an_arm_that_does_not_move_is_no_motion_evidence(motion_calibration: Calibration) -> None:
+    """A blocked arm (a table edge, contact) and a stuck one look the same to a camera, and the robot's normal
+    work meets the first: a commanded move with an unchanged frame adds no more motion evidence than normal work
+    does, where the same move executed negated adds a lot."""
+    cal = motion_calibration
+    assert cal.motion is not None
+    ep, _ = _episodes(None, 187_100, 1)[0]
+    blocked, negated = [], []
+    for k, command in enumerate(ep.commands):
+        if np.linalg.norm(command[:3]) < 0.5:
+            continue
+        gray = motion_frame(ep.observed[k])
+        found, best = motion_signals(cal.motion, cal.sequential(), motion_features(gray, gray), command)
+        assert best != 'still'
+        blocked.append(found['motion_evidence'])
+    for ep, feats in _episodes('wrong_direction', 188_000, 2):
+        for k in range(ep.onset, len(feats)):
+            if np.linalg.norm(ep.commands[k][:3]) >= 0.5:
+                negated.append(motion_signals(cal.motion, cal.sequential(), feats[k], ep.commands[k])[0][
+                    'motion_evidence'])
+    assert blocked and negated
+    assert np.median(blocked) < 1.0 < 6.0 < np.median(negated), (blocked, negated)
 
 
 def test_a_calibration_with_a_motion_model_round_trips_and_is_checked(motion_calibration: Calibration,

@@ -17,7 +17,8 @@ Signals (larger = more surprising):
   world model finds the robot did something else.
 - ``motion_evidence`` / ``motion_cusum``: the same comparison by the calibration's ``MotionModel`` (flow at
   128 px), per transition and summed over the recent ones (CUSUM): a robot moving the wrong way or a camera
-  seeing late.
+  seeing late. No motion is no alternative here (a blocked arm looks like a stuck one; ``action_consistency``
+  and the frame change see standing still).
 - ``frame_change`` (model-free baseline): mean squared pixel change between the two frames.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 from worldvla_ros.motion_check import (
     CUSUM_DRIFT,
     EVIDENCE_CLIP,
+    NOT_MOTION_EVIDENCE,
     MotionModel,
     SequentialEvidence,
     counterfactual_actions,
@@ -271,7 +273,8 @@ def motion_signals(model: MotionModel, cusum: SequentialEvidence, features: np.n
                    recent: Sequence[np.ndarray] = ()) -> tuple[dict[str, float], str]:
     """``motion_evidence`` and ``motion_cusum`` (``cusum`` updated) of one transition, and which counterfactual
     action explains its flow best."""
-    x, best = evidence(model.costs(features, counterfactual_actions(command, recent)), EVIDENCE_CLIP)
+    x, best = evidence(model.costs(features, counterfactual_actions(command, recent)), EVIDENCE_CLIP,
+                       NOT_MOTION_EVIDENCE)
     return {'motion_evidence': x, 'motion_cusum': cusum.update(x)}, best
 
 
@@ -310,12 +313,15 @@ def calibrate_episodes(episodes: Sequence[CalibrationEpisode], false_alarm_rate:
     acts = [np.asarray(e.commands, dtype=np.float64).reshape(len(e.commands), 7) for e in eps]
     try:
         model = MotionModel.fit(np.concatenate(feats), np.concatenate(acts))
-        folds = [model] * len(eps)
-        if len(eps) >= 4:
-            half = [MotionModel.fit(np.concatenate(feats[1 - j::2]), np.concatenate(acts[1 - j::2])) for j in (0, 1)]
-            folds = [half[i % 2] for i in range(len(eps))]
     except (ValueError, np.linalg.LinAlgError) as exc:
         raise CalibrationError(f'cannot fit the motion model: {exc}') from exc
+    folds = [model] * len(eps)
+    if len(eps) >= 4:
+        try:
+            half = [MotionModel.fit(np.concatenate(feats[1 - j::2]), np.concatenate(acts[1 - j::2])) for j in (0, 1)]
+            folds = [half[i % 2] for i in range(len(eps))]
+        except (ValueError, np.linalg.LinAlgError):
+            pass  # too few transitions in a half: thresholds from the model that saw them (a little optimistic)
     rows: list[dict[str, float]] = []
     conditions: list[str] = []
     for e, f, a, m in zip(eps, feats, acts, folds, strict=True):

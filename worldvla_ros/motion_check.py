@@ -28,12 +28,16 @@ import numpy as np
 from worldvla_ros.image_conversion import to_model_frame
 
 MOTION_RESOLUTION = 128
-FEATURES = 8
+FEATURES = 8 + 2 * 4 * 4  # motion_features: 8 summary values, the mean flow of 4 × 4 regions
 HYPOTHESES = ('command', 'still', 'opposite', 'turned_left', 'turned_right', 'flipped_x', 'flipped_y', 'flipped_z',
               'previous_1', 'previous_2')
 DEGREES_OF_FREEDOM = 3.0  # of the Student-t residual
-EVIDENCE_CLIP = 8.0  # bits one transition may add to (or take from) the sequential evidence
-CUSUM_DRIFT = 2.0  # bits subtracted per transition: normal work's evidence mostly sits below it
+EVIDENCE_CLIP = 12.0  # bits one transition may add to (or take from) the sequential evidence
+CUSUM_DRIFT = 3.0  # bits subtracted per transition: normal work's evidence mostly sits below it
+# An arm that does not move although commanded looks the same to a camera whether it is stuck or blocked (a table
+# edge, contact, a workspace limit), and a robot's normal work meets the second: no motion is no alternative for the
+# motion evidence, which is about direction and timing (the world model's action_consistency sees standing still).
+NOT_MOTION_EVIDENCE = ('still',)
 _LN2 = math.log(2.0)
 
 
@@ -66,12 +70,14 @@ def motion_frame(frame: np.ndarray) -> np.ndarray:
 
 
 _GRID = np.mgrid[0:MOTION_RESOLUTION, 0:MOTION_RESOLUTION].astype(np.float32)
+CELLS = 4  # the flow's mean in CELLS × CELLS regions: where in the image a motion is changes how it looks
 
 
 def motion_features(before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    """Flow summary of two ``motion_frame`` images: the magnitude-weighted mean flow (u, v), the divergence about
-    the moving region's centre (height: things nearer the camera grow), the mean magnitude, their products with
-    it, and a constant."""
+    """Flow summary of two ``motion_frame`` images (``FEATURES`` values): the magnitude-weighted mean flow (u, v),
+    the divergence about the moving region's centre (height: things nearer the camera grow), the mean magnitude,
+    their products with it, a constant, and the mean flow (u, v) of each of ``CELLS``² regions (perspective and
+    the camera's placement make the same motion look different across the image)."""
     flow = cv2.calcOpticalFlowFarneback(before, after, None, 0.5, 3, 9, 3, 5, 1.1, 0)
     mag = np.linalg.norm(flow, axis=-1)
     total = float(mag.mean())
@@ -81,7 +87,10 @@ def motion_features(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     rx, ry = xx - float((xx * w).sum()), yy - float((yy * w).sum())
     radial = (flow[..., 0] * rx + flow[..., 1] * ry) / np.sqrt(rx * rx + ry * ry + 1e-3)
     div = float((radial * w).sum())
-    return np.array([mean[0], mean[1], div, mean[0] * total, mean[1] * total, div * total, total, 1.0])
+    side = MOTION_RESOLUTION // CELLS
+    cells = flow.reshape(CELLS, side, CELLS, side, 2).mean((1, 3)).reshape(-1)
+    summary = [mean[0], mean[1], div, mean[0] * total, mean[1] * total, div * total, total, 1.0]
+    return np.concatenate([np.array(summary), cells]).astype(np.float64)
 
 
 @dataclass
@@ -136,10 +145,11 @@ class MotionModel:
         return cls(w, c, float(dof))
 
 
-def evidence(costs: Mapping[str, float], clip: float = math.inf) -> tuple[float, str]:
+def evidence(costs: Mapping[str, float], clip: float = math.inf, ignore: Sequence[str] = ()) -> tuple[float, str]:
     """(the command's cost − the best alternative's, within ±``clip``; that alternative): positive when something
-    other than the command explains the transition better, by that many bits."""
-    best = min((k for k in costs if k != 'command'), key=lambda k: costs[k])
+    other than the command explains the transition better, by that many bits. Hypotheses in ``ignore`` are no
+    alternatives."""
+    best = min((k for k in costs if k != 'command' and k not in ignore), key=lambda k: costs[k])
     return float(np.clip(costs['command'] - costs[best], -clip, clip)), best
 
 

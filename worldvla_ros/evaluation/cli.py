@@ -335,7 +335,9 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
             cal = calibrate_episodes(sequences, args.false_alarm_rate, chosen,
                                      model_id=policy.model_id, weights=policy.weights_digest)
     except CalibrationError as exc:
-        raise BagError(str(exc)) from exc
+        hint = ' (record more normal work, or calibrate without it: --no-motion-check)' if 'motion model' in str(
+            exc) else ''
+        raise BagError(f'{exc}{hint}') from exc
     cal.source = [e.name for e in episodes]
     try:
         cal.save(args.calibrate_monitor)

@@ -27,6 +27,7 @@ from .tabletop import TABLE, SimConfig, TabletopSim, scripted_action
 KINDS = ('teleported', 'removed', 'stuck', 'slipped', 'camera_bump', 'lighting')
 FAULTS = ('wrong_direction', 'flipped_x', 'wrong_axis', 'late_frames', 'stuck_arm')  # from an onset to the end
 LATE_STEPS = 2
+MIN_FAULT_STEPS = 5  # faulty transitions a fault episode keeps where the normal episode is long enough
 MIN_STUCK_MOTION = 0.5  # action units (1 cm at the sim's 2 cm per unit): a stuck arm is only visible if told to move
 
 
@@ -151,18 +152,24 @@ def executed_action(fault: str | None, command: np.ndarray, turn: int = 1) -> np
 def fault_episode(fault: str | None, seed: int, steps: int = 40, onset: int | None = None,
                   config: SimConfig | None = None, noise: float = 0.1) -> FaultEpisode:
     """An expert-driven episode on layout ``seed`` (a diverse start), with ``fault`` (one of ``FAULTS``, or None)
-    from transition ``onset`` (default: a random step in the first half) to the end. ``late_frames``: the robot
+    from transition ``onset`` to the end; until the onset it is the normal episode of ``seed``. The default onset
+    is a random transition in the first half of the normal episode that leaves at least ``MIN_FAULT_STEPS``
+    transitions after it (where the normal episode is long enough). ``late_frames``: the robot
     moves as commanded, but from the onset each frame the monitor receives is ``LATE_STEPS`` steps old (a lagging
     camera stamped on arrival)."""
     if fault is not None and fault not in FAULTS:
         raise ValueError(f'unknown fault {fault!r}; one of {FAULTS}')
+    if fault is not None and onset is None:
+        # within the first half of the normal episode (the same until the onset), leaving MIN_FAULT_STEPS faulty
+        # transitions where it is long enough: an expert that finishes early would otherwise see no fault at all
+        n = len(fault_episode(None, seed, steps, config=config, noise=noise).commands)
+        last = max(LATE_STEPS + 2, min(max(steps // 2, LATE_STEPS + 2), n - MIN_FAULT_STEPS + 1))
+        onset = int(np.random.default_rng([seed, 1]).integers(LATE_STEPS + 1, last))
+    turn = 1 if np.random.default_rng([seed, 2]).random() < 0.5 else -1
     rng = np.random.default_rng(seed)
     sim = TabletopSim(config)
     sim.reset(seed)
     diverse_start(sim, rng, held=0.3)
-    if fault is not None and onset is None:
-        onset = int(rng.integers(LATE_STEPS + 1, max(LATE_STEPS + 2, steps // 2)))
-    turn = 1 if rng.random() < 0.5 else -1
     real, commands, executed = [sim.render()], [], []
     for k in range(steps):
         if sim.done:
