@@ -24,7 +24,7 @@ import os
 import shutil
 
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument, EmitEvent, LogInfo, OpaqueFunction, RegisterEventHandler, Shutdown
+from launch.actions import DeclareLaunchArgument, EmitEvent, LogInfo, OpaqueFunction, RegisterEventHandler
 from launch.event_handlers import OnShutdown
 from launch.events import matches_action
 from launch.substitutions import LaunchConfiguration
@@ -34,6 +34,7 @@ from launch_ros.events.lifecycle import ChangeState
 from lifecycle_msgs.msg import Transition
 
 from launch import LaunchDescription
+from worldvla_ros.launch_actions import LaunchRefused, refuse, required
 
 SHARE = get_package_share_directory('worldvla')
 ARGUMENTS = {
@@ -62,35 +63,6 @@ ARGUMENTS = {
 
 def _flag(text: str) -> bool:
     return text.strip().lower() in ('true', '1', 'yes', 'on')
-
-
-class LaunchRefused(RuntimeError):
-    """Ends ``ros2 launch`` with exit 1 and this message: launch reports an exception raised by an action as
-    '[ERROR] [launch]: Caught exception in launch …: <message>' and shuts everything down (its only way to
-    end a launch as failed; a Shutdown action ends it with 0)."""
-
-
-def required(name: str, stopping: dict) -> OpaqueFunction:
-    """on_exit of a required node: the others are stopped with one Shutdown (launch_ros raises on a second one
-    once a lifecycle node is part of the launch), and a node that failed fails the launch."""
-    def ended(context):
-        if stopping['now'] or context.is_shutdown:
-            return None  # already stopping (Ctrl-C, another node): nothing more to say
-        stopping['now'] = True
-        code = getattr(getattr(context.locals, 'event', None), 'returncode', 0)
-        if code:
-            raise LaunchRefused(f'{name} exited with code {code} (its log above says why)')
-        return [Shutdown(reason=f'{name} exited')]
-
-    return OpaqueFunction(function=ended)
-
-
-def refuse(message: str, stopping: dict) -> OpaqueFunction:
-    def fail(_context):
-        stopping['now'] = True
-        raise LaunchRefused(message)
-
-    return OpaqueFunction(function=fail)
 
 
 def _setup(context):

@@ -17,12 +17,13 @@ import tempfile
 
 import yaml
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument, OpaqueFunction, RegisterEventHandler, Shutdown
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, RegisterEventHandler
 from launch.event_handlers import OnShutdown
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from launch import LaunchDescription
+from worldvla_ros.launch_actions import LaunchRefused, required
 
 SHARE = get_package_share_directory('worldvla')
 ARGUMENTS = {
@@ -37,24 +38,6 @@ ARGUMENTS = {
     'use_sim': ('false', 'a tabletop sim as each robot (loads config/tabletop_sim.yaml after config)'),
 }
 ROS_NAME = re.compile(r'[A-Za-z][A-Za-z0-9_]*')
-
-
-class LaunchRefused(RuntimeError):
-    """Ends ``ros2 launch`` with exit 1 and this message (launch reports it as 'Caught exception in launch')."""
-
-
-def required(name: str, stopping: dict) -> OpaqueFunction:
-    """on_exit of a required process: one Shutdown for all (launch_ros raises on a second), a failure fails."""
-    def ended(context):
-        if stopping['now'] or context.is_shutdown:
-            return None
-        stopping['now'] = True
-        code = getattr(getattr(context.locals, 'event', None), 'returncode', 0)
-        if code:
-            raise LaunchRefused(f'{name} exited with code {code} (its log above says why)')
-        return [Shutdown(reason=f'{name} exited')]
-
-    return OpaqueFunction(function=ended)
 
 
 def robot_namespaces(text: str) -> list[str]:

@@ -9,6 +9,8 @@ from worldvla_ros.safety import SafetyLimits
 
 
 def safety_limits(params: dict[str, Any]) -> SafetyLimits:
+    """The action node's limits from its parameters (action_min, action_max, max_step; the node's defaults where a
+    YAML leaves one out)."""
     return SafetyLimits(tuple(params.get('action_min', LIBERO_ACTION_MIN)),
                         tuple(params.get('action_max', LIBERO_ACTION_MAX)),
                         tuple(params.get('max_step', [0.0] * 7)))

@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 
 from worldvla_ros.control.types import PARAMETER_FIELDS
+from worldvla_ros.evaluation.node_config import safety_limits  # one reading of the limits, offline and live
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN, LIBERO_ACTION_SCALE
 from worldvla_ros.nodes.common import CAMERA_PARAMETERS, MODEL_PARAMETERS, Param
 from worldvla_ros.robot_outputs import action_scale_problem
-from worldvla_ros.safety import SafetyLimits
 
 PARAMETERS: dict[str, Param] = {
     **MODEL_PARAMETERS,
@@ -74,10 +74,6 @@ PARAMETERS: dict[str, Param] = {
 
 LIMIT_PARAMETERS = ('action_min', 'action_max', 'max_step')  # SafetyLimits' fields, in order
 SETTING_PARAMETERS = {n: f for n, f in PARAMETER_FIELDS.items() if n != 'control_rate_hz'}  # runtime changes
-
-
-def safety_limits(p: dict[str, Any]) -> SafetyLimits:
-    return SafetyLimits(*(tuple(p[n]) for n in LIMIT_PARAMETERS))
 
 
 def check_seven(name: str, non_negative: bool = False):
