@@ -9,7 +9,9 @@ A transition is (frame, commanded action, real next frame). Normal: the expert's
 Anomalies, each on its own held-out layout:
 - ``teleported``: the named block jumps 6–15 cm during the step.
 - ``removed``: the other block vanishes during the step.
-- ``stuck``: the arm was commanded to move at least 1 cm and did not (the next frame is the current one).
+- ``stuck``: the arm was commanded to move at least 1 cm and did not (the sim steps with the arm held still; the
+  gripper opens and closes as commanded. The sim renders without sensor noise, so the frame changes only where the
+  fingers move).
 - ``slipped``: a held block drops to the table where it was while the gripper carries on.
 - ``camera_bump``: the next frame is shifted by 2 model pixels.
 - ``lighting``: the next frame's colour balance changes (per-channel gain 0.75–0.9 or 1.1–1.25).
@@ -79,7 +81,9 @@ def anomalous_transition(kind: str, seed: int, config: SimConfig | None = None, 
         if kind == 'slipped' and (s.held is None or action[6] <= 0):
             continue
         before = {k: v.copy() for k, v in s.blocks.items()}
-        nxt = sim.step(action)
+        # stuck: the sim executes the step with the arm held still (the gripper still opens and closes, a held
+        # block stays held): the frame is the one the scene really shows, not a copy of the last
+        nxt = sim.step(executed_action('stuck_arm', action) if kind == 'stuck' else action)
         if kind == 'teleported':
             if s.held == named:
                 s.held = None
@@ -96,8 +100,6 @@ def anomalous_transition(kind: str, seed: int, config: SimConfig | None = None, 
                 s.held = None
             del s.blocks[other]
             nxt = sim.render()
-        elif kind == 'stuck':
-            nxt = frame.copy()
         elif kind == 'slipped':
             s.held = None
             s.blocks[named] = np.array([*before[named][:2], 0.0])

@@ -120,11 +120,12 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def evaluate(policy: Any | None, episodes: int, first_seed: int = HELD_OUT_SEED, action_mask: bool = True,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, config: SimConfig | None = None) -> dict[str, Any]:
     results = []
     for seed in tqdm(range(first_seed, first_seed + episodes), desc='episodes', disable=not progress,
                      file=sys.stderr):
-        results.append(run_chance_episode(seed) if policy is None else run_episode(policy, seed, action_mask))
+        results.append(run_chance_episode(seed, config) if policy is None
+                       else run_episode(policy, seed, action_mask, config))
     return {**summarize(results), 'results': results}
 
 
@@ -140,19 +141,19 @@ def _worker_start(checkpoint: str, device: str) -> None:
     _WORKER['policy'] = load_policy(checkpoint, device=device)
 
 
-def _worker_episode(job: tuple[int, bool]) -> dict[str, Any]:
-    return run_episode(_WORKER['policy'], job[0], job[1])
+def _worker_episode(job: tuple[int, bool, SimConfig | None]) -> dict[str, Any]:
+    return run_episode(_WORKER['policy'], *job)
 
 
 def evaluate_parallel(checkpoint: str, episodes: int, first_seed: int = HELD_OUT_SEED, workers: int = 2,
                       action_mask: bool = True, device: str = 'cpu', stop_after_successes: int = 0,
-                      progress: bool = True) -> dict[str, Any]:
+                      progress: bool = True, config: SimConfig | None = None) -> dict[str, Any]:
     """``evaluate`` over ``workers`` processes (seeds handed out in order, results kept in seed order).
     ``stop_after_successes`` > 0: stop once that many layouts are solved (the rest is not run)."""
     import multiprocessing
 
     results: list[dict[str, Any]] = []
-    jobs = [(seed, action_mask) for seed in range(first_seed, first_seed + episodes)]
+    jobs = [(seed, action_mask, config) for seed in range(first_seed, first_seed + episodes)]
     pool = multiprocessing.get_context('spawn').Pool(workers, _worker_start, (str(checkpoint), device))
     try:
         for r in tqdm(pool.imap(_worker_episode, jobs), total=episodes, desc='episodes', disable=not progress,
@@ -177,7 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--json', default='', help='also write the result here')
     parser.add_argument('--workers', type=int, default=1, help='episodes run in this many processes at once')
+    parser.add_argument('--camera-tilt', type=float, default=0.0, metavar='DEG',
+                        help='the sim camera tilted by DEG from straight down (the view the checkpoint was trained '
+                             'on; the bundled model: 0)')
     args = parser.parse_args(argv)
+    if not 0.0 <= args.camera_tilt <= 80.0:
+        parser.error('--camera-tilt is in [0, 80] degrees')
+    config = SimConfig(camera_tilt_deg=args.camera_tilt)
     policy = None
     t0 = time.perf_counter()
     if not args.chance:
@@ -192,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if policy is not None and args.workers > 1:
         result = evaluate_parallel(args.checkpoint or str(bundled_checkpoint()), args.episodes, args.first_seed,
-                                   args.workers, not args.no_action_mask, args.device)
+                                   args.workers, not args.no_action_mask, args.device, config=config)
     else:
-        result = evaluate(policy, args.episodes, args.first_seed, not args.no_action_mask)
+        result = evaluate(policy, args.episodes, args.first_seed, not args.no_action_mask, config=config)
     label = 'chance' if args.chance else ('without action mask' if args.no_action_mask else 'with action mask')
     summary = {'policy': label, 'checkpoint': '' if args.chance else str(args.checkpoint or 'bundled'),
                'wall_s': round(time.perf_counter() - t0, 1), **{k: v for k, v in result.items() if k != 'results'}}

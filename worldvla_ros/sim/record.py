@@ -111,7 +111,7 @@ def state_snippet(seed: int, steps: int = 5, noise: float = 0.1, config: SimConf
 
 def record_snippets(out_dir: str | Path, count: int, seed: int = 0, steps: int = 5, noise: float = 0.1,
                     storage: str = 'mcap', rate_hz: float = 10.0, progress: bool = True, near: float = 0.0,
-                    held: float = HELD_SHARE) -> list[Path]:
+                    held: float = HELD_SHARE, config: SimConfig | None = None) -> list[Path]:
     from worldvla_ros.evaluation.episode import write_episode  # rosbags only where bags are written
 
     out = Path(out_dir)
@@ -119,7 +119,7 @@ def record_snippets(out_dir: str | Path, count: int, seed: int = 0, steps: int =
     bags = []
     for s in tqdm(range(seed, seed + count), desc='recording snippets', unit='snippet', disable=not progress,
                   file=sys.stderr):
-        frames, actions, instruction = state_snippet(s, steps, noise, near=near, held=held)
+        frames, actions, instruction = state_snippet(s, steps, noise, config, near=near, held=held)
         bags.append(write_episode(out / f'{SNIPPET_PREFIX}{s:05d}', frames, actions, instruction, rate_hz, storage))
     return bags
 
@@ -153,7 +153,7 @@ def record_dagger(policy: Any, out_dir: str | Path, episodes: int, seed: int = 4
 
 def record_demos(out_dir: str | Path, episodes: int, seed: int = 0, noise: float = 0.1, storage: str = 'mcap',
                  rate_hz: float = 10.0, progress: bool = True, clean_labels: bool = True,
-                 diverse: bool = False, pauses: float = 0.0) -> list[Path]:
+                 diverse: bool = False, pauses: float = 0.0, config: SimConfig | None = None) -> list[Path]:
     from worldvla_ros.evaluation.episode import write_episode  # rosbags only where bags are written
 
     out = Path(out_dir)
@@ -161,8 +161,8 @@ def record_demos(out_dir: str | Path, episodes: int, seed: int = 0, noise: float
     bags = []
     for s in tqdm(range(seed, seed + episodes), desc='recording', unit='episode', disable=not progress,
                   file=sys.stderr):
-        frames, actions, instruction, success = expert_episode(s, noise, clean_labels=clean_labels, diverse=diverse,
-                                                               pauses=pauses)
+        frames, actions, instruction, success = expert_episode(s, noise, config, clean_labels=clean_labels,
+                                                               diverse=diverse, pauses=pauses)
         if success:
             bags.append(write_episode(out / f'episode_{s:05d}', frames, actions, instruction, rate_hz, storage))
     return bags
@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--pauses', type=float, default=0.0, metavar='P',
                         help='episodes: at each step, with probability P the robot pauses (zero motion, gripper '
                              'kept; labelled so): world-model data in which "no motion" is seen, not only moves')
+    parser.add_argument('--camera-tilt', type=float, default=0.0, metavar='DEG',
+                        help='the sim camera tilted by DEG from straight down (an oblique view shows height; '
+                             'train and evaluate with the same view)')
     parser.add_argument('--max-steps', type=int, default=0,
                         help='with --dagger: closed-loop episodes end after this many commands (0: the sim’s '
                              f'{SimConfig().max_steps})')
@@ -221,10 +224,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error('--dagger starts where the checkpoint goes; --near does not apply')
     if not 0.0 <= args.pauses < 1.0 or (args.pauses and (args.snippets or args.dagger)):
         parser.error('--pauses is a probability in [0, 1), for whole episodes')
+    if not 0.0 <= args.camera_tilt <= 80.0:
+        parser.error('--camera-tilt is in [0, 80] degrees')
+    config = SimConfig(camera_tilt_deg=args.camera_tilt)
     if args.dagger:
+        from dataclasses import replace
+
         from worldvla_ros.model import load_policy
 
-        config = SimConfig(max_steps=args.max_steps) if args.max_steps else None
+        config = replace(config, max_steps=args.max_steps) if args.max_steps else config
         bags = record_dagger(load_policy(args.dagger), args.out_dir, args.episodes, args.seed, args.snippets,
                              args.noise, args.storage, config=config)
         print(f'{len(bags)} snippets of {args.snippets} steps from the states of {args.dagger} written to '
@@ -232,11 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.snippets:
         bags = record_snippets(args.out_dir, args.episodes, args.seed, args.snippets, args.noise, args.storage,
-                               near=args.near, held=held)
+                               near=args.near, held=held, config=config)
         print(f'{len(bags)} snippets of {args.snippets} steps written to {args.out_dir}')
         return 0
     bags = record_demos(args.out_dir, args.episodes, args.seed, args.noise, args.storage,
-                        clean_labels=not args.executed_labels, diverse=args.diverse_starts, pauses=args.pauses)
+                        clean_labels=not args.executed_labels, diverse=args.diverse_starts, pauses=args.pauses,
+                        config=config)
     print(f'{len(bags)} of {args.episodes} episodes succeeded and were written to {args.out_dir}')
     return 0
 

@@ -3,9 +3,11 @@
 Actions follow the release's convention and ranges (LIBERO OSC_POSE deltas, spec §4): Δx, Δy, Δz
 scaled by ``SimConfig.meters_per_unit`` per step, Δroll/Δpitch ignored, Δyaw turns the gripper,
 gripper −1 open / +1 closed. The camera looks down at the table through a pinhole (things nearer the
-camera look larger) and the gripper casts a shadow, so height is visible. The table is lit with a
-colour gradient (redder to the right, bluer towards the bottom of the image): every image patch then
-says where on the table it is, which a few-layer model trained briefly on a CPU hardly works out
+camera look larger) and the gripper casts a shadow; from straight above (the default) height shows only as that
+growth and the shadow's size, a pixel or so of the model's frame; ``SimConfig.camera_tilt_deg`` tilts the camera
+(an oblique view like LIBERO's agentview), where height moves the gripper up the image, away from its shadow.
+The table is lit with a colour gradient (redder to the right, bluer towards the bottom of the image): every
+image patch then says where on the table it is, which a few-layer model trained briefly on a CPU hardly works out
 from rotary positions alone (a flat-coloured table gave 63 % correct move directions after 4000
 steps).
 """
@@ -36,7 +38,11 @@ class SimConfig:
     grasp_radius: float = 0.03  # m, gripper-to-block distance (xy) that still grasps
     grasp_height: float = 0.025  # m, the gripper must be this low to grasp
     target_radius: float = 0.05  # m, a block released this close to the target's center counts
-    camera_height: float = 0.9  # m above the table
+    camera_height: float = 0.9  # m above the table (its distance from the table's centre)
+    # 0: straight down (the bundled model's view). > 0: the camera swings towards the image's bottom edge by this
+    # many degrees, still aimed at the table's centre (LIBERO's agentview is oblique): height then moves the
+    # gripper up the image and away from its shadow, where a view from above shows it only as a slight growth
+    camera_tilt_deg: float = 0.0
 
     @property
     def action_scale(self) -> tuple[float, ...]:
@@ -140,17 +146,33 @@ class TabletopSim:
 
     # -- camera ---------------------------------------------------------------------------
     def _px(self, x: float, y: float, z: float = 0.0) -> tuple[tuple[int, int], float]:
-        """Pinhole from above the table's center: (pixel, scale) of a point at height z."""
-        c = self.config
-        scale = c.camera_height / (c.camera_height - z)
-        n = c.image_size
-        u = n / 2 + (x - TABLE / 2) / TABLE * n * 0.92 * scale
-        v = n / 2 + (y - TABLE / 2) / TABLE * n * 0.92 * scale
+        """Pinhole aimed at the table's center: (pixel, scale) of a point at height z (scale: its size relative to
+        the table's centre)."""
+        u, v, scale = self._project(x, y, z)
         return (round(u), round(v)), scale
+
+    def _project(self, x: float, y: float, z: float = 0.0) -> tuple[float, float, float]:
+        c = self.config
+        n = c.image_size
+        if not c.camera_tilt_deg:
+            scale = c.camera_height / (c.camera_height - z)
+            return (n / 2 + (x - TABLE / 2) / TABLE * n * 0.92 * scale,
+                    n / 2 + (y - TABLE / 2) / TABLE * n * 0.92 * scale, scale)
+        t = np.radians(c.camera_tilt_deg)
+        # camera on the image-bottom side of the table's centre; right = +x, down = (0, cos t, -sin t)
+        qx, qy, qz = x - TABLE / 2, y - TABLE / 2 - c.camera_height * np.sin(t), z - c.camera_height * np.cos(t)
+        depth = -qy * np.sin(t) - qz * np.cos(t)
+        down = qy * np.cos(t) - qz * np.sin(t)
+        focal = n * 0.92 * c.camera_height / TABLE
+        return n / 2 + focal * qx / depth, n / 2 + focal * down / depth, float(c.camera_height / depth)
 
     def _background(self) -> np.ndarray:
         n = self.config.image_size
-        if getattr(self, '_bg', None) is None or self._bg.shape[0] != n:
+        if getattr(self, '_bg', None) is None or self._bg.shape[0] != n or self._bg_tilt != self.config.camera_tilt_deg:
+            self._bg_tilt = self.config.camera_tilt_deg
+            if self._bg_tilt:
+                self._bg = self._oblique_background()
+                return self._bg.copy()
             img = np.full((n, n, 3), (120, 110, 100), np.uint8)
             (x0, y0), _ = self._px(0, 0)
             (x1, y1), _ = self._px(TABLE, TABLE)
@@ -161,23 +183,43 @@ class TabletopSim:
             self._bg = img
         return self._bg.copy()
 
+    def _oblique_background(self) -> np.ndarray:
+        """The same gradient table, seen through the tilted camera (a perspective warp of it)."""
+        n, m = self.config.image_size, 256
+        u = np.linspace(0.0, 1.0, m)[None, :]
+        v = np.linspace(0.0, 1.0, m)[:, None]
+        table = np.stack(np.broadcast_arrays(150 + 90 * u, 185 - 50 * v + 0 * u, 95 + 110 * v + 0 * u), axis=-1)
+        corners = np.float32([self._project(x, y)[:2] for x, y in ((0, 0), (TABLE, 0), (TABLE, TABLE), (0, TABLE))])
+        src = np.float32([(0, 0), (m - 1, 0), (m - 1, m - 1), (0, m - 1)])
+        return cv2.warpPerspective(np.round(table).astype(np.uint8), cv2.getPerspectiveTransform(src, corners), (n, n),
+                                   flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=(120, 110, 100))
+
+    def _disc(self, img: np.ndarray, center: tuple[int, int], radius: int, color: tuple, thickness: int) -> None:
+        """A flat disc on the table: a circle from above, foreshortened into an ellipse by a tilted camera."""
+        tilt = self.config.camera_tilt_deg
+        if not tilt:
+            cv2.circle(img, center, radius, color, thickness)
+        else:
+            axes = (radius, max(1, round(radius * np.cos(np.radians(tilt)))))
+            cv2.ellipse(img, center, axes, 0.0, 0.0, 360.0, color, thickness)
+
     def render(self) -> np.ndarray:
         s, n = self.state, self.config.image_size
         k = n / 128  # sizes are drawn for 128 px
         img = self._background()
         bowl, _ = self._px(*s.targets['bowl'])
-        cv2.circle(img, bowl, round(12 * k), (60, 90, 200), -1)
-        cv2.circle(img, bowl, round(8 * k), (40, 60, 150), -1)
+        self._disc(img, bowl, round(12 * k), (60, 90, 200), -1)
+        self._disc(img, bowl, round(8 * k), (40, 60, 150), -1)
         plate, _ = self._px(*s.targets['plate'])
-        cv2.circle(img, plate, round(12 * k), (235, 235, 235), -1)
-        cv2.circle(img, plate, round(12 * k), (160, 160, 160), max(1, round(k)))
+        self._disc(img, plate, round(12 * k), (235, 235, 235), -1)
+        self._disc(img, plate, round(12 * k), (160, 160, 160), max(1, round(k)))
         for name, pos in s.blocks.items():
             (u, v), sc = self._px(*pos)
             h = round(5 * k * sc)
             cv2.rectangle(img, (u - h, v - h), (u + h, v + h), BLOCKS[name], -1)
         g = s.gripper
         shadow, _ = self._px(g[0], g[1], 0.0)
-        cv2.circle(img, (shadow[0] + round(2 * k), shadow[1] + round(2 * k)), round((3 + 40 * g[2]) * k),
+        self._disc(img, (shadow[0] + round(2 * k), shadow[1] + round(2 * k)), round((3 + 40 * g[2]) * k),
                    (90, 80, 70), -1)
         (u, v), sc = self._px(*g)
         half = (3 if s.closed else 8) * k * sc
