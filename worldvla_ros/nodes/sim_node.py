@@ -39,6 +39,8 @@ from worldvla_ros.sim.tabletop import TASKS, SimConfig, TabletopSim
 PARAMETERS: dict[str, Param] = {
     'rate_hz': Param(10.0, 'camera frame rate', 0.5, 100.0, read_only=True),
     'image_size': Param(128, 'camera image side in pixels (multiple of 32)', 32, 1024, read_only=True),
+    'camera_tilt_deg': Param(0.0, 'camera tilt from straight down (an oblique view shows height); the view the '
+                                  'checkpoint was trained on: the bundled model 0', 0.0, 80.0, read_only=True),
     'seed': Param(100000, 'layout seed of the first episode; +1 per episode', 0, 2**31 - 1, read_only=True),
     'task': Param(-1, f'task index 0 … {len(TASKS) - 1}; -1 = drawn per episode', -1, len(TASKS) - 1),
     'max_steps': Param(100, 'commands per episode before it counts as failed', 1, 100000),
@@ -61,7 +63,8 @@ class SimNode(GuardedNode):
         self.add_on_set_parameters_callback(reject_changes_of({n for n, q in PARAMETERS.items() if q.read_only}, {}))
         if p['image_size'] % 32:
             raise StartupError('image_size must be a multiple of 32')
-        self.sim = TabletopSim(SimConfig(image_size=int(p['image_size']), max_steps=int(p['max_steps'])))
+        self.sim = TabletopSim(SimConfig(image_size=int(p['image_size']), max_steps=int(p['max_steps']),
+                                         camera_tilt_deg=float(p['camera_tilt_deg'])))
         self._lock = threading.Lock()
         self._seed = int(p['seed'])
         self._episode = 0
