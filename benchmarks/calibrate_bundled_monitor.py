@@ -31,8 +31,8 @@ EXPERT_FILE = 'monitor_calibration_expert.json'
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--out', default=str(bundled_checkpoint()))
-    ap.add_argument('--expert-episodes', type=int, default=64)
-    ap.add_argument('--policy-episodes', type=int, default=16)
+    ap.add_argument('--expert-episodes', type=int, default=128)
+    ap.add_argument('--policy-episodes', type=int, default=48)
     ap.add_argument('--first-seed', type=int, default=195_000)
     ap.add_argument('--false-alarm-rate', type=float, default=0.01)
     args = ap.parse_args(argv)

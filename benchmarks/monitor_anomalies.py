@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--no-imagine', action='store_true', help='skip the imagined-frame surprise (the slow part)')
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--costs-only', action='store_true', help='only the per-transition costs on a stream')
+    ap.add_argument('--offset', type=int, default=0,
+                    help='shift every seed by this much (another held-out range: 5000 keeps within each block)')
     ap.add_argument('--shipped', default='', metavar='FILE',
                     help='also report this calibration file as it stands (e.g. the one the bundled model ships)')
     args = ap.parse_args(argv)
@@ -124,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     costs: dict[str, list[float]] = {'likelihood_ms': [], 'frame_change_ms': [], 'imagine_ms': []}
     # every layout held out (100000–199999; training used the other ranges): normal 110000+, the kinds
     # 120000+ … 170000+, calibration 180000+ (each at most 10000)
-    base = HELD_OUT_SEED + 10_000
+    base = HELD_OUT_SEED + 10_000 + args.offset
+    if not 0 <= args.offset <= 10_000 - max(args.normal, args.per_kind, args.calibration):
+        raise SystemExit('--offset must keep every block within its 10000 seeds')
     normal = [score(policy, normal_transition(base + i), imagine, costs) for i in range(args.normal)]
     anomalous = {kind: [score(policy, anomalous_transition(kind, base + 10_000 * (k + 1) + i), imagine, costs)
                         for i in range(args.per_kind)] for k, kind in enumerate(KINDS)}
@@ -149,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                                   'detected': {kind: float(np.mean([bool(SHIPPED.alarm(a)) for a in rows]))
                                                for kind, rows in anomalous.items()}}
     result = {
-        'model': policy.model_id, 'device': str(policy.device), 'per_kind': args.per_kind, 'normal': args.normal,
+        'model': policy.model_id, 'device': str(policy.device), 'seed_offset': args.offset,
+        'per_kind': args.per_kind, 'normal': args.normal,
         'calibration': args.calibration,
         'table': table, 'calibrated_monitor': monitors,
         'cost_ms_median': {k: round(float(np.median(v)), 2) for k, v in costs.items() if v},

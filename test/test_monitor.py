@@ -227,7 +227,8 @@ def test_every_anomaly_changes_the_next_frame_and_the_bundled_monitor_sees_a_tel
         normal = normal_transition(777)
         assert t.kind == kind and t.next_frame.shape == normal.next_frame.shape
         if kind == 'stuck':
-            assert np.array_equal(t.next_frame, t.frame) and np.linalg.norm(t.action[:3]) >= 0.5
+            # the sim stepped with the arm held still: only the fingers may have moved (the sim has no sensor noise)
+            assert (t.next_frame != t.frame).any(axis=-1).mean() < 0.01 and np.linalg.norm(t.action[:3]) >= 0.5
     with pytest.raises(ValueError, match='unknown anomaly'):
         anomalous_transition('meteor', 1)
 

@@ -113,6 +113,12 @@ class MotionModel:
         covariance = np.cov(residual, rowvar=False) + 1e-4 * np.eye(3)
         return cls(w, covariance)
 
+    def _inverse(self) -> np.ndarray:
+        key = self.covariance.tobytes()
+        if getattr(self, '_inv_key', None) != key:  # once per covariance, not per transition
+            self._inv, self._inv_key = np.linalg.inv(self.covariance), key
+        return self._inv
+
     def predict(self, features: np.ndarray) -> np.ndarray:
         return np.asarray(features, dtype=np.float64) @ self.weights
 
@@ -120,7 +126,7 @@ class MotionModel:
         """Bits of each hypothesis' Δxyz under the Student-t residual (constant terms dropped: only differences
         between hypotheses mean anything)."""
         p = self.predict(features)
-        inv = np.linalg.inv(self.covariance)
+        inv = self._inverse()
         nu = self.dof
         return {k: float((nu + 3) / 2 * math.log1p(float((p - h[:3]) @ inv @ (p - h[:3])) / nu) / _LN2)
                 for k, h in hypotheses.items()}
