@@ -6,6 +6,7 @@
 #   scripts/train_dagger_chain.sh artifacts/chain worldvla_ros/data/tabletop_model  # the bundled model
 #   WORLDVLA_DEVICE=cuda scripts/train_dagger_chain.sh # on a GPU
 #   WORLDVLA_CHAIN_SMOKE=1 scripts/train_dagger_chain.sh DIR   # every stage at toy size (the test)
+#   WORLDVLA_CAMERA_TILT=45 scripts/train_dagger_chain.sh DIR    # the sim camera tilted 45° (shows height)
 #
 # 1. 300 expert demonstrations (layouts 0–299) and 12,000 five-step expert snippets from random
 #    gripper poses (one per layout, 200000–211999); action-only training from scratch with soft
@@ -30,6 +31,7 @@ work=$(realpath -m "${1:-$repo/artifacts/chain}")
 out=$(realpath -m "${2:-$work/model}")
 bin=$repo/.venv/bin
 device=${WORLDVLA_DEVICE:-auto}
+tilt=${WORLDVLA_CAMERA_TILT:-0}
 extra=()
 dagger_extra=()
 n_demos=300 n_snippets=12000 n_near=4000 n_dagger=250 n_held=4000 n_held_near=1500 n_eval=50
@@ -50,7 +52,7 @@ record() {  # record DIR ARGS...: record_demos into DIR unless a finished DIR is
   [[ -d $dir ]] && return
   stage "record_demos $(basename "$dir") $*"
   rm -rf "$dir.partial"
-  "$bin/record_demos" "$dir.partial" "$@"
+  "$bin/record_demos" "$dir.partial" --camera-tilt "$tilt" "$@"
   mv "$dir.partial" "$dir"
 }
 
@@ -131,4 +133,4 @@ record "$work/held_near" --snippets 5 --held 1 --near 0.08 --episodes "$n_held_n
 fresh+=("$work/held" "$work/held_near")
 joint "$out" "$work/mix_held"
 stage "done: $out"
-"$bin/worldvla_sim_eval" --checkpoint "$out" --episodes "$n_eval"
+"$bin/worldvla_sim_eval" --checkpoint "$out" --episodes "$n_eval" --camera-tilt "$tilt"
