@@ -8,12 +8,13 @@ those hypotheses; the world model scores the real next frame under each of them 
 
 ``MotionModel`` is an inverse model of the robot's own motion, fitted on its normal work: dense optical flow
 between two camera frames at ``MOTION_RESOLUTION`` (where one step moves the gripper a few pixels, while the
-world model's 64-pixel frame and 8-pixel codes see a fraction of a code), summarised by a few features, mapped
-linearly to the commanded Δxyz. Its residual, a Student-t with the residual covariance of normal work (flow
-fails now and then: an occlusion, a grasp; a Gaussian made those single transitions look like faults), gives
-each hypothesis a cost in bits; the evidence of a transition is the command's cost minus the best
-alternative's, a log-likelihood ratio, clipped so that one transition can only add so much, which
-``SequentialEvidence`` (CUSUM) adds up over transitions. Torch-free (numpy and OpenCV).
+world model's 64-pixel frame and 8-pixel codes see a fraction of a code), summarised by ``FEATURES`` values (its
+mean overall and per region), mapped linearly to the commanded Δxyz. Its residual, a Student-t with the residual
+covariance of normal work (flow fails now and then: an occlusion, a grasp; a Gaussian made those single
+transitions look like faults), gives each hypothesis a cost in bits; the evidence of a transition is the
+command's cost minus the best alternative's (no motion excepted: ``NOT_MOTION_EVIDENCE``), a log-likelihood
+ratio, clipped so that one transition can only add so much, which ``SequentialEvidence`` (CUSUM) adds up over
+transitions. Torch-free (numpy and OpenCV).
 """
 from __future__ import annotations
 
