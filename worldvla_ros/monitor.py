@@ -110,6 +110,10 @@ class CalibrationError(ValueError):
     pass
 
 
+class MotionFitError(CalibrationError):
+    """The motion model could not be fitted (too few or degenerate transitions); a calibration without it can."""
+
+
 @dataclass
 class Calibration:
     """Per-signal thresholds for a false-alarm rate, found on normal transitions (an alarm: any signal above)."""
@@ -314,7 +318,7 @@ def calibrate_episodes(episodes: Sequence[CalibrationEpisode], false_alarm_rate:
     try:
         model = MotionModel.fit(np.concatenate(feats), np.concatenate(acts))
     except (ValueError, np.linalg.LinAlgError) as exc:
-        raise CalibrationError(f'cannot fit the motion model: {exc}') from exc
+        raise MotionFitError(f'cannot fit the motion model: {exc}') from exc
     folds = [model] * len(eps)
     if len(eps) >= 4:
         try:

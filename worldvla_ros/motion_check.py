@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -102,6 +102,10 @@ class MotionModel:
     weights: np.ndarray  # (FEATURES, 3)
     covariance: np.ndarray  # (3, 3)
     dof: float = DEGREES_OF_FREEDOM
+    precision: np.ndarray = field(init=False, repr=False, compare=False)  # the covariance's inverse, once
+
+    def __post_init__(self) -> None:
+        self.precision = np.linalg.inv(self.covariance)
 
     @classmethod
     def fit(cls, features: np.ndarray, actions: np.ndarray, ridge: float = 1e-3) -> MotionModel:
@@ -114,12 +118,6 @@ class MotionModel:
         covariance = np.cov(residual, rowvar=False) + 1e-4 * np.eye(3)
         return cls(w, covariance)
 
-    def _inverse(self) -> np.ndarray:
-        key = self.covariance.tobytes()
-        if getattr(self, '_inv_key', None) != key:  # once per covariance, not per transition
-            self._inv, self._inv_key = np.linalg.inv(self.covariance), key
-        return self._inv
-
     def predict(self, features: np.ndarray) -> np.ndarray:
         return np.asarray(features, dtype=np.float64) @ self.weights
 
@@ -127,7 +125,7 @@ class MotionModel:
         """Bits of each hypothesis' Δxyz under the Student-t residual (constant terms dropped: only differences
         between hypotheses mean anything)."""
         p = self.predict(features)
-        inv = self._inverse()
+        inv = self.precision
         nu = self.dof
         return {k: float((nu + 3) / 2 * math.log1p(float((p - h[:3]) @ inv @ (p - h[:3])) / nu) / _LN2)
                 for k, h in hypotheses.items()}

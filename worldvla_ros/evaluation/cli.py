@@ -279,6 +279,7 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
         MOTION_SIGNALS,
         CalibrationEpisode,
         CalibrationError,
+        MotionFitError,
         calibrate,
         calibrate_episodes,
         min_transitions,
@@ -334,10 +335,10 @@ def calibrate_monitor(args: argparse.Namespace, episodes: list[Episode], control
         else:
             cal = calibrate_episodes(sequences, args.false_alarm_rate, chosen,
                                      model_id=policy.model_id, weights=policy.weights_digest)
+    except MotionFitError as exc:
+        raise BagError(f'{exc} (record more normal work, or calibrate without it: --no-motion-check)') from exc
     except CalibrationError as exc:
-        hint = ' (record more normal work, or calibrate without it: --no-motion-check)' if 'motion model' in str(
-            exc) else ''
-        raise BagError(f'{exc}{hint}') from exc
+        raise BagError(str(exc)) from exc
     cal.source = [e.name for e in episodes]
     try:
         cal.save(args.calibrate_monitor)

@@ -26,7 +26,7 @@ from worldvla_ros.metrics import wilson95
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
 from worldvla_ros.safety import SafetyLimits
 
-from .tabletop import TASKS, SimConfig, TabletopSim
+from .tabletop import TASKS, SimConfig, TabletopSim, camera_tilt
 
 HELD_OUT_SEED = 100_000
 
@@ -178,12 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--json', default='', help='also write the result here')
     parser.add_argument('--workers', type=int, default=1, help='episodes run in this many processes at once')
-    parser.add_argument('--camera-tilt', type=float, default=0.0, metavar='DEG',
+    parser.add_argument('--camera-tilt', type=camera_tilt, default=0.0, metavar='DEG',
                         help='the sim camera tilted by DEG from straight down (the view the checkpoint was trained '
                              'on; the bundled model: 0)')
     args = parser.parse_args(argv)
-    if not 0.0 <= args.camera_tilt <= 80.0:
-        parser.error('--camera-tilt is in [0, 80] degrees')
     config = SimConfig(camera_tilt_deg=args.camera_tilt)
     policy = None
     t0 = time.perf_counter()

@@ -13,6 +13,8 @@ steps).
 """
 from __future__ import annotations
 
+import argparse
+import math
 from dataclasses import dataclass, field
 
 import cv2
@@ -27,6 +29,7 @@ TASKS = tuple(
 )
 TABLE = 0.5  # m, square table seen by the camera
 HOVER_Z = 0.08
+FLOOR = (120, 110, 100)  # colour around the table
 
 
 @dataclass(frozen=True)
@@ -167,32 +170,25 @@ class TabletopSim:
         return n / 2 + focal * qx / depth, n / 2 + focal * down / depth, float(c.camera_height / depth)
 
     def _background(self) -> np.ndarray:
-        n = self.config.image_size
-        if getattr(self, '_bg', None) is None or self._bg.shape[0] != n or self._bg_tilt != self.config.camera_tilt_deg:
-            self._bg_tilt = self.config.camera_tilt_deg
-            if self._bg_tilt:
-                self._bg = self._oblique_background()
-                return self._bg.copy()
-            img = np.full((n, n, 3), (120, 110, 100), np.uint8)
-            (x0, y0), _ = self._px(0, 0)
-            (x1, y1), _ = self._px(TABLE, TABLE)
-            u = np.linspace(0.0, 1.0, x1 - x0 + 1)[None, :]
-            v = np.linspace(0.0, 1.0, y1 - y0 + 1)[:, None]
-            table = np.stack(np.broadcast_arrays(150 + 90 * u, 185 - 50 * v + 0 * u, 95 + 110 * v + 0 * u), axis=-1)
-            img[y0 : y1 + 1, x0 : x1 + 1] = np.round(table).astype(np.uint8)
-            self._bg = img
+        key = (self.config.image_size, self.config.camera_tilt_deg)
+        if getattr(self, '_bg_key', None) != key:
+            self._bg, self._bg_key = self._draw_background(), key
         return self._bg.copy()
 
-    def _oblique_background(self) -> np.ndarray:
-        """The same gradient table, seen through the tilted camera (a perspective warp of it)."""
-        n, m = self.config.image_size, 256
-        u = np.linspace(0.0, 1.0, m)[None, :]
-        v = np.linspace(0.0, 1.0, m)[:, None]
-        table = np.stack(np.broadcast_arrays(150 + 90 * u, 185 - 50 * v + 0 * u, 95 + 110 * v + 0 * u), axis=-1)
+    def _draw_background(self) -> np.ndarray:
+        """The gradient table on the floor: drawn into its rectangle from above, warped in perspective tilted."""
+        n = self.config.image_size
+        if not self.config.camera_tilt_deg:
+            img = np.full((n, n, 3), FLOOR, np.uint8)
+            (x0, y0), _ = self._px(0, 0)
+            (x1, y1), _ = self._px(TABLE, TABLE)
+            img[y0 : y1 + 1, x0 : x1 + 1] = _table_texture(x1 - x0 + 1, y1 - y0 + 1)
+            return img
+        m = 256
         corners = np.float32([self._project(x, y)[:2] for x, y in ((0, 0), (TABLE, 0), (TABLE, TABLE), (0, TABLE))])
         src = np.float32([(0, 0), (m - 1, 0), (m - 1, m - 1), (0, m - 1)])
-        return cv2.warpPerspective(np.round(table).astype(np.uint8), cv2.getPerspectiveTransform(src, corners), (n, n),
-                                   flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=(120, 110, 100))
+        return cv2.warpPerspective(_table_texture(m, m), cv2.getPerspectiveTransform(src, corners), (n, n),
+                                   flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=FLOOR)
 
     def _disc(self, img: np.ndarray, center: tuple[int, int], radius: int, color: tuple, thickness: int) -> None:
         """A flat disc on the table: a circle from above, foreshortened into an ellipse by a tilted camera."""
@@ -232,6 +228,25 @@ class TabletopSim:
         cv2.line(img, (round(u - half * ca), round(v - half * sa)), (round(u + half * ca), round(v + half * sa)),
                  (35, 35, 35), max(1, round(2 * k * sc)))
         return img
+
+
+def _table_texture(width: int, height: int) -> np.ndarray:
+    """The table's colour gradient (redder to the right, bluer towards the image's bottom), width × height."""
+    u = np.linspace(0.0, 1.0, width)[None, :]
+    v = np.linspace(0.0, 1.0, height)[:, None]
+    table = np.stack(np.broadcast_arrays(150 + 90 * u, 185 - 50 * v + 0 * u, 95 + 110 * v + 0 * u), axis=-1)
+    return np.round(table).astype(np.uint8)
+
+
+def camera_tilt(text: str) -> float:
+    """argparse type of ``--camera-tilt``: degrees from straight down, in [0, 80]."""
+    try:
+        tilt = float(text)
+    except ValueError:
+        tilt = math.nan
+    if not 0.0 <= tilt <= 80.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f'{text!r}: the camera tilt is in [0, 80] degrees')
+    return tilt
 
 
 def scripted_action(sim: TabletopSim, rng: np.random.Generator | None = None, noise: float = 0.0) -> np.ndarray:
