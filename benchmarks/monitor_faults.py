@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -105,23 +106,21 @@ def oriented_auroc(normal: list[float], faulty: list[float]) -> dict:
 
 
 def false_alarms(cal, episodes: list[list[dict]]) -> dict:
-    alarmed = sum(bool(cal.alarm(s, s['condition'])) for ep in episodes for s in ep)
-    n = sum(len(ep) for ep in episodes)
-    warns = 0
+    """Per transition and per hour at CONTROL_HZ, WARN events (AlertState), and which signals alarmed."""
+    n = alarmed = warns = 0
+    by_signal: Counter[str] = Counter()
     for ep in episodes:
         state, level = AlertState(), 0
         for s in ep:
-            new = state.update(bool(cal.alarm(s, s['condition'])))
+            fired = cal.alarm(s, s['condition'])
+            by_signal.update(fired)
+            n, alarmed = n + 1, alarmed + bool(fired)
+            new = state.update(bool(fired))
             warns += new >= 1 and level == 0
             level = new
     hours = n / CONTROL_HZ / 3600
-    by_signal: dict[str, int] = {}
-    for ep in episodes:
-        for s in ep:
-            for k in cal.alarm(s, s['condition']):
-                by_signal[k] = by_signal.get(k, 0) + 1
     return {'per_transition': rate(alarmed, n), 'alarmed_transitions_per_hour': round(alarmed / hours, 1),
-            'warn_events_per_hour': round(warns / hours, 1), 'alarms_by_signal': by_signal}
+            'warn_events_per_hour': round(warns / hours, 1), 'alarms_by_signal': dict(by_signal)}
 
 
 def main(argv: list[str] | None = None) -> int:
