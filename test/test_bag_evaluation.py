@@ -483,12 +483,54 @@ def test_live_mode_records_node_outputs_and_scores_them(tmp_path: Path, eval_che
 
 
 @pytest.mark.ros
+def test_await_chunks_clock_holds_and_reads_the_nodes_loop_from_its_outputs() -> None:
+    """--await-chunks' two parts without a node: the clock stands still while held (and loses no time once
+    released), and whether the node asks a chunk from the next frame follows its replan rule as read from
+    real serialized commands and chunks."""
+    import time as _time
+
+    from rclpy.serialization import serialize_message
+    from worldvla.msg import ActionChunk, EndEffectorCommand
+
+    from worldvla_ros.evaluation.bag_io import ACTION_CHUNK, EE_COMMAND
+    from worldvla_ros.evaluation.live import ChunkWatch, ReplayClock
+
+    clock = ReplayClock(1_000, rate=0.5)
+    clock.hold()
+    held = clock.now()
+    _time.sleep(0.05)
+    assert clock.now() == held
+    clock.release()
+    _time.sleep(0.02)
+    assert held < clock.now() < held + 0.5 * 0.06e9  # resumes where it stood, at half speed
+
+    def command(index: int, size: int, hold: bool = False) -> bytes:
+        return serialize_message(EndEffectorCommand(index=index, chunk_size=size, hold=hold, action=[0.0] * 7))
+
+    watch = ChunkWatch(replan_threshold=1)
+    assert watch.expects_chunk() and watch.commanding() is None  # nothing out yet: the first frame asks
+    chunk = ActionChunk()
+    chunk.header.stamp.sec = 5
+    watch.on_output(ACTION_CHUNK, serialize_message(chunk))
+    assert watch.commanding() == 0 and watch.await_chunk(5_000_000_000, 0.01)
+    assert not watch.await_chunk(5_000_000_001, 0.01) and not watch.await_command(0, 0.01)
+    for index, asks in ((0, False), (1, False), (2, True), (3, True)):  # 4 commands: asks once ≤ 1 is left
+        watch.on_output(EE_COMMAND, command(index, 4))
+        assert watch.expects_chunk() is asks, index
+    watch.on_output(EE_COMMAND, command(0, 0, hold=True))
+    assert watch.expects_chunk() and watch.await_command(4, 0.01) and watch.commanding() == 5
+    watch.on_output('/diagnostics', b'ignored')  # other outputs are not read
+    assert ChunkWatch(replan_threshold=-1).expects_chunk()
+
+
+@pytest.mark.ros
 @pytest.mark.timeout(300)
 def test_lockstep_sends_the_commands_the_node_sends(tmp_path: Path, eval_checkpoint: Path) -> None:
-    """One bag through lockstep evaluation and through the real action node (live, slowed so every inference
-    answers within its period: 2 s of wall time for half a period), greedy: the same commands one by one, holds
-    included. Frames are stamped half a period after the node's ticks (the player starts its clock half a
-    period early) so each arrives well before the tick that uses it. Tolerances: float32 rounding (1e-6), and
+    """One bag through lockstep evaluation and through the real action node (live, the clock waiting for every
+    chunk the node asks for, and slowed so that each command reaches the player long before the next frame:
+    2 s of wall time for half a period), greedy: the same commands one by one, holds included, however slowly
+    this machine infers. Frames are stamped half a period after the node's ticks (the player starts its clock
+    half a period early) so each arrives well before the tick that uses it. Tolerances: float32 rounding (1e-6), and
     the node may send more after the last frame (it ticks on until its queue is empty and then holds) where
     lockstep stops with the bag."""
     from worldvla_ros.evaluation.bag_io import BagReader
@@ -515,7 +557,7 @@ def test_lockstep_sends_the_commands_the_node_sends(tmp_path: Path, eval_checkpo
     finally:
         torch.set_num_threads(threads)
     live = tmp_path / 'live'
-    assert _run_cli(*common, '--mode', 'live', '--rate', '0.025', '--out', str(live),
+    assert _run_cli(*common, '--mode', 'live', '--rate', '1', '--await-chunks', '--out', str(live),
                     '--domain-id', str(pick_domain(120, 230))) == 0
     with BagReader(live / 'outputs_bag') as r:
         sent = [m.msg for m in r.messages(['/worldvla/ee_command'])]

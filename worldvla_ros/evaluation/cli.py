@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                         '(0.05 m, 0.5 rad), tabletop (0.02 m, 0.1 rad) or 7 comma-separated values '
                         "(default: the action node's action_scale in the config)")
     e.add_argument('--rate', type=float, default=1.0, help='live: playback speed factor')
+    e.add_argument('--await-chunks', action='store_true',
+                   help="live: the clock waits at each frame the action node asks a chunk from until that chunk "
+                        "is out (the node's commands then do not depend on the machine's speed; latency is not "
+                        'felt)')
     e.add_argument('--domain-id', type=int, default=None,
                    help='live: ROS domain of the replay (default: a random one, localhost only, so that its '
                         '/clock and commands never reach a running robot)')

@@ -6,6 +6,14 @@ play the camera messages byte for byte at their recorded times (scaled by ``--ra
 clock, so each frame arrives half a period before the tick that first can use it, never in a race with it),
 keep the clock running until the last chunk has been executed, record every
 output topic into ``OUT/outputs_<bag>`` (mcap), stop the nodes, and score that recording.
+
+``--await-chunks``: the clock stands still (1) after each frame from which the action node will ask for a chunk
+(its queue has run down to ``replan_threshold``, as the LIBERO sim node decides) until that chunk is out, and
+(2) before each frame, once the node commands, until the command of the tick before it is out. The node then
+meets frames and ticks in the order lockstep evaluation assumes and sends what lockstep computes, however
+slowly the machine infers or the processes are scheduled; latency is no longer felt. Without it the replay
+runs in the robot's real time. A bag whose frames are further apart than a control period may leave a tick
+without a frame (then (2) waits out its timeout, counted).
 """
 from __future__ import annotations
 
@@ -34,6 +42,8 @@ OUTPUTS = {  # recorded under their full names, as `ros2 bag record` writes them
     '/diagnostics': 'diagnostic_msgs/msg/DiagnosticArray',
 }
 READY_TIMEOUT_S = 180.0
+CHUNK_TIMEOUT_S = 60.0  # --await-chunks: wall seconds a frame's chunk is waited for before the clock moves on
+COMMAND_TIMEOUT_S = 10.0  # --await-chunks: wall seconds the command before a frame is waited for
 DRAIN_TIMEOUT_S = 180.0  # after the last frame: until every node reports it has nothing left to do
 
 
@@ -67,6 +77,90 @@ def _rotates(checkpoint: Path) -> bool:
         return bool(cfg.get('worldvla', {}).get('rotate_180', True))
     except (OSError, ValueError, AttributeError, RecursionError):
         return True
+
+
+class ReplayClock:
+    """Sim time: the wall clock since ``start`` scaled by the rate, from ``t0_ns``; held still between ``hold``
+    and ``release`` (read from the recorder's thread too)."""
+
+    def __init__(self, t0_ns: int, rate: float) -> None:
+        self.t0_ns, self.rate = t0_ns, rate
+        self.lock = threading.Lock()
+        self.start()
+
+    def start(self) -> None:
+        with self.lock:
+            self.wall0, self.held_at, self.held_total = time.monotonic(), None, 0.0
+
+    def now(self) -> int:
+        with self.lock:
+            wall = self.held_at if self.held_at is not None else time.monotonic()
+            return self.t0_ns + int((wall - self.wall0 - self.held_total) * self.rate * 1e9)
+
+    def hold(self) -> None:
+        with self.lock:
+            if self.held_at is None:
+                self.held_at = time.monotonic()
+
+    def release(self) -> None:
+        with self.lock:
+            if self.held_at is not None:
+                self.held_total += time.monotonic() - self.held_at
+                self.held_at = None
+
+
+class ChunkWatch:
+    """What the replay knows of the action node's loop from its outputs: the newest chunk's frame stamp, the
+    commands sent and the last of them, enough to tell whether the node asks for a chunk from the next frame."""
+
+    def __init__(self, replan_threshold: int) -> None:
+        self.threshold = replan_threshold
+        self.cond = threading.Condition()
+        self.newest_chunk_ns = -1
+        self.commands = 0
+        self.last: tuple[bool, int, int] | None = None  # (hold, index, chunk_size) of the last command
+
+    def on_output(self, msgtype: str, data: bytes) -> None:
+        from rclpy.serialization import deserialize_message
+
+        if msgtype not in (ACTION_CHUNK, EE_COMMAND):
+            return
+        msg = deserialize_message(data, _rclpy_type(msgtype))
+        with self.cond:
+            if msgtype == ACTION_CHUNK:
+                self.newest_chunk_ns = max(self.newest_chunk_ns, stamp_ns(msg.header.stamp))
+            else:
+                self.last = (bool(msg.hold), int(msg.index), int(msg.chunk_size))
+                self.commands += 1
+            self.cond.notify_all()
+
+    def expects_chunk(self) -> bool:
+        """Whether a frame arriving now is one the node asks a chunk from (the controller's rule)."""
+        with self.cond:
+            if self.threshold < 0 or self.last is None or self.last[0]:
+                return True
+            return self.last[2] - self.last[1] - 1 <= self.threshold
+
+    def commanding(self) -> int | None:
+        """The commands sent so far, or None while the node has neither a chunk nor a command out (silent)."""
+        with self.cond:
+            return self.commands if self.commands or self.newest_chunk_ns >= 0 else None
+
+    def await_command(self, after: int, timeout_s: float) -> bool:
+        """Until more than ``after`` commands are out; False after ``timeout_s``."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.commands > after, timeout_s)
+
+    def await_chunk(self, frame_ns: int, timeout_s: float) -> bool:
+        """Until a chunk from a frame stamped ``frame_ns`` or later is out; False after ``timeout_s``."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.newest_chunk_ns >= frame_ns, timeout_s)
+
+
+def _header_stamp_ns(data: bytes, msg_type: type) -> int:
+    from rclpy.serialization import deserialize_message
+
+    return stamp_ns(deserialize_message(data, msg_type).header.stamp)
 
 
 def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, config: list[Path], recording: Path,
@@ -109,19 +203,25 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
     node = rclpy.create_node('worldvla_bag_player', context=context)
     executor = SingleThreadedExecutor(context=context)
     writer = BagWriter(recording, 'mcap')
-    t0 = pending[2] - round(0.5e9 / control_rate_hz)  # ticks half a period away from the frames (docstring)
-    wall0 = [time.monotonic()]
-    rate = max(args.rate, 1e-3)
+    # ticks half a period away from the frames (docstring)
+    clock = ReplayClock(pending[2] - round(0.5e9 / control_rate_hz), max(args.rate, 1e-3))
+    watch = None
+    if getattr(args, 'await_chunks', False):
+        from worldvla_ros.launch_plan import node_parameters
 
-    def sim_now() -> int:
-        return t0 + int((time.monotonic() - wall0[0]) * rate * 1e9)
+        watch = ChunkWatch(int(node_parameters(config, 'worldvla_action').get('replan_threshold', -1)))
+    image_type = CompressedImage if compressed else Image
+    timeouts = {'chunk': 0, 'command': 0}
+    sent_before = None  # --await-chunks: the commands out when the last frame went, once the node commands
 
     idle_since: dict[str, float] = {}  # node → wall time of its newest report saying it had nothing to do
     names = {'worldvla_action'} | ({'worldvla_world_model'} if not args.no_world_model else set())
 
     def recorder(topic: str, msgtype: str):
         def callback(data: bytes) -> None:
-            writer.write_raw(topic, msgtype, sim_now(), data)
+            writer.write_raw(topic, msgtype, clock.now(), data)
+            if watch is not None:
+                watch.on_output(msgtype, data)
             if topic == '/diagnostics':
                 _note_idle(data, idle_since)
         return callback
@@ -152,27 +252,40 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
                                       '(its log is above)')
             if time.monotonic() > deadline:
                 raise CheckpointError(f'the nodes were not ready after {READY_TIMEOUT_S:.0f} s')
-            publish_clock(t0)
+            publish_clock(clock.t0_ns)
             time.sleep(0.05)
         node.create_publisher(String, 'instruction', latched_qos()).publish(String(data=episode.instruction))
-        publish_clock(t0)
+        publish_clock(clock.t0_ns)
         time.sleep(0.5)  # the instruction reaches the node before the first frame
 
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit='frame', desc=f'live {bag.name}', disable=args.no_progress, file=sys.stderr)
-        wall0[0] = time.monotonic()
+        clock.start()
         last_frame_wall = float('inf')
         while True:
-            now = sim_now()
+            now = clock.now()
             publish_clock(now)
             while pending is not None and pending[2] <= now:
+                awaited = False
+                if watch is not None:  # (docstring) the last tick's command out first, then maybe the chunk
+                    clock.hold()
+                    if sent_before is not None and not watch.await_command(sent_before, COMMAND_TIMEOUT_S):
+                        timeouts['command'] += 1
+                    awaited = watch.expects_chunk()
                 image_pub.publish(pending[3])
                 played += 1
                 bar.update(1)
+                if watch is not None:
+                    if awaited and not watch.await_chunk(_header_stamp_ns(pending[3], image_type), CHUNK_TIMEOUT_S):
+                        timeouts['chunk'] += 1
+                    sent_before = watch.commanding()
+                    clock.release()
                 pending = next(messages, None)
                 if pending is None:
                     last_frame_wall = time.monotonic()
+                if watch is not None:
+                    break  # one frame per clock reading: the tick between two frames comes first
             # run on (the clock too) until every node has said, after the last frame, that it has nothing
             # left to do: the last chunk executed, the last imagination done, the final counters sent
             if all(idle_since.get(n, 0.0) > last_frame_wall + 0.05 for n in names):
@@ -183,6 +296,12 @@ def play_and_record(args: argparse.Namespace, bag: Path, episode: Episode, confi
                 break
             time.sleep(0.005)
         bar.close()
+        if any(timeouts.values()):
+            chunks, commands = timeouts['chunk'], timeouts['command']
+            print(f'evaluate_bag: warning: --await-chunks: {chunks} awaited chunks did not come within '
+                  f'{CHUNK_TIMEOUT_S:.0f} s (the node refused the frame, or does not run the task), {commands} '
+                  f'commands before a frame not within {COMMAND_TIMEOUT_S:.0f} s (frames further apart than a '
+                  'period, or the node stopped); the clock moved on', file=sys.stderr)
     finally:
         stop_nodes(procs)
         executor.shutdown()
