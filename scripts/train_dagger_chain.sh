@@ -7,6 +7,7 @@
 #   WORLDVLA_DEVICE=cuda scripts/train_dagger_chain.sh # on a GPU
 #   WORLDVLA_CHAIN_SMOKE=1 scripts/train_dagger_chain.sh DIR   # every stage at toy size (the test)
 #   WORLDVLA_CAMERA_TILT=45 scripts/train_dagger_chain.sh DIR    # the sim camera tilted 45° (shows height)
+#   WORLDVLA_LIGHT_SLANT=60 scripts/train_dagger_chain.sh DIR    # the lamp 60° from vertical (shadow shows height)
 #
 # 1. 300 expert demonstrations (layouts 0–299) and 12,000 five-step expert snippets from random
 #    gripper poses (one per layout, 200000–211999); action-only training from scratch with soft
@@ -32,6 +33,7 @@ out=$(realpath -m "${2:-$work/model}")
 bin=$repo/.venv/bin
 device=${WORLDVLA_DEVICE:-auto}
 tilt=${WORLDVLA_CAMERA_TILT:-0}
+slant=${WORLDVLA_LIGHT_SLANT:-0}
 extra=()
 dagger_extra=()
 n_demos=300 n_snippets=12000 n_near=4000 n_dagger=250 n_held=4000 n_held_near=1500 n_eval=50
@@ -52,7 +54,7 @@ record() {  # record DIR ARGS...: record_demos into DIR unless a finished DIR is
   [[ -d $dir ]] && return
   stage "record_demos $(basename "$dir") $*"
   rm -rf "$dir.partial"
-  "$bin/record_demos" "$dir.partial" --camera-tilt "$tilt" "$@"
+  "$bin/record_demos" "$dir.partial" --camera-tilt "$tilt" --light-slant "$slant" "$@"
   mv "$dir.partial" "$dir"
 }
 
@@ -133,4 +135,4 @@ record "$work/held_near" --snippets 5 --held 1 --near 0.08 --episodes "$n_held_n
 fresh+=("$work/held" "$work/held_near")
 joint "$out" "$work/mix_held"
 stage "done: $out"
-"$bin/worldvla_sim_eval" --checkpoint "$out" --episodes "$n_eval" --camera-tilt "$tilt"
+"$bin/worldvla_sim_eval" --checkpoint "$out" --episodes "$n_eval" --camera-tilt "$tilt" --light-slant "$slant"

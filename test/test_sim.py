@@ -13,7 +13,7 @@ import torch
 from worldvla_ros.evaluation.episode import read_episode
 from worldvla_ros.sim.closed_loop import run_chance_episode
 from worldvla_ros.sim.record import expert_episode, record_demos, record_snippets, state_snippet
-from worldvla_ros.sim.tabletop import TASKS, SimConfig, TabletopSim, scripted_action
+from worldvla_ros.sim.tabletop import BLOCKS, TASKS, SimConfig, TabletopSim, scripted_action
 
 
 def test_actions_follow_the_release_convention() -> None:
@@ -102,6 +102,38 @@ def test_a_tilted_camera_shows_height_that_the_view_from_above_hides(tmp_path: P
     bags = sorted((tmp_path / 'oblique').iterdir())
     frames, _, _, _ = expert_episode(int(bags[0].name.split('_')[1]), config=SimConfig(camera_tilt_deg=45.0))
     np.testing.assert_array_equal(np.stack(read_episode(bags[0]).frames), np.stack(frames))
+
+
+def test_a_slanted_light_throws_the_shadow_away_by_the_grippers_height() -> None:
+    """The other way to show height from above: a lamp 60° from vertical puts the gripper's shadow beside it at a
+    distance that grows with height (over 5 model pixels between 2 and 7 cm); the shadow darkens what it falls on
+    (a block stays its colour, darker) instead of painting over it; slant 0 is the lighting as it was."""
+    def shadow_gap(sim: TabletopSim) -> float:
+        """Model pixels (64 px frame) from the gripper to the centre of the table it darkens."""
+        frame, lit = sim.render().astype(int), sim._background().astype(int)
+        shade = np.argwhere((np.abs(frame - (lit * 0.45).astype(int)) <= 1).all(-1) & (lit.sum(-1) > 300))
+        assert len(shade) >= 5  # at 2 cm the gripper covers part of it
+        (u, v), _ = sim._px(*sim.state.gripper)
+        return float(np.hypot(*(shade.mean(axis=0) - (v, u)))) / 2
+
+    for seed in (3, 11, 27):
+        flat, slanted = TabletopSim(), TabletopSim(SimConfig(light_slant_deg=60.0))
+        gaps = []
+        for z in (0.02, 0.07):
+            for sim in (flat, slanted):
+                sim.reset(seed)
+                sim.state.gripper[2] = z
+            assert (flat.render() != slanted.render()).any()
+            gaps.append(shadow_gap(slanted))
+        assert gaps[1] - gaps[0] > 5.0, (seed, gaps)
+    sim = TabletopSim(SimConfig(light_slant_deg=60.0))
+    sim.reset(3)
+    block = sim.state.blocks['red']
+    reach = 0.05 * np.tan(np.radians(60.0)) / np.sqrt(2)
+    sim.state.gripper[:] = (block[0] - reach, block[1] - reach, 0.05)  # the shadow falls on the red block
+    (u, v), _ = sim._px(*block)
+    r, g, b = sim.render()[v, u].astype(int)
+    assert r > 2 * max(g, b) and r < 0.6 * BLOCKS['red'][0]
 
 
 def test_demos_execute_noisy_commands_but_are_labelled_with_the_experts() -> None:

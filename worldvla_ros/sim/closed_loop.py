@@ -26,7 +26,7 @@ from worldvla_ros.metrics import wilson95
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
 from worldvla_ros.safety import SafetyLimits
 
-from .tabletop import TASKS, SimConfig, TabletopSim, camera_tilt
+from .tabletop import TASKS, SimConfig, TabletopSim, camera_tilt, light_slant
 
 HELD_OUT_SEED = 100_000
 
@@ -178,11 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--json', default='', help='also write the result here')
     parser.add_argument('--workers', type=int, default=1, help='episodes run in this many processes at once')
+    parser.add_argument('--light-slant', type=light_slant, default=0.0, metavar='DEG',
+                        help='the lamp DEG from vertical: the gripper shadow falls away from it by its height '
+                             '(the lighting the checkpoint was trained with)')
     parser.add_argument('--camera-tilt', type=camera_tilt, default=0.0, metavar='DEG',
                         help='the sim camera tilted by DEG from straight down (the view the checkpoint was trained '
                              'on; the bundled model: 0)')
     args = parser.parse_args(argv)
-    config = SimConfig(camera_tilt_deg=args.camera_tilt)
+    config = SimConfig(camera_tilt_deg=args.camera_tilt, light_slant_deg=args.light_slant)
     policy = None
     t0 = time.perf_counter()
     if not args.chance:

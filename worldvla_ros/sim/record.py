@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
 
-from .tabletop import TABLE, SimConfig, TabletopSim, camera_tilt, scripted_action
+from .tabletop import TABLE, SimConfig, TabletopSim, camera_tilt, light_slant, scripted_action
 
 SNIPPET_PREFIX = 'snippet_'  # bags cut off mid-task: the trainer must not pad their chunks with holds
 HELD_SHARE = 0.3  # diverse starts holding the named block, unless --held says otherwise
@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--pauses', type=float, default=0.0, metavar='P',
                         help='episodes: at each step, with probability P the robot pauses (zero motion, gripper '
                              'kept; labelled so): world-model data in which "no motion" is seen, not only moves')
+    parser.add_argument('--light-slant', type=light_slant, default=0.0, metavar='DEG',
+                        help='the lamp DEG from vertical: the gripper shadow falls away from it by its height '
+                             '(train and evaluate with the same lighting)')
     parser.add_argument('--camera-tilt', type=camera_tilt, default=0.0, metavar='DEG',
                         help='the sim camera tilted by DEG from straight down (an oblique view shows height; '
                              'train and evaluate with the same view)')
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error('--dagger starts where the checkpoint goes; --near does not apply')
     if not 0.0 <= args.pauses < 1.0 or (args.pauses and (args.snippets or args.dagger)):
         parser.error('--pauses is a probability in [0, 1), for whole episodes')
-    config = SimConfig(camera_tilt_deg=args.camera_tilt)
+    config = SimConfig(camera_tilt_deg=args.camera_tilt, light_slant_deg=args.light_slant)
     if args.dagger:
         from dataclasses import replace
 

@@ -46,6 +46,10 @@ class SimConfig:
     # many degrees, still aimed at the table's centre (LIBERO's agentview is oblique): height then moves the
     # gripper up the image and away from its shadow, where a view from above shows it only as a slight growth
     camera_tilt_deg: float = 0.0
+    # 0: the gripper's shadow falls just beside it (the bundled model's lighting), where height shows as a pixel of
+    # growth. > 0: a lamp this many degrees from vertical throws the shadow towards the image's bottom right by
+    # height × tan(slant), so the gap between gripper and shadow shows its height in a view from above
+    light_slant_deg: float = 0.0
 
     @property
     def action_scale(self) -> tuple[float, ...]:
@@ -214,9 +218,16 @@ class TabletopSim:
             h = round(5 * k * sc)
             cv2.rectangle(img, (u - h, v - h), (u + h, v + h), BLOCKS[name], -1)
         g = s.gripper
-        shadow, _ = self._px(g[0], g[1], 0.0)
-        self._disc(img, (shadow[0] + round(2 * k), shadow[1] + round(2 * k)), round((3 + 40 * g[2]) * k),
-                   (90, 80, 70), -1)
+        if not self.config.light_slant_deg:
+            shadow, _ = self._px(g[0], g[1], 0.0)
+            self._disc(img, (shadow[0] + round(2 * k), shadow[1] + round(2 * k)), round((3 + 40 * g[2]) * k),
+                       (90, 80, 70), -1)
+        else:  # the shadow darkens what it falls on (a block too) instead of painting over it
+            reach = g[2] * np.tan(np.radians(self.config.light_slant_deg)) / np.sqrt(2)
+            shadow, _ = self._px(g[0] + reach, g[1] + reach, 0.0)
+            mask = np.zeros(img.shape[:2], np.uint8)
+            self._disc(mask, shadow, round((4 + 20 * g[2]) * k), 1, -1)
+            img[mask > 0] = (img[mask > 0] * 0.45).astype(np.uint8)
         (u, v), sc = self._px(*g)
         half = (3 if s.closed else 8) * k * sc
         ca, sa = np.cos(s.yaw), np.sin(s.yaw)
@@ -236,6 +247,17 @@ def _table_texture(width: int, height: int) -> np.ndarray:
     v = np.linspace(0.0, 1.0, height)[:, None]
     table = np.stack(np.broadcast_arrays(150 + 90 * u, 185 - 50 * v + 0 * u, 95 + 110 * v + 0 * u), axis=-1)
     return np.round(table).astype(np.uint8)
+
+
+def light_slant(text: str) -> float:
+    """argparse type of ``--light-slant``: degrees of the lamp from vertical, in [0, 75]."""
+    try:
+        slant = float(text)
+    except ValueError:
+        slant = math.nan
+    if not 0.0 <= slant <= 75.0:
+        raise argparse.ArgumentTypeError(f'{text!r}: the light slant is in [0, 75] degrees')
+    return slant
 
 
 def camera_tilt(text: str) -> float:
