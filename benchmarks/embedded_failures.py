@@ -6,7 +6,8 @@ block and its height; each release of a held block by its xy distance to the nam
 ``target_radius``). Each episode gets the first reason that applies: success; grasped but released off the target;
 attempts near enough in xy but all too high; low enough but all too far in xy; both off; never closed.
 
-    python benchmarks/embedded_failures.py [--checkpoint DIR] [--episodes 50] [--ranges 100000 120000]
+    python benchmarks/embedded_failures.py [--checkpoint DIR] [--episodes 50] [--ranges 100000 120000] \
+        [--light-slant DEG] [--camera-tilt DEG]   # the sim the checkpoint was trained in
 """
 from __future__ import annotations
 
@@ -25,13 +26,13 @@ from worldvla_ros.metrics import wilson95
 from worldvla_ros.model import load_policy
 from worldvla_ros.sim.bundled import bundled_checkpoint
 from worldvla_ros.sim.closed_loop import run_episode
-from worldvla_ros.sim.tabletop import TabletopSim
+from worldvla_ros.sim.tabletop import SimConfig, TabletopSim, camera_tilt, light_slant
 
 REASONS = ('success', 'grasped, released off the target', 'near in xy but too high', 'low but off in xy',
            'off in xy and too high', 'never closed')
 
 
-def traced_episode(policy: Any, seed: int) -> dict[str, Any]:
+def traced_episode(policy: Any, seed: int, config: SimConfig | None = None) -> dict[str, Any]:
     attempts: list[dict[str, float]] = []
     releases: list[float] = []
 
@@ -55,7 +56,7 @@ def traced_episode(policy: Any, seed: int) -> dict[str, Any]:
 
         sim.step = traced
 
-    result = run_episode(policy, seed, on_chunk=watch)
+    result = run_episode(policy, seed, config=config, on_chunk=watch)
     return {**result, 'attempts': attempts, 'releases_cm': releases}
 
 
@@ -79,15 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--checkpoint', default='')
     ap.add_argument('--episodes', type=int, default=50, help='per range')
     ap.add_argument('--ranges', type=int, nargs='+', default=[100_000, 120_000])
+    ap.add_argument('--light-slant', type=light_slant, default=0.0, metavar='DEG')
+    ap.add_argument('--camera-tilt', type=camera_tilt, default=0.0, metavar='DEG')
     args = ap.parse_args(argv)
+    sim_config = SimConfig(camera_tilt_deg=args.camera_tilt, light_slant_deg=args.light_slant)
     policy = load_policy(args.checkpoint or bundled_checkpoint(), device='cpu')
     policy.use_cpu_threads(1)
-    cfg = TabletopSim().config
+    cfg = sim_config
     radius, height, target = 100 * cfg.grasp_radius, 100 * cfg.grasp_height, 100 * cfg.target_radius
     out: dict[str, Any] = {'model': policy.model_id, 'grasp_radius_cm': radius, 'grasp_height_cm': height,
-                           'target_radius_cm': target, 'ranges': {}}
+                           'target_radius_cm': target, 'light_slant_deg': args.light_slant,
+                           'camera_tilt_deg': args.camera_tilt, 'ranges': {}}
     for base in args.ranges:
-        eps = [traced_episode(policy, base + i) for i in range(args.episodes)]
+        eps = [traced_episode(policy, base + i, sim_config) for i in range(args.episodes)]
         reasons = Counter(reason(e, radius, height) for e in eps)
         att = [a for e in eps for a in e['attempts']]
         rel = [r for e in eps for r in e['releases_cm']]

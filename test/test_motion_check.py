@@ -100,6 +100,9 @@ def test_the_motion_model_recovers_a_linear_map_and_round_trips(tmp_path: Path) 
                 {**m.to_json(), 'dof': -1}, [1, 2]):
         with pytest.raises(ValueError):
             MotionModel.from_json(bad)
+    older = {**m.to_json(), 'weights': w[:8].tolist()}  # a calibration of the 8-feature version
+    with pytest.raises(ValueError, match='8 flow features.*calibrate again'):
+        MotionModel.from_json(older)
 
 
 def _episodes(fault: str | None, first: int, n: int) -> list[tuple]:

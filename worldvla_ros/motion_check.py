@@ -140,6 +140,10 @@ class MotionModel:
             raise ValueError(f'a motion model at {MOTION_RESOLUTION} px expected')
         w = np.asarray(data.get('weights'), dtype=np.float64)
         c = np.asarray(data.get('covariance'), dtype=np.float64)
+        if w.ndim == 2 and w.shape[1:] == (3,) and w.shape[0] != FEATURES:
+            raise ValueError(f'its motion model reads {w.shape[0]} flow features and this version {FEATURES}: '
+                             'made by another version of worldvla; calibrate again (evaluate_bag '
+                             '--calibrate-monitor FILE on normal bags)')
         if w.shape != (FEATURES, 3) or c.shape != (3, 3) or not (np.isfinite(w).all() and np.isfinite(c).all()):
             raise ValueError(f'weights must be {FEATURES}×3 and covariance 3×3, finite')
         if not np.allclose(c, c.T) or np.linalg.eigvalsh(c).min() <= 0:
