@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--checkpoint', default='')
     ap.add_argument('--episodes', type=int, default=50, help='per range')
     ap.add_argument('--ranges', type=int, nargs='+', default=[100_000, 120_000])
-    ap.add_argument('--light-slant', type=light_slant, default=0.0, metavar='DEG')
+    ap.add_argument('--light-slant', type=light_slant, default=SimConfig().light_slant_deg, metavar='DEG')
     ap.add_argument('--camera-tilt', type=camera_tilt, default=0.0, metavar='DEG')
     args = ap.parse_args(argv)
     sim_config = SimConfig(camera_tilt_deg=args.camera_tilt, light_slant_deg=args.light_slant)

@@ -7,7 +7,7 @@
 #   WORLDVLA_DEVICE=cuda scripts/train_dagger_chain.sh # on a GPU
 #   WORLDVLA_CHAIN_SMOKE=1 scripts/train_dagger_chain.sh DIR   # every stage at toy size (the test)
 #   WORLDVLA_CAMERA_TILT=45 scripts/train_dagger_chain.sh DIR    # the sim camera tilted 45° (shows height)
-#   WORLDVLA_LIGHT_SLANT=60 scripts/train_dagger_chain.sh DIR    # the lamp 60° from vertical (shadow shows height)
+#   WORLDVLA_LIGHT_SLANT=45 scripts/train_dagger_chain.sh DIR    # relight (stages 7-8) with another lamp slant
 #
 # 1. 300 expert demonstrations (layouts 0–299) and 12,000 five-step expert snippets from random
 #    gripper poses (one per layout, 200000–211999); action-only training from scratch with soft
@@ -22,7 +22,11 @@
 #    the earlier of these rounds' and every fifth bag of the rest.
 # 6. Carrying: 5500 snippets that start with the named block in the gripper (1500 of them within
 #    8 cm of the target), 1000 joint steps (the models above dropped the block a step or two after
-#    grasping it); this stage writes OUT.
+#    grasping it): the bundled model up to 2026-12-07 (then fine-tuned for the monitor on 2026-12-02).
+# 7. Relighting (the lamp 60° from vertical: the gripper's shadow shows its height, which the models
+#    above could not see): 3000 near snippets, 3000 uniform snippets and 200 demonstrations in the new
+#    light; 2000 joint steps on 2000 + 1000 + 200 of them; a DAgger round from the model before
+#    relighting (200 layouts); 2000 joint steps on 1500 + 500 + 200 and that round; this stage writes OUT.
 #
 # Each stage is skipped when its output is complete, so an interrupted run resumes where it
 # stopped. Held-out evaluation layouts start at 100000 and are never trained on.
@@ -33,13 +37,15 @@ out=$(realpath -m "${2:-$work/model}")
 bin=$repo/.venv/bin
 device=${WORLDVLA_DEVICE:-auto}
 tilt=${WORLDVLA_CAMERA_TILT:-0}
-slant=${WORLDVLA_LIGHT_SLANT:-0}
+slant=0  # stages 1-6: the lighting the models before 2026-12-07 were trained in
 extra=()
 dagger_extra=()
 n_demos=300 n_snippets=12000 n_near=4000 n_dagger=250 n_held=4000 n_held_near=1500 n_eval=50
+n_near_r=3000 n_snip_r=3000 n_demos_r=200
 steps() { echo "$1"; }
 if [[ ${WORLDVLA_CHAIN_SMOKE:-0} == 1 ]]; then
   n_demos=2 n_snippets=6 n_near=4 n_dagger=2 n_held=2 n_held_near=2 n_eval=2
+  n_near_r=3 n_snip_r=6 n_demos_r=2
   steps() { echo 2; }
   extra=(--vq-steps 2 --batch-size 4 --hidden-size 64 --layers 2 --heads 2 --diagnostic-frames 16)
   dagger_extra=(--max-steps 10)
@@ -133,6 +139,19 @@ done
 record "$work/held" --snippets 5 --held 1 --episodes "$n_held" --seed 500000
 record "$work/held_near" --snippets 5 --held 1 --near 0.08 --episodes "$n_held_near" --seed 510000
 fresh+=("$work/held" "$work/held_near")
-joint "$out" "$work/mix_held"
+joint "$work/base" "$work/mix_held"
+
+slant=${WORLDVLA_LIGHT_SLANT:-60}  # from here on the sim's lamp is slanted (SimConfig().light_slant_deg)
+record "$work/r_near" --snippets 10 --near 0.08 --episodes "$n_near_r" --seed 300000
+record "$work/r_snippets" --snippets 5 --episodes "$n_snip_r" --seed 200000
+record "$work/r_demos" --episodes "$n_demos_r" --seed 0
+record "$work/dagger_r1" --snippets 5 --dagger "$work/base" --episodes "$n_demos_r" --seed 400000 "${dagger_extra[@]}"
+mix "$work/mix_r1" "$work/r_near:$((n_near_r * 2 / 3))" "$work/r_snippets:$((n_snip_r / 3))" "$work/r_demos"
+# shellcheck disable=SC2046
+train "$work/r1" --data "$work/mix_r1" --mode joint --world-fraction 0.2 --steps "$(steps 2000)" $(from "$work/base")
+mix "$work/mix_r2" "$work/r_near:$((n_near_r / 2))" "$work/r_snippets:$((n_snip_r / 6))" "$work/r_demos" \
+  "$work/dagger_r1"
+# shellcheck disable=SC2046
+train "$out" --data "$work/mix_r2" --mode joint --world-fraction 0.2 --steps "$(steps 2000)" $(from "$work/r1")
 stage "done: $out"
 "$bin/worldvla_sim_eval" --checkpoint "$out" --episodes "$n_eval" --camera-tilt "$tilt" --light-slant "$slant"

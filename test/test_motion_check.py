@@ -153,7 +153,8 @@ def test_the_motion_check_sees_a_sign_error_that_the_command_does_not_explain(mo
 def test_an_arm_that_does_not_move_is_no_motion_evidence(motion_calibration: Calibration) -> None:
     """A blocked arm (a table edge, contact) and a stuck one look the same to a camera, and the robot's normal
     work meets the first: a commanded move with an unchanged frame adds no more motion evidence than normal work
-    does, where the same move executed negated adds a lot."""
+    does, where the same move executed negated adds a lot. Medians under the slanted lamp (the default since
+    2026-12-07): 0.6 vs 5.5 bits; in the flat light before it 0.16 vs 8.6."""
     cal = motion_calibration
     assert cal.motion is not None
     ep, _ = _episodes(None, 187_100, 1)[0]
@@ -171,7 +172,7 @@ def test_an_arm_that_does_not_move_is_no_motion_evidence(motion_calibration: Cal
                 negated.append(motion_signals(cal.motion, cal.sequential(), feats[k], ep.commands[k])[0][
                     'motion_evidence'])
     assert blocked and negated
-    assert np.median(blocked) < 1.0 < 6.0 < np.median(negated), (blocked, negated)
+    assert np.median(blocked) < 1.0 < 4.0 < np.median(negated), (blocked, negated)
 
 
 def test_a_calibration_with_a_motion_model_round_trips_and_is_checked(motion_calibration: Calibration,

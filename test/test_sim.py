@@ -117,7 +117,7 @@ def test_a_slanted_light_throws_the_shadow_away_by_the_grippers_height() -> None
         return float(np.hypot(*(shade.mean(axis=0) - (v, u)))) / 2
 
     for seed in (3, 11, 27):
-        flat, slanted = TabletopSim(), TabletopSim(SimConfig(light_slant_deg=60.0))
+        flat, slanted = TabletopSim(SimConfig(light_slant_deg=0.0)), TabletopSim()  # 60°: the default
         gaps = []
         for z in (0.02, 0.07):
             for sim in (flat, slanted):
@@ -370,16 +370,20 @@ def test_world_fraction_fixes_the_mixture_of_every_batch() -> None:
 @pytest.mark.timeout(1800)  # ~2.5 min idle; a guard against hangs, not a speed claim
 @pytest.mark.slow
 def test_dagger_chain_runs_every_stage_and_resumes(tmp_path: Path) -> None:
-    """scripts/train_dagger_chain.sh at toy sizes: every stage writes its output, the last is a joint model."""
+    """scripts/train_dagger_chain.sh at toy sizes: every stage writes its output, the base is a joint model, and
+    the relit stages start from it and write OUT."""
     script = Path(__file__).resolve().parents[1] / 'scripts' / 'train_dagger_chain.sh'
     work = tmp_path / 'chain'
     env = {**os.environ, 'WORLDVLA_CHAIN_SMOKE': '1', 'WORLDVLA_DEVICE': 'cpu'}
     run = subprocess.run(['bash', str(script), str(work)], env=env, capture_output=True, text=True, timeout=1700)
     assert run.returncode == 0, run.stderr[-4000:]
-    for stage in ('m1', 'm2', 'd1', 'd2', 'j1', 'j2', 'j3', 'j4', 'j5', 'model'):
+    for stage in ('m1', 'm2', 'd1', 'd2', 'j1', 'j2', 'j3', 'j4', 'j5', 'base', 'r1', 'model'):
         assert (work / stage / 'train_log.json').is_file(), stage
-    final = json.loads((work / 'model' / 'train_log.json').read_text())
-    assert final['mode'] == 'joint' and final['world_fraction'] == 0.2 and final['init_from'] == str(work / 'j5')
+    base = json.loads((work / 'base' / 'train_log.json').read_text())
+    assert base['mode'] == 'joint' and base['world_fraction'] == 0.2 and base['init_from'] == str(work / 'j5')
+    assert json.loads((work / 'r1' / 'train_log.json').read_text())['init_from'] == str(work / 'base')
+    assert any(n.startswith('snippet_400000_') for n in os.listdir(work / 'mix_r2'))  # DAgger from the base
+    assert json.loads((work / 'model' / 'train_log.json').read_text())['init_from'] == str(work / 'r1')
     last_mix = {p.name for p in (work / 'mix_held').iterdir()}
     assert any(n.startswith('snippet_401250_') for n in last_mix)  # DAgger round 6, from j4
     assert {'snippet_500000', 'snippet_510000'} <= last_mix  # and the carrying snippets

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--json', default='', help='also write the result here')
     parser.add_argument('--workers', type=int, default=1, help='episodes run in this many processes at once')
-    parser.add_argument('--light-slant', type=light_slant, default=0.0, metavar='DEG',
+    parser.add_argument('--light-slant', type=light_slant, default=SimConfig().light_slant_deg, metavar='DEG',
                         help='the lamp DEG from vertical: the gripper shadow falls away from it by its height '
                              '(the lighting the checkpoint was trained with)')
     parser.add_argument('--camera-tilt', type=camera_tilt, default=0.0, metavar='DEG',

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--pauses', type=float, default=0.0, metavar='P',
                         help='episodes: at each step, with probability P the robot pauses (zero motion, gripper '
                              'kept; labelled so): world-model data in which "no motion" is seen, not only moves')
-    parser.add_argument('--light-slant', type=light_slant, default=0.0, metavar='DEG',
+    parser.add_argument('--light-slant', type=light_slant, default=SimConfig().light_slant_deg, metavar='DEG',
                         help='the lamp DEG from vertical: the gripper shadow falls away from it by its height '
                              '(train and evaluate with the same lighting)')
     parser.add_argument('--camera-tilt', type=camera_tilt, default=0.0, metavar='DEG',

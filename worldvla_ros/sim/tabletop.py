@@ -46,10 +46,11 @@ class SimConfig:
     # many degrees, still aimed at the table's centre (LIBERO's agentview is oblique): height then moves the
     # gripper up the image and away from its shadow, where a view from above shows it only as a slight growth
     camera_tilt_deg: float = 0.0
-    # 0: the gripper's shadow falls just beside it (the bundled model's lighting), where height shows as a pixel of
-    # growth. > 0: a lamp this many degrees from vertical throws the shadow towards the image's bottom right by
-    # height × tan(slant), so the gap between gripper and shadow shows its height in a view from above
-    light_slant_deg: float = 0.0
+    # > 0 (the bundled model's lighting since 2026-12-07: 60): a lamp this many degrees from vertical throws the
+    # gripper's shadow towards the image's bottom right by height × tan(slant), so the gap between gripper and
+    # shadow shows its height in a view from above. 0: the shadow falls just beside the gripper and height shows
+    # as a pixel of growth (the lighting of the models before)
+    light_slant_deg: float = 60.0
 
     @property
     def action_scale(self) -> tuple[float, ...]:
