@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument('--world-model', action='append', default=[], metavar='LABEL=DIR',
                         help='another checkpoint whose world model to score (repeatable)')
     parser.add_argument('--episodes', type=int, default=50)
+    parser.add_argument('--first-seed', type=int, default=100_000,
+                        help='closed loop: the first held-out layout (a second range: 120000)')
     parser.add_argument('--heldout', default='artifacts/heldout_demos')
     parser.add_argument('--heldout-episodes', type=int, default=20)
     parser.add_argument('--wm-horizon', type=int, default=3)
@@ -49,11 +51,11 @@ def main() -> None:
     args = parser.parse_args()
     ckpt = args.checkpoint or str(bundled_checkpoint())
     policy = load_policy(ckpt, device='cpu')
-    result: dict = {'checkpoint': ckpt, 'closed_loop': {}}
+    result: dict = {'checkpoint': ckpt, 'first_seed': args.first_seed, 'closed_loop': {}}
     for label, kwargs in (('with action mask', {'action_mask': True}), ('without action mask', {'action_mask': False})):
-        r = evaluate(policy, args.episodes, **kwargs)
+        r = evaluate(policy, args.episodes, args.first_seed, **kwargs)
         result['closed_loop'][label] = {k: v for k, v in r.items() if k != 'results'}
-    r = evaluate(None, args.episodes)
+    r = evaluate(None, args.episodes, args.first_seed)
     result['closed_loop']['chance (random commands)'] = {k: v for k, v in r.items() if k != 'results'}
     result['reach_direction_probe'] = reach_direction_probe(policy, range(100_200, 100_225))
 
