@@ -3,9 +3,11 @@
 Actions follow the release's convention and ranges (LIBERO OSC_POSE deltas, spec §4): Δx, Δy, Δz
 scaled by ``SimConfig.meters_per_unit`` per step, Δroll/Δpitch ignored, Δyaw turns the gripper,
 gripper −1 open / +1 closed. The camera looks down at the table through a pinhole (things nearer the
-camera look larger) and the gripper casts a shadow; from straight above (the default) height shows only as that
-growth and the shadow's size, a pixel or so of the model's frame; ``SimConfig.camera_tilt_deg`` tilts the camera
-(an oblique view like LIBERO's agentview), where height moves the gripper up the image, away from its shadow.
+camera look larger) and the gripper casts a shadow. From straight above, height would show only as that growth, a
+pixel or so of the model's frame; the lamp stands ``SimConfig.light_slant_deg`` (default 60°) from vertical, so the
+shadow falls away from the gripper by its height (0: just beside it, the lighting of the models before 2026-12-07).
+``SimConfig.camera_tilt_deg`` tilts the camera instead (an oblique view like LIBERO's agentview), where height moves
+the gripper up the image.
 The table is lit with a colour gradient (redder to the right, bluer towards the bottom of the image): every
 image patch then says where on the table it is, which a few-layer model trained briefly on a CPU hardly works out
 from rotary positions alone (a flat-coloured table gave 63 % correct move directions after 4000
