@@ -19,6 +19,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
+from rclpy.subscription import MessageInfo
 from rclpy.time import Time
 from sensor_msgs.msg import Image
 from std_msgs.msg import Bool, Float64MultiArray, String
@@ -48,6 +49,7 @@ class Harness:
         self.lock = threading.RLock()  # predicates of wait_for may take it again
         self.chunks: list[ActionChunk] = []
         self.commands: list[tuple[float, EndEffectorCommand]] = []
+        self.command_sent: list[tuple[float, float]] = []  # (received, sent): monotonic s, the publisher's clock s
         self.imagined: list[Image] = []
         self.surprise: list[list[float]] = []
         self.diag: dict[str, dict[str, str]] = {}
@@ -56,8 +58,7 @@ class Harness:
         self.sent_frames: dict[int, np.ndarray] = {}  # stamp ns → the rgb frame (the newest 300)
         rec = self._recorder
         n.create_subscription(ActionChunk, 'worldvla/action_chunk', rec(self.chunks), reliable_qos())
-        n.create_subscription(EndEffectorCommand, 'worldvla/ee_command',
-                              lambda m: self._add(self.commands, (time.monotonic(), m)), reliable_qos(100))
+        n.create_subscription(EndEffectorCommand, 'worldvla/ee_command', self._on_command, reliable_qos(100))
         n.create_subscription(Image, 'worldvla/imagined_image', rec(self.imagined), reliable_qos())
         n.create_subscription(Float64MultiArray, 'worldvla/surprise',
                               lambda m: self._add(self.surprise, list(m.data)), reliable_qos())
@@ -71,6 +72,14 @@ class Harness:
     def _add(self, store: list, item: Any) -> None:
         with self.lock:
             store.append(item)
+
+    def _on_command(self, m: EndEffectorCommand, info: MessageInfo) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.commands.append((now, m))
+            # when the node sent it (the middleware's source timestamp): a busy harness receives late, the node's
+            # own sending intervals are these
+            self.command_sent.append((now, info['source_timestamp'] * 1e-9))
 
     def _recorder(self, store: list) -> Callable:
         return lambda m: self._add(store, m)
