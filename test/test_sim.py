@@ -390,3 +390,24 @@ def test_dagger_chain_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     assert '"episodes": 2' in run.stdout  # the closed-loop evaluation at the end
     again = subprocess.run(['bash', str(script), str(work)], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and 'worldvla_train' not in again.stderr and 'record_demos' not in again.stderr
+
+
+def test_sim_eval_measures_the_nodes_other_replanning_settings(fixed_chunk_checkpoint: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """--replan-threshold -1 asks a chunk on every frame (the node's default), 0 only when the chunk of 5 has run
+    out (the release); both are written to the summary, and a setting the node refuses is a usage error."""
+    from worldvla_ros.sim.closed_loop import main as sim_eval
+
+    chunks = {}
+    for threshold in (0, -1):
+        out = tmp_path / f'{threshold}.json'
+        assert sim_eval(['--checkpoint', str(fixed_chunk_checkpoint), '--episodes', '1', '--replan-threshold',
+                         str(threshold), '--chunk-merge', 'ensemble', '--json', str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert (result['replan_threshold'], result['chunk_merge']) == (threshold, 'ensemble')
+        chunks[threshold] = result['results'][0]['chunks'] / result['results'][0]['steps']
+    assert chunks[-1] > 0.9 and chunks[0] < 0.5, chunks
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        sim_eval(['--checkpoint', str(fixed_chunk_checkpoint), '--replan-threshold', '-2'])
+    assert exc.value.code == 2 and 'replan_threshold' in capsys.readouterr().err

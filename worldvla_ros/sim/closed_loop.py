@@ -4,8 +4,9 @@
 
 Every step goes through the action node's control loop (``worldvla_ros.control``): each chunk is executed
 open-loop and the next one is computed from the newest frames, after its last action (replan_threshold 0,
-the release's protocol); commands pass the node's limits with the release's ranges, at send time. Held-out
-layouts: seeds start at 100000 (demonstrations are recorded from seed 0 upwards).
+the release's protocol; ``--replan-threshold``/``--chunk-merge`` measure the node's other settings); commands
+pass the node's limits with the release's ranges, at send time. Held-out layouts: seeds start at 100000
+(demonstrations are recorded from seed 0 upwards).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from worldvla_ros.control import Controller, ControlSettings
 from worldvla_ros.control.loop import SynchronousLoop
+from worldvla_ros.control.types import MERGES
 from worldvla_ros.metrics import wilson95
 from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX, LIBERO_ACTION_MIN
 from worldvla_ros.safety import SafetyLimits
@@ -120,12 +122,13 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def evaluate(policy: Any | None, episodes: int, first_seed: int = HELD_OUT_SEED, action_mask: bool = True,
-             progress: bool = True, config: SimConfig | None = None) -> dict[str, Any]:
+             progress: bool = True, config: SimConfig | None = None,
+             settings: ControlSettings = CLOSED_LOOP) -> dict[str, Any]:
     results = []
     for seed in tqdm(range(first_seed, first_seed + episodes), desc='episodes', disable=not progress,
                      file=sys.stderr):
         results.append(run_chance_episode(seed, config) if policy is None
-                       else run_episode(policy, seed, action_mask, config))
+                       else run_episode(policy, seed, action_mask, config, settings=settings))
     return {**summarize(results), 'results': results}
 
 
@@ -141,19 +144,21 @@ def _worker_start(checkpoint: str, device: str) -> None:
     _WORKER['policy'] = load_policy(checkpoint, device=device)
 
 
-def _worker_episode(job: tuple[int, bool, SimConfig | None]) -> dict[str, Any]:
-    return run_episode(_WORKER['policy'], *job)
+def _worker_episode(job: tuple[int, bool, SimConfig | None, ControlSettings]) -> dict[str, Any]:
+    seed, action_mask, config, settings = job
+    return run_episode(_WORKER['policy'], seed, action_mask, config, settings=settings)
 
 
 def evaluate_parallel(checkpoint: str, episodes: int, first_seed: int = HELD_OUT_SEED, workers: int = 2,
                       action_mask: bool = True, device: str = 'cpu', stop_after_successes: int = 0,
-                      progress: bool = True, config: SimConfig | None = None) -> dict[str, Any]:
+                      progress: bool = True, config: SimConfig | None = None,
+                      settings: ControlSettings = CLOSED_LOOP) -> dict[str, Any]:
     """``evaluate`` over ``workers`` processes (seeds handed out in order, results kept in seed order).
     ``stop_after_successes`` > 0: stop once that many layouts are solved (the rest is not run)."""
     import multiprocessing
 
     results: list[dict[str, Any]] = []
-    jobs = [(seed, action_mask, config) for seed in range(first_seed, first_seed + episodes)]
+    jobs = [(seed, action_mask, config, settings) for seed in range(first_seed, first_seed + episodes)]
     pool = multiprocessing.get_context('spawn').Pool(workers, _worker_start, (str(checkpoint), device))
     try:
         for r in tqdm(pool.imap(_worker_episode, jobs), total=episodes, desc='episodes', disable=not progress,
@@ -184,7 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--camera-tilt', type=camera_tilt, default=0.0, metavar='DEG',
                         help='the sim camera tilted by DEG from straight down (the view the checkpoint was trained '
                              'on; the bundled model: 0)')
+    parser.add_argument('--replan-threshold', type=int, default=0, metavar='N',
+                        help='departure from the release: the next chunk once at most N commands are queued '
+                             '(-1: on every frame; default 0: once the chunk has run out)')
+    parser.add_argument('--chunk-merge', choices=MERGES, default='replace',
+                        help='departure from the release: how a new chunk meets the queued one (the node\'s '
+                             'chunk_merge)')
     args = parser.parse_args(argv)
+    try:
+        settings = replace(CLOSED_LOOP, replan_threshold=args.replan_threshold, chunk_merge=args.chunk_merge)
+    except ValueError as exc:
+        parser.error(str(exc))
     config = SimConfig(camera_tilt_deg=args.camera_tilt, light_slant_deg=args.light_slant)
     policy = None
     t0 = time.perf_counter()
@@ -200,11 +215,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if policy is not None and args.workers > 1:
         result = evaluate_parallel(args.checkpoint or str(bundled_checkpoint()), args.episodes, args.first_seed,
-                                   args.workers, not args.no_action_mask, args.device, config=config)
+                                   args.workers, not args.no_action_mask, args.device, config=config,
+                                   settings=settings)
     else:
-        result = evaluate(policy, args.episodes, args.first_seed, not args.no_action_mask, config=config)
+        result = evaluate(policy, args.episodes, args.first_seed, not args.no_action_mask, config=config,
+                          settings=settings)
     label = 'chance' if args.chance else ('without action mask' if args.no_action_mask else 'with action mask')
     summary = {'policy': label, 'checkpoint': '' if args.chance else str(args.checkpoint or 'bundled'),
+               'replan_threshold': args.replan_threshold, 'chunk_merge': args.chunk_merge,
                'wall_s': round(time.perf_counter() - t0, 1), **{k: v for k, v in result.items() if k != 'results'}}
     if args.json:
         with open(args.json, 'w') as f:
