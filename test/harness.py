@@ -19,7 +19,6 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
-from rclpy.subscription import MessageInfo
 from rclpy.time import Time
 from sensor_msgs.msg import Image
 from std_msgs.msg import Bool, Float64MultiArray, String
@@ -73,7 +72,7 @@ class Harness:
         with self.lock:
             store.append(item)
 
-    def _on_command(self, m: EndEffectorCommand, info: MessageInfo) -> None:
+    def _on_command(self, m: EndEffectorCommand, info: dict[str, Any]) -> None:  # rclpy's MessageInfo (Kilted names it)
         now = time.monotonic()
         with self.lock:
             self.commands.append((now, m))
