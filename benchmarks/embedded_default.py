@@ -23,7 +23,7 @@ from worldvla_ros.evaluation.cli import main as evaluate_bag
 from worldvla_ros.model import load_policy
 from worldvla_ros.sim.baselines import majority_gripper_accuracy, other_layout_baseline
 from worldvla_ros.sim.bundled import bundled_checkpoint
-from worldvla_ros.sim.closed_loop import evaluate
+from worldvla_ros.sim.closed_loop import HELD_OUT_SEED, evaluate
 from worldvla_ros.sim.probes import reach_direction_probe
 from worldvla_ros.sim.record import record_demos
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument('--world-model', action='append', default=[], metavar='LABEL=DIR',
                         help='another checkpoint whose world model to score (repeatable)')
     parser.add_argument('--episodes', type=int, default=50)
-    parser.add_argument('--first-seed', type=int, default=100_000,
+    parser.add_argument('--first-seed', type=int, default=HELD_OUT_SEED,
                         help='closed loop: the first held-out layout (a second range: 120000)')
     parser.add_argument('--heldout', default='artifacts/heldout_demos')
     parser.add_argument('--heldout-episodes', type=int, default=20)

@@ -39,11 +39,12 @@ from worldvla_ros.sim.tabletop import TASKS, SimConfig, TabletopSim
 PARAMETERS: dict[str, Param] = {
     'rate_hz': Param(10.0, 'camera frame rate', 0.5, 100.0, read_only=True),
     'image_size': Param(128, 'camera image side in pixels (multiple of 32)', 32, 1024, read_only=True),
-    'camera_tilt_deg': Param(0.0, 'camera tilt from straight down (an oblique view shows height); the view the '
-                                  'checkpoint was trained on: the bundled model 0', 0.0, 80.0, read_only=True),
-    'light_slant_deg': Param(60.0, "the lamp's angle from vertical: the gripper's shadow falls away from it by its "
-                                  'height × tan(slant); the lighting the checkpoint was trained with (bundled: 60)',
-                             0.0, 75.0, read_only=True),
+    'camera_tilt_deg': Param(SimConfig.camera_tilt_deg, 'camera tilt from straight down (an oblique view shows '
+                             'height); the view the checkpoint was trained on: the bundled model 0', 0.0, 80.0,
+                             read_only=True),
+    'light_slant_deg': Param(SimConfig.light_slant_deg, "the lamp's angle from vertical: the gripper's shadow falls "
+                             'away from it by its height × tan(slant); the lighting the checkpoint was trained with '
+                             '(bundled: 60)', 0.0, 75.0, read_only=True),
     'seed': Param(100000, 'layout seed of the first episode; +1 per episode', 0, 2**31 - 1, read_only=True),
     'task': Param(-1, f'task index 0 … {len(TASKS) - 1}; -1 = drawn per episode', -1, len(TASKS) - 1),
     'max_steps': Param(100, 'commands per episode before it counts as failed', 1, 100000),
