@@ -272,6 +272,11 @@ def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     # one action sample per episode frame; a 7-step snippet only where a whole chunk of 5 was recorded
     assert log['episodes'] == 4 and log['samples'] == sum(frames_per_episode) + 2 * 3
     assert load_policy(more, device='cpu').lm.config.num_hidden_layers == 2
+    deeper = tmp_path / 'deeper'
+    assert train(['--out', str(deeper), '--data', str(tmp_path / 'demos'), '--steps', '2', '--batch-size', '4',
+                  '--init-from', str(out), '--vqgan-from', str(out), '--grow-layers', '3', '--device', 'cpu']) == 0
+    assert json.loads((deeper / 'train_log.json').read_text())['backbone']['layers'] == 3
+    assert load_policy(deeper, device='cpu').lm.config.num_hidden_layers == 3
     policy = load_policy(out, device='cpu')
     assert policy.config.resolution == 64 and policy.chunk_size == 5 and policy.config.history_frames == 1
     sim = TabletopSim()
@@ -282,6 +287,7 @@ def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     from release_rules import release_layout_problems
 
     assert release_layout_problems(out) == [] and release_layout_problems(more) == []
+    assert release_layout_problems(deeper) == []
 
 
 def test_reach_direction_probe_tells_a_geometry_reader_from_one_that_ignores_it() -> None:
@@ -365,6 +371,40 @@ def test_world_fraction_fixes_the_mixture_of_every_batch() -> None:
         with pytest.raises(SystemExit) as exit_:
             train(['--out', '/nonexistent/never_written', *bad])
         assert exit_.value.code == 2
+
+
+def test_deepening_keeps_the_function_and_then_trains_the_new_layers() -> None:
+    from worldvla_ros.model.config import TINY_VQGAN, BackboneConfig
+    from worldvla_ros.model.tiny import build_lm, build_vocab
+    from worldvla_ros.train.lm_trainer import deepen
+
+    torch.manual_seed(0)
+    backbone = BackboneConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                              intermediate_size=128, max_position_embeddings=128)
+    lm = build_lm(backbone, TINY_VQGAN, build_vocab())
+    with torch.no_grad():  # a trained model's output rows are not zero; a fresh one's may be tiny
+        lm.lm_head.weight.normal_(0, 0.02)
+    ids = torch.randint(4, 8196, (2, 40))
+    with torch.no_grad():
+        before = lm(input_ids=ids).logits
+    grown = deepen(lm, 5, seed=1)
+    assert len(grown.model.layers) == 5 and grown.config.num_hidden_layers == 5
+    with torch.no_grad():
+        assert torch.allclose(grown(input_ids=ids).logits, before, atol=1e-5)
+    # old layers 0 and 1 sit at 0 and 2 (round(i·5/2)); the weights of layer 1 moved with it
+    assert torch.equal(grown.model.layers[2].mlp.up_proj.weight, lm.model.layers[1].mlp.up_proj.weight)
+    grown.train()
+    grown(input_ids=ids, labels=ids).loss.backward()
+    for new in (1, 3, 4):
+        layer = grown.model.layers[new]
+        assert layer.self_attn.o_proj.weight.grad.abs().sum() > 0 and layer.mlp.down_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='remove'):
+        deepen(lm, 1)
+    from worldvla_ros.train.cli import main as train
+
+    with pytest.raises(SystemExit) as exit_:
+        train(['--out', '/nonexistent/never_written', '--grow-layers', '8'])
+    assert exit_.value.code == 2
 
 
 @pytest.mark.timeout(1800)  # ~2.5 min idle; a guard against hangs, not a speed claim

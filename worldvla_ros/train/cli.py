@@ -35,7 +35,7 @@ from worldvla_ros.model.text_tokenizer import TextTokenizer
 from worldvla_ros.model.tiny import build_lm, build_text_tokenizer, build_vocab, write_checkpoint
 from worldvla_ros.sim.record import SNIPPET_PREFIX
 
-from .lm_trainer import emit_ids, init_image_embeddings, train_lm
+from .lm_trainer import deepen, emit_ids, init_image_embeddings, train_lm
 from .sequences import action_samples, world_model_samples
 from .vqgan_trainer import reconstruction_psnr, token_stability, train_vqgan
 
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--image-grid', type=int, choices=(8, 16), default=8,
                    help='codes per image side of a new VQGAN (8: 8× downsampling of the 64 px frames, 16: 4×)')
     p.add_argument('--init-from', default='', help='continue training this checkpoint’s backbone')
+    p.add_argument('--grow-layers', type=int, default=0, metavar='N',
+                   help='with --init-from: deepen its backbone to N layers, the new ones starting as identities')
     p.add_argument('--no-codebook-init', action='store_true',
                    help='random image-token embeddings instead of projections of the VQ codebook')
     p.add_argument('--checkpoint-every', type=int, default=0, help='also write OUT/step_N every N steps')
@@ -97,7 +99,8 @@ def vqgan_config(grid: int) -> VQGANConfig:
 
 def backbone_config(args: argparse.Namespace) -> BackboneConfig:
     if args.init_from:
-        return BackboneConfig.from_hf_dict(read_config(find_checkpoint_files(args.init_from)))
+        backbone = BackboneConfig.from_hf_dict(read_config(find_checkpoint_files(args.init_from)))
+        return replace(backbone, num_hidden_layers=args.grow_layers or backbone.num_hidden_layers)
     return BackboneConfig(hidden_size=args.hidden_size, num_hidden_layers=args.layers,
                           num_attention_heads=args.heads, num_key_value_heads=args.heads,
                           intermediate_size=args.intermediate_size or 4 * args.hidden_size,
@@ -155,10 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error('--world-fraction mixes the two kinds of sequences: it needs --mode joint')
     if args.world_fraction is not None and not 0.0 <= args.world_fraction <= 1.0:
         parser.error(f'--world-fraction must lie in [0, 1], got {args.world_fraction}')
+    if args.grow_layers and not args.init_from:
+        parser.error('--grow-layers deepens the checkpoint of --init-from: give one')
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     backbone = backbone_config(args)
+    if args.grow_layers and args.grow_layers < read_config(find_checkpoint_files(args.init_from))['num_hidden_layers']:
+        parser.error(f'--grow-layers {args.grow_layers} is fewer layers than {args.init_from} has')
     t_start = time.perf_counter()
     data, out = Path(args.data), Path(args.out)
     if not data.is_dir() or not any(data.glob('*/metadata.yaml')):
@@ -207,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     if args.init_from:
         files = find_checkpoint_files(args.init_from)
-        lm = load_backbone(files, read_config(files), vocab, device, torch.float32).requires_grad_(True)
+        lm = load_backbone(files, read_config(files), vocab, device, torch.float32)
+        if args.grow_layers:
+            lm = deepen(lm, args.grow_layers, args.seed)
+        lm.requires_grad_(True)
     else:
         lm = build_lm(backbone, vqgan.cfg, vocab)
         if not args.no_codebook_init:
@@ -234,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                if f.is_file() and not f.relative_to(out).parts[0].startswith('step_'))
     summary = {
         'mode': args.mode, 'episodes': len(episodes), 'frames': len(model_frames), 'samples': len(samples),
-        'steps': args.steps, 'init_from': args.init_from, 'codebook_init': not args.no_codebook_init,
+        'steps': args.steps, 'init_from': args.init_from, 'grow_layers': args.grow_layers,
+        'codebook_init': not args.no_codebook_init,
         'batch_size': args.batch_size, 'lr': args.lr, 'bin_sigma': args.bin_sigma,
         'world_fraction': args.world_fraction, 'vq_steps': 0 if args.vqgan_from else
         args.vq_steps, 'vqgan_from': args.vqgan_from, 'vqgan_reconstruction_psnr_db': round(recon_psnr, 2),

@@ -19,7 +19,7 @@ from worldvla_ros.model import tokens as T
 from .sequences import Sample
 from .trainer import EmitHead, Trainer, TrainSettings, sample_drawer, soft_targets
 
-__all__ = ['emit_ids', 'init_image_embeddings', 'sample_drawer', 'soft_targets', 'train_lm']
+__all__ = ['deepen', 'emit_ids', 'init_image_embeddings', 'sample_drawer', 'soft_targets', 'train_lm']
 
 
 def emit_ids(image_token_ids: np.ndarray, grid_token: int) -> torch.Tensor:
@@ -45,6 +45,40 @@ def init_image_embeddings(lm: ChameleonForConditionalGeneration, codebook: torch
         for weight in (lm.get_input_embeddings().weight, lm.lm_head.weight):
             scale = weight.std()
             weight[rows] = (code @ proj * scale).to(weight.dtype)
+
+
+def deepen(lm: ChameleonForConditionalGeneration, layers: int, seed: int = 0) -> ChameleonForConditionalGeneration:
+    """The same function with ``layers`` decoder layers: new ones after the old, spread evenly, each an identity.
+
+    A new layer starts with its attention output and MLP down projections at zero, so under the
+    pre-norm residual it adds nothing until training moves them; its other weights are freshly
+    initialized so that gradients reach them from the first step. Everything else is copied.
+    """
+    old = len(lm.model.layers)
+    if not old <= layers:
+        raise ValueError(f'deepen: {layers} layers would remove some of the {old} the model has')
+    if lm.config.swin_norm:
+        raise ValueError('deepen: an identity layer needs the pre-norm residual (swin_norm is set)')
+    cfg = lm.config.to_dict()
+    cfg['num_hidden_layers'] = layers
+    torch.manual_seed(seed)
+    grown = ChameleonForConditionalGeneration(type(lm.config).from_dict(cfg)).to(lm.device)
+    del grown.model.vqmodel
+    # old layer i goes to place[i]; the new ones fill the gaps, after the old layer before them
+    place = [round(i * layers / old) for i in range(old)]
+    state = {}
+    for name, tensor in lm.state_dict().items():
+        parts = name.split('.')
+        if parts[:2] == ['model', 'layers']:
+            parts[2] = str(place[int(parts[2])])
+        state['.'.join(parts)] = tensor
+    fresh = set(grown.state_dict()) - set(state)
+    with torch.no_grad():
+        for name in fresh:
+            if name.endswith(('self_attn.o_proj.weight', 'mlp.down_proj.weight')):
+                state[name] = torch.zeros_like(grown.state_dict()[name])
+    grown.load_state_dict(state, strict=False)
+    return grown.train(lm.training)
 
 
 def train_lm(
