@@ -277,6 +277,9 @@ def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
                   '--init-from', str(out), '--vqgan-from', str(out), '--grow-layers', '3', '--device', 'cpu']) == 0
     assert json.loads((deeper / 'train_log.json').read_text())['backbone']['layers'] == 3
     assert load_policy(deeper, device='cpu').lm.config.num_hidden_layers == 3
+    with pytest.raises(SystemExit) as exit_:  # fewer layers than the checkpoint: a usage error, nothing written
+        train(['--out', str(tmp_path / 'shallower'), '--init-from', str(out), '--grow-layers', '1'])
+    assert exit_.value.code == 2 and not (tmp_path / 'shallower').exists()
     policy = load_policy(out, device='cpu')
     assert policy.config.resolution == 64 and policy.chunk_size == 5 and policy.config.history_frames == 1
     sim = TabletopSim()

@@ -100,6 +100,9 @@ def vqgan_config(grid: int) -> VQGANConfig:
 def backbone_config(args: argparse.Namespace) -> BackboneConfig:
     if args.init_from:
         backbone = BackboneConfig.from_hf_dict(read_config(find_checkpoint_files(args.init_from)))
+        if args.grow_layers and args.grow_layers < backbone.num_hidden_layers:
+            raise ValueError(f'--grow-layers {args.grow_layers} is fewer layers than {args.init_from} has '
+                             f'({backbone.num_hidden_layers})')
         return replace(backbone, num_hidden_layers=args.grow_layers or backbone.num_hidden_layers)
     return BackboneConfig(hidden_size=args.hidden_size, num_hidden_layers=args.layers,
                           num_attention_heads=args.heads, num_key_value_heads=args.heads,
@@ -163,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    backbone = backbone_config(args)
-    if args.grow_layers and args.grow_layers < read_config(find_checkpoint_files(args.init_from))['num_hidden_layers']:
-        parser.error(f'--grow-layers {args.grow_layers} is fewer layers than {args.init_from} has')
+    try:
+        backbone = backbone_config(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     t_start = time.perf_counter()
     data, out = Path(args.data), Path(args.out)
     if not data.is_dir() or not any(data.glob('*/metadata.yaml')):

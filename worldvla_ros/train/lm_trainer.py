@@ -72,11 +72,9 @@ def deepen(lm: ChameleonForConditionalGeneration, layers: int, seed: int = 0) ->
         if parts[:2] == ['model', 'layers']:
             parts[2] = str(place[int(parts[2])])
         state['.'.join(parts)] = tensor
-    fresh = set(grown.state_dict()) - set(state)
-    with torch.no_grad():
-        for name in fresh:
-            if name.endswith(('self_attn.o_proj.weight', 'mlp.down_proj.weight')):
-                state[name] = torch.zeros_like(grown.state_dict()[name])
+    for name, tensor in grown.state_dict().items():
+        if name not in state and name.endswith(('self_attn.o_proj.weight', 'mlp.down_proj.weight')):
+            state[name] = torch.zeros_like(tensor)
     grown.load_state_dict(state, strict=False)
     return grown.train(lm.training)
 
