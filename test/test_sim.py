@@ -280,6 +280,22 @@ def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_:  # fewer layers than the checkpoint: a usage error, nothing written
         train(['--out', str(tmp_path / 'shallower'), '--init-from', str(out), '--grow-layers', '1'])
     assert exit_.value.code == 2 and not (tmp_path / 'shallower').exists()
+    (pause_bag,) = record_demos(tmp_path / 'pauses', 1, seed=7, pauses=0.3, progress=False)
+    pause_actions = read_episode(pause_bag).actions
+    assert np.any(np.all(pause_actions[:, :6] == 0, axis=1))
+    paused = tmp_path / 'paused'  # world-only bags: a world-model sequence per transition, no action sample
+    assert train(['--out', str(paused), '--data', str(tmp_path / 'demos'), '--steps', '2', '--batch-size', '4',
+                  '--init-from', str(out), '--vqgan-from', str(out), '--world-only-data', str(tmp_path / 'pauses'),
+                  '--device', 'cpu']) == 0
+    log = json.loads((paused / 'train_log.json').read_text())
+    joint_samples = json.loads((deeper / 'train_log.json').read_text())['samples']  # the same --data, joint
+    assert log['world_only_episodes'] == 1 and log['samples'] == joint_samples + len(pause_actions) - 1
+    for wrong in (['--mode', 'action', '--world-only-data', str(pause_bag)],  # no world model to train
+                  ['--world-only-data', str(sorted((tmp_path / 'demos').iterdir())[0])]):  # also in --data
+        with pytest.raises(SystemExit) as exit_:
+            train(['--out', str(tmp_path / 'refused'), '--data', str(tmp_path / 'demos'), '--init-from', str(out),
+                   '--vqgan-from', str(out), *wrong])
+        assert exit_.value.code == 2 and not (tmp_path / 'refused').exists()
     policy = load_policy(out, device='cpu')
     assert policy.config.resolution == 64 and policy.chunk_size == 5 and policy.config.history_frames == 1
     sim = TabletopSim()

@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from worldvla_ros.model.text_tokenizer import TextTokenizer
 from worldvla_ros.model.tiny import build_lm, build_text_tokenizer, build_vocab, write_checkpoint
 from worldvla_ros.sim.record import SNIPPET_PREFIX
 
+from .finetune_data import DataError, bag_paths
 from .lm_trainer import deepen, emit_ids, init_image_embeddings, train_lm
 from .sequences import action_samples, world_model_samples
 from .vqgan_trainer import reconstruction_psnr, token_stability, train_vqgan
@@ -55,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--data', default='artifacts/sim_demos', help='directory of episode bags')
     p.add_argument('--episodes', type=int, default=1000, help='recorded if --data has no bags')
     p.add_argument('--mode', choices=('joint', 'action', 'world'), default='joint')
+    p.add_argument('--world-only-data', nargs='+', default=[], metavar='BAG',
+                   help='bags, or directories of bags, trained on as world-model sequences only (record_demos '
+                        '--pauses: the world model sees standing still, the policy never learns to pause)')
     p.add_argument('--steps', type=int, default=9000)
     p.add_argument('--batch-size', type=int, default=24)
     p.add_argument('--lr', type=float, default=2e-3)
@@ -110,6 +115,14 @@ def backbone_config(args: argparse.Namespace) -> BackboneConfig:
                           max_position_embeddings=BACKBONE.max_position_embeddings)
 
 
+class Episode(NamedTuple):
+    frames: list[np.ndarray]
+    actions: np.ndarray
+    instruction: str
+    finished: bool  # the task was done at its end (not a snippet)
+    for_actions: bool  # also an action-model sample (False: --world-only-data)
+
+
 def next_frame_index(lengths: list[int]) -> np.ndarray:
     """For frames of episodes laid end to end: the index of the same episode's next frame, −1 after its last."""
     out = np.arange(1, sum(lengths) + 1)
@@ -117,15 +130,24 @@ def next_frame_index(lengths: list[int]) -> np.ndarray:
     return out
 
 
-def load_frames_and_actions(data: Path) -> list[tuple[list[np.ndarray], np.ndarray, str, bool]]:
-    """(frames, actions, instruction, finished) per bag; ``snippet_*`` bags end mid-task."""
-    bags = sorted(p for p in data.iterdir() if (p / 'metadata.yaml').is_file())
+def load_frames_and_actions(bags: list[Path], for_actions: bool = True) -> list[Episode]:
+    """One ``Episode`` per bag; ``snippet_*`` bags end mid-task."""
     episodes = []
     for bag in tqdm(bags, desc='reading bags', unit='bag', file=sys.stderr):
         ep = read_episode(bag)
-        episodes.append((ep.frames, np.nan_to_num(ep.actions), ep.instruction,
-                         not bag.name.startswith(SNIPPET_PREFIX)))
+        episodes.append(Episode(ep.frames, np.nan_to_num(ep.actions), ep.instruction,
+                                not bag.name.startswith(SNIPPET_PREFIX), for_actions))
     return episodes
+
+
+def training_bags(data: Path, world_only: list[str]) -> tuple[list[Path], list[Path]]:
+    """(the bags in ``data``, the ``--world-only-data`` bags); a bag named in both is an error."""
+    bags = sorted(p for p in data.iterdir() if (p / 'metadata.yaml').is_file())
+    world_bags = bag_paths(world_only) if world_only else []
+    both = {b.resolve() for b in bags} & {b.resolve() for b in world_bags}
+    if both:
+        raise DataError(f'bags given both in --data and as --world-only-data: {sorted(map(str, both))}')
+    return bags, world_bags
 
 
 def loss_curve(path: Path, log: list[dict[str, float]], vq_losses: list[float]) -> None:
@@ -163,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f'--world-fraction must lie in [0, 1], got {args.world_fraction}')
     if args.grow_layers and not args.init_from:
         parser.error('--grow-layers deepens the checkpoint of --init-from: give one')
+    if args.world_only_data and args.mode == 'action':
+        parser.error('--world-only-data trains the world model: use it with --mode joint or world')
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -176,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         from worldvla_ros.sim.record import record_demos
 
         record_demos(data, args.episodes, seed=0)
-    episodes = load_frames_and_actions(data)
+    try:
+        bags, world_bags = training_bags(data, args.world_only_data)
+    except DataError as exc:
+        parser.error(str(exc))
+    episodes = load_frames_and_actions(bags) + load_frames_and_actions(world_bags, for_actions=False)
     cfg = SETTINGS
     vocab = build_vocab(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = ActionTokenizer(cfg.action_min, cfg.action_max)
     samples = []
-    for frames, actions, instruction, finished in tqdm(episodes, desc='tokenizing', unit='episode', file=sys.stderr):
+    for frames, actions, instruction, finished, for_actions in tqdm(episodes, desc='tokenizing', unit='episode',
+                                                                     file=sys.stderr):
         blocks = [b for i in range(0, len(frames), 64) for b in images.encode(frames[i : i + 64])]
-        if args.mode in ('joint', 'action'):
+        if args.mode in ('joint', 'action') and for_actions:
             samples += action_samples(blocks, actions, instruction, text, tok, cfg, finished)
         if args.mode in ('joint', 'world'):
             samples += world_model_samples(blocks, actions, text, tok, cfg)
@@ -247,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(f.stat().st_size for f in out.rglob('*')
                if f.is_file() and not f.relative_to(out).parts[0].startswith('step_'))
     summary = {
-        'mode': args.mode, 'episodes': len(episodes), 'frames': len(model_frames), 'samples': len(samples),
+        'mode': args.mode, 'episodes': len(episodes), 'world_only_episodes': len(world_bags),
+        'frames': len(model_frames), 'samples': len(samples),
         'steps': args.steps, 'init_from': args.init_from, 'grow_layers': args.grow_layers,
         'codebook_init': not args.no_codebook_init,
         'batch_size': args.batch_size, 'lr': args.lr, 'bin_sigma': args.bin_sigma,
