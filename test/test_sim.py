@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -266,9 +267,13 @@ def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     record_snippets(tmp_path / 'demos', count=2, seed=300, steps=7, progress=False)
     more = tmp_path / 'continued'  # continuing keeps the checkpoint's size, whatever the size flags say
     assert train(['--out', str(more), '--data', str(tmp_path / 'demos'), '--steps', '2', '--batch-size', '4',
-                  '--init-from', str(out), '--vqgan-from', str(out), '--mode', 'action', '--device', 'cpu']) == 0
+                  '--init-from', str(out), '--vqgan-from', str(out), '--mode', 'action', '--device', 'cpu',
+                  '--seed', '1']) == 0
     log = json.loads((more / 'train_log.json').read_text())
     assert log['backbone']['hidden_size'] == 64
+    # and its vocabulary (a new one, here of another seed, would give the embedding rows other meanings)
+    vocabulary = [json.loads((d / 'config.json').read_text())['vocabulary_map'] for d in (out, more)]
+    assert vocabulary[0] == vocabulary[1]
     # one action sample per episode frame; a 7-step snippet only where a whole chunk of 5 was recorded
     assert log['episodes'] == 4 and log['samples'] == sum(frames_per_episode) + 2 * 3
     assert load_policy(more, device='cpu').lm.config.num_hidden_layers == 2
@@ -307,6 +312,16 @@ def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
 
     assert release_layout_problems(out) == [] and release_layout_problems(more) == []
     assert release_layout_problems(deeper) == []
+
+
+def test_the_built_vocabulary_is_the_same_in_every_process() -> None:
+    """The byte-level alphabet comes out of a set whose order changes from process to process: a vocabulary
+    built in that order gave each training run other ids for the instruction's bytes."""
+    code = ('import hashlib, json; from worldvla_ros.model.tiny import build_vocab; '
+            'print(hashlib.sha256(json.dumps(build_vocab(0), sort_keys=True).encode()).hexdigest())')
+    runs = {subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+            for _ in range(3)}
+    assert len(runs) == 1, runs
 
 
 def test_reach_direction_probe_tells_a_geometry_reader_from_one_that_ignores_it() -> None:
@@ -430,19 +445,22 @@ def test_deepening_keeps_the_function_and_then_trains_the_new_layers() -> None:
 @pytest.mark.slow
 def test_dagger_chain_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     """scripts/train_dagger_chain.sh at toy sizes: every stage writes its output, the base is a joint model, and
-    the relit stages start from it and write OUT."""
+    the relit stages start from it, and the standing-still stage continues the relit model and writes OUT."""
     script = Path(__file__).resolve().parents[1] / 'scripts' / 'train_dagger_chain.sh'
     work = tmp_path / 'chain'
     env = {**os.environ, 'WORLDVLA_CHAIN_SMOKE': '1', 'WORLDVLA_DEVICE': 'cpu'}
     run = subprocess.run(['bash', str(script), str(work)], env=env, capture_output=True, text=True, timeout=1700)
     assert run.returncode == 0, run.stderr[-4000:]
-    for stage in ('m1', 'm2', 'd1', 'd2', 'j1', 'j2', 'j3', 'j4', 'j5', 'base', 'r1', 'model'):
+    for stage in ('m1', 'm2', 'd1', 'd2', 'j1', 'j2', 'j3', 'j4', 'j5', 'base', 'r1', 'r2', 'model'):
         assert (work / stage / 'train_log.json').is_file(), stage
     base = json.loads((work / 'base' / 'train_log.json').read_text())
     assert base['mode'] == 'joint' and base['world_fraction'] == 0.2 and base['init_from'] == str(work / 'j5')
     assert json.loads((work / 'r1' / 'train_log.json').read_text())['init_from'] == str(work / 'base')
     assert any(n.startswith('snippet_400000_') for n in os.listdir(work / 'mix_r2'))  # DAgger from the base
-    assert json.loads((work / 'model' / 'train_log.json').read_text())['init_from'] == str(work / 'r1')
+    assert json.loads((work / 'r2' / 'train_log.json').read_text())['init_from'] == str(work / 'r1')
+    final = json.loads((work / 'model' / 'train_log.json').read_text())
+    assert final['init_from'] == str(work / 'r2') and final['world_only_episodes'] == len(os.listdir(work / 'r_pauses'))
+    assert final['world_fraction'] == 0.3 and any(n.startswith('snippet_400500_') for n in os.listdir(work / 'mix_r3'))
     last_mix = {p.name for p in (work / 'mix_held').iterdir()}
     assert any(n.startswith('snippet_401250_') for n in last_mix)  # DAgger round 6, from j4
     assert {'snippet_500000', 'snippet_510000'} <= last_mix  # and the carrying snippets

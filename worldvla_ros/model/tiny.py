@@ -43,7 +43,7 @@ def build_vocab(seed: int = 0) -> dict[str, int]:
     for next_id in range(T.IMAGE_START + 1, 16388):  # reserved tokens cover grid, actions, bins
         vocab[T.reserved_name(next_id)] = next_id
     next_id += 1
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # a set underneath: its order changes per process
         vocab[ch] = next_id
         next_id += 1
     while next_id < T.VOCAB_SIZE:

@@ -206,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     episodes = load_frames_and_actions(bags) + load_frames_and_actions(world_bags, for_actions=False)
     cfg = SETTINGS
-    vocab = build_vocab(args.seed)
+    # continuing keeps the checkpoint's vocabulary: its embeddings are rows of it (text bytes and image codes)
+    if args.init_from:
+        vocab = TextTokenizer(find_checkpoint_files(args.init_from).text_tokenizer).vocab()
+    else:
+        vocab = build_vocab(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         build_text_tokenizer(vocab).save(f'{tmp}/text_tokenizer.json')
         text = TextTokenizer(f'{tmp}/text_tokenizer.json')
