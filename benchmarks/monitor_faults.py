@@ -119,8 +119,9 @@ def false_alarms(cal, episodes: list[list[dict]]) -> dict:
             warns += new >= 1 and level == 0
             level = new
     hours = n / CONTROL_HZ / 3600
-    return {'per_transition': rate(alarmed, n), 'alarmed_transitions_per_hour': round(alarmed / hours, 1),
-            'warn_events_per_hour': round(warns / hours, 1), 'alarms_by_signal': dict(by_signal)}
+    per_hour = lambda count: round(count / hours, 1) if n else None  # noqa: E731 (no episodes: --policy-episodes 0)
+    return {'per_transition': rate(alarmed, n), 'alarmed_transitions_per_hour': per_hour(alarmed),
+            'warn_events_per_hour': per_hour(warns), 'alarms_by_signal': dict(by_signal)}
 
 
 def main(argv: list[str] | None = None) -> int:
