@@ -26,7 +26,13 @@
 # 7. Relighting (the lamp 60° from vertical: the gripper's shadow shows its height, which the models
 #    above could not see): 3000 near snippets, 3000 uniform snippets and 200 demonstrations in the new
 #    light; 2000 joint steps on 2000 + 1000 + 200 of them; a DAgger round from the model before
-#    relighting (200 layouts); 2000 joint steps on 1500 + 500 + 200 and that round; this stage writes OUT.
+#    relighting (200 layouts); 2000 joint steps on 1500 + 500 + 200 and that round: the bundled model of
+#    2026-12-07.
+# 8. Standing still (the relit data had no pauses, so the world model could no longer tell a stuck arm from
+#    one moving as commanded): a DAgger round from stage 7's model (200 layouts), 800 near snippets, the 200
+#    demonstrations, 500 carrying snippets near the target, 300 uniform snippets, and 300 episodes in which the
+#    robot pauses at 30 % of the steps as world-model data only (--world-only-data: the policy never learns to
+#    pause); 1000 joint steps at lr 3e-4 with 30 % world-model sequences; this stage writes OUT.
 #
 # Each stage is skipped when its output is complete, so an interrupted run resumes where it
 # stopped. Held-out evaluation layouts start at 100000 and are never trained on.
@@ -41,11 +47,11 @@ slant=0  # stages 1-6: the lighting the models before 2026-12-07 were trained in
 extra=()
 dagger_extra=()
 n_demos=300 n_snippets=12000 n_near=4000 n_dagger=250 n_held=4000 n_held_near=1500 n_eval=50
-n_near_r=3000 n_snip_r=3000 n_demos_r=200
+n_near_r=3000 n_snip_r=3000 n_demos_r=200 n_near_s=800 n_snip_s=300 n_held_near_s=500 n_pauses=300
 steps() { echo "$1"; }
 if [[ ${WORLDVLA_CHAIN_SMOKE:-0} == 1 ]]; then
   n_demos=2 n_snippets=6 n_near=4 n_dagger=2 n_held=2 n_held_near=2 n_eval=2
-  n_near_r=3 n_snip_r=6 n_demos_r=2
+  n_near_r=3 n_snip_r=6 n_demos_r=2 n_near_s=2 n_snip_s=2 n_held_near_s=2 n_pauses=2
   steps() { echo 2; }
   extra=(--vq-steps 2 --batch-size 4 --hidden-size 64 --layers 2 --heads 2 --diagnostic-frames 16)
   dagger_extra=(--max-steps 10)
@@ -152,6 +158,14 @@ train "$work/r1" --data "$work/mix_r1" --mode joint --world-fraction 0.2 --steps
 mix "$work/mix_r2" "$work/r_near:$((n_near_r / 2))" "$work/r_snippets:$((n_snip_r / 6))" "$work/r_demos" \
   "$work/dagger_r1"
 # shellcheck disable=SC2046
-train "$out" --data "$work/mix_r2" --mode joint --world-fraction 0.2 --steps "$(steps 2000)" $(from "$work/r1")
+train "$work/r2" --data "$work/mix_r2" --mode joint --world-fraction 0.2 --steps "$(steps 2000)" $(from "$work/r1")
+
+record "$work/dagger_r2" --snippets 5 --dagger "$work/r2" --episodes "$n_demos_r" --seed 400500 "${dagger_extra[@]}"
+record "$work/r_held_near" --snippets 5 --held 1 --near 0.08 --episodes "$n_held_near_s" --seed 510000
+record "$work/r_pauses" --pauses 0.3 --episodes "$n_pauses" --seed 720000
+mix "$work/mix_r3" "$work/dagger_r2" "$work/r_near:$n_near_s" "$work/r_demos" "$work/r_held_near" \
+  "$work/r_snippets:$n_snip_s"
+train "$out" --data "$work/mix_r3" --world-only-data "$work/r_pauses" --mode joint --world-fraction 0.3 \
+  --steps "$(steps 1000)" --init-from "$work/r2" --vqgan-from "$work/r2" --lr 3e-4
 stage "done: $out"
 "$bin/worldvla_sim_eval" --checkpoint "$out" --episodes "$n_eval" --camera-tilt "$tilt" --light-slant "$slant"
