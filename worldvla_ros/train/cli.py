@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from worldvla_ros.model.text_tokenizer import TextTokenizer
 from worldvla_ros.model.tiny import build_lm, build_text_tokenizer, build_vocab, write_checkpoint
 from worldvla_ros.sim.record import SNIPPET_PREFIX
 
-from .finetune_data import DataError, bag_paths
+from .finetune_data import DataError, bag_paths, world_only_bag_paths
 from .lm_trainer import deepen, emit_ids, init_image_embeddings, train_lm
 from .sequences import action_samples, world_model_samples
 from .vqgan_trainer import reconstruction_psnr, token_stability, train_vqgan
@@ -102,9 +102,10 @@ def vqgan_config(grid: int) -> VQGANConfig:
     return replace(VQGAN_CONFIG, ch_mult=VQGAN_CONFIG.ch_mult[-downsamples - 1:])
 
 
-def backbone_config(args: argparse.Namespace) -> BackboneConfig:
-    if args.init_from:
-        backbone = BackboneConfig.from_hf_dict(read_config(find_checkpoint_files(args.init_from)))
+def backbone_config(args: argparse.Namespace, init_config: dict[str, Any] | None = None) -> BackboneConfig:
+    """``init_config``: the config.json of ``--init-from``, which decides the size."""
+    if init_config is not None:
+        backbone = BackboneConfig.from_hf_dict(init_config)
         if args.grow_layers and args.grow_layers < backbone.num_hidden_layers:
             raise ValueError(f'--grow-layers {args.grow_layers} is fewer layers than {args.init_from} has '
                              f'({backbone.num_hidden_layers})')
@@ -138,16 +139,6 @@ def load_frames_and_actions(bags: list[Path], for_actions: bool = True) -> list[
         episodes.append(Episode(ep.frames, np.nan_to_num(ep.actions), ep.instruction,
                                 not bag.name.startswith(SNIPPET_PREFIX), for_actions))
     return episodes
-
-
-def training_bags(data: Path, world_only: list[str]) -> tuple[list[Path], list[Path]]:
-    """(the bags in ``data``, the ``--world-only-data`` bags); a bag named in both is an error."""
-    bags = sorted(p for p in data.iterdir() if (p / 'metadata.yaml').is_file())
-    world_bags = bag_paths(world_only) if world_only else []
-    both = {b.resolve() for b in bags} & {b.resolve() for b in world_bags}
-    if both:
-        raise DataError(f'bags given both in --data and as --world-only-data: {sorted(map(str, both))}')
-    return bags, world_bags
 
 
 def loss_curve(path: Path, log: list[dict[str, float]], vq_losses: list[float]) -> None:
@@ -190,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    init = find_checkpoint_files(args.init_from) if args.init_from else None
+    init_config = read_config(init) if init else None
     try:
-        backbone = backbone_config(args)
+        backbone = backbone_config(args, init_config)
     except ValueError as exc:
         parser.error(str(exc))
     t_start = time.perf_counter()
@@ -201,16 +194,15 @@ def main(argv: list[str] | None = None) -> int:
 
         record_demos(data, args.episodes, seed=0)
     try:
-        bags, world_bags = training_bags(data, args.world_only_data)
+        bags = bag_paths([data])
+        world_bags = world_only_bag_paths(args.world_only_data, bags, '--data')
     except DataError as exc:
         parser.error(str(exc))
     episodes = load_frames_and_actions(bags) + load_frames_and_actions(world_bags, for_actions=False)
     cfg = SETTINGS
     # continuing keeps the checkpoint's vocabulary: its embeddings are rows of it (text bytes and image codes)
-    if args.init_from:
-        vocab = TextTokenizer(find_checkpoint_files(args.init_from).text_tokenizer).vocab()
-    else:
-        vocab = build_vocab(args.seed)
+    # continuing keeps the checkpoint's vocabulary: its embeddings are rows of it (text bytes and image codes)
+    vocab = TextTokenizer(init.text_tokenizer).vocab() if init else build_vocab(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         build_text_tokenizer(vocab).save(f'{tmp}/text_tokenizer.json')
         text = TextTokenizer(f'{tmp}/text_tokenizer.json')
@@ -249,9 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    if args.init_from:
-        files = find_checkpoint_files(args.init_from)
-        lm = load_backbone(files, read_config(files), vocab, device, torch.float32)
+    if init:
+        lm = load_backbone(init, init_config, vocab, device, torch.float32)
         if args.grow_layers:
             lm = deepen(lm, args.grow_layers, args.seed)
         lm.requires_grad_(True)

@@ -58,6 +58,7 @@ from .finetune_data import (
     load_episodes,
     ranges_table,
     tokenizer_key,
+    world_only_bag_paths,
 )
 from .lm_trainer import emit_ids
 from .sequences import Sample, action_samples, world_model_samples
@@ -372,10 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     images = ImageTokenizer(vqgan, vocab, cfg.resolution, cfg.rotate_180)
 
     train_bags, val_bags = split_bags(args)
-    world_bags = bag_paths(args.world_only_data) if args.world_only_data else []
-    overlap = {p.resolve() for p in world_bags} & {p.resolve() for p in train_bags + val_bags}
-    if overlap:
-        raise DataError(f'bags given both as --world-only-data and as --data/--val-data: {sorted(map(str, overlap))}')
+    world_bags = world_only_bag_paths(args.world_only_data, train_bags + val_bags, '--data/--val-data')
     inputs = inputs_digest(files, train_bags + val_bags + world_bags)
     if args.resume:
         stored = getattr(args, 'inputs', None) or {}

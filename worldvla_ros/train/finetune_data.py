@@ -56,6 +56,15 @@ def bag_paths(given: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+def world_only_bag_paths(given: Sequence[str | Path], training: Sequence[Path], named_as: str) -> list[Path]:
+    """The ``--world-only-data`` bags (``bag_paths``); one that is also a training bag (``named_as``) is an error."""
+    bags = bag_paths(given) if given else []
+    overlap = {p.resolve() for p in bags} & {p.resolve() for p in training}
+    if overlap:
+        raise DataError(f'bags given both as --world-only-data and as {named_as}: {sorted(map(str, overlap))}')
+    return bags
+
+
 def _fingerprint(bag: Path) -> list[tuple[str, int, int]]:
     files = [bag] if bag.is_file() else sorted(p for p in bag.rglob('*') if p.is_file())
     return [(str(p.relative_to(bag.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
