@@ -250,9 +250,11 @@ def test_dagger_labels_the_states_the_policy_visits(tiny_policy, tmp_path: Path)
     assert not np.array_equal(read_episode(bags[1]).frames[0], expert_episode(400_000)[0][step])
 
 
-def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+def test_training_writes_a_loadable_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from worldvla_ros.model import load_policy
     from worldvla_ros.train.cli import main as train
+
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))  # the default code cache's home
 
     out = tmp_path / 'model'
     rc = train(['--out', str(out), '--data', str(tmp_path / 'demos'), '--episodes', '2', '--steps', '3',
@@ -282,6 +284,30 @@ def test_training_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
                   '--init-from', str(out), '--vqgan-from', str(out), '--grow-layers', '3', '--device', 'cpu']) == 0
     assert json.loads((deeper / 'train_log.json').read_text())['backbone']['layers'] == 3
     assert load_policy(deeper, device='cpu').lm.config.num_hidden_layers == 3
+    # continued with a new VQGAN (no --vqgan-from): the image tokens' rows restart, since their codes mean other
+    # patches now; every other row is the checkpoint's (lr 0: training moves nothing)
+    kept, retokenized = tmp_path / 'kept', tmp_path / 'retokenized'
+    for dst, vq in ((kept, ['--vqgan-from', str(out)]), (retokenized, ['--vq-steps', '3', '--seed', '5'])):
+        assert train(['--out', str(dst), '--data', str(tmp_path / 'demos'), '--steps', '1', '--batch-size', '4',
+                      '--lr', '0', '--init-from', str(out), '--device', 'cpu', *vq]) == 0
+    logs = {d.name: json.loads((d / 'train_log.json').read_text()) for d in (out, kept, retokenized)}
+    assert str(tmp_path / 'xdg') in logs['kept']['code_cache']['dir']
+    # the same tokenizer and bags again: every episode's codes come from the cache, the samples are the same
+    again = tmp_path / 'again'
+    assert train(['--out', str(again), '--data', str(tmp_path / 'demos'), '--steps', '1', '--batch-size', '4',
+                  '--lr', '0', '--init-from', str(out), '--device', 'cpu', '--vqgan-from', str(out)]) == 0
+    log = json.loads((again / 'train_log.json').read_text())
+    assert log['code_cache'] == {'dir': logs['kept']['code_cache']['dir'], 'episodes_read': log['episodes'],
+                                 'episodes_encoded': 0, 'write_errors': 0}
+    assert log['samples'] == logs['kept']['samples']
+    before, same, new = (load_policy(d, device='cpu') for d in (out, kept, retokenized))
+    image_rows = torch.as_tensor(before.images.img2bpe)
+    for layer in ('get_input_embeddings', 'get_output_embeddings'):
+        w0, w1, w2 = (getattr(p.lm, layer)().weight for p in (before, same, new))
+        other = torch.ones(len(w0), dtype=torch.bool)
+        other[image_rows] = False
+        assert torch.equal(w0, w1) and torch.equal(w0[other], w2[other])
+        assert not torch.allclose(w0[image_rows], w2[image_rows])
     with pytest.raises(SystemExit) as exit_:  # fewer layers than the checkpoint: a usage error, nothing written
         train(['--out', str(tmp_path / 'shallower'), '--init-from', str(out), '--grow-layers', '1'])
     assert exit_.value.code == 2 and not (tmp_path / 'shallower').exists()

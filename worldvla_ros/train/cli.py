@@ -36,6 +36,7 @@ from worldvla_ros.model.text_tokenizer import TextTokenizer
 from worldvla_ros.model.tiny import build_lm, build_text_tokenizer, build_vocab, write_checkpoint
 from worldvla_ros.sim.record import SNIPPET_PREFIX
 
+from .code_cache import CodeCache, default_cache_dir
 from .finetune_data import DataError, bag_paths, world_only_bag_paths
 from .lm_trainer import deepen, emit_ids, init_image_embeddings, train_lm
 from .sequences import action_samples, world_model_samples
@@ -77,11 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--vqgan-from', default='', help='reuse the image tokenizer of this checkpoint')
     p.add_argument('--image-grid', type=int, choices=(8, 16), default=8,
                    help='codes per image side of a new VQGAN (8: 8× downsampling of the 64 px frames, 16: 4×)')
-    p.add_argument('--init-from', default='', help='continue training this checkpoint’s backbone')
+    p.add_argument('--init-from', default='',
+                   help='continue training this checkpoint’s backbone (without --vqgan-from a new VQGAN is trained '
+                        'and the image tokens’ embeddings start afresh)')
     p.add_argument('--grow-layers', type=int, default=0, metavar='N',
                    help='with --init-from: deepen its backbone to N layers, the new ones starting as identities')
     p.add_argument('--no-codebook-init', action='store_true',
                    help='random image-token embeddings instead of projections of the VQ codebook')
+    p.add_argument('--cache-dir', default=str(default_cache_dir()), metavar='DIR',
+                   help='keep the VQ codes of the training frames here, named by the tokenizer and the pixels, so '
+                        'a run with the same --vqgan-from skips encoding them ("" for none; default: %(default)s)')
     p.add_argument('--checkpoint-every', type=int, default=0, help='also write OUT/step_N every N steps')
     p.add_argument('--fp32', action='store_true', help='no bf16 autocast in the backbone’s forward pass')
     p.add_argument('--diagnostic-frames', type=int, default=256,
@@ -229,15 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     n_episodes = min(32, max(1, n_diag // 8))
     stability = token_stability(vqgan, per_episode[:: -(-len(episodes) // n_episodes)])
 
+    t0 = time.perf_counter()
     tok = ActionTokenizer(cfg.action_min, cfg.action_max)
+    cache = CodeCache(images, Path(args.cache_dir).expanduser() if args.cache_dir else None)
     samples = []
     for frames, actions, instruction, finished, for_actions in tqdm(episodes, desc='tokenizing', unit='episode',
                                                                      file=sys.stderr):
-        blocks = [b for i in range(0, len(frames), 64) for b in images.encode(frames[i : i + 64])]
+        blocks = [images.codes_to_block(c) for c in cache.codes(frames)]
         if args.mode in ('joint', 'action') and for_actions:
             samples += action_samples(blocks, actions, instruction, text, tok, cfg, finished)
         if args.mode in ('joint', 'world'):
             samples += world_model_samples(blocks, actions, text, tok, cfg)
+    timings['tokenize_s'] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -245,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         lm = load_backbone(init, init_config, vocab, device, torch.float32)
         if args.grow_layers:
             lm = deepen(lm, args.grow_layers, args.seed)
+        if not args.vqgan_from:  # a new image tokenizer: the checkpoint's image-token rows meant other codes
+            init_image_embeddings(lm, vqgan.quantize.embedding.weight.cpu(), images.img2bpe, args.seed,
+                                  random=args.no_codebook_init)
         lm.requires_grad_(True)
     else:
         lm = build_lm(backbone, vqgan.cfg, vocab)
@@ -283,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         'final_loss': {k: float(np.mean([e[k] for e in log[-50:] if k in e]))
                        for k in ('loss', 'loss_action', 'loss_world') if any(k in e for e in log[-50:])},
         'timings_s': {k: round(v, 1) for k, v in timings.items()}, 'checkpoint_mb': round(size / 2**20, 1),
+        'code_cache': {'dir': str(cache.dir) if cache.dir else None, 'episodes_read': cache.hits,
+                       'episodes_encoded': cache.misses, 'write_errors': cache.write_errors},
         'threads': torch.get_num_threads(), 'device': str(device),
         'backbone': {'hidden_size': backbone.hidden_size, 'layers': backbone.num_hidden_layers,
                      'heads': backbone.num_attention_heads, 'intermediate_size': backbone.intermediate_size},

@@ -29,8 +29,9 @@ def emit_ids(image_token_ids: np.ndarray, grid_token: int) -> torch.Tensor:
 
 
 def init_image_embeddings(lm: ChameleonForConditionalGeneration, codebook: torch.Tensor, img2bpe: np.ndarray,
-                          seed: int = 0) -> None:
-    """Start every image token's input and output embedding at a fixed random projection of its VQ code vector.
+                          seed: int = 0, random: bool = False) -> None:
+    """Start every image token's input and output embedding at a fixed random projection of its VQ code vector
+    (``random``: at independent random vectors of the same scale).
 
     Only the initialization changes (the architecture and checkpoint layout are the release's):
     with a few thousand frames most codes are seen a handful of times, and codes that look alike
@@ -44,7 +45,8 @@ def init_image_embeddings(lm: ChameleonForConditionalGeneration, codebook: torch
     with torch.no_grad():
         for weight in (lm.get_input_embeddings().weight, lm.lm_head.weight):
             scale = weight.std()
-            weight[rows] = (code @ proj * scale).to(weight.dtype)
+            init = torch.randn(len(rows), weight.shape[1], generator=g) if random else code @ proj
+            weight[rows] = (init * scale).to(weight.device, weight.dtype)
 
 
 def deepen(lm: ChameleonForConditionalGeneration, layers: int, seed: int = 0) -> ChameleonForConditionalGeneration:
