@@ -514,3 +514,25 @@ def test_sim_eval_measures_the_nodes_other_replanning_settings(fixed_chunk_check
     with pytest.raises(SystemExit) as exc:
         sim_eval(['--checkpoint', str(fixed_chunk_checkpoint), '--replan-threshold', '-2'])
     assert exc.value.code == 2 and 'replan_threshold' in capsys.readouterr().err
+
+
+def test_precision_benchmark_scores_the_aim_and_the_tokenizer(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location('embedded_precision', 'benchmarks/embedded_precision.py')
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / 'precision.json'
+    assert bench.main(['--checkpoint', str(tiny_checkpoint), '--layouts', '3', '--json', str(out)]) == 0
+    result = json.loads(out.read_text())
+    codes = result['tokenizer_codes_changed']
+    assert all(0 <= v <= codes['codes_per_frame'] for k, v in codes.items() if k != 'codes_per_frame')
+    for kind in ('block', 'target'):
+        rows = result['short_range_aim'][kind]
+        assert [r['distance_cm'] for r in rows] == [2, 3, 4, 6, 9, 12]
+        for r in rows:
+            assert r['placements'] > 0 and -1 <= r['median_cosine_toward_goal'] <= 1
+            assert r['median_chunk_end_miss_cm'] >= 0
+        # the expert's reference, as many steps as the chunk has: always closer, from 2 cm within 5 mm at once
+        assert all(r['expert_median_miss_cm'] < r['distance_cm'] for r in rows), rows
+        assert rows[0]['expert_median_miss_cm'] <= 0.5, rows
