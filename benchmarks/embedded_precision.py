@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from worldvla_ros.model import load_policy
+from worldvla_ros.model.action_tokenizer import LIBERO_ACTION_MAX
 from worldvla_ros.sim.bundled import bundled_checkpoint
 from worldvla_ros.sim.tabletop import HOVER_Z, TABLE, SimConfig, TabletopSim, scripted_action
 
@@ -33,7 +34,7 @@ DISTANCES = (0.02, 0.03, 0.04, 0.06, 0.09, 0.12)
 
 def tokenizer_locality(policy: Any, seeds: range, rng: np.random.Generator) -> dict[str, float]:
     sim = TabletopSim()
-    step = SimConfig().meters_per_unit * 0.9375
+    step = SimConfig().meters_per_unit * LIBERO_ACTION_MAX[0]  # one full step along x
     changed: dict[str, list[int]] = {'block removed': [], 'block moved 1.5 cm': [], 'gripper moved one step': []}
 
     def codes() -> np.ndarray:

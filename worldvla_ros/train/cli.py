@@ -207,7 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     episodes = load_frames_and_actions(bags) + load_frames_and_actions(world_bags, for_actions=False)
     cfg = SETTINGS
     # continuing keeps the checkpoint's vocabulary: its embeddings are rows of it (text bytes and image codes)
-    # continuing keeps the checkpoint's vocabulary: its embeddings are rows of it (text bytes and image codes)
     vocab = TextTokenizer(init.text_tokenizer).vocab() if init else build_vocab(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         build_text_tokenizer(vocab).save(f'{tmp}/text_tokenizer.json')
